@@ -1,0 +1,35 @@
+# seqjax: `make demo` and `make test` each create the environment (.venv) on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+WORKDIR ?= workdirs/lm_pysrc
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow bench env clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "seqjax needs Python 3.11 or newer; run make PYTHON=python3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# The main job: train the byte-level Transformer LM on the Python-source corpus, evaluate it, sample from it.
+demo: $(STAMP)
+	$(PY) -m seqjax.main --config=configs/lm_pysrc.py --workdir=$(WORKDIR)
+	$(PY) -m seqjax.main --config=configs/lm_pysrc.py --workdir=$(WORKDIR) --mode=generate
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m seqjax.bench attention
+
+clean:
+	rm -rf $(VENV) workdirs results

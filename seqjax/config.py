@@ -1,0 +1,308 @@
+"""Typed, frozen run configuration, validated once before any compute.
+
+Configs are written as `ml_collections.ConfigDict` in `configs/*.py` (so any field can be overridden from the
+command line, `--config.train.num_steps=100`) and converted here into frozen dataclasses. The conversion is the
+single place where a run is checked: an unknown field, a wrong type, a value outside its allowed set or an
+inconsistent combination raises `ConfigError` naming the field and saying what is allowed, in well under a second
+and before JAX compiles anything.
+
+Adding a field: add it to the dataclass below with a default and a comment; add a check to that dataclass's
+`_check` if it constrains other fields. Nothing else needs to know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run. The message names the field and what is allowed."""
+
+
+def _fail(field: str, message: str) -> typing.NoReturn:
+  raise ConfigError(f"config.{field}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only language model: embeddings, a stack of (mixer, MLP) blocks, an output head."""
+
+  # Comma-separated mixer pattern repeated over the layers, e.g. "attention" or "mamba,mamba,attention".
+  mixer: str = "attention"
+  vocab_size: int = 259
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0: as many as num_heads (multi-head); 1: multi-query; else grouped-query.
+  head_dim: int = 0  # 0: d_model // num_heads.
+  mlp_dim: int = 1024
+  mlp: Literal["mlp", "gated"] = "mlp"
+  activation: Literal["gelu", "relu", "silu"] = "gelu"
+  norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+  norm_position: Literal["pre", "post"] = "pre"
+  positions: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
+  rope_base: float = 10000.0
+  max_len: int = 256  # Longest context (learned position table size, generation buffer).
+  attention: str = "reference"  # A name in the attention registry (seqjax.ops.attention).
+  qk_norm: bool = False
+  dropout: float = 0.0
+  tie_embeddings: bool = True
+  scan_layers: bool = False  # nn.scan over layers (one compiled block; needs a homogeneous mixer pattern).
+  remat: Literal["none", "full", "dots"] = "none"
+  dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype; parameters stay float32.
+
+  def _check(self, prefix: str) -> None:
+    if self.d_model <= 0 or self.num_layers <= 0 or self.num_heads <= 0 or self.mlp_dim <= 0:
+      _fail(f"{prefix}", "d_model, num_layers, num_heads and mlp_dim must be positive")
+    if self.head_dim == 0 and self.d_model % self.num_heads:
+      _fail(f"{prefix}.num_heads", f"{self.num_heads} heads do not divide d_model={self.d_model}; choose a "
+            f"divisor of d_model or set model.head_dim explicitly")
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv:
+      _fail(f"{prefix}.num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
+    if self.positions == "rope" and self.resolved_head_dim % 2:
+      _fail(f"{prefix}.positions", f"rope needs an even head_dim, got {self.resolved_head_dim}")
+    if not 0.0 <= self.dropout < 1.0:
+      _fail(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
+    pattern = self.mixer_pattern
+    if not pattern or any(not m for m in pattern):
+      _fail(f"{prefix}.mixer", f"expected a comma-separated list of mixer names, got {self.mixer!r}")
+    if self.scan_layers and len(set(pattern)) > 1:
+      _fail(f"{prefix}.scan_layers", f"nn.scan needs one mixer for every layer; pattern {self.mixer!r} mixes "
+            f"several. Set scan_layers=False")
+    if self.max_len <= 0:
+      _fail(f"{prefix}.max_len", "must be positive")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def resolved_num_kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def mixer_pattern(self) -> tuple[str, ...]:
+    return tuple(m.strip() for m in self.mixer.split(","))
+
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer name of every layer: the pattern repeated to num_layers."""
+    pattern = self.mixer_pattern
+    return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  name: str = "python_source"  # "python_source" (built locally) or any TFDS name, e.g. "lm1b".
+  data_dir: str = ""  # "" : ~/tensorflow_datasets (or $TFDS_DATA_DIR).
+  seq_len: int = 256
+  text_key: str = "text"
+  train_split: str = "train"
+  eval_split: str = "validation"
+  num_workers: int = 0  # grain worker processes (0: in the main process).
+
+  def _check(self, prefix: str) -> None:
+    if self.seq_len <= 1:
+      _fail(f"{prefix}.seq_len", f"must be at least 2, got {self.seq_len}")
+    if self.num_workers < 0:
+      _fail(f"{prefix}.num_workers", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  end_lr_fraction: float = 0.1  # Cosine decays to learning_rate * end_lr_fraction at num_steps.
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip_norm: float = 1.0  # 0 disables clipping.
+
+  def _check(self, prefix: str) -> None:
+    if self.learning_rate <= 0:
+      _fail(f"{prefix}.learning_rate", "must be positive")
+    if self.warmup_steps < 0:
+      _fail(f"{prefix}.warmup_steps", "must be >= 0")
+    if not 0 <= self.end_lr_fraction <= 1:
+      _fail(f"{prefix}.end_lr_fraction", "must be in [0, 1]")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      _fail(f"{prefix}.b1", "b1 and b2 must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes. -1 on one axis takes all remaining devices."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  seq: int = 1
+
+  def _check(self, prefix: str) -> None:
+    sizes = dataclasses.asdict(self)
+    if sum(1 for v in sizes.values() if v == -1) > 1:
+      _fail(prefix, f"at most one axis may be -1, got {sizes}")
+    for name, v in sizes.items():
+      if v == 0 or v < -1:
+        _fail(f"{prefix}.{name}", f"must be a positive size or -1, got {v}")
+
+  def axis_names(self) -> tuple[str, ...]:
+    return ("data", "fsdp", "tensor", "seq")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_steps: int = 1000
+  batch_size: int = 32  # Global batch (rows of data.seq_len tokens) per optimizer step.
+  grad_accum_steps: int = 1  # Micro-batches per step; batch_size must be divisible by it.
+  eval_every: int = 200
+  eval_batches: int = 16  # Validation batches per evaluation (0: the whole split).
+  checkpoint_every: int = 200
+  checkpoint_every_secs: float = 0.0  # Also save when this many seconds passed since the last save (0: off).
+  keep_checkpoints: int = 3
+  log_every: int = 20
+  async_checkpointing: bool = True
+  on_nan: Literal["stop", "skip", "rollback"] = "stop"
+  allow_config_change: bool = False  # Resume a workdir whose saved config differs from this one.
+
+  def _check(self, prefix: str) -> None:
+    for name in ("num_steps", "batch_size", "grad_accum_steps", "eval_every", "checkpoint_every",
+                 "keep_checkpoints", "log_every"):
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+    if self.batch_size % self.grad_accum_steps:
+      _fail(f"{prefix}.grad_accum_steps", f"must divide train.batch_size={self.batch_size}, got "
+            f"{self.grad_accum_steps}")
+    if self.eval_batches < 0:
+      _fail(f"{prefix}.eval_batches", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  prompt: str = "def "
+  num_tokens: int = 200
+  temperature: float = 0.8
+  top_k: int = 0  # 0: no top-k filtering.
+  num_samples: int = 1
+
+  def _check(self, prefix: str) -> None:
+    if self.temperature < 0:
+      _fail(f"{prefix}.temperature", "must be >= 0 (0 is greedy)")
+    if self.top_k < 0:
+      _fail(f"{prefix}.top_k", "must be >= 0")
+    if self.num_tokens <= 0 or self.num_samples <= 0:
+      _fail(f"{prefix}.num_tokens", "num_tokens and num_samples must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  sample: SampleConfig = SampleConfig()
+
+  def _check(self, prefix: str) -> None:
+    del prefix
+    if self.data.seq_len > self.model.max_len:
+      _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_len={self.model.max_len}; raise "
+            f"model.max_len or shorten data.seq_len")
+    if self.sample.num_tokens > self.model.max_len:
+      _fail("sample.num_tokens", f"{self.sample.num_tokens} exceeds model.max_len={self.model.max_len}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+  if typing.get_origin(tp) is Literal:
+    return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+  return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(field: str, value: Any, tp: Any) -> Any:
+  """Checks `value` against the annotation `tp`; ints are accepted where floats are expected."""
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    allowed = typing.get_args(tp)
+    if value not in allowed:
+      _fail(field, f"got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+    return value
+  if origin in (typing.Union, types.UnionType):
+    for option in typing.get_args(tp):
+      try:
+        return _coerce(field, value, option)
+      except ConfigError:
+        pass
+    _fail(field, f"got {value!r} of type {type(value).__name__}; expected {tp}")
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is type(None):
+    if value is None:
+      return None
+    _fail(field, f"expected None, got {value!r}")
+  if isinstance(tp, type) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+    _fail(field, f"got {value!r} of type {type(value).__name__}; expected {_type_name(tp)}")
+  return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in values.items():
+    path = f"{prefix}.{key}" if prefix else key
+    if key not in fields:
+      close = difflib.get_close_matches(key, fields, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      _fail(path, f"unknown field.{hint} Fields of config{'.' + prefix if prefix else ''}: "
+            f"{', '.join(sorted(fields))}")
+    tp = hints[key]
+    if dataclasses.is_dataclass(tp):
+      if not isinstance(value, Mapping):
+        _fail(path, f"expected a section (ConfigDict), got {value!r}")
+      kwargs[key] = _build(tp, value, path)
+    else:
+      kwargs[key] = _coerce(path, value, tp)
+  instance = cls(**kwargs)
+  instance._check(prefix)  # pylint: disable=protected-access
+  return instance
+
+
+def _to_plain(tree: Any) -> Any:
+  if isinstance(tree, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    tree = tree.to_dict()
+  if isinstance(tree, Mapping):
+    return {k: _to_plain(v) for k, v in tree.items()}
+  return tree
+
+
+def from_config_dict(cfg: Any) -> Config:
+  """Validates an `ml_collections.ConfigDict` (or a plain nested dict) into a frozen `Config`."""
+  return _build(Config, _to_plain(cfg), "")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+  """A JSON-serialisable dict of a validated config (written into the workdir of every run)."""
+  return dataclasses.asdict(config)
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+  """All fields at their defaults, as a ConfigDict that `configs/*.py` start from and override."""
+  return ml_collections.ConfigDict(to_dict(Config()))

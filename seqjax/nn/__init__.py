@@ -1,0 +1,1 @@
+"""Thin Flax linen modules: they own parameters and call `seqjax.ops`."""

@@ -1,0 +1,110 @@
+"""Small shared linen layers: token embedding with a tied read-out, position tables, MLPs, norms.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); `seqjax.train.sharding` maps them onto
+the device mesh. The legend: B batch, T length, D model width, F MLP hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqjax.ops import positions as positions_ops
+
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": nn.gelu,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def dense_init(scale: float = 1.0) -> nn.initializers.Initializer:
+  """Fan-in variance scaling (truncated normal), the default for every projection here."""
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+class Embed(nn.Module):
+  """Token embedding [V, D]; `attend` reuses the table as the output projection (tied embeddings)."""
+
+  vocab_size: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (self.vocab_size, self.features), self.param_dtype)
+
+  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+
+  def attend(self, x_BTD: jax.Array) -> jax.Array:
+    """Logits [B, T, V] = x @ embedding^T / sqrt(D).
+
+    The table is initialised with unit variance (a unit-scale residual stream); the 1/sqrt(D) keeps the tied
+    read-out's logits at unit scale too.
+    """
+    scale = self.features ** -0.5
+    return jnp.einsum("btd,vd->btv", x_BTD * scale, self.embedding.astype(self.dtype))
+
+
+class LearnedPositions(nn.Module):
+  """A learned table of `max_len` position vectors, indexed by each token's position in its document."""
+
+  max_len: int
+  features: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, positions_BT: jax.Array) -> jax.Array:
+    table = self.param("table", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                             (None, "embed")),
+                       (self.max_len, self.features), self.param_dtype)
+    return jnp.take(table, positions_BT, axis=0)
+
+
+def sinusoidal_positions(positions_BT: jax.Array, features: int) -> jax.Array:
+  """Fixed sinusoidal position vectors [B, T, D]."""
+  return positions_ops.sinusoidal(positions_BT, features)
+
+
+class Mlp(nn.Module):
+  """Position-wise MLP: D -> F -> D, plain (`act(x W1) W2`) or gated (`act(x Wg) * (x W1) W2`)."""
+
+  hidden: int
+  kind: Literal["mlp", "gated"] = "mlp"
+  activation: str = "gelu"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    d = x_BTD.shape[-1]
+    act = ACTIVATIONS[self.activation]
+    dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
+        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(dense_init(), axes))
+    h_BTF = dense(self.hidden, ("embed", "mlp"), "wi")(x_BTD)
+    if self.kind == "gated":
+      h_BTF = act(dense(self.hidden, ("embed", "mlp"), "wg")(x_BTD)) * h_BTF
+    else:
+      h_BTF = act(h_BTF)
+    h_BTF = nn.Dropout(self.dropout)(h_BTF, deterministic=deterministic)
+    return dense(d, ("mlp", "embed"), "wo")(h_BTF)
+
+
+def make_norm(kind: str, dtype: Dtype, name: str) -> nn.Module:
+  """LayerNorm or RMSNorm; statistics are computed in float32 whatever `dtype` is."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+  if kind == "rmsnorm":
+    return nn.RMSNorm(dtype=dtype, scale_init=scale_init, name=name)
+  bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+  return nn.LayerNorm(dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)

@@ -1,0 +1,77 @@
+"""The mixer registry: every sequence mixer the LM can stack, selected by name from `config.model.mixer`.
+
+A mixer maps x[B, T, D] to y[B, T, D] along the sequence. A registered factory takes the validated
+`ModelConfig` and returns a linen module called as
+
+    mixer(x_BTD, segment_ids=seg_BT, positions=pos_BT, deterministic=bool) -> y_BTD
+
+where `segment_ids` (int32, 0 = padding) separate packed documents — no information may flow between them —
+and `positions` restart at 0 at every document. Register a new one with
+
+    @register_mixer("my_mixer")
+    def _make(cfg: ModelConfig) -> nn.Module: ...
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqjax.config import ModelConfig
+from seqjax.nn.attention import MultiHeadAttention
+from seqjax.ops import masks
+
+MixerFactory = Callable[[ModelConfig], nn.Module]
+_MIXERS: dict[str, MixerFactory] = {}
+
+
+def register_mixer(name: str) -> Callable[[MixerFactory], MixerFactory]:
+  def wrap(factory: MixerFactory) -> MixerFactory:
+    if name in _MIXERS:
+      raise ValueError(f"mixer {name!r} is already registered")
+    _MIXERS[name] = factory
+    return factory
+  return wrap
+
+
+def available_mixers() -> tuple[str, ...]:
+  return tuple(sorted(_MIXERS))
+
+
+def make_mixer(name: str, cfg: ModelConfig) -> nn.Module:
+  if name not in _MIXERS:
+    raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}")
+  return _MIXERS[name](cfg)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+  return jnp.dtype(cfg.dtype)
+
+
+class AttentionMixer(nn.Module):
+  """Causal self-attention restricted to each packed document."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    cfg = self.cfg
+    mask = masks.Causal()
+    if segment_ids is not None:
+      mask = mask & masks.SegmentIds(segment_ids, segment_ids)
+    attention = MultiHeadAttention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.resolved_num_kv_heads, head_dim=cfg.resolved_head_dim,
+        implementation=cfg.attention, rope=cfg.positions == "rope", rope_base=cfg.rope_base,
+        alibi=cfg.positions == "alibi", qk_norm=cfg.qk_norm, dropout_rate=cfg.dropout,
+        dtype=compute_dtype(cfg), name="attention")
+    return attention(x_BTD, mask=mask, q_positions=positions, kv_positions=positions,
+                     deterministic=deterministic)
+
+
+@register_mixer("attention")
+def _make_attention(cfg: ModelConfig) -> nn.Module:
+  return AttentionMixer(cfg)

@@ -1,0 +1,1 @@
+"""Pure jax.numpy kernels: arrays in, arrays out. No Flax, no config."""

@@ -1,0 +1,100 @@
+"""Device meshes with named axes and the logical-axis rules that place parameters and batches on them.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`: "vocab", "embed", "mlp", "heads", ...);
+`LOGICAL_AXIS_RULES` maps each to a mesh axis. The mesh has four named axes, ("data", "fsdp", "tensor", "seq"):
+data parallel replicas, fully-sharded data parallel (parameters and optimizer state split over "fsdp", batch
+split over "data" x "fsdp"), tensor parallel (MLP hidden, heads, vocabulary) and sequence parallel.
+A dimension that an axis does not divide is left replicated along that axis rather than failing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from seqjax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "seq")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", "seq"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+  """Axis sizes with -1 resolved; raises ValueError if the product does not match the device count."""
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.seq]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh: the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {fixed}, which "
+                       f"does not divide the {num_devices} available devices")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh: axes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices but "
+                     f"{num_devices} are available; set one axis to -1 to take the rest")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices with axes ("data", "fsdp", "tensor", "seq")."""
+  devices = list(jax.devices()) if devices is None else list(devices)
+  shape = mesh_shape(cfg, len(devices))
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes from `spec` wherever they do not divide the dimension they shard."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      fitted.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept, size = [], 1
+    for a in axes:
+      if dim % (size * mesh.shape[a]) == 0:
+        kept.append(a)
+        size *= mesh.shape[a]
+    fitted.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+  return P(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree that may hold `nn.LogicallyPartitioned` boxes (from `jax.eval_shape`).
+
+  The result has the structure of the *unboxed* tree.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  mesh_specs = nn.logical_to_mesh(specs, LOGICAL_AXIS_RULES)
+  shapes = nn.unbox(abstract_tree)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)), mesh_specs, shapes,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows of a [B, T] batch split over ("data", "fsdp"); the length axis kept whole."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles global arrays from this process's rows (the data pipeline shards rows by process)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

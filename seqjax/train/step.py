@@ -1,0 +1,122 @@
+"""The jitted train and eval steps: pure functions of (state, batch).
+
+A batch is a dict of [B, T] arrays from `seqjax.data.pipeline`: inputs, targets, segment_ids, positions, weights
+(1 on real targets) and target_bytes (UTF-8 bytes each target stands for).
+
+The loss is the weighted token mean of the cross-entropy. Gradient accumulation splits the batch into
+`grad_accum_steps` micro-batches, sums loss and gradients (float32) over them and divides once by the total
+weight, so it is exactly the full-batch gradient up to summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from seqjax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
+  return {"segment_ids": batch.get("segment_ids"), "positions": batch.get("positions")}
+
+
+def token_losses(model: nn.Module, params: Any, batch: Batch, *, rng: jax.Array | None = None,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy [B, T] (float32) and the logits [B, T, V]."""
+  rngs = None if deterministic else {"dropout": rng}
+  logits_BTV = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch),
+                           deterministic=deterministic, rngs=rngs)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]), logits_BTV
+
+
+def _micro_batches(batch: Batch, n: int) -> Batch:
+  """[B, ...] -> [n, B/n, ...], micro-batch j holding rows j, j+n, ... (each device keeps its own rows)."""
+  def split(x):
+    return x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
+                    dropout: bool = False, on_nan: Literal["stop", "skip", "rollback"] = "stop"
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Returns `step(state, batch) -> (state, metrics)` (not yet jitted; see `jit_train_step`).
+
+  Non-finite loss or gradients are detected inside the step (metrics["finite"], no extra host sync). With
+  on_nan="skip" such an update is dropped inside the step and counted in `state.skipped_steps`; otherwise the
+  update is applied and the host decides what to do from the metrics.
+  """
+
+  def loss_sum(params, batch, rng):
+    losses, _ = token_losses(model, params, batch, rng=rng, deterministic=not dropout)
+    w = batch["weights"].astype(jnp.float32)
+    return jnp.sum(losses * w), jnp.sum(w)
+
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    if grad_accum_steps == 1:
+      (total, weight), grads = grad_fn(state.params, batch, rng)
+    else:
+      def body(carry, xs):
+        micro, i = xs
+        (l, w), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+        acc_l, acc_w, acc_g = carry
+        return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      (total, weight, grads), _ = jax.lax.scan(
+          body, (jnp.zeros(()), jnp.zeros(()), zeros),
+          (_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)))
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    loss = total / denom
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if on_nan == "skip":
+      keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      new_state = new_state.replace(params=jax.tree.map(keep_old, params, state.params),
+                                    opt_state=jax.tree.map(keep_old, opt_state, state.opt_state),
+                                    skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
+    return new_state, metrics
+
+  return step
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Paths of the leaves of `tree` that hold a NaN or an infinity (for reports; syncs with the host)."""
+  bad = []
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if not bool(jnp.all(jnp.isfinite(x))):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
+def jit_train_step(step: Callable, state_shardings: Any, batch_sharding: Any) -> Callable:
+  """Jits with the state's shardings pinned and its buffers donated (updated in place)."""
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
+  """`eval_step(params, batch)` -> sums over the batch: loss, weight, target bytes and correct predictions."""
+
+  def eval_step(params: Any, batch: Batch) -> Metrics:
+    losses, logits = token_losses(model, params, batch)
+    w = batch["weights"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * w), "weight": jnp.sum(w),
+            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * w),
+            "correct": jnp.sum(correct * w)}
+
+  return eval_step

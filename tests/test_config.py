@@ -1,0 +1,87 @@
+"""Config validation: every user mistake names the field and what is allowed, before any compute."""
+
+import importlib.util
+import os
+
+import pytest
+
+from seqjax.config import Config, ConfigError, default_config_dict, from_config_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_shipped_configs_validate(arg):
+  config = from_config_dict(load_config("lm_pysrc", arg))
+  assert isinstance(config, Config)
+  assert config.data.name == "python_source"
+
+
+def test_defaults_roundtrip():
+  assert from_config_dict(default_config_dict()) == Config()
+
+
+def test_config_is_frozen():
+  config = Config()
+  with pytest.raises(Exception):
+    config.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    (("model", "num_heads"), 3, "config.model.num_heads"),
+    (("model", "num_kv_heads"), 3, "config.model.num_kv_heads"),
+    (("model", "positions"), "relative", "allowed: 'learned'"),
+    (("model", "dropout"), 1.5, "config.model.dropout"),
+    (("train", "batch_size"), "32", "expected int"),
+    (("train", "grad_accum_steps"), 5, "must divide train.batch_size"),
+    (("train", "num_steps"), 0, "config.train.num_steps"),
+    (("data", "seq_len"), 512, "exceeds model.max_len"),
+    (("mesh", "data"), 0, "config.mesh.data"),
+    (("model", "scan_layers"), 1, "expected bool"),
+])
+def test_bad_values_name_the_field(path, value, expected):
+  cfg = default_config_dict().to_dict()
+  cfg[path[0]][path[1]] = value
+  with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+    from_config_dict(cfg)
+
+
+def test_unknown_field_suggests_the_closest():
+  cfg = default_config_dict().to_dict()
+  cfg["train"]["num_step"] = 10
+  with pytest.raises(ConfigError, match=r"config\.train\.num_step: unknown field\. Did you mean 'num_steps'"):
+    from_config_dict(cfg)
+
+
+def test_unknown_section():
+  cfg = default_config_dict().to_dict()
+  cfg["trainer"] = {}
+  with pytest.raises(ConfigError, match="config.trainer: unknown field"):
+    from_config_dict(cfg)
+
+
+def test_ints_accepted_for_floats():
+  cfg = default_config_dict().to_dict()
+  cfg["optim"]["learning_rate"] = 1
+  assert from_config_dict(cfg).optim.learning_rate == 1.0
+
+
+def test_mixed_pattern_forbids_scan():
+  cfg = default_config_dict().to_dict()
+  cfg["model"]["mixer"] = "attention,lstm"
+  cfg["model"]["scan_layers"] = True
+  with pytest.raises(ConfigError, match="config.model.scan_layers"):
+    from_config_dict(cfg)
+
+
+def test_layer_mixers_repeat_the_pattern():
+  cfg = default_config_dict().to_dict()
+  cfg["model"].update(mixer="a, b", num_layers=5)
+  assert from_config_dict(cfg).model.layer_mixers() == ("a", "b", "a", "b", "a")
