@@ -43,11 +43,12 @@ def _is_static(x: Any) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-class Mask:
-  """Base class. Subclasses list their fields in three groups that decide how they flatten as a pytree.
+class TileFunction:
+  """A function of (query row, key row) evaluated per tile: the base of masks and of per-tile biases (ALiBi).
 
-  `_arrays`: always children (jax arrays); `_statics`: always aux data (ints, None, tuples); `_offsets`: aux
-  data when a Python int, children otherwise (traced offsets).
+  Subclasses list their fields in three groups that decide how they flatten as a pytree. `_arrays`: always
+  children (jax arrays); `_statics`: always aux data (ints, None, tuples); `_offsets`: aux data when a Python
+  int, children otherwise (traced offsets).
   """
 
   _arrays: ClassVar[tuple[str, ...]] = ()
@@ -85,14 +86,33 @@ class Mask:
       object.__setattr__(obj, name, value)
     return obj
 
-  def _replace(self, **updates) -> "Mask":
+  def _replace(self, **updates) -> "TileFunction":
     children, aux = self._flatten()
     obj = self._unflatten(aux, children)
     for name, value in updates.items():
       object.__setattr__(obj, name, value)
     return obj
 
-  # ---- the mask protocol -----------------------------------------------------------------------------------
+  def block(self, q_idx: jax.Array, kv_idx: jax.Array) -> jax.Array:
+    """The values for query rows `q_idx` [T'] x key rows `kv_idx` [S'], shaped [B or 1, N or 1, T', S']."""
+    raise NotImplementedError
+
+  def shift(self, q_offset: _ArrayOrInt = 0, kv_offset: _ArrayOrInt = 0) -> "TileFunction":
+    """The same function with query positions moved by `q_offset` and key positions by `kv_offset`."""
+    return self
+
+  def check(self, batch: int, q_len: int, kv_len: int) -> None:
+    """Raises ValueError if the arrays held do not fit an attention of this batch and lengths."""
+
+  def __repr__(self) -> str:
+    fields = [f"{n}={getattr(self, n)!r}" for n in self._statics + self._offsets]
+    fields += [f"{n}=<{getattr(getattr(self, n), 'shape', '?')}>" for n in self._arrays]
+    return f"{type(self).__name__}({', '.join(fields)})"
+
+
+class Mask(TileFunction):
+  """Base class of masks: `block` returns bool [B or 1, 1, T', S'] (True = visible)."""
+
   def block(self, q_idx: jax.Array, kv_idx: jax.Array) -> jax.Array:
     """Visibility of the tile rows `q_idx` [T'] x keys `kv_idx` [S'] as bool [B or 1, 1, T', S']."""
     raise NotImplementedError
@@ -106,30 +126,18 @@ class Mask:
     shape = np.broadcast_shapes(*(np.shape(a) for a in (q_lo, q_hi, kv_lo, kv_hi)))
     return np.full(shape, PARTIAL, np.int8)
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi) -> jax.Array | None:
-    """A traced bool scalar that is False only if the tile is certainly empty; None when there is no cheap test.
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size) -> jax.Array | None:
+    """A traced bool scalar, False only if the tile is certainly empty; None when there is no cheap test.
 
-    Bounds are int scalars (possibly traced), half-open.
+    The tile is rows [q_lo, q_lo + q_size) x keys [kv_lo, kv_lo + kv_size); starts may be traced, sizes are ints.
     """
     return None
-
-  def shift(self, q_offset: _ArrayOrInt = 0, kv_offset: _ArrayOrInt = 0) -> "Mask":
-    """The same mask with query positions moved by `q_offset` and key positions by `kv_offset`."""
-    return self
-
-  def check(self, batch: int, q_len: int, kv_len: int) -> None:
-    """Raises ValueError if the mask's arrays do not fit an attention of this batch and lengths."""
 
   def __and__(self, other: "Mask") -> "Mask":
     return And((self, _as_mask(other)))
 
   def __or__(self, other: "Mask") -> "Mask":
     return Or((self, _as_mask(other)))
-
-  def __repr__(self) -> str:
-    fields = [f"{n}={getattr(self, n)!r}" for n in self._statics + self._offsets]
-    fields += [f"{n}=<{getattr(getattr(self, n), 'shape', '?')}>" for n in self._arrays]
-    return f"{type(self).__name__}({', '.join(fields)})"
 
 
 def _as_mask(m: Any) -> Mask:
@@ -192,8 +200,8 @@ class Causal(_Positional):
     q_first, q_last, kv_first, kv_last = pos
     return _band_kinds(kv_first - q_last, kv_last - q_first, None, 0)
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
-    return kv_lo + jnp.asarray(self.kv_offset) <= q_hi - 1 + jnp.asarray(self.q_offset)
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    return kv_lo + jnp.asarray(self.kv_offset) <= q_lo + q_size - 1 + jnp.asarray(self.q_offset)
 
 
 class SlidingWindow(_Positional):
@@ -230,11 +238,11 @@ class SlidingWindow(_Positional):
     return _band_kinds(kv_first - q_last, kv_last - q_first, None if self.left is None else -self.left,
                        self.right)
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
     q_first = q_lo + jnp.asarray(self.q_offset)
-    q_last = q_hi - 1 + jnp.asarray(self.q_offset)
+    q_last = q_lo + q_size - 1 + jnp.asarray(self.q_offset)
     kv_first = kv_lo + jnp.asarray(self.kv_offset)
-    kv_last = kv_hi - 1 + jnp.asarray(self.kv_offset)
+    kv_last = kv_lo + kv_size - 1 + jnp.asarray(self.kv_offset)
     ok = jnp.asarray(True)
     if self.left is not None:
       ok &= kv_last - q_first >= -self.left
@@ -273,7 +281,7 @@ class GlobalTokens(_Positional):
     kinds[(q_last < g) | (kv_last < g)] = FULL
     return kinds
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
     g = self.num_global
     return (q_lo + jnp.asarray(self.q_offset) < g) | (kv_lo + jnp.asarray(self.kv_offset) < g)
 
@@ -312,23 +320,13 @@ class SegmentIds(Mask):
       visible &= q_BT != self.padding_id
     return visible[:, None]
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
-    # Conservative: some batch row's id ranges in the two tiles overlap.
-    q_ids = _take_rows(self.q_ids, q_lo + jnp.arange(self.q_ids.shape[1] if False else 0, dtype=jnp.int32))
-    del q_ids
-    q_tile = self._tile_ids(self.q_ids, q_lo, q_hi)
-    kv_tile = self._tile_ids(self.kv_ids, kv_lo, kv_hi)
-    if q_tile is None or kv_tile is None:
-      return None
-    (q_min, q_max), (kv_min, kv_max) = q_tile, kv_tile
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    # Conservative: in some batch row the id ranges of the two tiles overlap.
+    def id_range(ids_BL, lo, size):
+      tile = _take_rows(ids_BL, lo + jnp.arange(size, dtype=jnp.int32))
+      return tile.min(axis=1), tile.max(axis=1)
+    (q_min, q_max), (kv_min, kv_max) = id_range(self.q_ids, q_lo, q_size), id_range(self.kv_ids, kv_lo, kv_size)
     return jnp.any((q_min <= kv_max) & (kv_min <= q_max))
-
-  @staticmethod
-  def _tile_ids(ids_BL, lo, hi):
-    if not (_is_static(lo) and _is_static(hi)):
-      return None  # the kernel passes static tile sizes through `tile_ids_range` instead
-    tile = ids_BL[:, lo:hi]
-    return tile.min(axis=1), tile.max(axis=1)
 
   def check(self, batch, q_len, kv_len):
     _check_batch_array("SegmentIds.q_ids", self.q_ids, (batch, q_len), "[B, T]")
@@ -351,7 +349,7 @@ class KeyPadding(Mask):
     return (kv_idx[None, None, None, :] < self.lengths[:, None, None, None]) & jnp.ones(
         (1, 1, jnp.shape(q_idx)[0], 1), bool)
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
     return kv_lo < jnp.max(self.lengths)
 
   def check(self, batch, q_len, kv_len):
@@ -383,9 +381,9 @@ class PrefixLM(_Positional):
     kinds = Causal(self.q_offset, self.kv_offset).tile_kinds(q_lo, q_hi, kv_lo, kv_hi)
     return np.where(kinds == FULL, FULL, PARTIAL).astype(np.int8)
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
     kv_first = kv_lo + jnp.asarray(self.kv_offset)
-    return (kv_first <= q_hi - 1 + jnp.asarray(self.q_offset)) | (kv_first < jnp.max(self.prefix_lengths))
+    return (kv_first <= q_lo + q_size - 1 + jnp.asarray(self.q_offset)) | (kv_first < jnp.max(self.prefix_lengths))
 
   def check(self, batch, q_len, kv_len):
     _check_batch_array("PrefixLM.prefix_lengths", self.prefix_lengths, (batch,), "[B]")
@@ -399,7 +397,7 @@ class And(Mask):
   def __init__(self, masks: Sequence[Mask]):
     flat = []
     for m in masks:
-      flat.extend(_as_mask(m).masks if isinstance(m, And) else (m,))
+      flat.extend(m.masks if type(_as_mask(m)) is And else (m,))
     self.masks = tuple(flat)
 
   def block(self, q_idx, kv_idx):
@@ -411,8 +409,8 @@ class And(Mask):
   def tile_kinds(self, q_lo, q_hi, kv_lo, kv_hi):
     return np.minimum.reduce([m.tile_kinds(q_lo, q_hi, kv_lo, kv_hi) for m in self.masks]).astype(np.int8)
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
-    tests = [t for m in self.masks if (t := m.tile_maybe_visible(q_lo, q_hi, kv_lo, kv_hi)) is not None]
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    tests = [t for m in self.masks if (t := m.tile_maybe_visible(q_lo, q_size, kv_lo, kv_size)) is not None]
     if not tests:
       return None
     out = tests[0]
@@ -437,7 +435,7 @@ class Or(And):
   def __init__(self, masks: Sequence[Mask]):
     flat = []
     for m in masks:
-      flat.extend(_as_mask(m).masks if isinstance(m, Or) else (m,))
+      flat.extend(m.masks if type(_as_mask(m)) is Or else (m,))
     self.masks = tuple(flat)
 
   def block(self, q_idx, kv_idx):
@@ -449,8 +447,8 @@ class Or(And):
   def tile_kinds(self, q_lo, q_hi, kv_lo, kv_hi):
     return np.maximum.reduce([m.tile_kinds(q_lo, q_hi, kv_lo, kv_hi) for m in self.masks]).astype(np.int8)
 
-  def tile_maybe_visible(self, q_lo, q_hi, kv_lo, kv_hi):
-    tests = [m.tile_maybe_visible(q_lo, q_hi, kv_lo, kv_hi) for m in self.masks]
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    tests = [m.tile_maybe_visible(q_lo, q_size, kv_lo, kv_size) for m in self.masks]
     if any(t is None for t in tests):
       return None
     out = tests[0]

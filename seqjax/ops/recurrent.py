@@ -41,6 +41,7 @@ Array = jax.Array
 _NUM_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 _NONLINEARITIES = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 DEFAULT_UNROLL = 4
+DEFAULT_CHUNK = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,9 +103,15 @@ def _reset(state, state0, reset_B1):
   return tuple(jnp.where(reset_B1, s0, s) for s, s0 in zip(state, state0))
 
 
-def _forward(pointwise, reverse, unroll, save, gx_TBG, state0, w_hh_GH, b_hh_G, keep_TB1,
-             reset_TB1):
-  """Runs the scan. `save` in {None, "hz", "state"} chooses the residuals emitted per step."""
+def _project(x_CBI, w_ih_GI, b_ih_G):
+  """Input pre-activation x @ w_ih.T + b_ih for a chunk of steps, float32 [C, B, GH]."""
+  return lax.dot_general(x_CBI.astype(w_ih_GI.dtype), w_ih_GI, (((2,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32) + b_ih_G.astype(jnp.float32)
+
+
+def _chunk_forward(pointwise, unroll, save, state, gx_CBG, state0, w_hh_GH, b_hh_G, keep_CB1,
+                   reset_CB1):
+  """The step loop over one chunk. `save`: None, "all" (state_in, gx, hz) or "state"."""
 
   def body(state, xs):
     gx_BG, keep_B1, reset_B1 = xs
@@ -112,67 +119,117 @@ def _forward(pointwise, reverse, unroll, save, gx_TBG, state0, w_hh_GH, b_hh_G, 
     hz_BG = _hz(state_in[0], w_hh_GH, b_hh_G)
     new_state, y_BH = _masked_step(pointwise, gx_BG, hz_BG, state_in, keep_B1)
     if save is None:
-      return new_state, y_BH
-    if save == "hz":
-      return new_state, (y_BH, state_in, hz_BG)
+      return new_state, (y_BH,)
+    if save == "all":
+      return new_state, (y_BH, state_in, gx_BG, hz_BG)
     return new_state, (y_BH, state_in)
 
-  return lax.scan(body, state0, (gx_TBG, keep_TB1, reset_TB1), reverse=reverse,
-                  unroll=unroll)
+  return lax.scan(body, state, (gx_CBG, keep_CB1, reset_CB1), unroll=unroll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _recurrent_core(pointwise, reverse, unroll, remat, gx_TBG, state0, w_hh_GH, b_hh_G, keep_TB1,
-                    reset_TB1):
-  state_T, ys_TBH = _forward(pointwise, reverse, unroll, None, gx_TBG, state0, w_hh_GH, b_hh_G,
-                             keep_TB1, reset_TB1)
-  return ys_TBH, state_T
+def _forward(pointwise, unroll, save, x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH, b_hh_G, keep_NCB1,
+             reset_NCB1):
+  """Scan over N chunks of C steps, software-pipelined: chunk n+1's input projection (a
+  [C*B, I] x [I, GH] matmul) does not depend on chunk n's recurrence, so XLA runs them
+  concurrently; the projection stays hoisted out of the step loop and cache-sized."""
+  x_next_NCBI = jnp.concatenate([x_NCBI[1:], jnp.zeros_like(x_NCBI[:1])])
+  gx0_CBG = _project(x_NCBI[0], w_ih_GI, b_ih_G)
+
+  def outer(carry, xs):
+    state, gx_CBG = carry
+    x_next_CBI, keep_CB1, reset_CB1 = xs
+    gx_next_CBG = _project(x_next_CBI, w_ih_GI, b_ih_G)
+    state, out = _chunk_forward(pointwise, unroll, save, state, gx_CBG, state0, w_hh_GH, b_hh_G,
+                                keep_CB1, reset_CB1)
+    return (state, gx_next_CBG), out
+
+  (state_T, _), out = lax.scan(outer, (state0, gx0_CBG), (x_next_NCBI, keep_NCB1, reset_NCB1))
+  return state_T, out
 
 
-def _core_fwd(pointwise, reverse, unroll, remat, gx_TBG, state0, w_hh_GH, b_hh_G, keep_TB1,
-              reset_TB1):
-  save = "state" if remat else "hz"
-  state_T, res = _forward(pointwise, reverse, unroll, save, gx_TBG, state0, w_hh_GH, b_hh_G,
-                          keep_TB1, reset_TB1)
-  ys_TBH = res[0]
-  per_step = res[1:]
-  return (ys_TBH, state_T), (per_step, gx_TBG, state0, w_hh_GH, b_hh_G, keep_TB1, reset_TB1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _recurrent_core(pointwise, unroll, remat, x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH, b_hh_G,
+                    keep_NCB1, reset_NCB1):
+  state_T, (ys_NCBH,) = _forward(pointwise, unroll, None, x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH,
+                                 b_hh_G, keep_NCB1, reset_NCB1)
+  return ys_NCBH, state_T
 
 
-def _core_bwd(pointwise, reverse, unroll, remat, residuals, cotangents):
-  per_step, gx_TBG, state0, w_hh_GH, b_hh_G, keep_TB1, reset_TB1 = residuals
-  dys_TBH, dstate_T = cotangents
-  states_in = per_step[0]  # tuple of [T, B, H] arrays: the state entering each step (after reset)
-  hz_TBG = None if remat else per_step[1]
+def _core_fwd(pointwise, unroll, remat, x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH, b_hh_G,
+              keep_NCB1, reset_NCB1):
+  save = "state" if remat else "all"
+  state_T, out = _forward(pointwise, unroll, save, x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH,
+                          b_hh_G, keep_NCB1, reset_NCB1)
+  residuals = (out[1:], x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH, b_hh_G, keep_NCB1, reset_NCB1)
+  return (out[0], state_T), residuals
 
-  def body(carry, xs):
+
+def _core_bwd(pointwise, unroll, remat, residuals, cotangents):
+  per_step, x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH, b_hh_G, keep_NCB1, reset_NCB1 = residuals
+  dys_NCBH, dstate_T = cotangents
+  if remat:
+    (states_in,), gx_NCBG, hz_NCBG = per_step, None, None
+  else:
+    states_in, gx_NCBG, hz_NCBG = per_step
+  f32 = jnp.float32
+
+  def step(carry, xs):
     dstate, dstate0 = carry
-    gx_BG, dy_BH, state_in, hz_BG, keep_B1, reset_B1 = xs
+    gx_BG, hz_BG, dy_BH, state_in, keep_B1, reset_B1 = xs
     if hz_BG is None:
       hz_BG = _hz(state_in[0], w_hh_GH, b_hh_G)
     _, step_vjp = jax.vjp(lambda g, z, s: _masked_step(pointwise, g, z, s, keep_B1), gx_BG, hz_BG,
                           state_in)
     dgx_BG, dhz_BG, dstate_in = step_vjp((dstate, dy_BH))
     dh_BH = dstate_in[0] + lax.dot_general(dhz_BG.astype(w_hh_GH.dtype), w_hh_GH,
-                                           (((1,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+                                           (((1,), (0,)), ((), ())), preferred_element_type=f32)
     dstate_in = (dh_BH,) + tuple(dstate_in[1:])
     if reset_B1 is not None:
       dstate0 = tuple(d0 + jnp.where(reset_B1, d, 0.0) for d0, d in zip(dstate0, dstate_in))
       dstate_in = tuple(jnp.where(reset_B1, 0.0, d) for d in dstate_in)
     return (dstate_in, dstate0), (dgx_BG, dhz_BG)
 
-  zeros0 = tuple(jnp.zeros_like(s) for s in state0)
-  xs = (gx_TBG, dys_TBH, states_in, hz_TBG, keep_TB1, reset_TB1)
-  (dstate_first, dstate0), (dgx_TBG, dhz_TBG) = lax.scan(
-      body, (tuple(dstate_T), zeros0), xs, reverse=not reverse, unroll=unroll)
-  dstate0 = tuple(a + b for a, b in zip(dstate0, dstate_first))
-  # Weight gradients: one big matmul over all steps instead of one outer product per step.
-  h_in_TBH = states_in[0]
-  dw_hh_GH = jnp.einsum("tbg,tbh->gh", dhz_TBG, h_in_TBH.astype(jnp.float32))
-  db_hh_G = jnp.sum(dhz_TBG, axis=(0, 1))
-  return (dgx_TBG.astype(gx_TBG.dtype), tuple(d.astype(s.dtype) for d, s in zip(dstate0, state0)),
-          dw_hh_GH.astype(w_hh_GH.dtype), db_hh_G.astype(b_hh_G.dtype), None, None)
+  def weight_grads(grads, pending):
+    """Gradient contributions of one finished chunk: large matmuls, not per-step products."""
+    dw_ih, db_ih, dw_hh, db_hh = grads
+    dgx_CBG, dhz_CBG, x_CBI, h_in_CBH = pending
+    dw_ih = dw_ih + jnp.einsum("cbg,cbi->gi", dgx_CBG, x_CBI.astype(f32))
+    dw_hh = dw_hh + jnp.einsum("cbg,cbh->gh", dhz_CBG, h_in_CBH.astype(f32))
+    db_ih = db_ih + jnp.sum(dgx_CBG, axis=(0, 1))
+    db_hh = db_hh + jnp.sum(dhz_CBG, axis=(0, 1))
+    dx_CBI = lax.dot_general(dgx_CBG.astype(w_ih_GI.dtype), w_ih_GI, (((2,), (0,)), ((), ())),
+                             preferred_element_type=f32)
+    return (dw_ih, db_ih, dw_hh, db_hh), dx_CBI.astype(x_CBI.dtype)
+
+  def outer(carry, xs):
+    # Chunk n's backward recurrence runs while the weight gradients of chunk n+1 (independent
+    # work) are formed: the same software pipeline as the forward pass.
+    dstates, grads, pending = carry
+    x_CBI, dys_CBH, states_in_C, gx_CBG, hz_CBG, keep_CB1, reset_CB1 = xs
+    grads, dx_next_CBI = weight_grads(grads, pending)
+    if gx_CBG is None:
+      gx_CBG = _project(x_CBI, w_ih_GI, b_ih_G)
+    dstates, (dgx_CBG, dhz_CBG) = lax.scan(
+        step, dstates, (gx_CBG, hz_CBG, dys_CBH, states_in_C, keep_CB1, reset_CB1), reverse=True,
+        unroll=unroll)
+    return (dstates, grads, (dgx_CBG, dhz_CBG, x_CBI, states_in_C[0])), dx_next_CBI
+
+  n, c, b, _ = x_NCBI.shape
+  g = w_hh_GH.shape[0]
+  zeros_state = tuple(jnp.zeros_like(s, dtype=f32) for s in state0)
+  grads0 = (jnp.zeros(w_ih_GI.shape, f32), jnp.zeros((g,), f32), jnp.zeros(w_hh_GH.shape, f32),
+            jnp.zeros((g,), f32))
+  pending0 = (jnp.zeros((c, b, g), f32), jnp.zeros((c, b, g), f32), jnp.zeros_like(x_NCBI[0]),
+              jnp.zeros_like(states_in[0][0]))
+  carry0 = ((tuple(d.astype(f32) for d in dstate_T), zeros_state), grads0, pending0)
+  xs = (x_NCBI, dys_NCBH, states_in, gx_NCBG, hz_NCBG, keep_NCB1, reset_NCB1)
+  ((dstate_first, dstate0), grads, pending), dx_shifted_NCBI = lax.scan(outer, carry0, xs,
+                                                                        reverse=True)
+  (dw_ih, db_ih, dw_hh, db_hh), dx0_CBI = weight_grads(grads, pending)
+  dx_NCBI = jnp.concatenate([dx0_CBI[None], dx_shifted_NCBI[:-1]])
+  dstate0 = tuple((a + b_).astype(s.dtype) for a, b_, s in zip(dstate0, dstate_first, state0))
+  return (dx_NCBI, dstate0, dw_ih.astype(w_ih_GI.dtype), db_ih.astype(b_ih_G.dtype),
+          dw_hh.astype(w_hh_GH.dtype), db_hh.astype(b_hh_G.dtype), None, None)
 
 
 _recurrent_core.defvjp(_core_fwd, _core_bwd)
@@ -206,34 +263,46 @@ def _check(kind, x, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids):
 
 
 def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, segment_ids,
-         unroll, remat):
+         unroll, remat, chunk):
   _check(kind, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids)
-  t = x_BTI.shape[1]
-  # Hoisted input projection: one [T*B, I] x [I, GH] matmul, produced directly time-major.
+  if chunk < 1 or unroll < 1:
+    raise ValueError(f"{kind}: chunk and unroll must be >= 1, got chunk={chunk}, unroll={unroll}.")
+  b, t, _ = x_BTI.shape
+  # Time-major; `reverse` flips time so the core always runs forwards. With padding at the end,
+  # a flipped sequence first meets its padding (which keeps the initial state), then its last
+  # valid step: each sequence runs backwards from its own last valid step.
   x_TBI = jnp.swapaxes(x_BTI, 0, 1)
-  gx_TBG = jnp.einsum("tbi,gi->tbg", x_TBI, w_ih.astype(x_TBI.dtype),
-                      preferred_element_type=jnp.float32) + b_ih.astype(jnp.float32)
-  keep_TB1 = None
-  if lengths is not None:
-    keep_TB1 = (jnp.arange(t)[:, None] < lengths[None, :])[..., None]
-  reset_TB1 = None
-  if segment_ids is not None:
-    seg_TB = jnp.swapaxes(segment_ids, 0, 1)
-    if reverse:  # the scan enters step t from t + 1
-      change_TB = jnp.concatenate([seg_TB[:-1] != seg_TB[1:], jnp.zeros_like(seg_TB[:1], bool)])
-    else:
-      change_TB = jnp.concatenate([jnp.zeros_like(seg_TB[:1], bool), seg_TB[1:] != seg_TB[:-1]])
-    reset_TB1 = change_TB[..., None]
+  keep_TB = None if lengths is None else jnp.arange(t)[:, None] < lengths[None, :]
+  seg_TB = None if segment_ids is None else jnp.swapaxes(segment_ids, 0, 1)
+  flip = (lambda a: None if a is None else jnp.flip(a, 0)) if reverse else (lambda a: a)
+  x_TBI, keep_TB, seg_TB = flip(x_TBI), flip(keep_TB), flip(seg_TB)
+  reset_TB = None
+  if seg_TB is not None:
+    reset_TB = jnp.concatenate([jnp.zeros_like(seg_TB[:1], bool), seg_TB[1:] != seg_TB[:-1]])
+  # Pad T to a multiple of the chunk with masked (state-keeping) steps.
+  c = min(chunk, t)
+  n = -(-t // c)
+  pad = n * c - t
+  if pad:
+    if keep_TB is None:
+      keep_TB = jnp.ones((t, b), bool)
+    x_TBI = jnp.pad(x_TBI, ((0, pad), (0, 0), (0, 0)))
+    keep_TB = jnp.pad(keep_TB, ((0, pad), (0, 0)))
+    if reset_TB is not None:
+      reset_TB = jnp.pad(reset_TB, ((0, pad), (0, 0)))
+  to_chunks = lambda a: None if a is None else a.reshape((n, c) + a.shape[1:])
+  keep_NCB1 = None if keep_TB is None else to_chunks(keep_TB)[..., None]
+  reset_NCB1 = None if reset_TB is None else to_chunks(reset_TB)[..., None]
   states = tuple(s.astype(jnp.float32) for s in states)
-  ys_TBH, state_T = _recurrent_core(pointwise, bool(reverse), int(unroll), bool(remat), gx_TBG,
-                                    states, w_hh, b_hh, keep_TB1, reset_TB1)
-  ys_BTH = jnp.swapaxes(ys_TBH, 0, 1).astype(x_BTI.dtype)
-  return ys_BTH, state_T
+  ys_NCBH, state_T = _recurrent_core(pointwise, int(unroll), bool(remat), to_chunks(x_TBI),
+                                     states, w_ih, b_ih, w_hh, b_hh, keep_NCB1, reset_NCB1)
+  ys_TBH = flip(ys_NCBH.reshape((n * c,) + ys_NCBH.shape[2:])[:t])
+  return jnp.swapaxes(ys_TBH, 0, 1).astype(x_BTI.dtype), state_T
 
 
 def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
          lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-         unroll: int = DEFAULT_UNROLL, remat: bool = False) -> tuple[Array, tuple[Array, Array]]:
+         unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False) -> tuple[Array, tuple[Array, Array]]:
   """LSTM over a batch-major sequence (PyTorch gate order i, f, g, o).
 
   Args:
@@ -251,13 +320,13 @@ def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, 
     the state after the first step).
   """
   ys, (h, c) = _run("lstm", _lstm_pointwise, x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
-                    reverse, segment_ids, unroll, remat)
+                    reverse, segment_ids, unroll, remat, chunk)
   return ys, (h, c)
 
 
 def gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
         lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-        unroll: int = DEFAULT_UNROLL, remat: bool = False) -> tuple[Array, Array]:
+        unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False) -> tuple[Array, Array]:
   """GRU over a batch-major sequence (PyTorch gate order r, z, n; b_hn inside the reset product).
 
   Args: as `lstm` with w_ih [3H, I], w_hh [3H, H], b_ih, b_hh [3H] and one state h0 [B, H].
@@ -266,14 +335,14 @@ def gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array,
     ys [B, T, H] in x.dtype and the final state h_T [B, H] float32.
   """
   ys, (h,) = _run("gru", _gru_pointwise, x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                  segment_ids, unroll, remat)
+                  segment_ids, unroll, remat, chunk)
   return ys, h
 
 
 def rnn(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
         nonlinearity: str = "tanh", lengths: Array | None = None, reverse: bool = False,
         segment_ids: Array | None = None, unroll: int = DEFAULT_UNROLL,
-        remat: bool = False) -> tuple[Array, Array]:
+        chunk: int = DEFAULT_CHUNK, remat: bool = False) -> tuple[Array, Array]:
   """Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), act in {"tanh", "relu"}.
 
   Args: as `gru` with w_ih [H, I], w_hh [H, H], b_ih, b_hh [H].
@@ -285,7 +354,7 @@ def rnn(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array,
     raise ValueError(f"rnn: nonlinearity must be one of {sorted(_NONLINEARITIES)}, "
                      f"got {nonlinearity!r}.")
   ys, (h,) = _run("rnn", _rnn_pointwise_cached(nonlinearity), x, (h0,), w_ih, w_hh, b_ih, b_hh,
-                  lengths, reverse, segment_ids, unroll, remat)
+                  lengths, reverse, segment_ids, unroll, remat, chunk)
   return ys, h
 
 

@@ -10,6 +10,7 @@ def tiny_config(**overrides):
   cfg["model"].update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, max_len=32, attention="reference")
   cfg["data"].update(seq_len=16)
   cfg["train"].update(batch_size=8, num_steps=10)
+  cfg["sample"].update(num_tokens=8)
   cfg["optim"].update(learning_rate=3e-3, warmup_steps=2)
   for section, values in overrides.items():
     if isinstance(values, dict):

@@ -32,7 +32,7 @@ def _run(step, state, mesh, batches):
 
 
 def test_overfits_one_batch():
-  config = tiny_config(train={"num_steps": 40})
+  config = tiny_config(train={"num_steps": 40}, optim={"learning_rate": 1e-2})
   mesh, *_, state, _, step = _setup(config)
   batch = synthetic_batch()
   _, losses = _run(step, state, mesh, [batch] * 40)

@@ -1,0 +1,255 @@
+"""Mamba's selective scan (S6) in three agreeing modes: sequential, parallel and chunked.
+
+The recurrence, with the reference implementation's argument names (Gu & Dao, 2023):
+
+    h_t = exp(delta_t * A) * h_{t-1} + (delta_t * x_t) B_t        h [B, E, P]  (float32)
+    y_t = h_t C_t + D * x_t                                       y [B, L, E]
+
+Legend: B batch, L sequence length, E expanded width (channels), P state size (the paper's N), C chunk length.
+x and delta are [B, L, E] (delta already positive, i.e. after softplus), A is [E, P] (negative real), B and C
+are [B, L, P], D is [E]. Every mode keeps its state in float32 whatever the input dtype and returns y in x's dtype.
+
+Modes (all equal to tolerance, forward and gradients — see tests/ops/test_ssm_selective.py):
+- "sequential": `lax.scan` over L with autodiff. The reference, the oracle of the others.
+- "parallel":   `lax.associative_scan` over L. Materialises exp(delta A) and delta B x as [B, L, E, P] arrays: the
+                textbook parallel form, memory O(L E P).
+- "chunked":    the default. The sequence is cut into chunks of C steps; for one chunk at a time the discretised
+                operands are formed ([C, B, E, P], never [L, B, E, P]), the chunk's recurrence runs from the state
+                the previous chunk passed on, and the read-out with C is one batched contraction over the chunk.
+                A hand-written backward (custom_vjp) keeps only the chunk-boundary states ([L/C, B, E, P]) from
+                the forward pass, recomputes each chunk's states in reverse order and runs the adjoint recurrence
+                inside the chunk, so peak memory is O(L E + L E P / C) — linear in L E — for forward+backward.
+                Unlike Mamba-2's scalar decay (see `ssm_ssd`), the decay here differs per (channel, state) pair,
+                so the intra-chunk pairwise form would be a [C, C, E, P] tensor per chunk and exp(-A cumsum)
+                factorisations overflow float32; on CPU the short in-chunk recurrence is the fastest exact form.
+
+Segment resets (packed sequences): with `segment_ids` [B, L], the state is zeroed before every position whose id
+differs from the previous position's, so no information flows between packed documents. Position 0 always
+continues from `initial_state` (the streaming / chunk-passing convention).
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MODES = ("sequential", "parallel", "chunked")
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _check(x, delta, A, B, C, D, mode, chunk_size, initial_state, segment_ids):
+  if mode not in MODES:
+    raise ValueError(f"selective_scan: mode={mode!r} is not one of {MODES}")
+  if x.ndim != 3:
+    raise ValueError(f"selective_scan: x must be [B, L, E], got shape {x.shape}")
+  b, l, e = x.shape
+  if delta.shape != x.shape:
+    raise ValueError(f"selective_scan: delta must have x's shape {x.shape} ([B, L, E]), got {delta.shape}")
+  if A.ndim != 2 or A.shape[0] != e:
+    raise ValueError(f"selective_scan: A must be [E, P] = [{e}, P], got {A.shape}")
+  p = A.shape[1]
+  for name, m in (("B", B), ("C", C)):
+    if m.shape != (b, l, p):
+      raise ValueError(f"selective_scan: {name} must be [B, L, P] = {(b, l, p)}, got {m.shape}")
+  if D is not None and D.shape != (e,):
+    raise ValueError(f"selective_scan: D must be [E] = ({e},), got {D.shape}")
+  if initial_state is not None and initial_state.shape != (b, e, p):
+    raise ValueError(f"selective_scan: initial_state must be [B, E, P] = {(b, e, p)}, got {initial_state.shape}")
+  if segment_ids is not None and segment_ids.shape != (b, l):
+    raise ValueError(f"selective_scan: segment_ids must be [B, L] = {(b, l)}, got {segment_ids.shape}")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"selective_scan: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def keep_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+  """[B, L] float32: 0 where the state resets (the id differs from the previous position's), else 1.
+
+  Position 0 is always 1: it continues from the initial state. Shared by every SSM kernel in `seqjax.ops`.
+  """
+  if segment_ids is None:
+    return jnp.ones((batch, length), jnp.float32)
+  changed_BL = segment_ids[:, 1:] != segment_ids[:, :-1]
+  keep_BL = jnp.concatenate([jnp.ones((batch, 1), bool), ~changed_BL], axis=1)
+  return keep_BL.astype(jnp.float32)
+
+
+def selective_scan(x: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                   D: jax.Array | None = None, *, mode: str = "chunked", chunk_size: int | None = None,
+                   initial_state: jax.Array | None = None, return_final_state: bool = False,
+                   segment_ids: jax.Array | None = None):
+  """Mamba's selective scan: y[B, L, E] (and the final state [B, E, P] in float32 if `return_final_state`).
+
+  Args:
+    x: [B, L, E] input.
+    delta: [B, L, E] positive step sizes (after softplus).
+    A: [E, P] negative real state matrix (diagonal per channel).
+    B: [B, L, P] input projection per step.
+    C: [B, L, P] output projection per step.
+    D: optional [E] skip connection.
+    mode: "sequential" | "parallel" | "chunked" (default; see the module docstring).
+    chunk_size: chunk length C of the "chunked" mode (default 64); any L works, it need not divide L.
+    initial_state: optional [B, E, P] state before position 0 (zeros by default).
+    return_final_state: also return the state after the last position.
+    segment_ids: optional [B, L] ints; the state resets where the id changes (packed sequences).
+  """
+  _check(x, delta, A, B, C, D, mode, chunk_size, initial_state, segment_ids)
+  b, l, e = x.shape
+  p = A.shape[1]
+  f32 = jnp.float32
+  x_BLE, delta_BLE = x.astype(f32), delta.astype(f32)
+  A_EP, B_BLP, C_BLP = A.astype(f32), B.astype(f32), C.astype(f32)
+  h0_BEP = jnp.zeros((b, e, p), f32) if initial_state is None else initial_state.astype(f32)
+  keep_BL = keep_mask(segment_ids, b, l)
+  if mode == "sequential":
+    y_BLE, h_BEP = _sequential(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP)
+  elif mode == "parallel":
+    y_BLE, h_BEP = _parallel(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP)
+  else:
+    y_BLE, h_BEP = _chunked(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP,
+                            chunk_size or DEFAULT_CHUNK_SIZE)
+  if D is not None:
+    y_BLE = y_BLE + D.astype(f32) * x_BLE
+  y_BLE = y_BLE.astype(x.dtype)
+  return (y_BLE, h_BEP) if return_final_state else y_BLE
+
+
+def selective_step(x_BE: jax.Array, delta_BE: jax.Array, A_EP: jax.Array, B_BP: jax.Array, C_BP: jax.Array,
+                   D_E: jax.Array | None, h_BEP: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One recurrent step (decoding): returns (y [B, E] in x's dtype, new state [B, E, P] float32)."""
+  f32 = jnp.float32
+  x32, d32 = x_BE.astype(f32), delta_BE.astype(f32)
+  a_BEP = jnp.exp(d32[..., None] * A_EP.astype(f32))
+  h_BEP = a_BEP * h_BEP.astype(f32) + (d32 * x32)[..., None] * B_BP.astype(f32)[:, None, :]
+  y_BE = jnp.einsum("bep,bp->be", h_BEP, C_BP.astype(f32))
+  if D_E is not None:
+    y_BE = y_BE + D_E.astype(f32) * x32
+  return y_BE.astype(x_BE.dtype), h_BEP
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequential and parallel (autodiff)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sequential(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP):
+  def step(h_BEP, inputs):
+    x_BE, d_BE, B_BP, C_BP, keep_B = inputs
+    a_BEP = jnp.exp(d_BE[..., None] * A_EP) * keep_B[:, None, None]
+    h_BEP = a_BEP * h_BEP + (d_BE * x_BE)[..., None] * B_BP[:, None, :]
+    return h_BEP, jnp.einsum("bep,bp->be", h_BEP, C_BP)
+
+  time_major = lambda a: jnp.swapaxes(a, 0, 1)
+  h_BEP, y_LBE = lax.scan(step, h0_BEP, tuple(map(time_major, (x_BLE, delta_BLE, B_BLP, C_BLP, keep_BL))))
+  return time_major(y_LBE), h_BEP
+
+
+def _combine(first, second):
+  """Associative composition of affine maps h -> a h + b (first applied, then second)."""
+  a1, b1 = first
+  a2, b2 = second
+  return a1 * a2, a2 * b1 + b2
+
+
+def _parallel(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP):
+  a_BLEP = jnp.exp(delta_BLE[..., None] * A_EP) * keep_BL[:, :, None, None]
+  b_BLEP = (delta_BLE * x_BLE)[..., None] * B_BLP[:, :, None, :]
+  b_BLEP = b_BLEP.at[:, 0].add(a_BLEP[:, 0] * h0_BEP)
+  _, h_BLEP = lax.associative_scan(_combine, (a_BLEP, b_BLEP), axis=1)
+  return jnp.einsum("blep,blp->ble", h_BLEP, C_BLP), h_BLEP[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chunked (custom_vjp)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _chunked(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP, chunk):
+  """Pads L to a multiple of the chunk (padding steps have delta=0: identity on the state) and runs the kernel."""
+  b, l, e = x_BLE.shape
+  chunk = min(chunk, l)
+  n_chunks = -(-l // chunk)
+  pad = n_chunks * chunk - l
+
+  def to_chunks(a_BL_, fill=0.0):
+    a_BL_ = jnp.pad(a_BL_, [(0, 0), (0, pad)] + [(0, 0)] * (a_BL_.ndim - 2), constant_values=fill)
+    a_LB_ = jnp.swapaxes(a_BL_, 0, 1)
+    return a_LB_.reshape(n_chunks, chunk, *a_LB_.shape[1:])  # [L/C, C, B, ...]
+
+  y_KCBE, h_BEP = _chunked_scan(to_chunks(x_BLE), to_chunks(delta_BLE), A_EP, to_chunks(B_BLP), to_chunks(C_BLP),
+                                to_chunks(keep_BL, fill=1.0), h0_BEP)
+  y_BLE = jnp.swapaxes(y_KCBE.reshape(n_chunks * chunk, b, e), 0, 1)[:, :l]
+  return y_BLE, h_BEP
+
+
+def _chunk_operands(x_CBE, d_CBE, A_EP, B_CBP, keep_CB):
+  a_CBEP = jnp.exp(d_CBE[..., None] * A_EP) * keep_CB[:, :, None, None]
+  b_CBEP = (d_CBE * x_CBE)[..., None] * B_CBP[:, :, None, :]
+  return a_CBEP, b_CBEP
+
+
+def _chunk_states(a_CBEP, b_CBEP, h_BEP):
+  """The states after each step of one chunk, [C, B, E, P], from the state before it."""
+  def step(h, ab):
+    h = ab[0] * h + ab[1]
+    return h, h
+  return lax.scan(step, h_BEP, (a_CBEP, b_CBEP))[1]
+
+
+def _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
+  def chunk_fn(h_BEP, inputs):
+    x_CBE, d_CBE, B_CBP, C_CBP, keep_CB = inputs
+    h_CBEP = _chunk_states(*_chunk_operands(x_CBE, d_CBE, A_EP, B_CBP, keep_CB), h_BEP)
+    y_CBE = jnp.sum(h_CBEP * C_CBP[:, :, None, :], axis=-1)
+    return h_CBEP[-1], (y_CBE, h_BEP)
+
+  h_BEP, (y_KCBE, hin_KBEP) = lax.scan(chunk_fn, h0_BEP, (x_KCBE, d_KCBE, B_KCBP, C_KCBP, keep_KCB))
+  return (y_KCBE, h_BEP), hin_KBEP
+
+
+@jax.custom_vjp
+def _chunked_scan(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
+  """Chunked selective scan without the D term. Inputs are chunked time-major: [K chunks, C, B, ...]."""
+  return _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP)[0]
+
+
+def _chunked_scan_fwd(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
+  out, hin_KBEP = _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP)
+  return out, (x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, hin_KBEP)
+
+
+def _chunked_scan_bwd(residuals, cotangents):
+  x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, hin_KBEP = residuals
+  dy_KCBE, dhT_BEP = cotangents
+
+  def chunk_bwd(g_BEP, inputs):
+    """g is the cotangent of this chunk's final state; returns the cotangent of its initial state."""
+    x_CBE, d_CBE, B_CBP, C_CBP, keep_CB, hin_BEP, dy_CBE = inputs
+    a_CBEP, b_CBEP = _chunk_operands(x_CBE, d_CBE, A_EP, B_CBP, keep_CB)
+    h_CBEP = _chunk_states(a_CBEP, b_CBEP, hin_BEP)
+    c_CBEP = dy_CBE[..., None] * C_CBP[:, :, None, :]
+
+    def adjoint_step(r_BEP, ac):  # dh_t = C_t dy_t + a_{t+1} dh_{t+1}
+      dh_BEP = ac[1] + r_BEP
+      return ac[0] * dh_BEP, dh_BEP
+
+    g_BEP, dh_CBEP = lax.scan(adjoint_step, g_BEP, (a_CBEP, c_CBEP), reverse=True)
+    hprev_CBEP = jnp.concatenate([hin_BEP[None], h_CBEP[:-1]], axis=0)
+    dlog_CBEP = dh_CBEP * hprev_CBEP * a_CBEP  # cotangent of log(a) = delta * A
+    # Multiply-and-reduce rather than einsum: these contractions have large batch dims and tiny contracted
+    # dims, which XLA:CPU runs far faster as fused elementwise reductions than as batched dots.
+    du_CBE = jnp.sum(dh_CBEP * B_CBP[:, :, None, :], axis=-1)  # cotangent of u = delta * x
+    dd_CBE = jnp.sum(dlog_CBEP * A_EP, axis=-1) + du_CBE * x_CBE
+    dx_CBE = du_CBE * d_CBE
+    dA_EP = jnp.sum(dlog_CBEP * d_CBE[..., None], axis=(0, 1))
+    dB_CBP = jnp.sum(dh_CBEP * (d_CBE * x_CBE)[..., None], axis=2)
+    dC_CBP = jnp.sum(h_CBEP * dy_CBE[..., None], axis=2)
+    return g_BEP, (dx_CBE, dd_CBE, dA_EP, dB_CBP, dC_CBP)
+
+  g0_BEP, (dx, dd, dA_KEP, dB, dC) = lax.scan(
+      chunk_bwd, dhT_BEP, (x_KCBE, d_KCBE, B_KCBP, C_KCBP, keep_KCB, hin_KBEP, dy_KCBE), reverse=True)
+  return dx, dd, dA_KEP.sum(0), dB, dC, jnp.zeros_like(keep_KCB), g0_BEP
+
+
+_chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
