@@ -57,7 +57,9 @@ def main(argv: list[str]) -> None:
   del argv
   if _CONFIG.value is None or _WORKDIR.value is None:
     _user_error("both --config=configs/NAME.py[:variant] and --workdir=DIR are required")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  for noisy in ("jax._src.xla_bridge", "absl"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.getLogger("seqjax").setLevel(logging.INFO)
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     result = run(_MODE.value, _CONFIG.value, workdir)

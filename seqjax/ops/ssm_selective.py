@@ -183,26 +183,30 @@ def _chunked(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP, chunk):
   return y_BLE, h_BEP
 
 
-def _chunk_operands(x_CBE, d_CBE, A_EP, B_CBP, keep_CB):
-  a_CBEP = jnp.exp(d_CBE[..., None] * A_EP) * keep_CB[:, :, None, None]
-  b_CBEP = (d_CBE * x_CBE)[..., None] * B_CBP[:, :, None, :]
-  return a_CBEP, b_CBEP
+def _step_operands(x_BE, d_BE, A_EP, B_BP, keep_B):
+  a_BEP = jnp.exp(d_BE[..., None] * A_EP) * keep_B[:, None, None]
+  b_BEP = (d_BE * x_BE)[..., None] * B_BP[:, None, :]
+  return a_BEP, b_BEP
 
 
-def _chunk_states(a_CBEP, b_CBEP, h_BEP):
-  """The states after each step of one chunk, [C, B, E, P], from the state before it."""
-  def step(h, ab):
-    h = ab[0] * h + ab[1]
-    return h, h
-  return lax.scan(step, h_BEP, (a_CBEP, b_CBEP))[1]
+def _chunk_prev_states(x_CBE, d_CBE, A_EP, B_CBP, keep_CB, h_BEP):
+  """The state before each step of one chunk, [C, B, E, P], from the state before the chunk."""
+  def step(h_BEP, inputs):
+    a_BEP, b_BEP = _step_operands(*inputs[:2], A_EP, *inputs[2:])
+    return a_BEP * h_BEP + b_BEP, h_BEP
+  return lax.scan(step, h_BEP, (x_CBE, d_CBE, B_CBP, keep_CB))[1]
 
 
 def _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
+  def step(h_BEP, inputs):
+    x_BE, d_BE, B_BP, C_BP, keep_B = inputs
+    a_BEP, b_BEP = _step_operands(x_BE, d_BE, A_EP, B_BP, keep_B)
+    h_BEP = a_BEP * h_BEP + b_BEP
+    return h_BEP, jnp.einsum("bep,bp->be", h_BEP, C_BP)
+
   def chunk_fn(h_BEP, inputs):
-    x_CBE, d_CBE, B_CBP, C_CBP, keep_CB = inputs
-    h_CBEP = _chunk_states(*_chunk_operands(x_CBE, d_CBE, A_EP, B_CBP, keep_CB), h_BEP)
-    y_CBE = jnp.sum(h_CBEP * C_CBP[:, :, None, :], axis=-1)
-    return h_CBEP[-1], (y_CBE, h_BEP)
+    hout_BEP, y_CBE = lax.scan(step, h_BEP, inputs)
+    return hout_BEP, (y_CBE, h_BEP)
 
   h_BEP, (y_KCBE, hin_KBEP) = lax.scan(chunk_fn, h0_BEP, (x_KCBE, d_KCBE, B_KCBP, C_KCBP, keep_KCB))
   return (y_KCBE, h_BEP), hin_KBEP
@@ -223,33 +227,32 @@ def _chunked_scan_bwd(residuals, cotangents):
   x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, hin_KBEP = residuals
   dy_KCBE, dhT_BEP = cotangents
 
-  def chunk_bwd(g_BEP, inputs):
-    """g is the cotangent of this chunk's final state; returns the cotangent of its initial state."""
+  def adjoint_step(carry, inputs):
+    """Reverse step t: r is a_{t+1} dh_{t+1}; dh_t = C_t dy_t + r."""
+    r_BEP, dA_EP = carry
+    x_BE, d_BE, B_BP, C_BP, keep_B, hprev_BEP, dy_BE = inputs
+    a_BEP, b_BEP = _step_operands(x_BE, d_BE, A_EP, B_BP, keep_B)
+    h_BEP = a_BEP * hprev_BEP + b_BEP
+    dh_BEP = dy_BE[..., None] * C_BP[:, None, :] + r_BEP
+    dlog_BEP = dh_BEP * hprev_BEP * a_BEP  # cotangent of log(a) = delta * A
+    du_BE = jnp.einsum("bep,bp->be", dh_BEP, B_BP)  # cotangent of u = delta * x
+    dd_BE = jnp.einsum("bep,ep->be", dlog_BEP, A_EP) + du_BE * x_BE
+    dA_EP = dA_EP + jnp.einsum("bep,be->ep", dlog_BEP, d_BE)
+    dB_BP = jnp.einsum("bep,be->bp", dh_BEP, d_BE * x_BE)
+    dC_BP = jnp.einsum("bep,be->bp", h_BEP, dy_BE)
+    return (a_BEP * dh_BEP, dA_EP), (du_BE * d_BE, dd_BE, dB_BP, dC_BP)
+
+  def chunk_bwd(carry, inputs):
+    """Carries the cotangent of this chunk's final state back to the cotangent of its initial state."""
     x_CBE, d_CBE, B_CBP, C_CBP, keep_CB, hin_BEP, dy_CBE = inputs
-    a_CBEP, b_CBEP = _chunk_operands(x_CBE, d_CBE, A_EP, B_CBP, keep_CB)
-    h_CBEP = _chunk_states(a_CBEP, b_CBEP, hin_BEP)
-    c_CBEP = dy_CBE[..., None] * C_CBP[:, :, None, :]
+    hprev_CBEP = _chunk_prev_states(x_CBE, d_CBE, A_EP, B_CBP, keep_CB, hin_BEP)
+    return lax.scan(adjoint_step, carry, (x_CBE, d_CBE, B_CBP, C_CBP, keep_CB, hprev_CBEP, dy_CBE),
+                    reverse=True)
 
-    def adjoint_step(r_BEP, ac):  # dh_t = C_t dy_t + a_{t+1} dh_{t+1}
-      dh_BEP = ac[1] + r_BEP
-      return ac[0] * dh_BEP, dh_BEP
-
-    g_BEP, dh_CBEP = lax.scan(adjoint_step, g_BEP, (a_CBEP, c_CBEP), reverse=True)
-    hprev_CBEP = jnp.concatenate([hin_BEP[None], h_CBEP[:-1]], axis=0)
-    dlog_CBEP = dh_CBEP * hprev_CBEP * a_CBEP  # cotangent of log(a) = delta * A
-    # Multiply-and-reduce rather than einsum: these contractions have large batch dims and tiny contracted
-    # dims, which XLA:CPU runs far faster as fused elementwise reductions than as batched dots.
-    du_CBE = jnp.sum(dh_CBEP * B_CBP[:, :, None, :], axis=-1)  # cotangent of u = delta * x
-    dd_CBE = jnp.sum(dlog_CBEP * A_EP, axis=-1) + du_CBE * x_CBE
-    dx_CBE = du_CBE * d_CBE
-    dA_EP = jnp.sum(dlog_CBEP * d_CBE[..., None], axis=(0, 1))
-    dB_CBP = jnp.sum(dh_CBEP * (d_CBE * x_CBE)[..., None], axis=2)
-    dC_CBP = jnp.sum(h_CBEP * dy_CBE[..., None], axis=2)
-    return g_BEP, (dx_CBE, dd_CBE, dA_EP, dB_CBP, dC_CBP)
-
-  g0_BEP, (dx, dd, dA_KEP, dB, dC) = lax.scan(
-      chunk_bwd, dhT_BEP, (x_KCBE, d_KCBE, B_KCBP, C_KCBP, keep_KCB, hin_KBEP, dy_KCBE), reverse=True)
-  return dx, dd, dA_KEP.sum(0), dB, dC, jnp.zeros_like(keep_KCB), g0_BEP
+  (g0_BEP, dA_EP), (dx, dd, dB, dC) = lax.scan(
+      chunk_bwd, (dhT_BEP, jnp.zeros_like(A_EP)),
+      (x_KCBE, d_KCBE, B_KCBP, C_KCBP, keep_KCB, hin_KBEP, dy_KCBE), reverse=True)
+  return dx, dd, dA_EP, dB, dC, jnp.zeros_like(keep_KCB), g0_BEP
 
 
 _chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)

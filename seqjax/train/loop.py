@@ -139,6 +139,15 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
+class _StepTimer:
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.start = time.perf_counter()
+    self.steps = 0
+
+
 def _write_json(path: str, payload: dict) -> None:
   if jax.process_index() != 0:
     return
@@ -183,7 +192,7 @@ def train(config: Config, workdir: str) -> dict[str, float]:
   last_save_time = time.monotonic()
   pending: tuple[int, dict] | None = None  # The previous step's metrics, read one step late (no stall).
   window: list[dict] = []
-  window_start = time.perf_counter()
+  timer = _StepTimer()  # Throughput over training steps only (not compilation, evaluation or saving).
 
   def save(step: int, state: TrainState) -> None:
     nonlocal last_save_time
@@ -191,7 +200,6 @@ def train(config: Config, workdir: str) -> dict[str, float]:
     last_save_time = time.monotonic()
 
   def drain(done: tuple[int, dict]) -> None:
-    nonlocal window_start
     step, metrics = done
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not metrics.pop("finite") and tc.on_nan == "stop":
@@ -200,14 +208,14 @@ def train(config: Config, workdir: str) -> dict[str, float]:
           f"damaged state. Lower optim.learning_rate, or set train.on_nan='skip' to drop such updates")
     window.append(metrics)
     if step % tc.log_every == 0 or step == tc.num_steps:
-      elapsed = time.perf_counter() - window_start
       avg = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
       avg["learning_rate"] = float(lr_at(step - 1))
-      avg["tokens_per_sec"] = tokens_per_step * len(window) / max(elapsed, 1e-9)
+      if timer.steps:
+        avg["tokens_per_sec"] = tokens_per_step * timer.steps / max(time.perf_counter() - timer.start, 1e-9)
+        progress.set_postfix(loss=f"{avg['loss']:.3f}", tok_s=f"{avg['tokens_per_sec']:.0f}")
       writer.write(step, "train", avg)
-      progress.set_postfix(loss=f"{avg['loss']:.3f}", tok_s=f"{avg['tokens_per_sec']:.0f}")
       window.clear()
-      window_start = time.perf_counter()
+      timer.reset()
 
   with _Preemption() as preemption, tqdm.tqdm(total=tc.num_steps, initial=start, unit="step",
                                               dynamic_ncols=True, disable=jax.process_index() != 0) as progress:
@@ -218,6 +226,10 @@ def train(config: Config, workdir: str) -> dict[str, float]:
         drain(pending)
       pending = (step, metrics)
       progress.update(1)
+      timer.steps += 1
+      if step == start + 1:  # The first step compiled: time from the next one on.
+        jax.block_until_ready(state.step)
+        timer.reset()
       is_last = step == tc.num_steps
       due_eval = step % tc.eval_every == 0 or is_last
       due_save = (step % tc.checkpoint_every == 0 or is_last or preemption.requested or
@@ -232,6 +244,8 @@ def train(config: Config, workdir: str) -> dict[str, float]:
                        f"bits/byte {last_eval.get('bits_per_byte', float('nan')):.4f}")
       if due_save:
         save(step, state)
+      if due_eval or due_save:
+        timer.reset()
       if preemption.requested:
         break
     if pending is not None:

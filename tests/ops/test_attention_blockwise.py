@@ -1,0 +1,157 @@
+"""Blockwise attention == reference attention (forward and gradients) across masks, GQA, lengths and dtypes."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqjax.ops import attention, masks, positions
+from seqjax.ops.attention_blockwise import make_plan
+
+B, N, H = 2, 4, 8
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def _qkv(T, S, K, dtype=jnp.float32, seed=0):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (B, T, N, H), dtype), jax.random.normal(kk, (B, S, K, H), dtype),
+          jax.random.normal(kv, (B, S, K, H), dtype))
+
+
+def _segments(length, seed):
+  ids = np.sort(np.random.default_rng(seed).integers(1, 4, size=(B, length)), axis=1)
+  ids[0, -3:] = 0  # trailing padding in batch row 0
+  return jnp.asarray(ids, jnp.int32)
+
+
+def _mask(kind, T, S):
+  """(mask, bias) for a case name."""
+  if kind == "none":
+    return None, None
+  if kind == "causal":
+    return masks.Causal(), None
+  if kind == "window":
+    return masks.SlidingWindow(5, 2), None
+  if kind == "causal_segments":
+    return masks.Causal() & masks.SegmentIds(_segments(T, 0), _segments(S, 0)), None
+  if kind == "key_padding_empty_row":
+    return masks.KeyPadding(jnp.array([0, S - 4])), None
+  if kind == "prefix":
+    return masks.PrefixLM(jnp.array([3, 11])), None
+  if kind == "causal_window_or_global":
+    return masks.Causal() & (masks.SlidingWindow(6, 0) | masks.GlobalTokens(3)), None
+  if kind == "causal_alibi":
+    return masks.Causal(), positions.AlibiBias(positions.alibi_slopes(N))
+  if kind == "offset_causal":  # queries are the last T of S positions (a chunk after a cache)
+    return masks.Causal(q_offset=S - T), None
+  if kind == "traced_offset_causal":
+    return masks.Causal(q_offset=jnp.int32(S - T)) & masks.KeyPadding(jnp.array([S, S - 2])), None
+  raise AssertionError(kind)
+
+
+def _run(fn, q, k, v, mask, bias, **kw):
+  """Output and gradients of a fixed random projection of the output (one jit per implementation)."""
+  w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+
+  def loss(q, k, v):
+    return jnp.sum(fn(q, k, v, mask=mask, bias=bias, **kw).astype(jnp.float32) * w)
+
+  out = jax.jit(lambda q, k, v: fn(q, k, v, mask=mask, bias=bias, **kw))(q, k, v)
+  return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+def _assert_close(got, want, dtype):
+  tol = TOL[dtype]
+  scale = max(1.0, float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol * scale, rtol=tol)
+
+
+CASES = ["none", "causal", "window", "causal_segments", "key_padding_empty_row", "prefix",
+         "causal_window_or_global", "causal_alibi", "offset_causal", "traced_offset_causal"]
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_blockwise_equals_reference_masks(kind):
+  T = S = 37  # not a multiple of either block size
+  if kind in ("offset_causal", "traced_offset_causal"):
+    T = 13
+  q, k, v = _qkv(T, S, K=2)
+  mask, bias = _mask(kind, T, S)
+  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, bias, block_q=8, block_kv=16)
+  out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, bias)
+  _assert_close(out_b, out_r, jnp.float32)
+  for gb, gr in zip(grads_b, grads_r):
+    assert np.isfinite(np.asarray(gb)).all()
+    _assert_close(gb, gr, jnp.float32)
+
+
+@pytest.mark.parametrize("K,T,S,blocks", [(4, 19, 19, (16, 8)), (1, 10, 33, (4, 8)), (2, 33, 10, (8, 4)),
+                                          (2, 7, 7, (None, None))])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blockwise_gqa_cross_lengths_dtypes(K, T, S, blocks, dtype):
+  q, k, v = _qkv(T, S, K, dtype=dtype, seed=1)
+  mask = masks.Causal(q_offset=max(0, S - T))
+  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, None, block_q=blocks[0], block_kv=blocks[1])
+  out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, None)
+  assert out_b.dtype == dtype and all(g.dtype == dtype for g in grads_b)
+  _assert_close(out_b, out_r, dtype)
+  for gb, gr in zip(grads_b, grads_r):
+    _assert_close(gb, gr, dtype)
+
+
+def test_blockwise_causal_by_gradients():
+  q, k, v = _qkv(20, 20, K=2)
+  t = 9
+  grads = jax.grad(lambda k, v: attention.blockwise_attention(q, k, v, causal=True, block_q=4, block_kv=4)[:, t].sum(),
+                   argnums=(0, 1))(k, v)
+  for g in grads:
+    assert np.abs(np.asarray(g[:, t + 1:])).max() == 0.0
+    assert np.abs(np.asarray(g[:, :t + 1])).max() > 0.0
+
+
+def test_fully_masked_rows_zero_and_no_nan():
+  q, k, v = _qkv(12, 12, K=2)
+  ids = jnp.array([[0] * 12, [1] * 6 + [0] * 6])  # row 0 is all padding
+  mask = masks.Causal() & masks.SegmentIds(ids, ids)
+  out, grads = _run(attention.blockwise_attention, q, k, v, mask, None, block_q=4, block_kv=4)
+  np.testing.assert_array_equal(out[0], 0.0)
+  np.testing.assert_array_equal(out[1, 6:], 0.0)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_plan_skips_empty_tiles():
+  plan = make_plan(masks.Causal(), 64, 64, 16, 16)
+  assert plan.visited_tiles == 4 * 5 // 2
+  np.testing.assert_array_equal(plan.n_full_kv, [0, 1, 2, 3])
+  np.testing.assert_array_equal(plan.n_part_kv, [1, 1, 1, 1])
+  np.testing.assert_array_equal(plan.part_kv[:, 0], [0, 1, 2, 3])
+  np.testing.assert_array_equal(plan.n_full_q, [3, 2, 1, 0])
+  window = make_plan(masks.SlidingWindow(15, 0), 128, 128, 16, 16)
+  assert window.visited_tiles == 8 + 7  # the diagonal and the one below it
+  # Padding keys in a ragged last block force masking there.
+  ragged = make_plan(None, 20, 20, 8, 8)
+  np.testing.assert_array_equal(ragged.n_part_kv, [1, 1, 1])
+  np.testing.assert_array_equal(ragged.n_full_kv, [2, 2, 2])
+
+
+def test_no_retrace_when_data_changes():
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(q, k, v, ids, lengths):
+    mask = masks.Causal() & masks.SegmentIds(ids, ids) & masks.KeyPadding(lengths)
+    return attention.blockwise_attention(q, k, v, mask=mask, block_q=8, block_kv=8)
+
+  for seed in range(3):
+    q, k, v = _qkv(16, 16, K=2, seed=seed)
+    f(q, k, v, _segments(16, seed), jnp.array([16 - seed, 9]))
+
+
+def test_blockwise_is_registered_and_validates():
+  assert attention.get_attention("blockwise") is attention.blockwise_attention
+  q, k, v = _qkv(8, 8, K=2)
+  with pytest.raises(ValueError, match="reference"):
+    attention.blockwise_attention(q, k, v, bias=jnp.zeros((B, N, 8, 8)))
+  with pytest.raises(ValueError, match="block_q"):
+    attention.blockwise_attention(q, k, v, block_q=0)
