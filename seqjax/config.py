@@ -47,7 +47,7 @@ class ModelConfig:
   num_kv_heads: int = 0  # 0: as many as num_heads (multi-head); 1: multi-query; else grouped-query.
   head_dim: int = 0  # 0: d_model // num_heads.
   mlp_dim: int = 1024
-  mlp: Literal["mlp", "gated"] = "mlp"
+  mlp: Literal["mlp", "gated", "none"] = "mlp"  # "none": mixer-only blocks (e.g. a classic stacked LSTM).
   activation: Literal["gelu", "relu", "silu"] = "gelu"
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   norm_position: Literal["pre", "post"] = "pre"
@@ -56,6 +56,7 @@ class ModelConfig:
   max_len: int = 256  # Longest context (learned position table size, generation buffer).
   attention: str = "reference"  # A name in the attention registry (seqjax.ops.attention).
   qk_norm: bool = False
+  rnn_hidden: int = 0  # Recurrent mixers ("lstm", "gru", "rnn"): state width (0: d_model).
   dropout: float = 0.0
   tie_embeddings: bool = True
   scan_layers: bool = False  # nn.scan over layers (one compiled block; needs a homogeneous mixer pattern).

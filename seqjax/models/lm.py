@@ -34,18 +34,20 @@ class Block(nn.Module):
     dtype = compute_dtype(cfg)
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)  # noqa: E731
     mixer = make_mixer(self.mixer, cfg)
-    mlp = layers.Mlp(cfg.mlp_dim, kind=cfg.mlp, activation=cfg.activation, dropout=cfg.dropout, dtype=dtype,
+    mlp = None if cfg.mlp == "none" else layers.Mlp(cfg.mlp_dim, kind=cfg.mlp, activation=cfg.activation, dropout=cfg.dropout, dtype=dtype,
                      name="mlp")
     norm1 = layers.make_norm(cfg.norm, dtype, "norm_mixer")
-    norm2 = layers.make_norm(cfg.norm, dtype, "norm_mlp")
+    norm2 = None if mlp is None else layers.make_norm(cfg.norm, dtype, "norm_mlp")
     mix = lambda y: mixer(y, segment_ids=segment_ids, positions=positions,  # noqa: E731
                           deterministic=self.deterministic)
     if cfg.norm_position == "pre":
       x_BTD = x_BTD + drop(mix(norm1(x_BTD)))
-      x_BTD = x_BTD + drop(mlp(norm2(x_BTD), deterministic=self.deterministic))
+      if mlp is not None:
+        x_BTD = x_BTD + drop(mlp(norm2(x_BTD), deterministic=self.deterministic))
     else:
       x_BTD = norm1(x_BTD + drop(mix(x_BTD)))
-      x_BTD = norm2(x_BTD + drop(mlp(x_BTD, deterministic=self.deterministic)))
+      if mlp is not None:
+        x_BTD = norm2(x_BTD + drop(mlp(x_BTD, deterministic=self.deterministic)))
     return x_BTD
 
 

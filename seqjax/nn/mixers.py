@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from seqjax.config import ModelConfig
 from seqjax.nn.attention import MultiHeadAttention
+from seqjax.nn.recurrent import RecurrentMixer
 from seqjax.ops import masks
 
 MixerFactory = Callable[[ModelConfig], nn.Module]
@@ -75,3 +76,13 @@ class AttentionMixer(nn.Module):
 @register_mixer("attention")
 def _make_attention(cfg: ModelConfig) -> nn.Module:
   return AttentionMixer(cfg)
+
+
+def _make_recurrent(cell: str) -> MixerFactory:
+  def factory(cfg: ModelConfig) -> nn.Module:
+    return RecurrentMixer(d_model=cfg.d_model, hidden=cfg.rnn_hidden or None, cell=cell, dtype=compute_dtype(cfg))
+  return factory
+
+
+for _cell in ("lstm", "gru", "rnn"):
+  register_mixer(_cell)(_make_recurrent(_cell))

@@ -35,8 +35,8 @@ import numpy as np
 from seqjax.ops import masks as masks_lib
 from seqjax.ops.attention_base import check_inputs, default_scale, group_heads, register_attention
 
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_KV = 512
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_KV = 256
 _M_INIT = -1e30  # running-max initial value: finite, so a fully masked tile never yields (-inf) - (-inf)
 
 
@@ -276,7 +276,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     mask: a `seqjax.ops.masks` object; its static tile answers decide which tiles are computed.
     bias: None or a per-tile bias object (`positions.AlibiBias`); bias arrays need the reference kernel.
     scale: score scale, default 1 / sqrt(H).
-    block_q, block_kv: tile sizes (default 512 x 512, capped at T and S). T and S need not be multiples.
+    block_q, block_kv: tile sizes (default 256 x 256, capped at T and S). T and S need not be multiples.
 
   Returns:
     [B, T, N, H] in q's dtype (softmax statistics and accumulators in float32); rows with no visible key are 0.

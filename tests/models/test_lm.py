@@ -88,3 +88,17 @@ def test_untied_gated_bf16_runs():
   assert params["head"]["kernel"].dtype == jnp.float32
   logits = _logits(model, params, batch)
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("mixer, mlp", [("lstm", "none"), ("gru", "mlp"), ("attention,lstm", "gated")])
+def test_recurrent_and_hybrid_mixers_are_causal_and_packed(mixer, mlp):
+  config = tiny_config(model={"mixer": mixer, "mlp": mlp, "num_layers": 2})
+  batch = synthetic_batch(batch_size=2)
+  model, params = _init(config, batch)
+  base = _logits(model, params, batch)
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed["inputs"][:, 3] = (changed["inputs"][:, 3] + 1) % 259
+  out = _logits(model, params, changed)
+  np.testing.assert_allclose(np.asarray(out[:, :3]), np.asarray(base[:, :3]), rtol=0, atol=0)
+  np.testing.assert_allclose(np.asarray(out[:, 8:]), np.asarray(base[:, 8:]), rtol=0, atol=0)
+  assert not np.allclose(out[:, 3:8], base[:, 3:8])
