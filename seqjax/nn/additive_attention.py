@@ -1,0 +1,72 @@
+"""Bahdanau additive attention (linen), built for step-by-step decoding.
+
+    score[b, s] = v . tanh(W_q q[b] + W_k m[b, s] + bias)
+    weights = softmax over valid source positions;  context = sum_s weights[b, s] m[b, s]
+
+The key projection W_k m does not depend on the decoder step, so `keys` computes it once per source
+sequence and every decoder step (`__call__`) only projects its query. Padded source positions
+(`mask` False) get zero weight. Scores and the softmax are float32.
+
+Dimension legend: B batch, S source length, E memory width, Q query width, F attention width.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class AdditiveAttention(nn.Module):
+  """Additive attention with `features` (F) hidden units.
+
+  Use: `keys_BSF = attn.keys(memory_BSE)` once, then per step
+  `context_BE, weights_BS = attn(query_BQ, memory_BSE, keys_BSF, mask_BS)`.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.query_proj = nn.Dense(self.features, use_bias=False, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name="query")
+    self.key_proj = nn.Dense(self.features, use_bias=True, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="key")
+    self.v = self.param("v", nn.initializers.normal(self.features ** -0.5), (self.features,),
+                        self.param_dtype)
+
+  def keys(self, memory_BSE: Array) -> Array:
+    """Pre-computes W_k m + bias: [B, S, E] -> [B, S, F]."""
+    if memory_BSE.ndim != 3:
+      raise ValueError(f"memory must be [B, S, E], got shape {memory_BSE.shape}.")
+    return self.key_proj(memory_BSE)
+
+  def __call__(self, query_BQ: Array, memory_BSE: Array, keys_BSF: Array | None = None,
+               mask_BS: Array | None = None) -> tuple[Array, Array]:
+    """One decoder step: query [B, Q] -> (context [B, E] in memory dtype, weights [B, S] f32)."""
+    if query_BQ.ndim != 2 or memory_BSE.ndim != 3 or query_BQ.shape[0] != memory_BSE.shape[0]:
+      raise ValueError(f"expected query [B, Q] and memory [B, S, E] with the same B, got "
+                       f"{query_BQ.shape} and {memory_BSE.shape}.")
+    if keys_BSF is None:
+      keys_BSF = self.keys(memory_BSE)
+    if mask_BS is not None and mask_BS.shape != memory_BSE.shape[:2]:
+      raise ValueError(f"mask must be [B, S] = {memory_BSE.shape[:2]}, got {mask_BS.shape}.")
+    q_BF = self.query_proj(query_BQ)
+    hidden_BSF = jnp.tanh((keys_BSF + q_BF[:, None, :]).astype(jnp.float32))
+    scores_BS = jnp.einsum("bsf,f->bs", hidden_BSF, self.v.astype(jnp.float32))
+    if mask_BS is not None:
+      scores_BS = jnp.where(mask_BS, scores_BS, -1e30)
+    weights_BS = jax.nn.softmax(scores_BS, axis=-1)
+    if mask_BS is not None:  # an all-padding row attends to nothing instead of uniformly
+      weights_BS = jnp.where(mask_BS, weights_BS, 0.0)
+    context_BE = jnp.einsum("bs,bse->be", weights_BS, memory_BSE.astype(jnp.float32))
+    return context_BE.astype(memory_BSE.dtype), weights_BS
+
+
+def length_mask(lengths_B: Array, max_len: int) -> Array:
+  """[B] lengths -> [B, S] bool mask of valid positions."""
+  return jnp.arange(max_len)[None, :] < lengths_B[:, None]
