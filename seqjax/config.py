@@ -175,8 +175,11 @@ class TrainConfig:
   keep_checkpoints: int = 3
   log_every: int = 20
   async_checkpointing: bool = True
+  # Non-finite loss/gradients (the update is always dropped in the step): "stop" writes WORKDIR/nonfinite_report.json
+  # and exits; "skip" goes on; "rollback" reloads the last checkpoint before that step and skips its batch.
   on_nan: Literal["stop", "skip", "rollback"] = "stop"
-  allow_config_change: bool = False  # Resume a workdir whose saved config differs from this one.
+  max_rollbacks: int = 3  # on_nan="rollback": stop with the report after this many rollbacks without a new save.
+  allow_config_change: bool = False  # Resume a workdir whose saved config differs from this one (docs/reliability.md).
 
   def _check(self, prefix: str) -> None:
     for name in ("num_steps", "batch_size", "grad_accum_steps", "eval_every", "checkpoint_every",
@@ -188,6 +191,10 @@ class TrainConfig:
             f"{self.grad_accum_steps}")
     if self.eval_batches < 0:
       _fail(f"{prefix}.eval_batches", "must be >= 0")
+    if self.checkpoint_every_secs < 0:
+      _fail(f"{prefix}.checkpoint_every_secs", f"must be >= 0 (0: off), got {self.checkpoint_every_secs}")
+    if self.max_rollbacks < 1:
+      _fail(f"{prefix}.max_rollbacks", f"must be >= 1, got {self.max_rollbacks}")
 
 
 @dataclasses.dataclass(frozen=True)

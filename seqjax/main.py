@@ -4,7 +4,10 @@ r"""Command-line entry: train, evaluate or sample from a config.
       [--config.train.num_steps=100 ...]
 
 Every field of the config can be overridden with --config.SECTION.FIELD=VALUE. The config is validated before
-anything is built; user errors print one line naming the problem and exit with status 2 (no traceback).
+anything is built; user errors (a bad config or override, a workdir holding another config's run, missing or
+unusable data, no readable checkpoint) print one message naming the problem and exit with status 2, without a
+traceback. A run stopped by a non-finite loss (train.on_nan="stop") exits with status 3 after writing
+WORKDIR/nonfinite_report.json. SIGTERM/SIGINT save a checkpoint and exit 0; rerunning the command resumes.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to do.")
 
 
-def _user_error(message: str) -> None:
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+
+
+def _user_error(message: str, status: int = EXIT_USER_ERROR) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -53,6 +60,21 @@ def run(mode: str, cfg_dict, workdir: str) -> dict | list[str]:
   return loop.generate(config, workdir)
 
 
+def _exit_status(error: Exception) -> int | None:
+  """The exit status of an error that is the user's to fix (no traceback), or None for a bug (traceback)."""
+  if isinstance(error, (ConfigError, FileNotFoundError)):
+    return EXIT_USER_ERROR
+  # Heavy modules are imported only here: a config error above must not wait for them.
+  from seqjax.data.pipeline import DataUnavailableError  # pylint: disable=import-outside-toplevel
+  from seqjax.train.checkpoint import CheckpointRestoreError  # pylint: disable=import-outside-toplevel
+  from seqjax.train.loop import NonFiniteError  # pylint: disable=import-outside-toplevel
+  if isinstance(error, (DataUnavailableError, CheckpointRestoreError)):
+    return EXIT_USER_ERROR
+  if isinstance(error, NonFiniteError):
+    return EXIT_NONFINITE
+  return None
+
+
 def main(argv: list[str]) -> None:
   del argv
   if _CONFIG.value is None or _WORKDIR.value is None:
@@ -63,10 +85,11 @@ def main(argv: list[str]) -> None:
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     result = run(_MODE.value, _CONFIG.value, workdir)
-  except ConfigError as e:
-    _user_error(str(e))
-  except FileNotFoundError as e:
-    _user_error(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    status = _exit_status(e)
+    if status is None:
+      raise
+    _user_error(str(e), status)
   if _MODE.value == "generate":
     for i, text in enumerate(result):
       print(f"--- sample {i} ---\n{text}")

@@ -192,7 +192,8 @@ def seq2seq_loss(logits_BTV: Array, tgt_out_BT: Array, tgt_lengths_B: Array,
                  label_smoothing: float = 0.0) -> tuple[Array, dict[str, Array]]:
   """Mean token cross-entropy over valid target positions -> (loss, metrics)."""
   if logits_BTV.shape[:2] != tgt_out_BT.shape:
-    raise ValueError(f"logits [B, T, V] {logits_BTV.shape} do not match targets {tgt_out_BT.shape}.")
+    raise ValueError(f"logits [B, T, V] {logits_BTV.shape} do not match targets "
+                     f"{tgt_out_BT.shape}.")
   mask_BT = length_mask(tgt_lengths_B, tgt_out_BT.shape[1])
   v = logits_BTV.shape[-1]
   labels_BTV = optax.smooth_labels(jax.nn.one_hot(tgt_out_BT, v), label_smoothing)

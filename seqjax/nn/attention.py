@@ -53,7 +53,7 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   num_kv_heads: int = 0
   head_dim: int = 0
-  implementation: str = "reference"
+  implementation: str = "blockwise"
   rope: bool = False
   rope_base: float = 10000.0
   rope_scaling: tuple[str, float] | None = None

@@ -25,9 +25,10 @@ from seqjax.ops import masks as masks_lib
 from seqjax.ops.attention_base import (AttentionFn, available_attentions, check_inputs, default_scale,
                                        get_attention, group_heads, register_attention)
 from seqjax.ops.attention_blockwise import blockwise_attention  # registers "blockwise"
+from seqjax.ops.attention_pallas import pallas_attention  # registers "pallas"
 
 __all__ = ["AttentionFn", "available_attentions", "get_attention", "register_attention", "reference_attention",
-           "blockwise_attention"]
+           "blockwise_attention", "pallas_attention"]
 
 
 @register_attention("reference")

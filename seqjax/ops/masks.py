@@ -154,6 +154,9 @@ class _Positional(Mask):
   def shift(self, q_offset: _ArrayOrInt = 0, kv_offset: _ArrayOrInt = 0) -> Mask:
     return self._replace(q_offset=_add(self.q_offset, q_offset), kv_offset=_add(self.kv_offset, kv_offset))
 
+  def _offsets_static(self) -> bool:
+    return _is_static(self.q_offset) and _is_static(self.kv_offset)
+
   def _static_positions(self, q_lo, q_hi, kv_lo, kv_hi):
     """(first q pos, last q pos, first kv pos, last kv pos) as numpy arrays, or None if offsets are traced."""
     if not (_is_static(self.q_offset) and _is_static(self.kv_offset)):
@@ -201,6 +204,8 @@ class Causal(_Positional):
     return _band_kinds(kv_first - q_last, kv_last - q_first, None, 0)
 
   def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    if self._offsets_static():
+      return None  # tile_kinds is exact: empty tiles are never visited
     return kv_lo + jnp.asarray(self.kv_offset) <= q_lo + q_size - 1 + jnp.asarray(self.q_offset)
 
 
@@ -239,6 +244,8 @@ class SlidingWindow(_Positional):
                        self.right)
 
   def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    if self._offsets_static():
+      return None  # tile_kinds is exact: empty tiles are never visited
     q_first = q_lo + jnp.asarray(self.q_offset)
     q_last = q_lo + q_size - 1 + jnp.asarray(self.q_offset)
     kv_first = kv_lo + jnp.asarray(self.kv_offset)
@@ -282,6 +289,8 @@ class GlobalTokens(_Positional):
     return kinds
 
   def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    if self._offsets_static():
+      return None  # tile_kinds is exact: empty tiles are never visited
     g = self.num_global
     return (q_lo + jnp.asarray(self.q_offset) < g) | (kv_lo + jnp.asarray(self.kv_offset) < g)
 

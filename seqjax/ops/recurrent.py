@@ -10,14 +10,18 @@ Layout and conventions (PyTorch / cuDNN compatible, so checkpoints port both way
 Dimension legend: B batch, T sequence length, I input width, H hidden (state) width (``Hd`` in the
 issue), G number of gates, so ``GH = G * H`` is the width of the stacked pre-activations.
 
-Speed: the input projection ``x @ w_ih.T + b_ih`` is hoisted out of the scan as one big matmul; the
-scan body does one ``[B, H] x [H, GH]`` matmul and a fused pointwise update. The backward pass is a
-hand-written `custom_vjp`: the reverse scan only propagates ``dh`` (one matmul per step) and emits the
-per-step pre-activation gradients, and the weight gradients are then formed by single large matmuls
-over all steps (what cuDNN does) instead of accumulating an ``[GH, H]`` outer product every step.
-With ``remat=True`` the forward saves only the state entering each step (not the ``[B, GH]``
-pre-activations) and the backward recomputes the recurrent matmul: about 40% less residual memory
-for one extra small matmul per step, useful for long sequences. Residual memory is linear in T.
+Speed (details and numbers in docs/recurrent.md):
+* the input projection ``x @ w_ih.T + b_ih`` is hoisted out of the step loop: one
+  ``[C*B, I] x [I, GH]`` matmul per chunk of C steps, software-pipelined so that the projection of
+  chunk n+1 runs concurrently with the recurrence of chunk n (they are independent);
+* the scan body is one ``[B, H] x [H, GH]`` matmul and a fused pointwise update, unrolled;
+* the backward pass is a hand-written `custom_vjp`: the reverse scan only propagates ``dh`` (one
+  matmul per step) and emits per-step pre-activation gradients; the weight and input gradients
+  are then large per-chunk matmuls (what cuDNN does), overlapped with the next chunk's reverse
+  recurrence, instead of autodiff's ``[GH, H]`` outer product accumulated every step;
+* ``remat=True`` (for long sequences) saves only the state entering each step and recomputes the
+  projections in the backward pass: residual memory per step drops from ~(2G + 2) B H floats to
+  ~2 B H (LSTM), for extra matmuls. Residual memory is linear in T either way.
 
 Masking: ``lengths [B]`` makes steps ``t >= lengths[b]`` leave the state unchanged and emit zeros;
 ``reverse=True`` runs each sequence backwards from its own last valid step (padding is at the end).
@@ -302,7 +306,8 @@ def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
 
 def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
          lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-         unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False) -> tuple[Array, tuple[Array, Array]]:
+         unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK,
+         remat: bool = False) -> tuple[Array, tuple[Array, Array]]:
   """LSTM over a batch-major sequence (PyTorch gate order i, f, g, o).
 
   Args:
@@ -312,8 +317,10 @@ def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, 
     lengths: optional int [B]; steps t >= lengths[b] keep the state and emit zeros.
     reverse: run each sequence backwards from its last valid step.
     segment_ids: optional int [B, T]; the state is reset to (h0, c0) where the id changes.
-    unroll: scan unroll factor.
-    remat: save only the per-step state and recompute the recurrent matmul in the backward pass.
+    unroll: unroll factor of the step loop inside a chunk.
+    chunk: steps per chunk of the hoisted, pipelined input projection (T is padded up to a
+      multiple with state-keeping steps).
+    remat: save only the per-step state; recompute the projections in the backward pass.
 
   Returns:
     ys [B, T, H] in x.dtype and the final state (h_T, c_T), each [B, H] float32 (for `reverse`,
@@ -326,7 +333,8 @@ def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, 
 
 def gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
         lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-        unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False) -> tuple[Array, Array]:
+        unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK,
+        remat: bool = False) -> tuple[Array, Array]:
   """GRU over a batch-major sequence (PyTorch gate order r, z, n; b_hn inside the reset product).
 
   Args: as `lstm` with w_ih [3H, I], w_hh [3H, H], b_ih, b_hh [3H] and one state h0 [B, H].

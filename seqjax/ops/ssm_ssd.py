@@ -15,8 +15,9 @@ Modes:
 - "chunked":    the SSD form. Inside a chunk the output is a masked, decayed attention: scores C_t . B_s times
                 exp(sum of log-decays over (s, t]) — computed as differences of a cumulative sum of log-decays
                 *within the chunk* (float32, so every exponent is <= 0 and nothing overflows) — applied to dt x with
-                one batched matmul per (batch, chunk, head); across chunks a short scan passes the states
-                ([B, N, H, P] per chunk). Memory O(L C N + L N H + (L / C) N H P).
+                one batched matmul per (batch, head), plus the incoming state read out by C; the chunk's state is
+                passed to the next chunk by a scan over chunks (one chunk's operands at a time stay in cache on a
+                CPU). Memory O(L C N + L N H + (L / C) N H P) with the backward pass.
 
 Segment resets: with `segment_ids` [B, L], the state is zeroed before every position whose id differs from the
 previous position's (position 0 continues from `initial_state`). In the chunked form a reset becomes a mask: two
@@ -123,53 +124,43 @@ def _sequential(x_BLNH, dt_BLN, A_N, B_BLP, C_BLP, keep_BL, h0_BNHP):
 
 
 def _chunked(x_BLNH, dt_BLN, A_N, B_BLP, C_BLP, keep_BL, h0_BNHP, chunk):
+  """A scan over chunks; each step works on one chunk only (its operands stay in cache on CPU)."""
   b, l, n, h = x_BLNH.shape
   chunk = min(chunk, l)
   k = -(-l // chunk)
   pad = k * chunk - l
 
-  def to_chunks(a, fill=0.0):  # [B, L, ...] -> [B, K, C, ...]; padding steps have dt=0: identity on the state
+  def to_chunks(a, fill=0.0):  # [B, L, ...] -> [K, B, C, ...]; padding steps have dt=0: identity on the state
     a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-    return a.reshape(b, k, chunk, *a.shape[2:])
+    return jnp.swapaxes(a.reshape(b, k, chunk, *a.shape[2:]), 0, 1)
 
-  x_BKCNH, dt_BKCN, B_BKCP, C_BKCP = map(to_chunks, (x_BLNH, dt_BLN, B_BLP, C_BLP))
-  keep_BKC = to_chunks(keep_BL, fill=1.0)
-
-  # Log-decays and their cumulative sum inside each chunk (all <= 0; differences stay small and exact enough).
-  cum_BKCN = jnp.cumsum(dt_BKCN * A_N, axis=2)
-  cum_BKNC = jnp.moveaxis(cum_BKCN, 3, 2)
-  resets_BKC = jnp.cumsum(1.0 - keep_BKC, axis=2)  # resets up to and including each position of the chunk
   tril_TS = jnp.tril(jnp.ones((chunk, chunk), bool))
-  linked_BKTS = tril_TS & (resets_BKC[:, :, :, None] == resets_BKC[:, :, None, :])
-  segsum_BKNTS = cum_BKNC[..., :, None] - cum_BKNC[..., None, :]
-  decay_BKNTS = jnp.exp(jnp.where(linked_BKTS[:, :, None], segsum_BKNTS, -jnp.inf))
 
-  xdt_BKCNH = x_BKCNH * dt_BKCN[..., None]
-  # 1. inside each chunk: masked, decayed attention with scores C_t . B_s.
-  scores_BKTS = jnp.einsum("bktp,bksp->bkts", C_BKCP, B_BKCP)
-  weights_BKNTS = decay_BKNTS * scores_BKTS[:, :, None]
-  xdt_BKNCH = jnp.swapaxes(xdt_BKCNH, 2, 3)  # heads next to the batch dims: one batched matmul per head
-  y_BKNCH = jnp.einsum("bknts,bknsh->bknth", weights_BKNTS, xdt_BKNCH)
+  def chunk_step(h_BNHP, inputs):
+    x_BCNH, dt_BCN, B_BCP, C_BCP, keep_BC = inputs
+    # Log-decays and their cumulative sum inside the chunk (all <= 0; differences are exact enough in float32).
+    cum_BCN = jnp.cumsum(dt_BCN * A_N, axis=1)
+    cum_BNC = jnp.swapaxes(cum_BCN, 1, 2)
+    resets_BC = jnp.cumsum(1.0 - keep_BC, axis=1)  # resets up to and including each position
+    linked_BTS = tril_TS & (resets_BC[:, :, None] == resets_BC[:, None, :])
+    segsum_BNTS = cum_BNC[..., :, None] - cum_BNC[..., None, :]
+    decay_BNTS = jnp.exp(jnp.where(linked_BTS[:, None], segsum_BNTS, -jnp.inf))
+    xdt_BCNH = x_BCNH * dt_BCN[..., None]
+    # Inside the chunk: masked, decayed attention with scores C_t . B_s (one batched matmul per head).
+    scores_BTS = jnp.einsum("btp,bsp->bts", C_BCP, B_BCP)
+    y_BNCH = jnp.einsum("bnts,bnsh->bnth", decay_BNTS * scores_BTS[:, None], jnp.swapaxes(xdt_BCNH, 1, 2))
+    # The incoming state, decayed to each position (zero after a reset).
+    from_start_BCN = jnp.exp(cum_BCN) * (resets_BC == 0.0)[..., None]
+    y_BCNH = (jnp.swapaxes(y_BNCH, 1, 2)
+              + jnp.einsum("btp,bnhp->btnh", C_BCP, h_BNHP) * from_start_BCN[..., None])
+    # The state after the chunk: the decayed incoming state plus the chunk's own contribution.
+    to_end_BCN = jnp.exp(cum_BCN[:, -1:] - cum_BCN) * (resets_BC == resets_BC[:, -1:])[..., None]
+    chunk_decay_BN = jnp.exp(cum_BCN[:, -1]) * (resets_BC[:, -1:] == 0.0)
+    h_BNHP = (chunk_decay_BN[..., None, None] * h_BNHP
+              + jnp.einsum("bsp,bsnh->bnhp", B_BCP, xdt_BCNH * to_end_BCN[..., None]))
+    return h_BNHP, y_BCNH
 
-  # 2. each chunk's own contribution to the state after it (from a zero state).
-  last_linked_BKC = resets_BKC == resets_BKC[:, :, -1:]
-  to_end_BKCN = jnp.exp(cum_BKCN[:, :, -1:] - cum_BKCN) * last_linked_BKC[..., None]
-  local_BKNHP = jnp.einsum("bksp,bksnh->bknhp", B_BKCP, xdt_BKCNH * to_end_BKCN[..., None])
-
-  # 3. pass states across chunks: h_in(k+1) = decay(k) h_in(k) + local(k).
-  no_reset_BKC = resets_BKC == 0.0
-  chunk_decay_BKN = jnp.exp(cum_BKCN[:, :, -1]) * no_reset_BKC[:, :, -1:]
-
-  def pass_state(h_BNHP, inputs):
-    decay_BN, local_BNHP = inputs
-    return decay_BN[..., None, None] * h_BNHP + local_BNHP, h_BNHP
-
-  h_BNHP, hin_KBNHP = lax.scan(pass_state, h0_BNHP,
-                               (jnp.swapaxes(chunk_decay_BKN, 0, 1), jnp.swapaxes(local_BKNHP, 0, 1)))
-
-  # 4. the incoming state's contribution inside each chunk, decayed to each position (zero after a reset).
-  from_start_BKCN = jnp.exp(cum_BKCN) * no_reset_BKC[..., None]
-  y_BKCNH = (jnp.swapaxes(y_BKNCH, 2, 3)
-             + jnp.einsum("bktp,kbnhp->bktnh", C_BKCP, hin_KBNHP) * from_start_BKCN[..., None])
-  y_BLNH = y_BKCNH.reshape(b, k * chunk, n, h)[:, :l]
+  h_BNHP, y_KBCNH = lax.scan(chunk_step, h0_BNHP, (to_chunks(x_BLNH), to_chunks(dt_BLN), to_chunks(B_BLP),
+                                                   to_chunks(C_BLP), to_chunks(keep_BL, fill=1.0)))
+  y_BLNH = jnp.swapaxes(y_KBCNH, 0, 1).reshape(b, k * chunk, n, h)[:, :l]
   return y_BLNH, h_BNHP

@@ -48,10 +48,17 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Returns `step(state, batch) -> (state, metrics)` (not yet jitted; see `jit_train_step`).
 
-  Non-finite loss or gradients are detected inside the step (metrics["finite"], no extra host sync). With
-  on_nan="skip" such an update is dropped inside the step and counted in `state.skipped_steps`; otherwise the
-  update is applied and the host decides what to do from the metrics.
+  Non-finite loss or gradients are detected inside the step, at no extra host sync: the update is then dropped
+  (params and optimizer state keep their old values), `state.step` still advances and `state.skipped_steps`
+  counts it. metrics["finite"] says whether the update was applied; metrics["grads_finite"] and
+  metrics["params_finite"] are bool[num_leaves] vectors (leaf order of `state.params`, see `leaf_names`) saying
+  which gradients, and which parameters as the update would have left them, are finite — read on the host with
+  the other metrics, one step late, for the non-finite report. Every `on_nan` mode runs this same program (so
+  their results are bitwise comparable); the mode only decides what the host does next: "skip" goes on, "stop"
+  writes a report and stops, "rollback" reloads the last checkpoint and skips the batch.
   """
+  if on_nan not in ("stop", "skip", "rollback"):
+    raise ValueError(f"on_nan must be 'stop', 'skip' or 'rollback', got {on_nan!r}")
 
   def loss_sum(params, batch, rng):
     losses, _ = token_losses(model, params, batch, rng=rng, deterministic=not dropout)
@@ -78,19 +85,38 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss = total / denom
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    if on_nan == "skip":
-      keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-      new_state = new_state.replace(params=jax.tree.map(keep_old, params, state.params),
-                                    opt_state=jax.tree.map(keep_old, opt_state, state.opt_state),
-                                    skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
+    params_finite = _leaves_finite(params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(params_finite)
+    keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=jax.tree.map(keep_old, params, state.params),
+                              opt_state=jax.tree.map(keep_old, opt_state, state.opt_state),
+                              skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite,
+               "grads_finite": _leaves_finite(grads), "params_finite": params_finite}
     return new_state, metrics
 
   return step
+
+
+def _leaves_finite(tree: Any) -> jax.Array:
+  """bool[num_leaves]: whether each leaf of `tree` is entirely finite."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+
+
+def leaf_names(tree: Any) -> list[str]:
+  """"/"-joined key paths of the leaves of `tree`, in `jax.tree.leaves` order (e.g. "layer_0/mlp/wi/kernel")."""
+  names = []
+  for path, _ in jax.tree_util.tree_leaves_with_path(tree):
+    names.append("/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path))
+  return names
+
+
+def skip_step(state: TrainState) -> TrainState:
+  """The step a rollback takes for the batch it skips: no update, the step counted as skipped (as if the step
+  had dropped a non-finite update), so a rolled-back run matches an on_nan="skip" run bitwise."""
+  return state.replace(step=state.step + 1, skipped_steps=state.skipped_steps + 1)
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:

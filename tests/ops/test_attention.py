@@ -7,6 +7,9 @@ import pytest
 
 from seqjax.ops import attention, masks, positions
 
+# One compilation per test instead of one per eager op (much cheaper on a shared CPU).
+reference = jax.jit(attention.reference_attention, static_argnames=("causal", "scale"))
+
 
 def _numpy_attention(q, k, v, visible=None, bias=None, scale=None):
   """Loop-free float64 oracle that repeats K/V per query head (what GQA avoids doing in the kernels)."""
@@ -38,7 +41,7 @@ def _qkv(B=2, T=7, S=9, N=4, K=2, H=8, dtype=jnp.float32, seed=0):
 @pytest.mark.parametrize("N,K", [(4, 4), (4, 2), (4, 1)])
 def test_reference_matches_numpy_gqa(N, K):
   q, k, v = _qkv(N=N, K=K)
-  np.testing.assert_allclose(attention.reference_attention(q, k, v), _numpy_attention(q, k, v), rtol=1e-5,
+  np.testing.assert_allclose(reference(q, k, v), _numpy_attention(q, k, v), rtol=1e-5,
                              atol=1e-5)
 
 
@@ -47,7 +50,7 @@ def test_reference_with_mask_bias_and_scale():
   ids = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 3]])
   mask = masks.SegmentIds(ids, ids)
   bias = jax.random.normal(jax.random.key(3), (2, 4, 7, 7))
-  got = attention.reference_attention(q, k, v, causal=True, mask=mask, bias=bias, scale=0.3)
+  got = reference(q, k, v, causal=True, mask=mask, bias=bias, scale=0.3)
   visible = np.asarray(masks.Causal().materialize(7, 7) & mask.materialize(7, 7))
   np.testing.assert_allclose(got, _numpy_attention(q, k, v, visible, bias, 0.3), rtol=1e-5, atol=1e-5)
   # Padding rows see nothing: exactly zero.
@@ -58,8 +61,8 @@ def test_reference_alibi_object_equals_materialised_bias():
   q, k, v = _qkv(N=4, K=2)
   alibi = positions.AlibiBias(positions.alibi_slopes(4))
   dense = alibi.block(jnp.arange(7), jnp.arange(9))
-  np.testing.assert_allclose(attention.reference_attention(q, k, v, causal=True, bias=alibi),
-                             attention.reference_attention(q, k, v, causal=True, bias=dense), rtol=1e-6)
+  np.testing.assert_allclose(reference(q, k, v, causal=True, bias=alibi),
+                             reference(q, k, v, causal=True, bias=dense), rtol=1e-6)
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
@@ -67,9 +70,9 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
   lengths = jnp.array([0, 3])  # batch row 0 has no visible key at all
 
   def loss(q, k, v):
-    return jnp.sum(attention.reference_attention(q, k, v, mask=masks.KeyPadding(lengths)) ** 2)
+    return jnp.sum(reference(q, k, v, mask=masks.KeyPadding(lengths)) ** 2)
 
-  out = attention.reference_attention(q, k, v, mask=masks.KeyPadding(lengths))
+  out = reference(q, k, v, mask=masks.KeyPadding(lengths))
   np.testing.assert_array_equal(out[0], 0.0)
   grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   for g in grads:
@@ -80,14 +83,14 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
 def test_reference_causal_by_gradients():
   q, k, v = _qkv(T=6, S=6)
   t = 2
-  jac = jax.grad(lambda k: attention.reference_attention(q, k, v, causal=True)[:, t].sum())(k)
+  jac = jax.jit(jax.grad(lambda k: reference(q, k, v, causal=True)[:, t].sum()))(k)
   assert np.abs(np.asarray(jac[:, t + 1:])).max() == 0.0
   assert np.abs(np.asarray(jac[:, :t + 1])).max() > 0.0
 
 
 def test_bfloat16_inputs_keep_dtype():
   q, k, v = _qkv(dtype=jnp.bfloat16)
-  out = attention.reference_attention(q, k, v, causal=True)
+  out = reference(q, k, v, causal=True)
   assert out.dtype == jnp.bfloat16
   want = _numpy_attention(q, k, v, np.asarray(masks.Causal().materialize(7, 9)))
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2, rtol=3e-2)
@@ -96,18 +99,18 @@ def test_bfloat16_inputs_keep_dtype():
 def test_bad_shapes_raise_value_error():
   q, k, v = _qkv(N=4, K=3, H=8)
   with pytest.raises(ValueError, match="multiple"):
-    attention.reference_attention(q, k, v)
+    reference(q, k, v)
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="same shape"):
-    attention.reference_attention(q, k, v[:, :3])
+    reference(q, k, v[:, :3])
   with pytest.raises(ValueError, match="B, T, N, H"):
-    attention.reference_attention(q[0], k, v)
+    reference(q[0], k, v)
   with pytest.raises(ValueError, match="masks object"):
-    attention.reference_attention(q, k, v, mask=jnp.ones((7, 9), bool))
+    reference(q, k, v, mask=jnp.ones((7, 9), bool))
   with pytest.raises(ValueError, match="broadcastable"):
-    attention.reference_attention(q, k, v, bias=jnp.ones((2, 3, 7, 9)))
+    reference(q, k, v, bias=jnp.ones((2, 3, 7, 9)))
   with pytest.raises(ValueError, match="kv_ids"):
-    attention.reference_attention(q, k, v, mask=masks.SegmentIds(jnp.ones((2, 7)), jnp.ones((2, 8))))
+    reference(q, k, v, mask=masks.SegmentIds(jnp.ones((2, 7)), jnp.ones((2, 8))))
 
 
 def test_registry():
@@ -116,7 +119,7 @@ def test_registry():
 
   @attention.register_attention("test_scaled_reference")
   def scaled(q, k, v, *, causal=False, mask=None, bias=None, scale=None):
-    return attention.reference_attention(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
+    return reference(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
 
   assert attention.get_attention("test_scaled_reference") is scaled
   with pytest.raises(ValueError, match="already registered"):

@@ -51,14 +51,15 @@ def _mask(kind, T, S):
 
 
 def _run(fn, q, k, v, mask, bias, **kw):
-  """Output and gradients of a fixed random projection of the output (one jit per implementation)."""
+  """Output and the gradients of a fixed random projection of it, from one jitted function."""
   w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
 
-  def loss(q, k, v):
-    return jnp.sum(fn(q, k, v, mask=mask, bias=bias, **kw).astype(jnp.float32) * w)
+  @jax.jit
+  def run(q, k, v):
+    out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask=mask, bias=bias, **kw), q, k, v)
+    return out, pullback(w.astype(out.dtype))
 
-  out = jax.jit(lambda q, k, v: fn(q, k, v, mask=mask, bias=bias, **kw))(q, k, v)
-  return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  return run(q, k, v)
 
 
 def _assert_close(got, want, dtype):
@@ -67,8 +68,9 @@ def _assert_close(got, want, dtype):
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol * scale, rtol=tol)
 
 
-CASES = ["none", "causal", "window", "causal_segments", "key_padding_empty_row", "prefix",
-         "causal_window_or_global", "causal_alibi", "offset_causal", "traced_offset_causal"]
+# Plain and offset causal masks are covered by the GQA / length / dtype cases below.
+CASES = ["none", "window", "causal_segments", "key_padding_empty_row", "prefix", "causal_window_or_global",
+         "causal_alibi", "traced_offset_causal"]
 
 
 @pytest.mark.parametrize("kind", CASES)
@@ -86,9 +88,13 @@ def test_blockwise_equals_reference_masks(kind):
     _assert_close(gb, gr, jnp.float32)
 
 
-@pytest.mark.parametrize("K,T,S,blocks", [(4, 19, 19, (16, 8)), (1, 10, 33, (4, 8)), (2, 33, 10, (8, 4)),
-                                          (2, 7, 7, (None, None))])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("K,T,S,blocks,dtype", [
+    (4, 19, 19, (16, 8), jnp.float32),     # multi-head, ragged blocks
+    (1, 10, 33, (4, 8), jnp.float32),      # multi-query, S > T
+    (2, 33, 10, (8, 4), jnp.bfloat16),     # grouped-query, T > S, bfloat16
+    (1, 19, 19, (8, 8), jnp.bfloat16),
+    (2, 7, 7, (None, None), jnp.float32),  # default blocks capped at the lengths
+])
 def test_blockwise_gqa_cross_lengths_dtypes(K, T, S, blocks, dtype):
   q, k, v = _qkv(T, S, K, dtype=dtype, seed=1)
   mask = masks.Causal(q_offset=max(0, S - T))
@@ -103,8 +109,9 @@ def test_blockwise_gqa_cross_lengths_dtypes(K, T, S, blocks, dtype):
 def test_blockwise_causal_by_gradients():
   q, k, v = _qkv(20, 20, K=2)
   t = 9
-  grads = jax.grad(lambda k, v: attention.blockwise_attention(q, k, v, causal=True, block_q=4, block_kv=4)[:, t].sum(),
-                   argnums=(0, 1))(k, v)
+  grads = jax.jit(jax.grad(
+      lambda k, v: attention.blockwise_attention(q, k, v, causal=True, block_q=4, block_kv=4)[:, t].sum(),
+      argnums=(0, 1)))(k, v)
   for g in grads:
     assert np.abs(np.asarray(g[:, t + 1:])).max() == 0.0
     assert np.abs(np.asarray(g[:, :t + 1])).max() > 0.0
@@ -148,9 +155,11 @@ def test_no_retrace_when_data_changes():
     f(q, k, v, _segments(16, seed), jnp.array([16 - seed, 9]))
 
 
-def test_blockwise_is_registered_and_validates():
+def test_blockwise_is_registered_validates_and_runs_without_jit():
   assert attention.get_attention("blockwise") is attention.blockwise_attention
   q, k, v = _qkv(8, 8, K=2)
+  np.testing.assert_allclose(attention.blockwise_attention(q, k, v, causal=True, block_q=4, block_kv=4),
+                             attention.reference_attention(q, k, v, causal=True), rtol=2e-5, atol=2e-5)
   with pytest.raises(ValueError, match="reference"):
     attention.blockwise_attention(q, k, v, bias=jnp.zeros((B, N, 8, 8)))
   with pytest.raises(ValueError, match="block_q"):

@@ -1,4 +1,4 @@
-"""seqjax.ops.recurrent against a plain step-by-step reference (NumPy forward, autodiff gradients)."""
+"""seqjax.ops.recurrent vs a plain step-by-step reference (NumPy forward, autodiff gradients)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,28 +79,28 @@ def _call(kind, x, states, w_ih, w_hh, b_ih, b_hh, **kw):
   return ys, (h,)
 
 
-CASES = [
-    dict(),
-    dict(lengths=LENGTHS),
-    dict(reverse=True),
-    dict(lengths=LENGTHS, reverse=True),
-    dict(segment_ids=SEGMENTS),
-    dict(lengths=LENGTHS, segment_ids=SEGMENTS, reverse=True),
+_L, _S = dict(lengths=LENGTHS), dict(segment_ids=SEGMENTS)
+CASES = [  # (cell, options, also check remat): every option is covered for every cell type
+    ("lstm", dict(), False),
+    ("lstm", dict(_L, reverse=True), True),
+    ("lstm", dict(_L, **_S, reverse=True), True),
+    ("gru", dict(_L), False),
+    ("gru", dict(_S, reverse=True), True),
+    ("rnn", dict(reverse=True), False),
+    ("rnn", dict(_L, **_S), True),
 ]
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_forward_and_grad_match_reference(kind, case):
-  kw = CASES[case]
-  args = _params(kind, seed=case)
+@pytest.mark.parametrize("kind, kw, check_remat", CASES)
+def test_forward_and_grad_match_reference(kind, kw, check_remat):
+  args = _params(kind, seed=len(kw))
   ref_kw = {k: (np.asarray(v) if k != "reverse" else v) for k, v in kw.items()}
   # Forward against the float64 NumPy loop.
   ys_ref, st_ref = reference(np, kind, *[a.astype(np.float64) if not isinstance(a, tuple) else
                                          tuple(s.astype(np.float64) for s in a) for a in args],
                              **ref_kw)
-  # chunk=3 does not divide T=7: exercises the padded last chunk.
-  op_kw = dict(kw, chunk=3, unroll=2)
+  # chunk=3 does not divide T=7: exercises the padded last chunk; the plain case uses defaults.
+  op_kw = dict(kw, chunk=3, unroll=2) if kw else {}
   if "lengths" in op_kw:
     op_kw["lengths"] = jnp.asarray(op_kw["lengths"])
   if "segment_ids" in op_kw:
@@ -121,7 +121,7 @@ def test_forward_and_grad_match_reference(kind, case):
 
   argnums = tuple(range(6))
   g_ref = jax.jit(jax.grad(loss(lambda *a: reference(jnp, kind, *a, **ref_kw)), argnums))(*args)
-  for remat in ((False, True) if case in (1, 5) else (False,)):
+  for remat in ((False, True) if check_remat else (False,)):
     g = jax.jit(jax.grad(loss(lambda *a: _call(kind, *a, remat=remat, **op_kw)), argnums))(*args)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
       np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)

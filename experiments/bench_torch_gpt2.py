@@ -1,0 +1,365 @@
+r"""Training throughput of seqjax's `DecoderLM` against a PyTorch GPT-2 (HF transformers) of the same dimensions.
+
+    .venv/bin/python experiments/bench_torch_gpt2.py                                   # default model, ~3-5 min
+    .venv/bin/python experiments/bench_torch_gpt2.py --config=configs/lm_pysrc.py --config.model.attention=blockwise
+    .venv/bin/python experiments/bench_torch_gpt2.py --steps=4 --rounds=2              # quick look
+
+Both models are built from the SAME seqjax config (`--config`, any field overridable with --config.X.Y=...):
+HF `GPT2LMHeadModel` with n_embd = d_model, n_layer = num_layers, n_head = num_heads, n_inner = mlp_dim,
+n_positions = max_len, vocab_size = vocab_size, no dropout, tied embeddings as configured. GPT-2 has biases on its
+projections (seqjax has none), so its parameter count is a little larger; both counts are printed.
+
+What is timed, per side, is one full optimizer step at the config's `train.batch_size` x `data.seq_len`: forward,
+cross-entropy against next-token targets, backward, global-norm clipping and AdamW update.
+- seqjax: the trainer's own program: `make_train_step` + `jit_train_step` (donated state) on the config's mesh,
+  fed by `put_batch` from a host numpy batch every step (as the training loop does), `jax.block_until_ready` on
+  the new state and metrics.
+- PyTorch: eager mode, `torch.set_num_threads(--threads)`, attention implementation `--torch_attention` ("sdpa" by
+  default, HF's fastest CPU path), `torch.optim.AdamW` (weight decay on matrices only, like seqjax) after
+  `clip_grad_norm_`. It runs in its own virtualenv (`--torch_venv`, created on first use with
+  `pip install torch==<--torch_version> transformers`; torch is never a seqjax dependency) as a worker subprocess
+  that this script drives over a pipe.
+
+Method: both sides are built and warmed up (`--warmup` steps; JAX's compilation is not timed), then `--rounds`
+rounds alternate `--steps` PyTorch steps with `--steps` seqjax steps, so slow phases of the shared CPU hit both.
+Tokens/s is batch_size * seq_len / (median step time). The ratio seqjax / torch is compared with the issue's target
+(>= 1.5). Results: a table on stdout, `results.json` and `throughput.png` under `--results_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/lm_pysrc.py", "seqjax config file (both models' "
+                                          "dimensions, batch size and sequence length come from it).",
+                                          lock_config=True)
+_RESULTS_DIR = flags.DEFINE_string("results_dir", "results/bench_torch_gpt2", "Where results.json and the plot go.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per side in each round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Alternating rounds (torch steps, then seqjax steps).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side after compilation / first call.")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads; the CPU cores available to JAX as well.")
+_TORCH_ATTENTION = flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "eager"], "HF attention implementation.")
+_TORCH_VENV = flags.DEFINE_string("torch_venv", ".venv-torch", "Virtualenv of the PyTorch side (created if missing).")
+_TORCH_VERSION = flags.DEFINE_string("torch_version", "2.13.0", "Pinned torch version installed into --torch_venv.")
+
+TARGET_RATIO = 1.5
+
+# ----------------------------------------------------------------------------------------------------------------
+# The config mapping (pure Python: importable and testable without torch or jax)
+# ----------------------------------------------------------------------------------------------------------------
+
+_GPT2_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu"}  # flax nn.gelu is the tanh form = gelu_new
+
+
+def gpt2_config_kwargs(model_cfg: Any) -> dict[str, Any]:
+  """Keyword arguments of `transformers.GPT2Config` for a model of the same dimensions as a seqjax `ModelConfig`.
+
+  Raises ValueError for a seqjax model that GPT-2 cannot mirror (another mixer, non-learned positions, RMSNorm,
+  post-norm, gated MLP, grouped-query heads, a head_dim other than d_model / num_heads, bfloat16).
+  """
+  m = model_cfg
+  problems = []
+  if m.mixer_pattern != ("attention",):
+    problems.append(f"model.mixer={m.mixer!r} (GPT-2 has attention layers only)")
+  if m.positions != "learned":
+    problems.append(f"model.positions={m.positions!r} (GPT-2 has learned positions)")
+  if m.norm != "layernorm" or m.norm_position != "pre":
+    problems.append(f"model.norm={m.norm!r}, norm_position={m.norm_position!r} (GPT-2 is pre-norm LayerNorm)")
+  if m.mlp != "mlp":
+    problems.append(f"model.mlp={m.mlp!r} (GPT-2 has a plain MLP)")
+  if m.resolved_num_kv_heads != m.num_heads:
+    problems.append(f"model.num_kv_heads={m.num_kv_heads} (GPT-2 is multi-head)")
+  if m.resolved_head_dim * m.num_heads != m.d_model:
+    problems.append(f"model.head_dim={m.head_dim} (GPT-2 has head_dim = d_model / num_heads)")
+  if m.qk_norm:
+    problems.append("model.qk_norm=True (GPT-2 has no QK-norm)")
+  if m.dtype != "float32":
+    problems.append(f"model.dtype={m.dtype!r} (this benchmark compares float32 training on CPU)")
+  if problems:
+    raise ValueError("bench_torch_gpt2: the seqjax model has no GPT-2 counterpart: " + "; ".join(problems)
+                     + ". Use a config with a plain pre-norm LayerNorm Transformer (e.g. configs/lm_pysrc.py).")
+  return dict(vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers,
+              n_head=m.num_heads, n_inner=m.mlp_dim, activation_function=_GPT2_ACTIVATIONS[m.activation],
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=m.tie_embeddings,
+              bos_token_id=None, eos_token_id=None, use_cache=False)
+
+
+def train_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float:
+  """Approximate training FLOPs of one step of the seqjax model: 6 x (matmul params) x tokens, plus the attention
+  score and value matmuls over the full T x T square (what dense kernels compute), x 3 for forward + backward."""
+  m = model_cfg
+  D, F, L, V = m.d_model, m.mlp_dim, m.num_layers, m.vocab_size
+  matmul_params = L * (4 * D * D + 2 * D * F) + V * D  # q, k, v, out; MLP in/out; the (tied) read-out
+  tokens = batch_size * seq_len
+  attention = L * 4 * batch_size * seq_len * seq_len * D  # q k^T and p v, forward
+  return 6.0 * matmul_params * tokens + 3.0 * attention
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The PyTorch side: a worker in its own virtualenv, driven over stdin/stdout (one JSON object per line)
+# ----------------------------------------------------------------------------------------------------------------
+
+_TORCH_WORKER = r'''
+import json, sys, time
+spec = json.loads(sys.argv[1])
+import torch
+import torch.nn.functional as F
+torch.set_num_threads(spec["threads"])
+torch.manual_seed(0)
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+transformers.logging.set_verbosity_error()
+
+model = GPT2LMHeadModel(GPT2Config(**spec["gpt2"], attn_implementation=spec["attention"]))
+model.train()
+o = spec["optim"]
+decay = [p for p in model.parameters() if p.ndim >= 2]
+no_decay = [p for p in model.parameters() if p.ndim < 2]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
+                         {"params": no_decay, "weight_decay": 0.0}],
+                        lr=o["learning_rate"], betas=(o["b1"], o["b2"]), eps=o["eps"])
+B, T, V = spec["batch_size"], spec["seq_len"], spec["gpt2"]["vocab_size"]
+g = torch.Generator().manual_seed(0)
+tokens = torch.randint(0, V, (B, T + 1), generator=g)
+inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+def step():
+    opt.zero_grad(set_to_none=True)
+    logits = model(input_ids=inputs).logits
+    loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1))
+    loss.backward()
+    if o["grad_clip_norm"] > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip_norm"])
+    opt.step()
+    return loss.detach().item()
+
+print(json.dumps({"ready": True, "params": sum(p.numel() for p in model.parameters()),
+                  "torch": torch.__version__, "transformers": transformers.__version__,
+                  "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "quit":
+        break
+    times, loss = [], None
+    for _ in range(cmd["steps"]):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"times": times, "loss": loss}), flush=True)
+'''
+
+
+def ensure_torch_venv(venv: Path, version: str) -> Path:
+  """The Python of `venv`, creating it and installing torch==version (CPU wheel) + transformers if needed."""
+  python = venv / "bin" / "python"
+  probe = "import torch, transformers; print(torch.__version__)"
+  if python.exists():
+    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.strip().split("+")[0] == version:
+      return python
+  print(f"creating {venv} with torch=={version} and transformers (once; ~1-2 min) ...", flush=True)
+  base = getattr(sys, "_base_executable", None) or sys.executable
+  subprocess.run([base, "-m", "venv", str(venv)], check=True)
+  subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"torch=={version}", "transformers"], check=True)
+  out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+  if out.returncode != 0:
+    raise RuntimeError(f"torch does not import in {venv}:\n{out.stderr[-2000:]}")
+  return python
+
+
+class TorchWorker:
+  """The PyTorch GPT-2 in a subprocess; `run(k)` times k training steps there."""
+
+  def __init__(self, python: Path, spec: dict[str, Any]):
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+               TOKENIZERS_PARALLELISM="false")
+    self.proc = subprocess.Popen([str(python), "-c", _TORCH_WORKER, json.dumps(spec)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env)
+    self.info = self._read()
+
+  def _read(self) -> dict[str, Any]:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the torch worker exited (status {self.proc.wait()}); see its stderr above")
+    return json.loads(line)
+
+  def run(self, steps: int) -> dict[str, Any]:
+    self.proc.stdin.write(json.dumps({"op": "run", "steps": steps}) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+      self.proc.stdin.flush()
+      self.proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The seqjax side: the trainer's own step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SeqjaxRunner:
+  """seqjax's jitted, donated train step on the config's mesh, fed like the training loop feeds it."""
+
+  def __init__(self, config: Any):
+    import jax
+    import numpy as np
+
+    from seqjax.models.lm import DecoderLM
+    from seqjax.train import sharding
+    from seqjax.train.optim import make_optimizer
+    from seqjax.train.state import count_params, create_train_state
+    from seqjax.train.step import jit_train_step, make_train_step
+
+    self.jax, self.sharding = jax, sharding
+    self.mesh = sharding.make_mesh(config.mesh)
+    model = DecoderLM(config.model)
+    optimizer = make_optimizer(config.optim, config.train.num_steps)
+    self.state, shardings = create_train_state(model, optimizer, seq_len=config.data.seq_len, seed=config.seed,
+                                               mesh=self.mesh)
+    self.params = count_params(self.state.params)
+    self.step_fn = jit_train_step(make_train_step(model, optimizer), shardings, sharding.batch_sharding(self.mesh))
+    B, T = config.train.batch_size, config.data.seq_len
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (B, T + 1)).astype(np.int32)
+    self.batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+                  "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+                  "weights": np.ones((B, T), np.float32), "target_bytes": np.ones((B, T), np.int32)}
+    t0 = time.perf_counter()
+    self.state, metrics = self.step_fn(self.state, sharding.put_batch(self.batch, self.mesh))
+    jax.block_until_ready((self.state, metrics))
+    self.first_step_s = time.perf_counter() - t0  # compilation + one step
+    self.loss = float(metrics["loss"])
+
+  def run(self, steps: int) -> dict[str, Any]:
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      self.state, metrics = self.step_fn(self.state, self.sharding.put_batch(self.batch, self.mesh))
+      self.jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - t0)
+    self.loss = float(metrics["loss"])
+    return {"times": times, "loss": self.loss}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  names = ["PyTorch GPT-2", "seqjax"]
+  tps = [result["torch"]["tokens_per_s"], result["seqjax"]["tokens_per_s"]]
+  ax1.bar(names, tps, color=["tab:orange", "tab:blue"])
+  ax1.axhline(TARGET_RATIO * tps[0], color="gray", ls="--", label=f"target: {TARGET_RATIO}x PyTorch")
+  ax1.set_ylabel("training tokens / s (median step)")
+  ax1.set_title(f"ratio seqjax / torch = {result['ratio']:.2f}")
+  ax1.legend()
+  for side, color in (("torch", "tab:orange"), ("seqjax", "tab:blue")):
+    ax2.plot(result[side]["step_times_s"], "o-", color=color, label=side, ms=3)
+  ax2.set_xlabel("timed step (rounds alternate the two sides)")
+  ax2.set_ylabel("step time (s)")
+  ax2.legend()
+  fig.suptitle(f"{result['config_file']}: B={result['batch_size']} T={result['seq_len']}, "
+               f"{result['threads']} threads", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  # Threads: XLA's CPU client sizes its pool from the visible cores; torch is set explicitly in the worker.
+  import numpy as np
+
+  from seqjax.config import from_config_dict
+
+  config = from_config_dict(_CONFIG.value)
+  gpt2 = gpt2_config_kwargs(config.model)  # fails fast on a model GPT-2 cannot mirror
+  B, T = config.train.batch_size, config.data.seq_len
+  tokens_per_step = B * T
+  results_dir = Path(_RESULTS_DIR.value)
+  results_dir.mkdir(parents=True, exist_ok=True)
+
+  python = ensure_torch_venv(Path(_TORCH_VENV.value), _TORCH_VERSION.value)
+  optim = {k: getattr(config.optim, k) for k in ("learning_rate", "b1", "b2", "eps", "weight_decay",
+                                                   "grad_clip_norm")}
+  spec = {"gpt2": gpt2, "attention": _TORCH_ATTENTION.value, "threads": _THREADS.value, "batch_size": B,
+          "seq_len": T, "optim": optim}
+  load_before = os.getloadavg()
+  worker = TorchWorker(python, spec)
+  try:
+    import jax
+    seqjax = SeqjaxRunner(config)
+    print(f"parameters: seqjax {seqjax.params:,}   torch GPT-2 {worker.info['params']:,} "
+          f"(GPT-2 adds projection biases)")
+    print(f"seqjax compile + first step: {seqjax.first_step_s:.1f} s; warming up ...", flush=True)
+    worker.run(_WARMUP.value)
+    seqjax.run(_WARMUP.value)
+    times = {"torch": [], "seqjax": []}
+    losses = {}
+    for r in range(_ROUNDS.value):
+      for side, runner in (("torch", worker), ("seqjax", seqjax)):
+        out = runner.run(_STEPS.value)
+        times[side] += out["times"]
+        losses[side] = out["loss"]
+      print(f"round {r + 1}/{_ROUNDS.value}: torch {np.median(times['torch']):.3f} s/step, "
+            f"seqjax {np.median(times['seqjax']):.3f} s/step", flush=True)
+  finally:
+    worker.close()
+
+  flops = train_flops_per_step(config.model, B, T)
+  result: dict[str, Any] = {
+      "config_file": config_flags.get_config_filename(flags.FLAGS["config"]),
+      "config_overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},
+      "model": {k: getattr(config.model, k) for k in ("d_model", "num_layers", "num_heads", "mlp_dim",
+                                                      "vocab_size", "max_len", "attention", "tie_embeddings")},
+      "batch_size": B, "seq_len": T, "tokens_per_step": tokens_per_step, "threads": _THREADS.value,
+      "steps_per_round": _STEPS.value, "rounds": _ROUNDS.value, "warmup": _WARMUP.value,
+      "approx_train_flops_per_step": flops, "target_ratio": TARGET_RATIO,
+      "load_average_before_after": [load_before, os.getloadavg()],
+      "env": {"jax": jax.__version__, "torch": worker.info["torch"], "transformers": worker.info["transformers"],
+              "torch_attention": worker.info["attention"], "torch_threads": worker.info["threads"],
+              "jax_devices": len(jax.devices()), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+  }
+  for side, params in (("torch", worker.info["params"]), ("seqjax", seqjax.params)):
+    med = float(np.median(times[side]))
+    result[side] = {"params": params, "median_step_s": med, "min_step_s": float(np.min(times[side])),
+                    "tokens_per_s": tokens_per_step / med, "gflops_per_s": flops / med / 1e9,
+                    "final_loss": losses[side], "step_times_s": times[side]}
+  result["seqjax"]["compile_and_first_step_s"] = seqjax.first_step_s
+  result["ratio"] = result["seqjax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+  result["target_met"] = result["ratio"] >= TARGET_RATIO
+
+  print()
+  print(f"{'':22s}{'params':>12s}{'median s/step':>15s}{'tokens/s':>11s}{'~GFLOP/s':>10s}")
+  for side, name in (("torch", f"PyTorch GPT-2 ({worker.info['attention']})"), ("seqjax", "seqjax DecoderLM")):
+    s = result[side]
+    print(f"{name:22s}{s['params']:>12,d}{s['median_step_s']:>15.3f}{s['tokens_per_s']:>11.0f}"
+          f"{s['gflops_per_s']:>10.1f}")
+  verdict = "met" if result["target_met"] else f"MISSED by {TARGET_RATIO / result['ratio']:.2f}x"
+  print(f"ratio seqjax / torch: {result['ratio']:.2f}x   (target >= {TARGET_RATIO}x: {verdict})")
+  print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+        f"(the CPU is shared; rounds alternate the two sides)")
+  (results_dir / "results.json").write_text(json.dumps(result, indent=2))
+  _plot(result, results_dir / "throughput.png")
+  print(f"wrote {results_dir / 'results.json'} and {results_dir / 'throughput.png'}")
+
+
+if __name__ == "__main__":
+  app.run(main)

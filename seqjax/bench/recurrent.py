@@ -1,0 +1,233 @@
+"""Benchmark: `seqjax.ops.recurrent.lstm` against `flax.linen.RNN(OptimizedLSTMCell)`.
+
+Measured side by side in one run, same weights, float32:
+  * time of the forward and of forward+backward (gradients w.r.t. x and all weights), median of
+    `--repeats` timed calls after a warm-up, `jax.block_until_ready` around each call;
+  * memory of the backward pass against T, from XLA's compiled memory analysis
+    (`jax.jit(f).lower(...).compile().memory_analysis()`: temp + output bytes of the
+    forward+backward program), for seqjax (default and `remat=True`) and Flax.
+Writes `recurrent.json` and `recurrent.png` to `--results_dir` (default results/recurrent/).
+
+    python -m seqjax.bench.recurrent            # or: python -m seqjax.bench lstm
+    python -m seqjax.bench.recurrent --repeats 5 --mem_lengths 128,256,512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _time(fn: Callable, *args, repeats: int) -> float:
+  """Median wall time in ms of `fn(*args)` after two warm-up calls."""
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def _time_interleaved(cases: dict, x, repeats: int) -> dict[str, float]:
+  """Median ms per case; the cases take turns so a shared CPU's load affects all alike."""
+  for fn, params in cases.values():
+    for _ in range(2):
+      jax.block_until_ready(fn(params, x))
+  times = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, (fn, params) in cases.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(params, x))
+      times[name].append(time.perf_counter() - t0)
+  return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def _flax_layer(hidden: int):
+  import flax.linen as nn
+  return nn.RNN(nn.OptimizedLSTMCell(hidden))
+
+
+def _flax_params_to_torch_layout(params):
+  """Flax OptimizedLSTMCell params -> (w_ih [4H, I], w_hh [4H, H], b_ih, b_hh), gates i, f, g, o."""
+  cell = params["params"]["cell"]
+  w_ih = jnp.concatenate([cell["i" + g]["kernel"] for g in "ifgo"], axis=1).T
+  w_hh = jnp.concatenate([cell["h" + g]["kernel"] for g in "ifgo"], axis=1).T
+  b_hh = jnp.concatenate([cell["h" + g]["bias"] for g in "ifgo"])
+  return w_ih, w_hh, jnp.zeros_like(b_hh), b_hh
+
+
+def _functions(batch: int, hidden: int):
+  """(seqjax fwd, seqjax fwd+bwd builder, flax fwd, flax fwd+bwd) over (params, x)."""
+  from seqjax.ops import recurrent
+
+  layer = _flax_layer(hidden)
+
+  def ours(w, x, remat=False):
+    z = jnp.zeros((x.shape[0], hidden), jnp.float32)
+    return recurrent.lstm(x, z, z, *w, remat=remat)[0]
+
+  def flax_fwd(p, x):
+    return layer.apply(p, x)
+
+  def loss(f):
+    return lambda w, x: jnp.sum(f(w, x) ** 2)
+
+  ours_fwd = jax.jit(ours)
+  ours_bwd = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))
+  ours_bwd_remat = jax.jit(jax.grad(loss(lambda w, x: ours(w, x, remat=True)), argnums=(0, 1)))
+  flax_bwd = jax.jit(jax.grad(loss(flax_fwd), argnums=(0, 1)))
+  return layer, ours_fwd, ours_bwd, ours_bwd_remat, jax.jit(flax_fwd), flax_bwd
+
+
+def _bytes(compiled) -> int | None:
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+
+
+def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequence[int],
+        check: bool = True) -> dict:
+  key = jax.random.PRNGKey(0)
+  layer, ours_fwd, ours_bwd, ours_bwd_remat, flax_fwd, flax_bwd = _functions(batch, features)
+  x = jax.random.normal(key, (batch, seq_len, features), jnp.float32)
+  flax_params = layer.init(key, x)
+  w = _flax_params_to_torch_layout(flax_params)
+  if check:  # same weights, same function
+    err = float(jnp.max(jnp.abs(ours_fwd(w, x) - flax_fwd(flax_params, x))))
+    if err > 1e-4:
+      raise AssertionError(f"seqjax and Flax LSTMs disagree by {err}")
+
+  cases = {"flax_fwd": (flax_fwd, flax_params), "seqjax_fwd": (ours_fwd, w),
+           "flax_fwd_bwd": (flax_bwd, flax_params), "seqjax_fwd_bwd": (ours_bwd, w),
+           "seqjax_fwd_bwd_remat": (ours_bwd_remat, w)}
+  timing = _time_interleaved(cases, x, repeats=repeats)
+  for name, ms in timing.items():
+    print(f"  {name:22s} {ms:8.2f} ms", flush=True)
+  # Roofline: an LSTM forward is 2 matmuls of [B*T, H] x [H, 4H] FLOPs (input + recurrent), the
+  # forward+backward 6 (+ dx, dW_ih, dh, dW_hh). Time them as one big, perfectly efficient matmul.
+  a = jax.random.normal(key, (batch * seq_len, features), jnp.float32)
+  bmat = jax.random.normal(key, (features, 4 * features), jnp.float32)
+  matmul_ms = _time(jax.jit(jnp.matmul), a, bmat, repeats=repeats)
+  timing["one_big_matmul"] = matmul_ms
+  floor = {"fwd": 2 * matmul_ms, "fwd_bwd": 6 * matmul_ms}
+  print(f"  {'one [B*T,H]x[H,4H] matmul':22s} {matmul_ms:8.2f} ms -> compute floor: forward "
+        f"{floor['fwd']:.1f} ms, forward+backward {floor['fwd_bwd']:.1f} ms", flush=True)
+  ratios = {"fwd": timing["flax_fwd"] / timing["seqjax_fwd"],
+            "fwd_bwd": timing["flax_fwd_bwd"] / timing["seqjax_fwd_bwd"],
+            "fwd_bwd_remat": timing["flax_fwd_bwd"] / timing["seqjax_fwd_bwd_remat"],
+            "max_possible_fwd": timing["flax_fwd"] / floor["fwd"],
+            "max_possible_fwd_bwd": timing["flax_fwd_bwd"] / floor["fwd_bwd"]}
+
+  memory = {"T": list(mem_lengths), "seqjax": [], "seqjax_remat": [], "flax": []}
+  for t in mem_lengths:
+    xt = jax.ShapeDtypeStruct((batch, t, features), jnp.float32)
+    for name, fn, params in (("seqjax", ours_bwd, w), ("seqjax_remat", ours_bwd_remat, w),
+                             ("flax", flax_bwd, flax_params)):
+      memory[name].append(_bytes(fn.lower(params, xt).compile()))
+  # Linearity: bytes per step from a least-squares line, and the worst relative deviation.
+  for name in ("seqjax", "seqjax_remat", "flax"):
+    ys = memory[name]
+    if None in ys or len(ys) < 2:
+      continue
+    slope, intercept = np.polyfit(memory["T"], ys, 1)
+    fit = slope * np.asarray(memory["T"]) + intercept
+    memory[f"{name}_bytes_per_step"] = float(slope)
+    memory[f"{name}_max_rel_dev_from_line"] = float(np.max(np.abs(fit - ys) / np.asarray(ys)))
+
+  return {
+      "config": {"batch": batch, "seq_len": seq_len, "input": features, "hidden": features,
+                 "dtype": "float32", "repeats": repeats},
+      "time_ms": timing, "speedup_vs_flax": ratios,
+      "compute_floor_ms": floor,
+      "memory_method": "XLA compiled memory_analysis(): temp + output bytes of the jitted "
+                       "forward+backward (grad w.r.t. x and weights)",
+      "memory_bytes": memory,
+      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
+                      "cpu_count": os.cpu_count(), "python": platform.python_version()},
+  }
+
+
+def _plot(result: dict, path: pathlib.Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  t = result["time_ms"]
+  labels = ["forward", "forward+backward"]
+  xs = np.arange(2)
+  ax1.bar(xs - 0.27, [t["flax_fwd"], t["flax_fwd_bwd"]], 0.27, label="flax RNN(OptimizedLSTMCell)")
+  ax1.bar(xs, [t["seqjax_fwd"], t["seqjax_fwd_bwd"]], 0.27, label="seqjax lstm")
+  ax1.bar(xs + 0.27, [np.nan, t["seqjax_fwd_bwd_remat"]], 0.27, label="seqjax lstm, remat")
+  ax1.set_xticks(xs, labels)
+  ax1.set_ylabel("ms (median)")
+  c = result["config"]
+  ax1.set_title(f"LSTM B={c['batch']} T={c['seq_len']} I=H={c['hidden']} fp32")
+  ax1.legend(fontsize=8)
+  m = result["memory_bytes"]
+  for name, label in (("flax", "flax"), ("seqjax", "seqjax"), ("seqjax_remat", "seqjax remat")):
+    if None not in m[name]:
+      ax2.plot(m["T"], np.asarray(m[name]) / 2 ** 20, "o-", label=label)
+  ax2.set_xlabel("T")
+  ax2.set_ylabel("MiB (XLA temp + output)")
+  ax2.set_title("forward+backward memory vs T")
+  ax2.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(prog="python -m seqjax.bench.recurrent",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--results_dir", default="results/recurrent")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--seq_len", type=int, default=256)
+  parser.add_argument("--features", type=int, default=256, help="input = hidden width")
+  parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--mem_lengths", default="128,256,512,1024,2048")
+  args = parser.parse_args(list(argv) if argv is not None else None)
+  try:
+    mem_lengths = [int(v) for v in args.mem_lengths.split(",") if v]
+  except ValueError:
+    parser.error(f"--mem_lengths must be comma-separated integers, got {args.mem_lengths!r}")
+  if min(args.batch, args.seq_len, args.features, args.repeats, *mem_lengths) < 1:
+    parser.error("sizes and repeats must be >= 1")
+
+  print(f"LSTM benchmark: B={args.batch} T={args.seq_len} I=H={args.features} float32, "
+        f"median of {args.repeats}", flush=True)
+  result = run(args.batch, args.seq_len, args.features, args.repeats, mem_lengths)
+  r = result["speedup_vs_flax"]
+  print(f"speedup vs flax: forward {r['fwd']:.2f}x, forward+backward {r['fwd_bwd']:.2f}x "
+        f"(remat {r['fwd_bwd_remat']:.2f}x); target >= 1.5x")
+  print(f"upper bound from the matmul floor: forward {r['max_possible_fwd']:.2f}x, "
+        f"forward+backward {r['max_possible_fwd_bwd']:.2f}x")
+  m = result["memory_bytes"]
+  for name in ("seqjax", "seqjax_remat", "flax"):
+    if f"{name}_bytes_per_step" in m:
+      print(f"backward memory {name:13s}: {m[name][-1] / 2 ** 20:8.1f} MiB at T={m['T'][-1]}, "
+            f"{m[name + '_bytes_per_step'] / 2 ** 10:7.1f} KiB/step, max deviation from a line "
+            f"{100 * m[name + '_max_rel_dev_from_line']:.1f}%")
+  out = pathlib.Path(args.results_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "recurrent.json").write_text(json.dumps(result, indent=2))
+  _plot(result, out / "recurrent.png")
+  print(f"wrote {out / 'recurrent.json'} and {out / 'recurrent.png'}")
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

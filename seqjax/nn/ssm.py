@@ -1,0 +1,416 @@
+"""State-space mixers: S4D, S5, Mamba and Mamba-2 blocks (linen), thin wrappers over `seqjax.ops.ssm`.
+
+Every class here is a sequence mixer with one interface (the LM registers them as "s4d", "s5", "mamba", "mamba2"):
+
+    y_BTD = mixer(x_BTD, *, segment_ids=None, positions=None, deterministic=True)   # training / prefill
+    state = mixer.init_state(batch_size)                                           # zeros
+    y_BTD, state = mixer.prefill(x_BTD)                                             # full forward + its state
+    y_BD, state = mixer.step(x_BD, state)                                           # one decoding step
+
+(call the methods through `module.apply(params, ..., method=...)`). `segment_ids` [B, T] resets the state where the id
+changes (packed documents never see each other); `positions` and `deterministic` are accepted for interface
+compatibility and unused (no dropout, no position encoding: the recurrence is the position information). States are
+float32 (complex64 for S4D/S5) whatever the compute dtype, so step-by-step decoding equals the full forward.
+
+Legend: B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim, K conv width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqjax.nn.layers import dense_init
+from seqjax.ops import ssm as ssm_ops
+
+Dtype = Any
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _dense(features: int, axes: tuple[str | None, str | None], dtype, param_dtype, name: str,
+           use_bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(dense_init(), axes))
+
+
+def _symmetric_uniform(limit: float):
+  """U(-limit, limit) (`nn.initializers.uniform` is one-sided)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+  return init
+
+
+def _log_uniform_init(low: float, high: float):
+  """Initialiser drawing exp(U(log low, log high)): log-uniform in [low, high]."""
+  def init(key, shape, dtype=jnp.float32):
+    return jnp.exp(jax.random.uniform(key, shape, dtype, math.log(low), math.log(high)))
+  return init
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, floor: float = 1e-4):
+  """Mamba's dt bias: softplus(bias) is log-uniform in [dt_min, dt_max] (so bias = inverse softplus of dt)."""
+  def init(key, shape, dtype=jnp.float32):
+    dt = jnp.maximum(_log_uniform_init(dt_min, dt_max)(key, shape, jnp.float32), floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+  return init
+
+
+def _check_segment_ids(segment_ids, x_BTD):
+  if segment_ids is not None and segment_ids.shape != x_BTD.shape[:2]:
+    raise ValueError(f"segment_ids must be [B, T] = {x_BTD.shape[:2]}, got {segment_ids.shape}")
+
+
+def causal_depthwise_conv(x_BTE: jax.Array, kernel_KE: jax.Array, bias_E: jax.Array,
+                          segment_ids: jax.Array | None = None) -> jax.Array:
+  """y_t = sum_k kernel[k] x_{t - (K - 1) + k} + bias, zero before the sequence and across segment boundaries."""
+  width, t = kernel_KE.shape[0], x_BTE.shape[1]
+  x_pad = jnp.pad(x_BTE, ((0, 0), (width - 1, 0), (0, 0)))
+  if segment_ids is not None:
+    seg_pad = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
+  y_BTE = jnp.zeros_like(x_BTE)
+  for k in range(width):
+    tap_BTE = x_pad[:, k:k + t] * kernel_KE[k]
+    if segment_ids is not None:
+      tap_BTE = jnp.where((seg_pad[:, k:k + t] == segment_ids)[..., None], tap_BTE, 0)
+    y_BTE = y_BTE + tap_BTE
+  return y_BTE + bias_E
+
+
+def _conv_step(x_BE, window_BKE, kernel_KE, bias_E):
+  """One step of the causal conv from its state (the previous K - 1 inputs): (y [B, E], new state)."""
+  full_BKE = jnp.concatenate([window_BKE.astype(x_BE.dtype), x_BE[:, None]], axis=1)
+  return jnp.einsum("bke,ke->be", full_BKE, kernel_KE) + bias_E, full_BKE[:, 1:]
+
+
+def _conv_tail(x_BTE: jax.Array, width: int) -> jax.Array:
+  """The conv state after a prefill: the last K - 1 inputs, left-padded with zeros for short prompts."""
+  x_pad = jnp.pad(x_BTE, ((0, 0), (width - 1, 0), (0, 0)))
+  return x_pad[:, x_pad.shape[1] - (width - 1):]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S4D and S5
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class S4D(nn.Module):
+  """S4D mixer: D independent SISO diagonal SSMs (S4D-Lin init), GELU, output projection.
+
+  Training without segment ids runs the FFT convolution; with segment ids (packed sequences) the associative
+  recurrence, which can reset. Decoding keeps the complex state [B, D, P].
+  """
+
+  d_model: int
+  d_state: int = 32  # P: complex modes per channel (each stands for a conjugate pair)
+  discretization: str = "zoh"
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.discretization not in ssm_ops.DISCRETIZATIONS:
+      raise ValueError(f"S4D: discretization={self.discretization!r} is not one of {ssm_ops.DISCRETIZATIONS}")
+    d, p = self.d_model, self.d_state
+    self.log_dt = _param(self, "log_dt", lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt)),
+                         (d,), ("embed",), jnp.float32)
+    self.log_neg_a_re = _param(self, "log_neg_a_re", nn.initializers.constant(math.log(0.5)), (d, p),
+                               ("embed", None), jnp.float32)
+    self.a_im = _param(self, "a_im", lambda k, s, dt: jnp.broadcast_to(jnp.pi * jnp.arange(s[1], dtype=dt), s),
+                       (d, p), ("embed", None), jnp.float32)
+    self.c = _param(self, "c", nn.initializers.normal(stddev=0.5 ** 0.5), (d, p, 2), ("embed", None, None),
+                    jnp.float32)
+    self.skip = _param(self, "skip", nn.initializers.ones, (d,), ("embed",), jnp.float32)
+    self.out_proj = _dense(d, ("mlp", "embed"), self.dtype, self.param_dtype, "out_proj", use_bias=True)
+
+  def _operands(self):
+    A_DP = -jnp.exp(self.log_neg_a_re) + 1j * self.a_im
+    dA_DP, dB_DP = ssm_ops.discretize(A_DP, jnp.exp(self.log_dt)[:, None], self.discretization)
+    return dA_DP, dB_DP, self.c[..., 0] + 1j * self.c[..., 1]
+
+  def _read_out(self, y):
+    return self.out_proj(nn.gelu(y).astype(self.dtype))
+
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+    del positions, deterministic
+    _check_segment_ids(segment_ids, x_BTD)
+    dA_DP, dB_DP, C_DP = self._operands()
+    if segment_ids is None:
+      y_BTD = ssm_ops.s4d_conv(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip)
+    else:
+      y_BTD = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
+                                    segment_ids=segment_ids)
+    return self._read_out(y_BTD)
+
+  def init_state(self, batch_size: int):
+    return jnp.zeros((batch_size, self.d_model, self.d_state), jnp.complex64)
+
+  def prefill(self, x_BTD):
+    dA_DP, dB_DP, C_DP = self._operands()
+    y_BTD, h_BDP = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
+                                         return_final_state=True)
+    return self._read_out(y_BTD), h_BDP
+
+  def step(self, x_BD, state):
+    dA_DP, dB_DP, C_DP = self._operands()
+    y_BD, state = ssm_ops.s4d_step(x_BD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip, state)
+    return self._read_out(y_BD), state
+
+
+class S5(nn.Module):
+  """S5 mixer: one MIMO diagonal SSM over all D channels (P complex states), GELU, output projection."""
+
+  d_model: int
+  d_state: int = 64
+  discretization: str = "zoh"
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.discretization not in ssm_ops.DISCRETIZATIONS:
+      raise ValueError(f"S5: discretization={self.discretization!r} is not one of {ssm_ops.DISCRETIZATIONS}")
+    d, p = self.d_model, self.d_state
+    self.log_dt = _param(self, "log_dt", lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt)),
+                         (p,), (None,), jnp.float32)
+    self.log_neg_lambda_re = _param(self, "log_neg_lambda_re", nn.initializers.constant(math.log(0.5)), (p,),
+                                    (None,), jnp.float32)
+    self.lambda_im = _param(self, "lambda_im", lambda k, s, dt: jnp.pi * jnp.arange(s[0], dtype=dt), (p,), (None,),
+                            jnp.float32)
+    self.b = _param(self, "b", nn.initializers.normal(stddev=(2 * d) ** -0.5), (p, d, 2), (None, "embed", None),
+                    jnp.float32)
+    self.c = _param(self, "c", nn.initializers.normal(stddev=p ** -0.5), (d, p, 2), ("embed", None, None),
+                    jnp.float32)
+    self.skip = _param(self, "skip", nn.initializers.ones, (d,), ("embed",), jnp.float32)
+    self.out_proj = _dense(d, ("mlp", "embed"), self.dtype, self.param_dtype, "out_proj", use_bias=True)
+
+  def _operands(self):
+    lam_P = -jnp.exp(self.log_neg_lambda_re) + 1j * self.lambda_im
+    dlam_P, scale_P = ssm_ops.discretize(lam_P, jnp.exp(self.log_dt), self.discretization)
+    dB_PD = scale_P[:, None] * (self.b[..., 0] + 1j * self.b[..., 1])
+    return dlam_P, dB_PD, self.c[..., 0] + 1j * self.c[..., 1]
+
+  def _read_out(self, y):
+    return self.out_proj(nn.gelu(y).astype(self.dtype))
+
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+    del positions, deterministic
+    _check_segment_ids(segment_ids, x_BTD)
+    y_BTD = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip, segment_ids=segment_ids)
+    return self._read_out(y_BTD)
+
+  def init_state(self, batch_size: int):
+    return jnp.zeros((batch_size, self.d_state), jnp.complex64)
+
+  def prefill(self, x_BTD):
+    y_BTD, h_BP = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip,
+                                  return_final_state=True)
+    return self._read_out(y_BTD), h_BP
+
+  def step(self, x_BD, state):
+    y_BD, state = ssm_ops.s5_step(x_BD.astype(jnp.float32), *self._operands(), self.skip, state)
+    return self._read_out(y_BD), state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mamba and Mamba-2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Mamba(nn.Module):
+  """The Mamba (S6) block: in-projection to (x, z), causal depthwise conv + SiLU on x, input-dependent
+  (delta, B, C), selective scan, SiLU(z) gating, out-projection.
+
+  Decode state: {"conv": [B, K - 1, E] (the last inputs of the conv), "ssm": [B, E, P] float32}.
+  """
+
+  d_model: int
+  d_state: int = 16
+  expand: int = 2
+  d_conv: int = 4
+  dt_rank: int | None = None  # default ceil(d_model / 16)
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  mode: str = "chunked"
+  chunk_size: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def resolved_dt_rank(self) -> int:
+    return self.dt_rank or math.ceil(self.d_model / 16)
+
+  def setup(self):
+    if self.mode not in ssm_ops.MODES:
+      raise ValueError(f"Mamba: mode={self.mode!r} is not one of {ssm_ops.MODES}")
+    e, p, r = self.d_inner, self.d_state, self.resolved_dt_rank
+    self.in_proj = _dense(2 * e, ("embed", "mlp"), self.dtype, self.param_dtype, "in_proj")
+    self.conv_kernel = _param(self, "conv_kernel", _symmetric_uniform(1 / math.sqrt(self.d_conv)),
+                              (self.d_conv, e), (None, "mlp"), self.param_dtype)
+    self.conv_bias = _param(self, "conv_bias", nn.initializers.zeros, (e,), ("mlp",), self.param_dtype)
+    self.x_proj = _dense(r + 2 * p, ("mlp", None), self.dtype, self.param_dtype, "x_proj")
+    self.dt_proj = nn.Dense(
+        e, dtype=jnp.float32, param_dtype=self.param_dtype, name="dt_proj",
+        kernel_init=nn.with_logical_partitioning(
+            _symmetric_uniform(r ** -0.5), (None, "mlp")),
+        bias_init=nn.with_logical_partitioning(_dt_bias_init(self.dt_min, self.dt_max), ("mlp",)))
+    self.A_log = _param(self, "A_log",
+                        lambda k, s, dt: jnp.log(jnp.broadcast_to(jnp.arange(1, s[1] + 1, dtype=dt), s)),
+                        (e, p), ("mlp", None), jnp.float32)
+    self.skip = _param(self, "D", nn.initializers.ones, (e,), ("mlp",), jnp.float32)
+    self.out_proj = _dense(self.d_model, ("mlp", "embed"), self.dtype, self.param_dtype, "out_proj")
+
+  def _conv_params(self):
+    return self.conv_kernel.astype(self.dtype), self.conv_bias.astype(self.dtype)
+
+  def _ssm_inputs(self, x_conv):
+    """x after conv + SiLU -> (x, delta, B, C) for the scan (the trailing axis is E or P)."""
+    x_act = nn.silu(x_conv)
+    dbc = self.x_proj(x_act)
+    r, p = self.resolved_dt_rank, self.d_state
+    delta = jax.nn.softplus(self.dt_proj(dbc[..., :r].astype(jnp.float32)))
+    return x_act, delta, dbc[..., r:r + p], dbc[..., r + p:]
+
+  def _forward(self, x_BTD, segment_ids, return_state):
+    _check_segment_ids(segment_ids, x_BTD)
+    xz_BTF = self.in_proj(x_BTD.astype(self.dtype))
+    x_BTE, z_BTE = jnp.split(xz_BTF, 2, axis=-1)
+    x_conv = causal_depthwise_conv(x_BTE, *self._conv_params(), segment_ids)
+    u_BTE, delta_BTE, B_BTP, C_BTP = self._ssm_inputs(x_conv)
+    out = ssm_ops.selective_scan(u_BTE, delta_BTE, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip, mode=self.mode,
+                                 chunk_size=self.chunk_size, segment_ids=segment_ids,
+                                 return_final_state=return_state)
+    y_BTE, h_BEP = out if return_state else (out, None)
+    y_BTD = self.out_proj(y_BTE * nn.silu(z_BTE))
+    if return_state:
+      return y_BTD, {"conv": _conv_tail(x_BTE, self.d_conv), "ssm": h_BEP}
+    return y_BTD
+
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+    del positions, deterministic
+    return self._forward(x_BTD, segment_ids, return_state=False)
+
+  def init_state(self, batch_size: int):
+    return {"conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), self.dtype),
+            "ssm": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32)}
+
+  def prefill(self, x_BTD):
+    return self._forward(x_BTD, None, return_state=True)
+
+  def step(self, x_BD, state):
+    x_BE, z_BE = jnp.split(self.in_proj(x_BD.astype(self.dtype)), 2, axis=-1)
+    x_conv, conv_state = _conv_step(x_BE, state["conv"], *self._conv_params())
+    u_BE, delta_BE, B_BP, C_BP = self._ssm_inputs(x_conv)
+    y_BE, h_BEP = ssm_ops.selective_step(u_BE, delta_BE, -jnp.exp(self.A_log), B_BP, C_BP, self.skip,
+                                         state["ssm"])
+    return self.out_proj(y_BE * nn.silu(z_BE)), {"conv": conv_state, "ssm": h_BEP}
+
+
+class Mamba2(nn.Module):
+  """The Mamba-2 block: one in-projection to (z, x, B, C, dt), causal depthwise conv + SiLU on (x, B, C), SSD over
+  N = E / H heads with a scalar decay per head, gated RMSNorm (norm(y * SiLU(z))), out-projection.
+
+  Decode state: {"conv": [B, K - 1, E + 2P], "ssm": [B, N, H, P] float32}.
+  """
+
+  d_model: int
+  d_state: int = 64
+  expand: int = 2
+  head_dim: int = 32
+  d_conv: int = 4
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  a_init_range: tuple[float, float] = (1.0, 16.0)
+  mode: str = "chunked"
+  chunk_size: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def num_heads(self) -> int:
+    return self.d_inner // self.head_dim
+
+  def setup(self):
+    if self.mode not in ssm_ops.SSD_MODES:
+      raise ValueError(f"Mamba2: mode={self.mode!r} is not one of {ssm_ops.SSD_MODES}")
+    if self.d_inner % self.head_dim:
+      raise ValueError(f"Mamba2: expand * d_model = {self.d_inner} must be a multiple of head_dim={self.head_dim}")
+    e, p, n = self.d_inner, self.d_state, self.num_heads
+    self.in_proj = _dense(2 * e + 2 * p + n, ("embed", "mlp"), self.dtype, self.param_dtype, "in_proj")
+    self.conv_kernel = _param(self, "conv_kernel", _symmetric_uniform(1 / math.sqrt(self.d_conv)),
+                              (self.d_conv, e + 2 * p), (None, "mlp"), self.param_dtype)
+    self.conv_bias = _param(self, "conv_bias", nn.initializers.zeros, (e + 2 * p,), ("mlp",), self.param_dtype)
+    self.dt_bias = _param(self, "dt_bias", _dt_bias_init(self.dt_min, self.dt_max), (n,), ("heads",), jnp.float32)
+    lo, hi = self.a_init_range
+    self.A_log = _param(self, "A_log", lambda k, s, dt: jnp.log(jax.random.uniform(k, s, dt, lo, hi)), (n,),
+                        ("heads",), jnp.float32)
+    self.skip = _param(self, "D", nn.initializers.ones, (n,), ("heads",), jnp.float32)
+    self.norm_scale = _param(self, "norm_scale", nn.initializers.ones, (e,), ("mlp",), self.param_dtype)
+    self.out_proj = _dense(self.d_model, ("mlp", "embed"), self.dtype, self.param_dtype, "out_proj")
+
+  def _split(self, proj):
+    e, p = self.d_inner, self.d_state
+    return proj[..., :e], proj[..., e:2 * e + 2 * p], proj[..., 2 * e + 2 * p:]
+
+  def _conv_params(self):
+    return self.conv_kernel.astype(self.dtype), self.conv_bias.astype(self.dtype)
+
+  def _ssd_inputs(self, xbc_conv, dt_raw):
+    e, p = self.d_inner, self.d_state
+    xbc = nn.silu(xbc_conv)
+    x = xbc[..., :e].reshape(*xbc.shape[:-1], self.num_heads, self.head_dim)
+    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias)
+    return x, dt, xbc[..., e:e + p], xbc[..., e + p:]
+
+  def _gated_out(self, y, z):
+    """out_proj(RMSNorm(y * SiLU(z))), the norm in float32."""
+    g = (y.reshape(*z.shape).astype(jnp.float32) * nn.silu(z.astype(jnp.float32)))
+    g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + 1e-6) * self.norm_scale.astype(jnp.float32)
+    return self.out_proj(g.astype(self.dtype))
+
+  def _forward(self, x_BTD, segment_ids, return_state):
+    _check_segment_ids(segment_ids, x_BTD)
+    z_BTE, xbc_BTF, dt_BTN = self._split(self.in_proj(x_BTD.astype(self.dtype)))
+    xbc_conv = causal_depthwise_conv(xbc_BTF, *self._conv_params(), segment_ids)
+    x_BTNH, dt_BTN, B_BTP, C_BTP = self._ssd_inputs(xbc_conv, dt_BTN)
+    out = ssm_ops.ssd(x_BTNH, dt_BTN, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip, mode=self.mode,
+                      chunk_size=self.chunk_size, segment_ids=segment_ids, return_final_state=return_state)
+    y_BTNH, h_BNHP = out if return_state else (out, None)
+    y_BTD = self._gated_out(y_BTNH, z_BTE)
+    if return_state:
+      return y_BTD, {"conv": _conv_tail(xbc_BTF, self.d_conv), "ssm": h_BNHP}
+    return y_BTD
+
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+    del positions, deterministic
+    return self._forward(x_BTD, segment_ids, return_state=False)
+
+  def init_state(self, batch_size: int):
+    return {"conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner + 2 * self.d_state), self.dtype),
+            "ssm": jnp.zeros((batch_size, self.num_heads, self.head_dim, self.d_state), jnp.float32)}
+
+  def prefill(self, x_BTD):
+    return self._forward(x_BTD, None, return_state=True)
+
+  def step(self, x_BD, state):
+    z_BE, xbc_BF, dt_BN = self._split(self.in_proj(x_BD.astype(self.dtype)))
+    xbc_conv, conv_state = _conv_step(xbc_BF, state["conv"], *self._conv_params())
+    x_BNH, dt_BN, B_BP, C_BP = self._ssd_inputs(xbc_conv, dt_BN)
+    y_BNH, h_BNHP = ssm_ops.ssd_step(x_BNH, dt_BN, -jnp.exp(self.A_log), B_BP, C_BP, self.skip, state["ssm"])
+    return self._gated_out(y_BNH, z_BE), {"conv": conv_state, "ssm": h_BNHP}
