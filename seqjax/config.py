@@ -215,17 +215,92 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Seq2SeqTaskConfig:
+  """The LSTM encoder-decoder task (config.task="seq2seq"): model, scheduled sampling, length curriculum.
+
+  Its data come from config.data (name "numbers_to_words/<builder config>", data_dir, splits); the optimizer,
+  batch size, steps, mesh and checkpoints from the shared sections. See docs/recurrent.md.
+  """
+
+  max_digits: int = 0  # Keep only numbers of at most this many digits (0: all the dataset has).
+  # Seq2SeqLSTM (seqjax.models.seq2seq_lstm).
+  embed_dim: int = 64
+  hidden: int = 128
+  encoder_layers: int = 1
+  decoder_layers: int = 1
+  bidirectional_encoder: bool = True
+  attention_dim: int = 128
+  dropout: float = 0.0
+  # Scheduled sampling: the probability of feeding the gold previous token, a function of the step
+  # (seqjax.train.schedules). Each schedule reads only its own parameters below.
+  teacher_forcing: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "inverse_sigmoid"
+  teacher_forcing_prob: float = 1.0  # "constant": p.
+  teacher_forcing_decay_steps: int = 1000  # "linear": steps from p=1 to the floor.
+  teacher_forcing_base: float = 0.999  # "exponential": p = base ** step, 0 < base < 1.
+  teacher_forcing_k: float = 300.0  # "inverse_sigmoid": p = k / (k + exp(step / k)), k >= 1.
+  teacher_forcing_floor: float = 0.0  # Decaying schedules never go below this.
+  # Length curriculum: the longest target (tokens incl. EOS) drawn at a step grows from start to end linearly
+  # over warmup steps, in increments of `every` (each new length compiles the step once).
+  curriculum_start: int = 16
+  curriculum_end: int = 0  # 0: the longest training target.
+  curriculum_warmup_steps: int = 0  # 0: no curriculum (end from the first step).
+  curriculum_every: int = 8
+  decode_max_len: int = 0  # Greedy decoding stops after this many tokens (0: the longest training target).
+  log_examples: int = 3  # Validation translations printed (and written to examples.jsonl) per evaluation.
+
+  def _check(self, prefix: str) -> None:
+    for name in ("embed_dim", "hidden", "encoder_layers", "decoder_layers", "attention_dim", "curriculum_start",
+                 "curriculum_every"):
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+    for name in ("max_digits", "curriculum_end", "curriculum_warmup_steps", "decode_max_len", "log_examples"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+    if not 0.0 <= self.dropout < 1.0:
+      _fail(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
+    if self.curriculum_end and self.curriculum_end < self.curriculum_start:
+      _fail(f"{prefix}.curriculum_end", f"{self.curriculum_end} is below curriculum_start="
+            f"{self.curriculum_start}; raise it, or set 0 for the longest training target")
+    for name in ("teacher_forcing_prob", "teacher_forcing_floor"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        _fail(f"{prefix}.{name}", f"a probability in [0, 1], got {getattr(self, name)}")
+    if self.teacher_forcing == "linear" and self.teacher_forcing_decay_steps <= 0:
+      _fail(f"{prefix}.teacher_forcing_decay_steps", f"must be positive, got {self.teacher_forcing_decay_steps}")
+    if self.teacher_forcing == "exponential" and not 0.0 < self.teacher_forcing_base < 1.0:
+      _fail(f"{prefix}.teacher_forcing_base", f"must be in (0, 1) (e.g. 0.999), got {self.teacher_forcing_base}")
+    if self.teacher_forcing == "inverse_sigmoid" and self.teacher_forcing_k < 1.0:
+      _fail(f"{prefix}.teacher_forcing_k", f"must be >= 1 (e.g. 300), got {self.teacher_forcing_k}")
+
+  def teacher_forcing_kwargs(self) -> dict[str, float]:
+    """The arguments of `seqjax.train.schedules.make_teacher_forcing_schedule(self.teacher_forcing, ...)`."""
+    floor = {"floor": self.teacher_forcing_floor}
+    return {"constant": {"p": self.teacher_forcing_prob},
+            "linear": {"decay_steps": self.teacher_forcing_decay_steps, **floor},
+            "exponential": {"k": self.teacher_forcing_base, **floor},
+            "inverse_sigmoid": {"k": self.teacher_forcing_k, **floor}}[self.teacher_forcing]
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0
+  task: Literal["lm", "seq2seq"] = "lm"  # "seq2seq": the LSTM encoder-decoder of `seq2seq` (model.* unused).
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
   sample: SampleConfig = SampleConfig()
+  seq2seq: Seq2SeqTaskConfig = Seq2SeqTaskConfig()
 
   def _check(self, prefix: str) -> None:
     del prefix
+    if self.task == "seq2seq":  # The LM cross-checks below concern model.* and data.seq_len, unused here.
+      if self.data.name.split("/")[0] != "numbers_to_words":
+        _fail("data.name", f"task 'seq2seq' trains on 'numbers_to_words[/standard|/small]', got "
+              f"{self.data.name!r}")
+      if self.train.on_nan == "rollback":
+        _fail("train.on_nan", "'rollback' is not supported by task 'seq2seq'; use 'stop' or 'skip'")
+      return
     if self.data.seq_len > self.model.max_len:
       _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_len={self.model.max_len}; raise "
             f"model.max_len or shorten data.seq_len")

@@ -10,8 +10,9 @@ import sys
 
 BENCHMARKS = {
     "attention": "seqjax.bench.attention",
-    # "lstm": "seqjax.bench.lstm",
-    # "ssm": "seqjax.bench.ssm",
+    "lstm": "seqjax.bench.recurrent",
+    "recurrent": "seqjax.bench.recurrent",
+    "ssm": "seqjax.bench.ssm",
 }
 
 

@@ -188,7 +188,7 @@ def _setup(q, k, v, mask, bias, scale, bq, bk):
   return ctx, plan, q_BNTH, _layout(k, bk), _layout(v, bk)
 
 
-def _specs(ctx, plan_tables, tiles, leaves):
+def _specs(plan_tables, tiles, leaves):
   return [_full_spec(jnp.asarray(t)) for t in plan_tables] + tiles + [_full_spec(x) for x in leaves]
 
 
@@ -204,7 +204,7 @@ def _fwd(q, k, v, mask, bias, scale, bq, bk, interpret):
       functools.partial(_fwd_kernel, ctx),
       out_shape=(jax.ShapeDtypeStruct((B, N, Tp, H), q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
       grid=(B, N, Tp // bq),
-      in_specs=_specs(ctx, tables, [q_spec, kv_spec, kv_spec], leaves),
+      in_specs=_specs(tables, [q_spec, kv_spec, kv_spec], leaves),
       out_specs=(q_spec, pl.BlockSpec((_SQ, _SQ, bq), lambda b, n, i: (b, n, i))),
       interpret=interpret, name="flash_attention_fwd",
   )(*[jnp.asarray(t) for t in tables], q_BNTH, k_BKSH, v_BKSH, *leaves)
@@ -229,7 +229,7 @@ def _bwd(q, k, v, mask, bias, scale, bq, bk, interpret, out, lse, d_out):
       functools.partial(_dq_kernel, ctx),
       out_shape=jax.ShapeDtypeStruct((B, N, Tp, H), jnp.float32),
       grid=(B, N, Tp // bq),
-      in_specs=_specs(ctx, tables, [q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile], leaves),
+      in_specs=_specs(tables, [q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile], leaves),
       out_specs=q_tile, interpret=interpret, name="flash_attention_dq",
   )(*[jnp.asarray(t) for t in tables], *operands)
 
@@ -242,7 +242,7 @@ def _bwd(q, k, v, mask, bias, scale, bq, bk, interpret, out, lse, d_out):
       functools.partial(_dkv_kernel, ctx),
       out_shape=(jax.ShapeDtypeStruct((B, N, Sp, H), jnp.float32),) * 2,
       grid=(B, N, Sp // bk),
-      in_specs=_specs(ctx, tables_t, [q_whole, kv_tile, kv_tile, q_whole, row_whole, row_whole], leaves),
+      in_specs=_specs(tables_t, [q_whole, kv_tile, kv_tile, q_whole, row_whole, row_whole], leaves),
       out_specs=(head_tile, head_tile), interpret=interpret, name="flash_attention_dkv",
   )(*[jnp.asarray(t) for t in tables_t], *operands)
 

@@ -154,6 +154,11 @@ class Checkpointer:
                if not os.path.isdir(os.path.join(self.step_dir(step), name))]
     if missing:
       raise FileNotFoundError(f"item(s) {', '.join(missing)} missing from the checkpoint directory")
+    # Checked from the metadata first: cheaper than a failing restore, and names the parameters.
+    mismatch = self.params_mismatch(step, abstract_state) if hasattr(abstract_state, "params") else ""
+    if mismatch:
+      raise ValueError(f"its parameters do not match the current config (a checkpoint of another config?): "
+                       f"{mismatch}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if with_data:
       items["data"] = grain_checkpoint.CheckpointRestore(_IteratorSnapshot())
@@ -170,11 +175,11 @@ class Checkpointer:
       return ""
     return describe_shape_mismatch(_shapes(stored), _shapes(abstract_state.params))
 
-  def _diagnose(self, step: int, abstract_state: Any, error: Exception) -> str:
-    mismatch = self.params_mismatch(step, abstract_state) if hasattr(abstract_state, "params") else ""
-    if mismatch:
-      return f"its parameters do not match the current config (a checkpoint of another config?): {mismatch}"
+  def _diagnose(self, error: Exception) -> str:
+    if isinstance(error, ValueError) and str(error).startswith("its parameters do not match"):
+      return str(error)
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    first = first.split(" See full TensorStore details")[0]  # The rest is a repr of the reader's spec.
     return f"{type(error).__name__}: {first[:400]}"
 
   def restore_latest(self, abstract_state: Any, *, with_data: bool = True, before: int | None = None
@@ -192,7 +197,7 @@ class Checkpointer:
       try:
         state, data = self.restore(step, abstract_state, with_data=with_data)
       except Exception as e:  # pylint: disable=broad-except
-        reason = self._diagnose(step, abstract_state, e)
+        reason = self._diagnose(e)
         log.warning("checkpoint at step %d could not be restored and is left in place for inspection (%s); "
                     "trying an older one", step, reason)
         failures.append((step, reason))
@@ -201,7 +206,10 @@ class Checkpointer:
         log.warning("resuming from the checkpoint at step %d instead", step)
       return step, state, data
     if failures:
-      listing = "; ".join(f"step {s}: {r}" for s, r in failures)
+      by_reason: dict[str, list[int]] = {}
+      for s, r in failures:
+        by_reason.setdefault(r, []).append(s)
+      listing = "; ".join(f"step {', '.join(map(str, steps))}: {r}" for r, steps in by_reason.items())
       raise CheckpointRestoreError(f"no checkpoint under {self.directory} could be restored ({listing}). They "
                                    f"were left in place; move them away (or use another --workdir) to start "
                                    f"afresh.")

@@ -143,6 +143,8 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
+    if self.requested:  # A second signal: stop now (an in-flight save is still waited for on the way out).
+      raise KeyboardInterrupt(f"second signal {signum}: exiting without a new checkpoint")
     log.warning("received signal %d: finishing the current step, saving a checkpoint, then exiting", signum)
     self.requested = True
 
@@ -337,16 +339,16 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
     log.warning("fault injection is active (%s): %s", faults_lib.ENV_VAR, faults)
   job = build_job(config, workdir)
   tc = config.train
+  abstract, state_shardings = abstract_train_state(job.model, job.optimizer, seq_len=config.data.seq_len,
+                                                   mesh=job.mesh)
+  start, state, train_iter, resumed = _resume_or_init(job, abstract)
+  # Only now that the run continues is the workdir's config replaced (a failed resume leaves it as it was).
   _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   if changes:
     log.warning("resuming with a changed config: %s", ", ".join(f"{k}: {a!r} -> {b!r}"
                                                                   for k, (a, b) in sorted(changes.items())))
     _append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
-                  {"changed": {k: list(v) for k, v in changes.items()}})
-
-  abstract, state_shardings = abstract_train_state(job.model, job.optimizer, seq_len=config.data.seq_len,
-                                                   mesh=job.mesh)
-  start, state, train_iter, resumed = _resume_or_init(job, abstract)
+                  {"step": start, "changed": {k: list(v) for k, v in changes.items()}})
   if resumed:
     log.info("resumed from the checkpoint at step %d", start)
   else:
@@ -481,6 +483,7 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
           last_rollback = rb.step
           done_through = max(done_through, rb.step - 1)
           skip_batches.add(rb.step)
+          getattr(train_iter, "close", lambda: None)()
           step, state, train_iter, _ = _resume_or_init(job, abstract, before=rb.step)
           log.warning("step %d: non-finite loss or gradients; rolled back to %s and skipping that step's batch "
                       "(rollback %d of at most %d in a row)", rb.step,

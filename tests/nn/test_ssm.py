@@ -12,7 +12,6 @@ from seqjax.nn import ssm as ssm_nn
 D_MODEL = 8
 MIXERS = {
     "s4d": functools.partial(ssm_nn.S4D, d_model=D_MODEL, d_state=4),
-    "s4d_bilinear": functools.partial(ssm_nn.S4D, d_model=D_MODEL, d_state=4, discretization="bilinear"),
     "s5": functools.partial(ssm_nn.S5, d_model=D_MODEL, d_state=6),
     "mamba": functools.partial(ssm_nn.Mamba, d_model=D_MODEL, d_state=4, chunk_size=4),
     "mamba2": functools.partial(ssm_nn.Mamba2, d_model=D_MODEL, d_state=4, head_dim=4, chunk_size=4),
@@ -22,7 +21,7 @@ MIXERS = {
 def _init(name, length=11, batch=2, seed=0, **overrides):
   module = MIXERS[name](**overrides)
   x = jax.random.normal(jax.random.PRNGKey(seed), (batch, length, D_MODEL))
-  params = module.init(jax.random.PRNGKey(seed + 1), x)
+  params = jax.jit(module.init)(jax.random.PRNGKey(seed + 1), x)
   return module, params, x
 
 
@@ -38,7 +37,7 @@ def test_decode_equals_full_forward(name):
   y_full = jax.jit(module.apply)(params, x)
   assert y_full.shape == x.shape
   step = jax.jit(functools.partial(module.apply, method=module.step))
-  state = module.apply(params, 2, method=module.init_state)
+  state = jax.jit(functools.partial(module.apply, method=module.init_state), static_argnums=1)(params, 2)
   for t in range(x.shape[1]):
     y_t, state = step(params, x[:, t], state)
     _close(y_t, y_full[:, t], f"{name} step {t}")
@@ -50,7 +49,7 @@ def test_decode_equals_full_forward(name):
     _close(y_t, y_full[:, t], f"{name} step {t} after prefill")
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("name", ["s4d", "s5", "mamba", "mamba2"])
 def test_segment_resets_equal_separate_sequences(name):
   module, params, x = _init(name, length=12, batch=1, seed=3)
   cut = 5

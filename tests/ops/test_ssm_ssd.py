@@ -12,6 +12,7 @@ from seqjax.ops import ssm
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("batch", "heads", "head_dim", "state", "dtype", "seed"))
 def make_inputs(length, *, batch=2, heads=3, head_dim=4, state=5, dtype=jnp.float32, seed=0):
   ks = jax.random.split(jax.random.PRNGKey(seed), 8)
   cast = lambda a: a.astype(dtype)
@@ -42,7 +43,7 @@ def _forward_and_grads(mode, args, h0, seg, w):
 
 
 @pytest.mark.parametrize("dtype, length, with_resets", [
-    (jnp.float32, 1, False), (jnp.float32, 21, False), (jnp.float32, 37, True), (jnp.bfloat16, 29, True)])
+    (jnp.float32, 21, False), (jnp.float32, 37, True), (jnp.bfloat16, 29, True)])
 def test_chunked_equals_sequential(dtype, length, with_resets):
   args, h0, seg = make_inputs(length, dtype=dtype)
   seg = seg if with_resets else None
@@ -63,7 +64,7 @@ def test_strong_decay_stays_finite():
   """Large dt * A inside a chunk (exp of the full cumulative sum would underflow/overflow)."""
   args, _, _ = make_inputs(40, seed=2)
   args["dt"] = args["dt"] * 30.0
-  y_ref = ssm.ssd(**args, mode="sequential")
+  y_ref = jax.jit(functools.partial(ssm.ssd, mode="sequential"))(**args)
   y = jax.jit(functools.partial(ssm.ssd, chunk_size=16))(**args)
   grads = jax.jit(jax.grad(lambda a: jnp.sum(ssm.ssd(**a, chunk_size=16))))(args)
   assert_close(y, y_ref, jnp.float32)
@@ -77,7 +78,8 @@ def test_segment_resets_equal_separate_runs():
   y_packed = jax.jit(functools.partial(ssm.ssd, chunk_size=4))(**args, segment_ids=seg)
   for lo, hi in zip(cut[:-1], cut[1:]):
     piece = {k: (v[:, lo:hi] if v.ndim >= 3 else v) for k, v in args.items()}
-    assert_close(y_packed[:, lo:hi], ssm.ssd(**piece, mode="sequential"), jnp.float32, f"{lo}:{hi}")
+    y_alone = jax.jit(functools.partial(ssm.ssd, mode="sequential"))(**piece)
+    assert_close(y_packed[:, lo:hi], y_alone, jnp.float32, f"{lo}:{hi}")
 
 
 def test_causal_by_gradients():
@@ -91,10 +93,16 @@ def test_causal_by_gradients():
 
 def test_step_by_step_equals_chunked():
   args, h0, _ = make_inputs(10)
-  y_full, h_full = ssm.ssd(**args, chunk_size=4, initial_state=h0, return_final_state=True)
+  run = jax.jit(functools.partial(ssm.ssd, chunk_size=4, return_final_state=True))
+  y_full, h_full = run(**args, initial_state=h0)
+  y_one, h_one = run(**{k: (v[:, :1] if v.ndim >= 3 else v) for k, v in args.items()}, initial_state=h0)  # L < C
   h = h0
+  step = jax.jit(ssm.ssd_step)
   for t in range(10):
-    y_t, h = ssm.ssd_step(args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t], args["C"][:, t],
+    if t == 1:
+      assert_close(h, h_one, jnp.float32, "one-step chunked state")
+      assert_close(y_one[:, 0], y_full[:, 0], jnp.float32, "one-step chunked output")
+    y_t, h = step(args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t], args["C"][:, t],
                           args["D"], h)
     assert_close(y_t, y_full[:, t], jnp.float32, f"step {t}")
   assert_close(h, h_full, jnp.float32)
