@@ -54,9 +54,15 @@ class ModelConfig:
   positions: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
   rope_base: float = 10000.0
   max_len: int = 256  # Longest context (learned position table size, generation buffer).
-  attention: str = "reference"  # A name in the attention registry (seqjax.ops.attention).
+  attention: str = "blockwise"  # A name in the attention registry (seqjax.ops.attention).
   qk_norm: bool = False
   rnn_hidden: int = 0  # Recurrent mixers ("lstm", "gru", "rnn"): state width (0: d_model).
+  # State-space mixers ("s4d", "s5", "mamba", "mamba2"); 0 means the block's own default.
+  ssm_state: int = 0  # State size per channel (S4D/S5/Mamba) or per head (Mamba-2).
+  ssm_expand: int = 2  # Mamba / Mamba-2 inner width = ssm_expand * d_model.
+  ssm_conv: int = 4  # Mamba / Mamba-2 causal depthwise convolution width.
+  ssm_head_dim: int = 32  # Mamba-2 head width.
+  ssm_chunk: int = 0  # Chunk length of the chunked scan (0: the op's default).
   dropout: float = 0.0
   tie_embeddings: bool = True
   scan_layers: bool = False  # nn.scan over layers (one compiled block; needs a homogeneous mixer pattern).
@@ -82,6 +88,14 @@ class ModelConfig:
     if self.scan_layers and len(set(pattern)) > 1:
       _fail(f"{prefix}.scan_layers", f"nn.scan needs one mixer for every layer; pattern {self.mixer!r} mixes "
             f"several. Set scan_layers=False")
+    for name in ("rnn_hidden", "ssm_state", "ssm_chunk"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", "must be >= 0 (0: the default)")
+    if self.ssm_expand <= 0 or self.ssm_conv <= 0 or self.ssm_head_dim <= 0:
+      _fail(f"{prefix}.ssm_expand", "ssm_expand, ssm_conv and ssm_head_dim must be positive")
+    if "mamba2" in pattern and (self.ssm_expand * self.d_model) % self.ssm_head_dim:
+      _fail(f"{prefix}.ssm_head_dim", f"must divide the Mamba-2 inner width ssm_expand * d_model = "
+            f"{self.ssm_expand * self.d_model}")
     if self.max_len <= 0:
       _fail(f"{prefix}.max_len", "must be positive")
 

@@ -148,7 +148,7 @@ def _plot(results: dict, path: Path) -> None:
       if rows:
         axes[2].plot([r["T"] for r in rows], [r["peak_bytes"] / 2 ** 30 for r in rows], style, marker="o",
                      label=f"{impl} {mode}")
-  axes[1].axhline(results["matmul"]["gflops"], color="k", lw=0.8, label="dense matmul")
+  axes[1].axhline(results["matmul"]["gflops"], color="k", lw=0.8, label="dense matmul (start of run)")
   axes[1].axhline(results["matmul"]["gflops"] / 2, color="k", lw=0.8, ls=":", label="half of matmul")
   for ax, title in zip(axes, ("time [s]", "useful GFLOP/s", "peak memory [GiB] (ru_maxrss - baseline)")):
     ax.set_xscale("log", base=2)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from seqjax.config import ModelConfig
 from seqjax.nn.attention import MultiHeadAttention
 from seqjax.nn.recurrent import RecurrentMixer
+from seqjax.nn import ssm as ssm_blocks
 from seqjax.ops import masks
 
 MixerFactory = Callable[[ModelConfig], nn.Module]
@@ -86,3 +87,32 @@ def _make_recurrent(cell: str) -> MixerFactory:
 
 for _cell in ("lstm", "gru", "rnn"):
   register_mixer(_cell)(_make_recurrent(_cell))
+
+
+def _ssm_kwargs(cfg: ModelConfig, **extra) -> dict:
+  kwargs = dict(d_model=cfg.d_model, dtype=compute_dtype(cfg), **extra)
+  if cfg.ssm_state:
+    kwargs["d_state"] = cfg.ssm_state
+  return kwargs
+
+
+@register_mixer("s4d")
+def _make_s4d(cfg: ModelConfig) -> nn.Module:
+  return ssm_blocks.S4D(**_ssm_kwargs(cfg))
+
+
+@register_mixer("s5")
+def _make_s5(cfg: ModelConfig) -> nn.Module:
+  return ssm_blocks.S5(**_ssm_kwargs(cfg))
+
+
+@register_mixer("mamba")
+def _make_mamba(cfg: ModelConfig) -> nn.Module:
+  return ssm_blocks.Mamba(**_ssm_kwargs(cfg, expand=cfg.ssm_expand, d_conv=cfg.ssm_conv,
+                                        chunk_size=cfg.ssm_chunk or None))
+
+
+@register_mixer("mamba2")
+def _make_mamba2(cfg: ModelConfig) -> nn.Module:
+  return ssm_blocks.Mamba2(**_ssm_kwargs(cfg, expand=cfg.ssm_expand, d_conv=cfg.ssm_conv,
+                                         head_dim=cfg.ssm_head_dim, chunk_size=cfg.ssm_chunk or None))

@@ -328,7 +328,16 @@ def _nonfinite_record(step: int, host: dict, names: list[str], seen: tuple[Any, 
 
 
 def train(config: Config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from WORKDIR if it holds checkpoints) and returns the final evaluation metrics."""
+  """Trains (resuming from WORKDIR if it holds checkpoints) and returns the final evaluation metrics.
+
+  SIGTERM/SIGINT at any point (also while restoring or compiling) finish the current step, save and return
+  {"step": S, "preempted": 1.0}; rerunning resumes.
+  """
+  with _Preemption() as preemption:
+    return _train(config, workdir, preemption)
+
+
+def _train(config: Config, workdir: str, preemption: _Preemption) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   changes = check_workdir_config(config, workdir)
   try:
@@ -342,6 +351,7 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   abstract, state_shardings = abstract_train_state(job.model, job.optimizer, seq_len=config.data.seq_len,
                                                    mesh=job.mesh)
   start, state, train_iter, resumed = _resume_or_init(job, abstract)
+  _truncate_metrics(workdir, start)
   # Only now that the run continues is the workdir's config replaced (a failed resume leaves it as it was).
   _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   if changes:
@@ -353,7 +363,6 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
     log.info("resumed from the checkpoint at step %d", start)
   else:
     log.info("initialised a new run (%d parameters)", count_params(state.params))
-  _truncate_metrics(workdir, start)
   names = leaf_names(abstract.params)
 
   step_fn = jit_train_step(
@@ -433,8 +442,8 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
 
   step = start
   try:
-    with _Preemption() as preemption, tqdm.tqdm(total=tc.num_steps, initial=start, unit="step",
-                                                dynamic_ncols=True, disable=jax.process_index() != 0) as progress:
+    with tqdm.tqdm(total=tc.num_steps, initial=start, unit="step", dynamic_ncols=True,
+                   disable=jax.process_index() != 0) as progress:
       while step < tc.num_steps:
         try:
           step += 1

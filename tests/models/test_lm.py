@@ -102,3 +102,17 @@ def test_recurrent_and_hybrid_mixers_are_causal_and_packed(mixer, mlp):
   np.testing.assert_allclose(np.asarray(out[:, :3]), np.asarray(base[:, :3]), rtol=0, atol=0)
   np.testing.assert_allclose(np.asarray(out[:, 8:]), np.asarray(base[:, 8:]), rtol=0, atol=0)
   assert not np.allclose(out[:, 3:8], base[:, 3:8])
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "s4d", "s5", "mamba,attention"])
+def test_ssm_and_hybrid_mixers_are_causal_and_packed(mixer):
+  config = tiny_config(model={"mixer": mixer, "num_layers": 2, "ssm_head_dim": 16, "ssm_state": 8})
+  batch = synthetic_batch(batch_size=2)
+  model, params = _init(config, batch)
+  base = _logits(model, params, batch)
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed["inputs"][:, 3] = (changed["inputs"][:, 3] + 1) % 259
+  out = _logits(model, params, changed)
+  np.testing.assert_allclose(np.asarray(out[:, :3]), np.asarray(base[:, :3]), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out[:, 8:]), np.asarray(base[:, 8:]), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out[:, 3:8], base[:, 3:8])
