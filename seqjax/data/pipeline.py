@@ -51,6 +51,7 @@ from seqjax.data.tokenizer import ByteTokenizer
 
 Batch = dict[str, np.ndarray]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights", "target_bytes")
+EVAL_ORDER_SEED = 20261122  # Fixed order of evaluation documents (see LMData.eval_dataset).
 
 # Hosts probed before downloading a remote TFDS dataset. TFDS and most of its datasets are served
 # from Google Cloud Storage; when it cannot be reached the machine is taken to be offline.
@@ -230,8 +231,12 @@ class LMData:
     return iter(self.train_dataset())
 
   def eval_dataset(self) -> grain.IterDataset:
-    """The finite eval IterDataset: split order, packed, last batch padded to the full size."""
-    ds = grain.MapDataset.source(self.eval_source)
+    """The finite eval IterDataset: documents in a fixed shuffled order, packed, last batch padded.
+
+    The order is a fixed permutation (independent of the run's seed), so the first few batches — what a partial
+    evaluation (`max_batches`) sees — are a sample of the whole split rather than its first files.
+    """
+    ds = grain.MapDataset.source(self.eval_source).shuffle(seed=EVAL_ORDER_SEED)
     ds = ds.map(_TokenizeDocument(self.text_key, self.tokenizer))
     ids = pack_documents(ds.to_iter_dataset(), self.seq_len)
     return ids.batch(self.global_batch_size, drop_remainder=False).map(self._finalize())

@@ -119,8 +119,8 @@ class S4D(nn.Module):
     if self.discretization not in ssm_ops.DISCRETIZATIONS:
       raise ValueError(f"S4D: discretization={self.discretization!r} is not one of {ssm_ops.DISCRETIZATIONS}")
     d, p = self.d_model, self.d_state
-    self.log_dt = _param(self, "log_dt", lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt)),
-                         (d,), ("embed",), jnp.float32)
+    log_dt_init = lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt))
+    self.log_dt = _param(self, "log_dt", log_dt_init, (d,), ("embed",), jnp.float32)
     self.log_neg_a_re = _param(self, "log_neg_a_re", nn.initializers.constant(math.log(0.5)), (d, p),
                                ("embed", None), jnp.float32)
     self.a_im = _param(self, "a_im", lambda k, s, dt: jnp.broadcast_to(jnp.pi * jnp.arange(s[1], dtype=dt), s),
@@ -179,8 +179,8 @@ class S5(nn.Module):
     if self.discretization not in ssm_ops.DISCRETIZATIONS:
       raise ValueError(f"S5: discretization={self.discretization!r} is not one of {ssm_ops.DISCRETIZATIONS}")
     d, p = self.d_model, self.d_state
-    self.log_dt = _param(self, "log_dt", lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt)),
-                         (p,), (None,), jnp.float32)
+    log_dt_init = lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt))
+    self.log_dt = _param(self, "log_dt", log_dt_init, (p,), (None,), jnp.float32)
     self.log_neg_lambda_re = _param(self, "log_neg_lambda_re", nn.initializers.constant(math.log(0.5)), (p,),
                                     (None,), jnp.float32)
     self.lambda_im = _param(self, "lambda_im", lambda k, s, dt: jnp.pi * jnp.arange(s[0], dtype=dt), (p,), (None,),

@@ -13,12 +13,14 @@ Modes (all equal to tolerance, forward and gradients — see tests/ops/test_ssm_
 - "sequential": `lax.scan` over L with autodiff. The reference, the oracle of the others.
 - "parallel":   `lax.associative_scan` over L. Materialises exp(delta A) and delta B x as [B, L, E, P] arrays: the
                 textbook parallel form, memory O(L E P).
-- "chunked":    the default. The sequence is cut into chunks of C steps; for one chunk at a time the discretised
-                operands are formed ([C, B, E, P], never [L, B, E, P]), the chunk's recurrence runs from the state
-                the previous chunk passed on, and the read-out with C is one batched contraction over the chunk.
+- "chunked":    the default. The sequence is cut into chunks of C steps and a scan over chunks passes the state
+                on; inside a chunk a fused recurrence forms exp(delta A) and delta B x for one step at a time
+                ([B, E, P], cache-resident) and reads out with C in the same step — no [B, L, E, P] array exists.
                 A hand-written backward (custom_vjp) keeps only the chunk-boundary states ([L/C, B, E, P]) from
-                the forward pass, recomputes each chunk's states in reverse order and runs the adjoint recurrence
-                inside the chunk, so peak memory is O(L E + L E P / C) — linear in L E — for forward+backward.
+                the forward pass, recomputes one chunk's states at a time in reverse order and runs the adjoint
+                recurrence there with every gradient reduction fused into the loop, so peak memory is
+                O(L E + L E P / C) — linear in L E — for forward+backward (autodiff of a scan would keep
+                [L, B, E, P] residuals and is ~3x slower here).
                 Unlike Mamba-2's scalar decay (see `ssm_ssd`), the decay here differs per (channel, state) pair,
                 so the intra-chunk pairwise form would be a [C, C, E, P] tensor per chunk and exp(-A cumsum)
                 factorisations overflow float32; on CPU the short in-chunk recurrence is the fastest exact form.

@@ -115,6 +115,9 @@ def test_eval_stream_reproduces_every_document_exactly(data_dir):
   ins, tgts = token_stream(batches)
   tok = data.tokenizer
   docs = [tok.encode(d, add_bos=True, add_eos=True) for d in docs_of_split(data_dir, "validation")]
+  order = list(grain.MapDataset.range(len(docs)).shuffle(seed=pipeline.EVAL_ORDER_SEED))
+  assert sorted(order) == list(range(len(docs))) and order != sorted(order)  # every document, shuffled
+  docs = [docs[i] for i in order]
   np.testing.assert_array_equal(ins, np.concatenate([d[:-1] for d in docs]))
   np.testing.assert_array_equal(tgts, np.concatenate([d[1:] for d in docs]))
   total_bytes = sum(b["target_bytes"].sum() for b in batches)

@@ -20,7 +20,7 @@ MIXERS = {
 
 def _init(name, length=11, batch=2, seed=0, **overrides):
   module = MIXERS[name](**overrides)
-  x = jax.random.normal(jax.random.PRNGKey(seed), (batch, length, D_MODEL))
+  x = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, length, D_MODEL), dtype=np.float32))
   params = jax.jit(module.init)(jax.random.PRNGKey(seed + 1), x)
   return module, params, x
 

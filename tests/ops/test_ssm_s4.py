@@ -12,14 +12,17 @@ from seqjax.ops import ssm
 ATOL = 2e-5
 
 
+def normal(seed, *shape):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+
+
 def s4d_params(width=3, half_state=4, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   return dict(
-      log_dt=jnp.log(jnp.linspace(0.01, 0.3, width)),
-      a_re=jnp.full((width, half_state), -0.5) + 0.1 * jax.random.normal(ks[0], (width, half_state)),
-      a_im=jnp.pi * jnp.arange(half_state, dtype=jnp.float32) * jnp.ones((width, 1)),
-      c_re=jax.random.normal(ks[1], (width, half_state)), c_im=jax.random.normal(ks[2], (width, half_state)),
-      D=jax.random.normal(ks[3], (width,)))
+      log_dt=jnp.asarray(np.log(np.linspace(0.01, 0.3, width)), jnp.float32),
+      a_re=-0.5 + 0.1 * normal(seed, width, half_state),
+      a_im=jnp.asarray(np.pi * np.arange(half_state) * np.ones((width, 1)), jnp.float32),
+      c_re=normal(seed + 1, width, half_state), c_im=normal(seed + 2, width, half_state),
+      D=normal(seed + 3, width))
 
 
 def s4d_apply(params, u, method, form, **kw):
@@ -38,8 +41,8 @@ def assert_close(a, b, what="", atol=ATOL):
 
 
 def test_causal_fft_conv_equals_direct_sum():
-  u = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 11, 3)))
-  k = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (3, 11)))
+  u = np.asarray(normal(1, 2, 11, 3))
+  k = np.asarray(normal(2, 3, 11))
   expected = np.zeros_like(u)
   for t in range(11):
     for s in range(t + 1):
@@ -50,8 +53,8 @@ def test_causal_fft_conv_equals_direct_sum():
 @pytest.mark.parametrize("method", ssm.DISCRETIZATIONS)
 def test_s4d_convolution_equals_recurrence_forward_and_gradients(method):
   params = s4d_params()
-  u = jax.random.normal(jax.random.PRNGKey(7), (2, 23, 3))
-  w = jax.random.normal(jax.random.PRNGKey(8), (2, 23, 3))
+  u = normal(7, 2, 23, 3)
+  w = normal(8, 2, 23, 3)
   results = {}
   for form in ("conv", "parallel", "sequential"):
     loss = lambda p, u: jnp.sum(s4d_apply(p, u, method, form) * w)
@@ -67,7 +70,7 @@ def test_s4d_convolution_equals_recurrence_forward_and_gradients(method):
 
 def test_s4d_steps_equal_convolution_and_bfloat16():
   params = s4d_params(seed=1)
-  u = jax.random.normal(jax.random.PRNGKey(3), (2, 9, 3))
+  u = normal(3, 2, 9, 3)
   conv = jax.jit(functools.partial(s4d_apply, method="zoh", form="conv"))
   y_conv = conv(params, u)
   A = params["a_re"] + 1j * params["a_im"]
@@ -85,7 +88,7 @@ def test_s4d_steps_equal_convolution_and_bfloat16():
 
 def test_s4d_resets_equal_separate_convolutions():
   params = s4d_params(seed=2)
-  u = jax.random.normal(jax.random.PRNGKey(4), (1, 15, 3))
+  u = normal(4, 1, 15, 3)
   cut = [0, 6, 7, 15]
   seg = jnp.asarray(np.repeat([1, 2, 3], np.diff(cut)))[None]
   y = jax.jit(functools.partial(s4d_apply, method="zoh", form="parallel"))(params, u, segment_ids=seg)
@@ -95,11 +98,10 @@ def test_s4d_resets_equal_separate_convolutions():
 
 
 def s5_params(width=3, state=6, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
   return dict(
-      lam_re=-0.5 + 0.1 * jax.random.normal(ks[0], (state,)), lam_im=jax.random.normal(ks[1], (state,)),
-      b=jax.random.normal(ks[2], (state, width, 2)) / 3, c=jax.random.normal(ks[3], (width, state, 2)) / 3,
-      log_dt=jnp.log(jnp.linspace(0.01, 0.2, state)), D=jax.random.normal(ks[4], (width,)))
+      lam_re=-0.5 + 0.1 * normal(seed, state), lam_im=normal(seed + 1, state),
+      b=normal(seed + 2, state, width, 2) / 3, c=normal(seed + 3, width, state, 2) / 3,
+      log_dt=jnp.asarray(np.log(np.linspace(0.01, 0.2, state)), jnp.float32), D=normal(seed + 4, width))
 
 
 def s5_operands(p, method):
@@ -110,8 +112,8 @@ def s5_operands(p, method):
 
 def test_s5_parallel_equals_sequential_equals_steps(method="bilinear"):
   params = s5_params()
-  u = jax.random.normal(jax.random.PRNGKey(5), (2, 17, 3))
-  h0 = (jax.random.normal(jax.random.PRNGKey(6), (2, 6)) + 0j).astype(jnp.complex64)
+  u = normal(5, 2, 17, 3)
+  h0 = (normal(6, 2, 6) + 0j).astype(jnp.complex64)
   seg = jnp.asarray([[0] * 9 + [1] * 8, [0] * 17])
 
   def run(p, u, mode):
@@ -140,7 +142,7 @@ def test_s5_parallel_equals_sequential_equals_steps(method="bilinear"):
 
 def test_s5_is_causal():
   params = s5_params(seed=3)
-  u = jax.random.normal(jax.random.PRNGKey(1), (1, 10, 3))
+  u = normal(1, 1, 10, 3)
   g = jax.jit(jax.grad(lambda u: jnp.sum(ssm.s5_scan(u, *s5_operands(params, "zoh"))[:, 4])))(u)
   assert np.all(np.asarray(g[:, 5:]) == 0.0) and np.any(np.asarray(g[:, :5]) != 0.0)
 
