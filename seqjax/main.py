@@ -52,12 +52,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(mode: str, cfg_dict, workdir: str) -> dict | list[str]:
   """Validates the config, then runs `mode`. Importable (tests and notebooks call it)."""
   config = from_config_dict(cfg_dict)
-  from seqjax.train import loop  # pylint: disable=import-outside-toplevel  (heavy imports after validation)
+  # Heavy imports only after validation. Each task module offers train / evaluate_checkpoint / generate.
+  if config.task == "seq2seq":
+    from seqjax.train import seq2seq as job  # pylint: disable=import-outside-toplevel
+  else:
+    from seqjax.train import loop as job  # pylint: disable=import-outside-toplevel
   if mode == "train":
-    return loop.train(config, workdir)
+    return job.train(config, workdir)
   if mode == "eval":
-    return loop.evaluate_checkpoint(config, workdir)
-  return loop.generate(config, workdir)
+    return job.evaluate_checkpoint(config, workdir)
+  return job.generate(config, workdir)
 
 
 def _exit_status(error: Exception) -> int | None:

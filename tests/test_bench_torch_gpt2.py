@@ -1,0 +1,63 @@
+"""The seqjax -> GPT-2 dimension mapping of experiments/bench_torch_gpt2.py (no torch needed)."""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from seqjax.config import ModelConfig
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_torch_gpt2.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("bench_torch_gpt2", _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_default_model_maps_to_gpt2_dimensions(bench):
+  m = ModelConfig(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, vocab_size=259, max_len=256)
+  kw = bench.gpt2_config_kwargs(m)
+  assert (kw["n_embd"], kw["n_layer"], kw["n_head"], kw["n_inner"]) == (256, 4, 4, 1024)
+  assert (kw["vocab_size"], kw["n_positions"]) == (259, 256)
+  assert kw["resid_pdrop"] == kw["embd_pdrop"] == kw["attn_pdrop"] == 0.0
+  assert kw["tie_word_embeddings"] is True
+  assert kw["activation_function"] == "gelu_new"  # flax's default gelu is the tanh approximation
+  json.dumps(kw)  # it is sent to the torch worker as JSON
+
+
+def test_other_dimensions_follow_the_config(bench):
+  m = ModelConfig(d_model=96, num_layers=3, num_heads=6, mlp_dim=200, vocab_size=300, max_len=128,
+                  activation="relu", tie_embeddings=False)
+  kw = bench.gpt2_config_kwargs(m)
+  assert (kw["n_embd"], kw["n_layer"], kw["n_head"], kw["n_inner"], kw["vocab_size"], kw["n_positions"]) == (
+      96, 3, 6, 200, 300, 128)
+  assert kw["activation_function"] == "relu" and kw["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(mixer="lstm"), "model.mixer"),
+    (dict(positions="rope"), "model.positions"),
+    (dict(norm="rmsnorm"), "model.norm"),
+    (dict(mlp="gated"), "model.mlp"),
+    (dict(num_kv_heads=1), "model.num_kv_heads"),
+    (dict(head_dim=32), "model.head_dim"),
+    (dict(dtype="bfloat16"), "model.dtype"),
+])
+def test_models_without_a_gpt2_counterpart_are_rejected(bench, change, field):
+  m = dataclasses.replace(ModelConfig(), **change)
+  with pytest.raises(ValueError, match=field):
+    bench.gpt2_config_kwargs(m)
+
+
+def test_flop_estimate_scales_with_tokens(bench):
+  m = ModelConfig()
+  one = bench.train_flops_per_step(m, 1, 256)
+  assert bench.train_flops_per_step(m, 32, 256) == pytest.approx(32 * one)
+  matmul_params = 4 * (4 * 256 * 256 + 2 * 256 * 1024) + 259 * 256
+  assert one > 6 * matmul_params * 256  # plus the attention matmuls
