@@ -7,14 +7,17 @@ r"""Training throughput of seqjax's `DecoderLM` against a PyTorch GPT-2 (HF tran
 Both models are built from the SAME seqjax config (`--config`, any field overridable with --config.X.Y=...):
 HF `GPT2LMHeadModel` with n_embd = d_model, n_layer = num_layers, n_head = num_heads, n_inner = mlp_dim,
 n_positions = max_len, vocab_size = vocab_size, no dropout, tied embeddings as configured. GPT-2 has biases on its
-projections (seqjax has none), so its parameter count is a little larger; both counts are printed.
+projections (seqjax has none), so its parameter count is a little larger; both counts are printed. GPT-2 always has
+learned positions: a seqjax model with RoPE (the default config's choice) is compared with it anyway, and the
+difference is printed and recorded.
 
 What is timed, per side, is one full optimizer step at the config's `train.batch_size` x `data.seq_len`: forward,
 cross-entropy against next-token targets, backward, global-norm clipping and AdamW update.
 - seqjax: the trainer's own program: `make_train_step` + `jit_train_step` (donated state) on the config's mesh,
   fed by `put_batch` from a host numpy batch every step (as the training loop does), `jax.block_until_ready` on
   the new state and metrics.
-- PyTorch: eager mode, `torch.set_num_threads(--threads)`, attention implementation `--torch_attention` ("sdpa" by
+- PyTorch: eager mode, `torch.set_num_threads(--threads)`, OMP_WAIT_POLICY=PASSIVE (`--torch_omp_wait_policy`; with
+  libgomp's default, a loaded shared CPU made each parallel torch op ~40x slower), attention implementation `--torch_attention` ("sdpa" by
   default, HF's fastest CPU path), `torch.optim.AdamW` (weight decay on matrices only, like seqjax) after
   `clip_grad_norm_`. It runs in its own virtualenv (`--torch_venv`, created on first use with
   `pip install torch==<--torch_version> transformers`; torch is never a seqjax dependency) as a worker subprocess
@@ -48,6 +51,11 @@ _ROUNDS = flags.DEFINE_integer("rounds", 4, "Alternating rounds (torch steps, th
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side after compilation / first call.")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads; the CPU cores available to JAX as well.")
 _TORCH_ATTENTION = flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "eager"], "HF attention implementation.")
+_OMP_WAIT_POLICY = flags.DEFINE_string(
+    "torch_omp_wait_policy", "PASSIVE", "OMP_WAIT_POLICY of the torch worker. PASSIVE keeps libgomp's idle threads "
+    "from spinning: on a shared, loaded CPU the default policy made every parallel torch op ~40x slower (an "
+    "elementwise op on 1M floats: 7.8 ms vs 0.3 ms), so PASSIVE is the stronger, fairer baseline. '' = library "
+    "default.")
 _TORCH_VENV = flags.DEFINE_string("torch_venv", ".venv-torch", "Virtualenv of the PyTorch side (created if missing).")
 _TORCH_VERSION = flags.DEFINE_string("torch_version", "2.13.0", "Pinned torch version installed into --torch_venv.")
 
@@ -63,15 +71,17 @@ _GPT2_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu"}  # flax
 def gpt2_config_kwargs(model_cfg: Any) -> dict[str, Any]:
   """Keyword arguments of `transformers.GPT2Config` for a model of the same dimensions as a seqjax `ModelConfig`.
 
-  Raises ValueError for a seqjax model that GPT-2 cannot mirror (another mixer, non-learned positions, RMSNorm,
-  post-norm, gated MLP, grouped-query heads, a head_dim other than d_model / num_heads, bfloat16).
+  Positions: GPT-2 always has a learned table; a seqjax model with RoPE, sinusoidal or no positions is compared
+  with it anyway (see `gpt2_differences`). Raises ValueError for a seqjax model that GPT-2 cannot mirror (another
+  mixer, ALiBi, RMSNorm, post-norm, gated MLP, grouped-query heads, a head_dim other than d_model / num_heads,
+  bfloat16).
   """
   m = model_cfg
   problems = []
   if m.mixer_pattern != ("attention",):
     problems.append(f"model.mixer={m.mixer!r} (GPT-2 has attention layers only)")
-  if m.positions != "learned":
-    problems.append(f"model.positions={m.positions!r} (GPT-2 has learned positions)")
+  if m.positions == "alibi":
+    problems.append(f"model.positions={m.positions!r} (GPT-2 has learned positions and no attention bias)")
   if m.norm != "layernorm" or m.norm_position != "pre":
     problems.append(f"model.norm={m.norm!r}, norm_position={m.norm_position!r} (GPT-2 is pre-norm LayerNorm)")
   if m.mlp != "mlp":
@@ -91,6 +101,14 @@ def gpt2_config_kwargs(model_cfg: Any) -> dict[str, Any]:
               n_head=m.num_heads, n_inner=m.mlp_dim, activation_function=_GPT2_ACTIVATIONS[m.activation],
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=m.tie_embeddings,
               bos_token_id=None, eos_token_id=None, use_cache=False)
+
+
+def gpt2_differences(model_cfg: Any) -> list[str]:
+  """What differs between the seqjax model and its GPT-2 counterpart beyond the shared dimensions."""
+  diffs = ["GPT-2 has biases on its projections (seqjax has none)"]
+  if model_cfg.positions != "learned":
+    diffs.append(f"seqjax uses {model_cfg.positions!r} positions, GPT-2 a learned table of n_positions vectors")
+  return diffs
 
 
 def train_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float:
@@ -180,9 +198,12 @@ def ensure_torch_venv(venv: Path, version: str) -> Path:
 class TorchWorker:
   """The PyTorch GPT-2 in a subprocess; `run(k)` times k training steps there."""
 
-  def __init__(self, python: Path, spec: dict[str, Any]):
+  def __init__(self, python: Path, spec: dict[str, Any], omp_wait_policy: str = "PASSIVE"):
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
                TOKENIZERS_PARALLELISM="false")
+    env.pop("OMP_WAIT_POLICY", None)
+    if omp_wait_policy:
+      env["OMP_WAIT_POLICY"] = omp_wait_policy
     self.proc = subprocess.Popen([str(python), "-c", _TORCH_WORKER, json.dumps(spec)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env)
     self.info = self._read()
@@ -304,12 +325,13 @@ def main(argv: list[str]) -> None:
   spec = {"gpt2": gpt2, "attention": _TORCH_ATTENTION.value, "threads": _THREADS.value, "batch_size": B,
           "seq_len": T, "optim": optim}
   load_before = os.getloadavg()
-  worker = TorchWorker(python, spec)
+  worker = TorchWorker(python, spec, _OMP_WAIT_POLICY.value)
   try:
     import jax
     seqjax = SeqjaxRunner(config)
-    print(f"parameters: seqjax {seqjax.params:,}   torch GPT-2 {worker.info['params']:,} "
-          f"(GPT-2 adds projection biases)")
+    print(f"parameters: seqjax {seqjax.params:,}   torch GPT-2 {worker.info['params']:,}")
+    for diff in gpt2_differences(config.model):
+      print(f"  note: {diff}")
     print(f"seqjax compile + first step: {seqjax.first_step_s:.1f} s; warming up ...", flush=True)
     worker.run(_WARMUP.value)
     seqjax.run(_WARMUP.value)
@@ -332,13 +354,15 @@ def main(argv: list[str]) -> None:
       "config_file": config_flags.get_config_filename(flags.FLAGS["config"]),
       "config_overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},
       "model": {k: getattr(config.model, k) for k in ("d_model", "num_layers", "num_heads", "mlp_dim",
-                                                      "vocab_size", "max_len", "attention", "tie_embeddings")},
+                                                      "vocab_size", "max_len", "positions", "attention",
+                                                      "tie_embeddings")},
       "batch_size": B, "seq_len": T, "tokens_per_step": tokens_per_step, "threads": _THREADS.value,
       "steps_per_round": _STEPS.value, "rounds": _ROUNDS.value, "warmup": _WARMUP.value,
-      "approx_train_flops_per_step": flops, "target_ratio": TARGET_RATIO,
+      "differences": gpt2_differences(config.model), "approx_train_flops_per_step": flops, "target_ratio": TARGET_RATIO,
       "load_average_before_after": [load_before, os.getloadavg()],
       "env": {"jax": jax.__version__, "torch": worker.info["torch"], "transformers": worker.info["transformers"],
               "torch_attention": worker.info["attention"], "torch_threads": worker.info["threads"],
+              "torch_omp_wait_policy": _OMP_WAIT_POLICY.value,
               "jax_devices": len(jax.devices()), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
   }
   for side, params in (("torch", worker.info["params"]), ("seqjax", seqjax.params)):

@@ -42,7 +42,7 @@ def test_other_dimensions_follow_the_config(bench):
 
 @pytest.mark.parametrize("change, field", [
     (dict(mixer="lstm"), "model.mixer"),
-    (dict(positions="rope"), "model.positions"),
+    (dict(positions="alibi"), "model.positions"),
     (dict(norm="rmsnorm"), "model.norm"),
     (dict(mlp="gated"), "model.mlp"),
     (dict(num_kv_heads=1), "model.num_kv_heads"),
@@ -53,6 +53,13 @@ def test_models_without_a_gpt2_counterpart_are_rejected(bench, change, field):
   m = dataclasses.replace(ModelConfig(), **change)
   with pytest.raises(ValueError, match=field):
     bench.gpt2_config_kwargs(m)
+
+
+def test_rope_model_is_compared_with_a_note(bench):
+  m = ModelConfig(positions="rope")
+  assert bench.gpt2_config_kwargs(m)["n_positions"] == m.max_len
+  assert any("rope" in d for d in bench.gpt2_differences(m))
+  assert not any("positions" in d for d in bench.gpt2_differences(ModelConfig(positions="learned")))
 
 
 def test_flop_estimate_scales_with_tokens(bench):
