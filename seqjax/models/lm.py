@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from seqjax.config import ModelConfig
 from seqjax.nn import layers
 from seqjax.nn.mixers import compute_dtype, make_mixer
+from seqjax.ops.linear import flat_dot_general
 
 _REMAT_POLICIES = {
     "full": None,
@@ -95,6 +96,7 @@ class DecoderLM(nn.Module):
       logits_BTV = embed.attend(x_BTD)
     else:
       logits_BTV = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dtype, name="head",
+                                   dot_general=flat_dot_general,
                                    kernel_init=nn.with_logical_partitioning(layers.dense_init(),
                                                                             ("embed", "vocab")))(x_BTD)
     return logits_BTV.astype(jnp.float32)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from seqjax.ops import masks as masks_lib
 from seqjax.ops import positions as positions_ops
 from seqjax.ops.attention import get_attention
+from seqjax.ops.linear import flat_dot_general
 
 Dtype = Any
 
@@ -71,7 +72,7 @@ class MultiHeadAttention(nn.Module):
     bias_names = names[len(names) - (len(features) if isinstance(features, tuple) else 1):]
     return nn.DenseGeneral(
         features, axis=axis, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, names), dot_general=flat_dot_general,
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names))
 
   @nn.compact

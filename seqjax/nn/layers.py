@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.ops import positions as positions_ops
+from seqjax.ops.linear import flat_dot_general
 
 Dtype = Any
 
@@ -52,7 +53,7 @@ class Embed(nn.Module):
     read-out's logits at unit scale too.
     """
     scale = self.features ** -0.5
-    return jnp.einsum("btd,vd->btv", x_BTD * scale, self.embedding.astype(self.dtype))
+    return flat_dot_general(x_BTD * scale, self.embedding.astype(self.dtype).T, (((2,), (0,)), ((), ())))
 
 
 class LearnedPositions(nn.Module):
@@ -91,7 +92,7 @@ class Mlp(nn.Module):
     act = ACTIVATIONS[self.activation]
     dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
         features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(dense_init(), axes))
+        kernel_init=nn.with_logical_partitioning(dense_init(), axes), dot_general=flat_dot_general)
     h_BTF = dense(self.hidden, ("embed", "mlp"), "wi")(x_BTD)
     if self.kind == "gated":
       h_BTF = act(dense(self.hidden, ("embed", "mlp"), "wg")(x_BTD)) * h_BTF

@@ -37,6 +37,7 @@ from seqjax.ops.attention_base import check_inputs, default_scale, group_heads, 
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_KV = 256
+MIN_DEFAULT_BLOCK = 64
 _M_INIT = -1e30  # running-max initial value: finite, so a fully masked tile never yields (-inf) - (-inf)
 
 
@@ -261,7 +262,13 @@ def resolve_blocks(T: int, S: int, block_q: int | None, block_kv: int | None) ->
   for name, b in (("block_q", block_q), ("block_kv", block_kv)):
     if b is not None and (not isinstance(b, (int, np.integer)) or b <= 0):
       raise ValueError(f"blockwise_attention: {name} must be a positive int or None, got {b!r}")
-  return min(block_q or DEFAULT_BLOCK_Q, T), min(block_kv or DEFAULT_BLOCK_KV, S)
+  # Short sequences still get >= 4 tiles per axis (down to 64), so causal / sparse masks can skip tiles.
+  return (min(block_q or _default_block(T, DEFAULT_BLOCK_Q), T),
+          min(block_kv or _default_block(S, DEFAULT_BLOCK_KV), S))
+
+
+def _default_block(length: int, largest: int) -> int:
+  return min(largest, max(MIN_DEFAULT_BLOCK, length // 4))
 
 
 @register_attention("blockwise")
@@ -276,7 +283,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     mask: a `seqjax.ops.masks` object; its static tile answers decide which tiles are computed.
     bias: None or a per-tile bias object (`positions.AlibiBias`); bias arrays need the reference kernel.
     scale: score scale, default 1 / sqrt(H).
-    block_q, block_kv: tile sizes (default 256 x 256, capped at T and S). T and S need not be multiples.
+    block_q, block_kv: tile sizes (default min(256, max(64, length // 4)), capped at T and S). T and S need
+      not be multiples.
 
   Returns:
     [B, T, N, H] in q's dtype (softmax statistics and accumulators in float32); rows with no visible key are 0.
