@@ -332,6 +332,11 @@ def main(argv: list[str]) -> None:
             "command": " ".join([".venv/bin/python", "experiments/compare_mixers.py"] + sys.argv[1:]),
             "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
             "variants": rows}
+  previous_path = results_dir / "results.json"
+  if _COLLECT_ONLY.value and previous_path.exists():  # Keep the training run's command and load averages.
+    previous = json.loads(previous_path.read_text())
+    result.update({k: previous[k] for k in ("command", "load_average_at_start", "load_average_at_end")
+                   if k in previous})
   (results_dir / "results.json").write_text(json.dumps(result, indent=2))
   plot(rows, results_dir / "bits_per_byte.png",
        f"validation bits/byte, {settings.steps} steps x {settings.batch_size}x{settings.seq_len}")
