@@ -1,23 +1,20 @@
 """The seqjax -> GPT-2 dimension mapping of experiments/bench_torch_gpt2.py (no torch needed)."""
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
 from seqjax.config import ModelConfig
+from tests.experiments_loader import load_experiment
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_torch_gpt2.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("bench_torch_gpt2", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  with load_experiment("bench_torch_gpt2") as module:
+    yield module
 
 
 def test_default_model_maps_to_gpt2_dimensions(bench):

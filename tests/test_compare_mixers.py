@@ -1,22 +1,18 @@
 """experiments/compare_mixers.py: shared settings, result collection from fake workdirs, the table (no training)."""
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "compare_mixers.py"
+from tests.experiments_loader import load_experiment
+
 
 
 @pytest.fixture(scope="module")
 def cm():
-  spec = importlib.util.spec_from_file_location("compare_mixers", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["compare_mixers"] = module  # dataclasses look their module up while the class is built.
-  spec.loader.exec_module(module)
-  return module
+  with load_experiment("compare_mixers") as module:
+    yield module
 
 
 def _write_run(workdir, *, final_step=None, evals=(), train_tps=(), returncode=0, wall=12.5):
