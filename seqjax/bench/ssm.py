@@ -217,10 +217,10 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  """Runs the benchmark; `argv` as from the command line (argv[0] is the program name)."""
+  """Runs the benchmark; `argv` holds the flags only (as `python -m seqjax.bench ssm` passes them)."""
   fv = flags.FlagValues()
   _define_flags(fv)
-  fv(list(argv) if argv is not None else sys.argv)
+  fv(["python -m seqjax.bench ssm"] + list(sys.argv[1:] if argv is None else argv))
   lengths = [int(v) for v in fv.lengths]
   contexts = [int(v) for v in fv.decode_contexts]
   unknown = set(fv.only) - {"selective", "ssd", "decode"}
@@ -254,4 +254,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  main(sys.argv[1:])
