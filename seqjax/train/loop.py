@@ -126,7 +126,7 @@ def evaluate(job: Job, eval_step, params: Any) -> dict[str, float]:
   return summarize(totals)
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM/SIGINT into a flag the loop checks between steps (finish the step, save, exit 0)."""
 
   def __init__(self):
@@ -170,7 +170,7 @@ class _Rollback(Exception):
     self.step = step
 
 
-def _write_json(path: str, payload: dict) -> None:
+def write_json(path: str, payload: dict) -> None:
   if jax.process_index() != 0:
     return
   tmp = path + ".tmp"
@@ -179,7 +179,7 @@ def _write_json(path: str, payload: dict) -> None:
   os.replace(tmp, path)
 
 
-def _append_jsonl(path: str, payload: dict) -> None:
+def append_jsonl(path: str, payload: dict) -> None:
   if jax.process_index() != 0:
     return
   with open(path, "a", encoding="utf-8") as f:
@@ -252,7 +252,7 @@ def check_workdir_config(config: Config, workdir: str) -> dict[str, tuple[Any, A
   return changed
 
 
-def _truncate_metrics(workdir: str, step: int) -> None:
+def truncate_metrics(workdir: str, step: int) -> None:
   """Drops metrics.jsonl records after `step` (the resumed run recomputes them) and any torn last line."""
   path = os.path.join(workdir, "metrics.jsonl")
   if jax.process_index() != 0 or not os.path.exists(path):
@@ -308,7 +308,7 @@ def _resume_or_init(job: Job, abstract: TrainState, before: int | None = None
   return step, state, train_iter, True
 
 
-def _nonfinite_record(step: int, host: dict, names: list[str], seen: tuple[Any, dict] | None) -> dict:
+def nonfinite_record(step: int, host: dict, names: list[str], seen: tuple[Any, dict] | None) -> dict:
   """What went wrong at `step`: loss, which gradients/parameters are non-finite, which batch it was."""
   record = {
       "step": step, "loss": _json_float(float(host["loss"])), "grad_norm": _json_float(float(host["grad_norm"])),
@@ -333,11 +333,11 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   SIGTERM/SIGINT at any point (also while restoring or compiling) finish the current step, save and return
   {"step": S, "preempted": 1.0}; rerunning resumes.
   """
-  with _Preemption() as preemption:
+  with Preemption() as preemption:
     return _train(config, workdir, preemption)
 
 
-def _train(config: Config, workdir: str, preemption: _Preemption) -> dict[str, Any]:
+def _train(config: Config, workdir: str, preemption: Preemption) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   changes = check_workdir_config(config, workdir)
   try:
@@ -351,13 +351,13 @@ def _train(config: Config, workdir: str, preemption: _Preemption) -> dict[str, A
   abstract, state_shardings = abstract_train_state(job.model, job.optimizer, seq_len=config.data.seq_len,
                                                    mesh=job.mesh)
   start, state, train_iter, resumed = _resume_or_init(job, abstract)
-  _truncate_metrics(workdir, start)
+  truncate_metrics(workdir, start)
   # Only now that the run continues is the workdir's config replaced (a failed resume leaves it as it was).
-  _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+  write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   if changes:
     log.warning("resuming with a changed config: %s", ", ".join(f"{k}: {a!r} -> {b!r}"
                                                                   for k, (a, b) in sorted(changes.items())))
-    _append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
+    append_jsonl(os.path.join(workdir, "config_changes.jsonl"),
                   {"step": start, "changed": {k: list(v) for k, v in changes.items()}})
   if resumed:
     log.info("resumed from the checkpoint at step %d", start)
@@ -387,25 +387,25 @@ def _train(config: Config, workdir: str, preemption: _Preemption) -> dict[str, A
   last_rollback = 0
 
   def nonfinite(step: int, host: dict) -> None:
-    record = _nonfinite_record(step, host, names, recent.get(step))
+    record = nonfinite_record(step, host, names, recent.get(step))
     latest = job.checkpointer.all_steps()
     record["last_checkpoint"] = max([s for s in latest if s < step], default=None)
     if tc.on_nan == "skip":
       log.warning("step %d: non-finite loss or gradients (%s); the update was dropped and counted as skipped",
                   step, ", ".join(record["nonfinite_gradients"][:4]) or f"loss={record['loss']}")
-      _append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": "skipped"})
+      append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": "skipped"})
       return
     if tc.on_nan == "rollback" and rollbacks < tc.max_rollbacks:
-      _append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": "rolled back"})
+      append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": "rolled back"})
       raise _Rollback(step)
     action = "stopped" if tc.on_nan == "stop" else f"stopped after {rollbacks} rollbacks (train.max_rollbacks)"
-    _append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": action})
+    append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": action})
     report = os.path.join(workdir, "nonfinite_report.json")
     if recent.get(step) is not None and jax.process_index() == 0:
       batch_file = os.path.join(workdir, f"nonfinite_batch_step_{step}.npz")
       np.savez(batch_file, **recent[step][1])
       record["batch"]["file"] = batch_file
-    _write_json(report, {**record, "action": action})
+    write_json(report, {**record, "action": action})
     bad = record["nonfinite_gradients"]
     raise NonFiniteError(
         f"non-finite loss or gradients at step {step} (loss={record['loss']}; non-finite gradients: "
@@ -514,7 +514,7 @@ def _train(config: Config, workdir: str, preemption: _Preemption) -> dict[str, A
     last_eval = evaluate(job, eval_step, state.params)
   final = {"step": final_step, "skipped_steps": int(jax.device_get(state.skipped_steps)), **last_eval,
            "state_sha256": state_fingerprint(state)}
-  _write_json(os.path.join(workdir, "final_metrics.json"), final)
+  write_json(os.path.join(workdir, "final_metrics.json"), final)
   plot_curves(workdir)
   return final
 

@@ -43,8 +43,8 @@ from seqjax.models.seq2seq_lstm import Seq2SeqConfig, Seq2SeqLSTM, make_greedy_f
 from seqjax.train import sharding
 from seqjax.train.checkpoint import Checkpointer
 # The LM job's workdir helpers (one implementation for both tasks).
-from seqjax.train.loop import (NonFiniteError, _append_jsonl, _nonfinite_record, _Preemption, _truncate_metrics,
-                               _write_json, check_workdir_config, state_fingerprint)
+from seqjax.train.loop import (NonFiniteError, append_jsonl, nonfinite_record, Preemption, truncate_metrics,
+                               write_json, check_workdir_config, state_fingerprint)
 from seqjax.train.metrics import MetricWriter, plot_curves
 from seqjax.train.optim import learning_rate_schedule, make_optimizer
 from seqjax.train.schedules import LengthCurriculum, make_teacher_forcing_schedule
@@ -276,18 +276,18 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   changes = check_workdir_config(config, workdir)
   job = build_job(config, workdir)
   tc = config.train
-  _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+  write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   if changes:
     log.warning("resuming with a changed config: %s", ", ".join(f"{k}: {a!r} -> {b!r}"
                                                                   for k, (a, b) in sorted(changes.items())))
-    _append_jsonl(os.path.join(workdir, "config_changes.jsonl"), {"changed": {k: list(v) for k, v in changes.items()}})
+    append_jsonl(os.path.join(workdir, "config_changes.jsonl"), {"changed": {k: list(v) for k, v in changes.items()}})
 
   abstract, state_shardings = abstract_train_state(job.model, job.optimizer, seq_len=job.src_len, mesh=job.mesh)
   start, state, resumed = _restore_or_init(job, abstract)
   log.info("%s (%d parameters; %d training pairs, %d validation pairs)",
            f"resumed from the checkpoint at step {start}" if resumed else "initialised a new run",
            count_params(state.params), len(job.train_pairs), len(job.eval_pairs))
-  _truncate_metrics(workdir, start)
+  truncate_metrics(workdir, start)
   names = leaf_names(abstract.params)
   step_fn = jit_train_step(make_train_step(job.model, job.optimizer, grad_accum_steps=tc.grad_accum_steps,
                                            dropout=True, on_nan=tc.on_nan),  # dropout=True: the sampling rng.
@@ -298,14 +298,14 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   writer = MetricWriter(workdir)
 
   def nonfinite(step: int, host: dict) -> None:
-    record = _nonfinite_record(step, host, names, None)
+    record = nonfinite_record(step, host, names, None)
     action = "skipped" if tc.on_nan == "skip" else "stopped"
-    _append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": action})
+    append_jsonl(os.path.join(workdir, "nonfinite.jsonl"), {**record, "action": action})
     if tc.on_nan == "skip":
       log.warning("step %d: non-finite loss or gradients; the update was dropped and counted as skipped", step)
       return
     report = os.path.join(workdir, "nonfinite_report.json")
-    _write_json(report, {**record, "action": action})
+    write_json(report, {**record, "action": action})
     raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss={record['loss']}); report: {report}. "
                          f"The checkpoints are intact: fix the cause (e.g. lower optim.learning_rate) and rerun to "
                          f"resume, or set train.on_nan='skip'")
@@ -343,7 +343,7 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   pending = None
   step, shape = start, None
   try:
-    with _Preemption() as preemption, tqdm.tqdm(total=tc.num_steps, initial=start, unit="step", dynamic_ncols=True,
+    with Preemption() as preemption, tqdm.tqdm(total=tc.num_steps, initial=start, unit="step", dynamic_ncols=True,
                                                 disable=jax.process_index() != 0) as progress:
       while step < tc.num_steps:
         prob, max_len = float(job.teacher_forcing(step)), job.curriculum(step)
@@ -368,7 +368,7 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
         if due_eval:
           last_eval, examples = evaluate(job, eval_step, decode, state.params)
           writer.write(step, "eval", last_eval)
-          _append_jsonl(os.path.join(workdir, "examples.jsonl"), {"step": step, "examples": examples})
+          append_jsonl(os.path.join(workdir, "examples.jsonl"), {"step": step, "examples": examples})
           progress.write(f"step {step}: validation loss {last_eval['loss']:.4f}, exact match "
                          f"{last_eval['exact_match']:.3f}, BLEU {last_eval['bleu']:.1f}, ROUGE-L "
                          f"{last_eval['rouge_l']:.3f} (p_tf={prob:.3f}, max length {max_len})")
@@ -393,7 +393,7 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   final = {"step": final_step, "skipped_steps": int(jax.device_get(state.skipped_steps)), **last_eval,
            "teacher_forcing_prob": float(job.teacher_forcing(last)), "max_target_length": job.curriculum(last),
            "seconds": time.perf_counter() - began, "state_sha256": state_fingerprint(state)}
-  _write_json(os.path.join(workdir, "final_metrics.json"), final)
+  write_json(os.path.join(workdir, "final_metrics.json"), final)
   plot_curves(workdir)
   return final
 
