@@ -15,9 +15,17 @@ cheap run-time test such as segment-id ranges, skip the tile if it is provably e
 the output and the log-sum-exp `lse = m + log l` per query row.
 
 Backward (`jax.custom_vjp`). One pass over key blocks; for each, a loop over the query blocks that see it recomputes
-`p = exp(s - lse)` from the saved lse, and accumulates dV_j += p^T dO, dK_j += dS^T q, dQ_i += dS k_j with
-dS = p * (dO v_j^T - rowsum(dO * out)). Memory stays O(T) (no T x S array); the five matmuls per tile match the
-flash-attention count.
+the *transposed* probabilities `p^T = exp(k_j q_i^T - lse)` from the saved lse and accumulates
+
+    dV_j += p^T dO_i ;  dS^T = p^T * (v_j dO_i^T - rowsum(dO * out)) ;  dK_j += dS^T q_i ;  dQ_i^T += k_j^T dS^T
+
+Working key-major makes all five matmuls plain [m, c] x [c, n] products on row-major tiles: q and dO are kept both
+as rows and as columns (O(T) each), so is k (the forward's q_i k_j^T uses the columns too), and dQ is accumulated
+transposed, so no tile is transposed inside the loops (contracting the query-major p and dS over queries made XLA transpose both
+per tile). Memory stays O(T) (no T x S array); the five matmuls per tile match the flash-attention count.
+
+Layout. Tiles are 3-D with the batch and kv heads as one batch axis and the G query heads of a kv group folded
+into the query rows: q rows [B * K, G * bq, H], k rows [B * K, bk, H] (grouped-query attention never repeats K/V).
 
 Rows with no visible key: `l = 0` gives an output of 0 and `lse = +inf`, so their backward probabilities are 0 too.
 Masks and per-tile biases (ALiBi) are treated as constants (zero cotangents).
@@ -87,27 +95,58 @@ def make_plan(mask: masks_lib.Mask | None, T: int, S: int, bq: int, bk: int) -> 
 
 
 class _Tiles:
-  """Per-tile score computation shared by the forward and backward passes."""
+  """Per-tile scores shared by the forward and backward passes. Tiles are 3-D: batch dimension B * K, and the G
+  query heads of a kv group folded into the query rows (row g * bq + t)."""
 
-  def __init__(self, mask, bias, T, S, bq, bk, K):
-    self.mask, self.bias, self.T, self.S, self.bq, self.bk, self.K = mask, bias, T, S, bq, bk, K
+  def __init__(self, mask, bias, B, T, S, bq, bk, K, G):
+    self.mask, self.bias = mask, bias
+    self.B, self.T, self.S, self.bq, self.bk, self.K, self.G = B, T, S, bq, bk, K, G
     self.kv_padded = S % bk != 0
 
-  def scores(self, q_tile, k_tile, i, j, masked):
-    """Scores float32 [B, K, G, bq, bk] of query block i (pre-scaled) against key block j; -inf where hidden."""
-    s = jnp.einsum("bkgqh,bksh->bkgqs", q_tile, k_tile, preferred_element_type=jnp.float32)
-    q_idx = i * self.bq + jnp.arange(self.bq, dtype=jnp.int32)
-    kv_idx = j * self.bk + jnp.arange(self.bk, dtype=jnp.int32)
+  def _indices(self, i, j):
+    return (i * self.bq + jnp.arange(self.bq, dtype=jnp.int32), j * self.bk + jnp.arange(self.bk, dtype=jnp.int32))
+
+  def _visible(self, q_idx, kv_idx):
+    """bool [B or 1, 1, bq, bk], or None when every pair of the tile is visible."""
+    visible = None if self.mask is None else self.mask.block(q_idx, kv_idx)
+    if self.kv_padded:
+      in_range = (kv_idx < self.S)[None, None, None, :]
+      visible = in_range if visible is None else visible & in_range
+    return visible
+
+  def scores(self, q_rows, kT, i, j, masked):
+    """Scores float32 [B*K, G*bq, bk] of query block i (pre-scaled rows) against key block j (kT [B*K, H, bk]);
+    -inf where hidden."""
+    s = jnp.einsum("arh,ahs->ars", q_rows, kT, preferred_element_type=jnp.float32)
+    if self.bias is None and not masked:
+      return s
+    q_idx, kv_idx = self._indices(i, j)
+    s = s.reshape(self.B, self.K, self.G, self.bq, self.bk)
     if self.bias is not None:
       s = s + group_heads(self.bias.block(q_idx, kv_idx).astype(jnp.float32), self.K)
     if masked:
-      visible = jnp.ones((1, 1, 1, 1, self.bk), bool)
-      if self.mask is not None:
-        visible = self.mask.block(q_idx, kv_idx)[:, :, None]
-      if self.kv_padded:
-        visible = visible & (kv_idx < self.S)
-      s = jnp.where(visible, s, -jnp.inf)
-    return s
+      visible = self._visible(q_idx, kv_idx)
+      if visible is not None:
+        s = jnp.where(visible[:, :, None], s, -jnp.inf)
+    return s.reshape(s.shape[0] * self.K, self.G * self.bq, self.bk)
+
+  def probabilities_t(self, k_rows, qT, lse, i, j, masked):
+    """Transposed probabilities p^T = exp(k q^T - lse) float32 [B*K, bk, G*bq] of key block j against query
+    block i (qT [B*K, H, G*bq], lse [B*K, G*bq]); 0 where hidden."""
+    sT = jnp.einsum("ash,ahr->asr", k_rows, qT, preferred_element_type=jnp.float32)
+    if self.bias is None and not masked:
+      return jnp.exp(sT - lse[:, None, :])
+    q_idx, kv_idx = self._indices(i, j)
+    sT = sT.reshape(self.B, self.K, self.bk, self.G, self.bq)
+    if self.bias is not None:
+      bias = group_heads(self.bias.block(q_idx, kv_idx).astype(jnp.float32), self.K)  # [B, K|1, G|1, bq, bk]
+      sT = sT + jnp.moveaxis(bias, -1, 2)
+    pT = jnp.exp(sT - lse.reshape(-1, self.K, 1, self.G, self.bq))
+    if masked:
+      visible = self._visible(q_idx, kv_idx)
+      if visible is not None:
+        pT = jnp.where(jnp.swapaxes(visible, -1, -2)[:, :, :, None, :], pT, 0.0)
+    return pT.reshape(pT.shape[0] * self.K, self.bk, self.G * self.bq)
 
   def maybe_visible(self, i, j):
     if self.mask is None:
@@ -129,38 +168,49 @@ def _loop(count, body, carry, tiles, i_or_j, table, transpose):
   return jax.lax.fori_loop(0, count, step, carry)
 
 
-def _as_blocks(x_BLNH, K, n_blocks, block):
-  """[B, L, N, H] -> [n_blocks, B, K, N // K, block, H] (zero-padded along L)."""
+def _as_rows(x_BLNH, K, n_blocks, block):
+  """[B, L, N, H] -> [n_blocks, B * K, G * block, H], G = N // K (zero-padded along L; row g * block + t)."""
   B, L, N, H = x_BLNH.shape
   x_BLNH = jnp.pad(x_BLNH, ((0, 0), (0, n_blocks * block - L), (0, 0), (0, 0)))
-  return x_BLNH.reshape(B, n_blocks, block, K, N // K, H).transpose(1, 0, 3, 4, 2, 5)
+  x = x_BLNH.reshape(B, n_blocks, block, K, N // K, H).transpose(1, 0, 3, 4, 2, 5)
+  return x.reshape(n_blocks, B * K, N // K * block, H)
 
 
-def _from_blocks(x_nBKGbH, L):
-  """Inverse of `_as_blocks`: [n, B, K, G, b, H] -> [B, L, K * G, H]."""
-  n, B, K, G, b, H = x_nBKGbH.shape
-  return x_nBKGbH.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * b, K * G, H)[:, :L]
+def _as_cols(x_BLNH, K, n_blocks, block):
+  """[B, L, N, H] -> [n_blocks, B * K, H, G * block]: `_as_rows` with the last two axes swapped."""
+  B, L, N, H = x_BLNH.shape
+  x_BLNH = jnp.pad(x_BLNH, ((0, 0), (0, n_blocks * block - L), (0, 0), (0, 0)))
+  x = x_BLNH.reshape(B, n_blocks, block, K, N // K, H).transpose(1, 0, 3, 5, 4, 2)
+  return x.reshape(n_blocks, B * K, H, N // K * block)
+
+
+def _from_rows(x, B, K, block, L):
+  """Inverse of `_as_rows`: [n, B * K, G * block, H] -> [B, L, K * G, H]."""
+  n, _, Gb, H = x.shape
+  G = Gb // block
+  return x.reshape(n, B, K, G, block, H).transpose(1, 0, 4, 2, 3, 5).reshape(B, n * block, K * G, H)[:, :L]
 
 
 def _forward(q, k, v, mask, bias, scale, bq, bk):
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
+  G = N // K
   plan = make_plan(mask, T, S, bq, bk)
   nq, nk = len(plan.n_full_kv), len(plan.n_full_q)
-  tiles = _Tiles(mask, bias, T, S, bq, bk, K)
-  q_blocks = _as_blocks(q * jnp.asarray(scale, q.dtype), K, nq, bq)     # [nq, B, K, G, bq, H]
-  k_blocks = _as_blocks(k, K, nk, bk)[:, :, :, 0]                       # [nk, B, K, bk, H]
-  v_blocks = _as_blocks(v, K, nk, bk)[:, :, :, 0]
+  tiles = _Tiles(mask, bias, B, T, S, bq, bk, K, G)
+  q_blocks = _as_rows(q * jnp.asarray(scale, q.dtype), K, nq, bq)      # [nq, B*K, G*bq, H]
+  kT_blocks = _as_cols(k, K, nk, bk)                                   # [nk, B*K, H, bk]
+  v_blocks = _as_rows(v, K, nk, bk)                                    # [nk, B*K, bk, H]
 
   def make_body(q_tile, masked):
     def body(carry, i, j):
       acc, m, l = carry
-      s = tiles.scores(q_tile, k_blocks[j], i, j, masked)
+      s = tiles.scores(q_tile, kT_blocks[j], i, j, masked)
       m_new = jnp.maximum(m, s.max(axis=-1))
       p = jnp.exp(s - m_new[..., None])
       alpha = jnp.exp(m - m_new)
       l = l * alpha + p.sum(axis=-1)
-      acc = acc * alpha[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v_blocks[j],
+      acc = acc * alpha[..., None] + jnp.einsum("ars,ash->arh", p.astype(v.dtype), v_blocks[j],
                                                 preferred_element_type=jnp.float32)
       return acc, m_new, l
     body.masked = masked
@@ -182,52 +232,53 @@ def _forward(q, k, v, mask, bias, scale, bq, bk):
   out_blocks, lse_blocks = jax.lax.map(
       one_q_block, (jnp.arange(nq, dtype=jnp.int32), q_blocks, plan.full_kv, plan.n_full_kv, plan.part_kv,
                     plan.n_part_kv))
-  return _from_blocks(out_blocks, T), lse_blocks  # lse: float32 [nq, B, K, G, bq]
+  return _from_rows(out_blocks, B, K, bq, T), lse_blocks  # lse: float32 [nq, B*K, G*bq]
 
 
 def _backward(q, k, v, mask, bias, scale, bq, bk, out, lse_blocks, d_out):
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
+  G = N // K
   plan = make_plan(mask, T, S, bq, bk)
   nq, nk = len(plan.n_full_kv), len(plan.n_full_q)
-  tiles = _Tiles(mask, bias, T, S, bq, bk, K)
-  q_blocks = _as_blocks(q * jnp.asarray(scale, q.dtype), K, nq, bq)
-  do_blocks = _as_blocks(d_out.astype(q.dtype), K, nq, bq)
-  delta_blocks = jnp.sum(_as_blocks(d_out.astype(jnp.float32) * out.astype(jnp.float32), K, nq, bq), axis=-1)
-  k_blocks = _as_blocks(k, K, nk, bk)[:, :, :, 0]
-  v_blocks = _as_blocks(v, K, nk, bk)[:, :, :, 0]
+  tiles = _Tiles(mask, bias, B, T, S, bq, bk, K, G)
+  q_scaled = q * jnp.asarray(scale, q.dtype)
+  d_out = d_out.astype(q.dtype)
+  # Key-major tiles: p^T = exp(k q^T - lse) so that every matmul below is a plain [m, c] x [c, n] product (no
+  # per-tile transposes); q and dO are stored both as rows and as columns (O(T) each).
+  q_rows, qT_blocks = _as_rows(q_scaled, K, nq, bq), _as_cols(q_scaled, K, nq, bq)
+  do_rows, doT_blocks = _as_rows(d_out, K, nq, bq), _as_cols(d_out, K, nq, bq)
+  delta_blocks = jnp.sum(_as_rows(d_out.astype(jnp.float32) * out.astype(jnp.float32), K, nq, bq), axis=-1)
+  k_blocks, kT_blocks, v_blocks = _as_rows(k, K, nk, bk), _as_cols(k, K, nk, bk), _as_rows(v, K, nk, bk)
 
-  def make_body(k_tile, v_tile, masked):
+  def make_body(k_tile, kT_tile, v_tile, masked):
     def body(carry, i, j):
-      dk, dv, dq_blocks = carry
-      q_tile, do_tile = q_blocks[i], do_blocks[i]
-      s = tiles.scores(q_tile, k_tile, i, j, masked)
-      p = jnp.exp(s - lse_blocks[i][..., None])
-      dv = dv + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(v.dtype), do_tile, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bkgqh,bksh->bkgqs", do_tile, v_tile, preferred_element_type=jnp.float32)
-      ds = (p * (dp - delta_blocks[i][..., None])).astype(q.dtype)
-      dk = dk + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_tile, preferred_element_type=jnp.float32)
-      dq_tile = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_tile, preferred_element_type=jnp.float32)
-      dq_blocks = dq_blocks.at[i].add(dq_tile)
-      return dk, dv, dq_blocks
+      dk, dv, dqT_blocks = carry
+      pT = tiles.probabilities_t(k_tile, qT_blocks[i], lse_blocks[i], i, j, masked)  # [B*K, bk, G*bq]
+      dv = dv + jnp.einsum("asr,arh->ash", pT.astype(v.dtype), do_rows[i], preferred_element_type=jnp.float32)
+      dpT = jnp.einsum("ash,ahr->asr", v_tile, doT_blocks[i], preferred_element_type=jnp.float32)
+      dsT = (pT * (dpT - delta_blocks[i][:, None, :])).astype(q.dtype)
+      dk = dk + jnp.einsum("asr,arh->ash", dsT, q_rows[i], preferred_element_type=jnp.float32)
+      dqT = jnp.einsum("ahs,asr->ahr", kT_tile, dsT, preferred_element_type=jnp.float32)
+      return dk, dv, dqT_blocks.at[i].add(dqT)
     body.masked = masked
     return body
 
-  def one_kv_block(dq_blocks, xs):
-    j, k_tile, v_tile, full_q, n_full, part_q, n_part = xs
-    carry = (jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros(v_tile.shape, jnp.float32), dq_blocks)
-    carry = _loop(n_full, make_body(k_tile, v_tile, False), carry, tiles, j, full_q, transpose=True)
-    carry = _loop(n_part, make_body(k_tile, v_tile, True), carry, tiles, j, part_q, transpose=True)
-    dk, dv, dq_blocks = carry
-    return dq_blocks, (dk.astype(k.dtype), dv.astype(v.dtype))
+  def one_kv_block(dqT_blocks, xs):
+    j, k_tile, kT_tile, v_tile, full_q, n_full, part_q, n_part = xs
+    carry = (jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros(v_tile.shape, jnp.float32), dqT_blocks)
+    carry = _loop(n_full, make_body(k_tile, kT_tile, v_tile, False), carry, tiles, j, full_q, transpose=True)
+    carry = _loop(n_part, make_body(k_tile, kT_tile, v_tile, True), carry, tiles, j, part_q, transpose=True)
+    dk, dv, dqT_blocks = carry
+    return dqT_blocks, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-  dq_blocks = jnp.zeros(q_blocks.shape, jnp.float32)
-  dq_blocks, (dk_blocks, dv_blocks) = jax.lax.scan(
-      one_kv_block, dq_blocks, (jnp.arange(nk, dtype=jnp.int32), k_blocks, v_blocks, plan.full_q, plan.n_full_q,
-                                plan.part_q, plan.n_part_q))
-  dq = (_from_blocks(dq_blocks, T) * scale).astype(q.dtype)
-  dk = _from_blocks(dk_blocks[:, :, :, None], S).astype(k.dtype)
-  dv = _from_blocks(dv_blocks[:, :, :, None], S).astype(v.dtype)
+  dqT_blocks = jnp.zeros(qT_blocks.shape, jnp.float32)
+  dqT_blocks, (dk_blocks, dv_blocks) = jax.lax.scan(
+      one_kv_block, dqT_blocks, (jnp.arange(nk, dtype=jnp.int32), k_blocks, kT_blocks, v_blocks, plan.full_q,
+                                 plan.n_full_q, plan.part_q, plan.n_part_q))
+  dq = (_from_rows(jnp.swapaxes(dqT_blocks, -1, -2), B, K, bq, T) * scale).astype(q.dtype)
+  dk = _from_rows(dk_blocks, B, K, bk, S).astype(k.dtype)
+  dv = _from_rows(dv_blocks, B, K, bk, S).astype(v.dtype)
   return dq, dk, dv
 
 

@@ -43,6 +43,11 @@ def _mask(kind, T, S):
     return masks.Causal() & (masks.SlidingWindow(6, 0) | masks.GlobalTokens(3)), None
   if kind == "causal_alibi":
     return masks.Causal(), positions.AlibiBias(positions.alibi_slopes(N))
+  if kind == "alibi":  # a bias on tiles that need no masking
+    return None, positions.AlibiBias(positions.alibi_slopes(N))
+  if kind == "segments_alibi":
+    return masks.Causal() & masks.SegmentIds(_segments(T, 1), _segments(S, 1)), positions.AlibiBias(
+        positions.alibi_slopes(N))
   if kind == "offset_causal":  # queries are the last T of S positions (a chunk after a cache)
     return masks.Causal(q_offset=S - T), None
   if kind == "traced_offset_causal":
@@ -70,7 +75,7 @@ def _assert_close(got, want, dtype):
 
 # Plain and offset causal masks are covered by the GQA / length / dtype cases below.
 CASES = ["none", "window", "causal_segments", "key_padding_empty_row", "prefix", "causal_window_or_global",
-         "causal_alibi", "traced_offset_causal"]
+         "causal_alibi", "alibi", "traced_offset_causal"]
 
 
 @pytest.mark.parametrize("kind", CASES)
@@ -104,6 +109,21 @@ def test_blockwise_gqa_cross_lengths_dtypes(K, T, S, blocks, dtype):
   _assert_close(out_b, out_r, dtype)
   for gb, gr in zip(grads_b, grads_r):
     _assert_close(gb, gr, dtype)
+
+
+@pytest.mark.parametrize("K,blocks", [(1, (8, 16)), (2, (16, 8)), (4, (8, 8))])
+def test_blockwise_bfloat16_masks_bias_gqa(K, blocks):
+  """The masked and biased tile paths of both passes in bfloat16, with every head grouping, T != S, ragged."""
+  T, S = 29, 37
+  q, k, v = _qkv(T, S, K, dtype=jnp.bfloat16, seed=2)
+  mask, bias = _mask("segments_alibi", T, S)
+  mask = mask & masks.Causal(q_offset=S - T)
+  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, bias, block_q=blocks[0], block_kv=blocks[1])
+  out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, bias)
+  _assert_close(out_b, out_r, jnp.bfloat16)
+  for gb, gr in zip(grads_b, grads_r):
+    assert gb.dtype == jnp.bfloat16 and np.isfinite(np.asarray(gb, np.float32)).all()
+    _assert_close(gb, gr, jnp.bfloat16)
 
 
 def test_blockwise_causal_by_gradients():
