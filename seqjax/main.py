@@ -1,7 +1,7 @@
 r"""Command-line entry: train, evaluate or sample from a config.
 
   python -m seqjax.main --config=configs/lm_pysrc.py[:smoke] --workdir=DIR [--mode=train|eval|generate] \
-      [--config.train.num_steps=100 ...]
+      [--config.train.num_steps=100 ...] [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 
 Every field of the config can be overridden with --config.SECTION.FIELD=VALUE. The config is validated before
 anything is built; user errors (a bad config or override, a workdir holding another config's run, missing or
@@ -21,12 +21,19 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from seqjax.config import ConfigError, from_config_dict
+from seqjax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file, optionally :variant.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots (resumed if it "
                                "holds a run).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to do.")
+# Multi-host: one process per host (see seqjax/train/distributed.py).
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run, detecting the cluster "
+                                 "(Cloud TPU VMs, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process run: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index.")
 
 
 EXIT_USER_ERROR = 2
@@ -66,7 +73,7 @@ def run(mode: str, cfg_dict, workdir: str) -> dict | list[str]:
 
 def _exit_status(error: Exception) -> int | None:
   """The exit status of an error that is the user's to fix (no traceback), or None for a bug (traceback)."""
-  if isinstance(error, (ConfigError, FileNotFoundError)):
+  if isinstance(error, (ConfigError, FileNotFoundError, distributed.DistributedConfigError)):
     return EXIT_USER_ERROR
   # Heavy modules are imported only here: a config error above must not wait for them.
   from seqjax.data.pipeline import DataUnavailableError  # pylint: disable=import-outside-toplevel
@@ -88,6 +95,9 @@ def main(argv: list[str]) -> None:
   logging.getLogger("seqjax").setLevel(logging.INFO)
   workdir = os.path.abspath(_WORKDIR.value)
   try:
+    from_config_dict(_CONFIG.value)  # config errors first, before joining (and waiting for) other processes
+    distributed.initialize(distributed.make_spec(auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value))
     result = run(_MODE.value, _CONFIG.value, workdir)
   except Exception as e:  # pylint: disable=broad-except
     status = _exit_status(e)

@@ -1,0 +1,92 @@
+"""Multi-process training: two `seqjax.main` processes joined by `jax.distributed` train exactly like one process
+holding both devices; and the multi-process flags are validated before anything starts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from seqjax.train import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(num_devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  if num_devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  return env
+
+
+def _train_losses(workdir: str) -> dict[int, float]:
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  common = ["--config=configs/lm_pysrc.py:smoke", f"--config.data.data_dir={data_dir}",
+            "--config.data.name=python_source/small", "--config.train.num_steps=10",
+            "--config.train.log_every=2", "--config.train.eval_every=10", "--config.train.checkpoint_every=10"]
+  single = str(tmp_path / "single")
+  proc = subprocess.run([sys.executable, "-m", "seqjax.main", *common, f"--workdir={single}"], cwd=ROOT,
+                        env=_env(2), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  multi = str(tmp_path / "multi")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "seqjax.main", *common, f"--workdir={multi}",
+                             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 0 of 2: 1 local devices, 2 in all" in outputs[0][1] + outputs[0][0]
+
+  single_losses, multi_losses = _train_losses(single), _train_losses(multi)
+  assert sorted(multi_losses) == sorted(single_losses) == [2, 4, 6, 8, 10]
+  for step, loss in single_losses.items():
+    assert multi_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+  final_single = json.load(open(os.path.join(single, "final_metrics.json")))
+  final_multi = json.load(open(os.path.join(multi, "final_metrics.json")))
+  assert final_multi["step"] == 10
+  assert final_multi["loss"] == pytest.approx(final_single["loss"], rel=1e-5)
+  assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["10"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(auto=True, coordinator_address="h:1", num_processes=None, process_id=None), "do not combine"),
+    (dict(auto=False, coordinator_address="h:1", num_processes=2, process_id=None), "missing --process_id"),
+    (dict(auto=False, coordinator_address="nohost", num_processes=2, process_id=0), "HOST:PORT"),
+    (dict(auto=False, coordinator_address="h:1", num_processes=0, process_id=0), "--num_processes must be"),
+    (dict(auto=False, coordinator_address="h:1", num_processes=2, process_id=2), r"\[0, 2\)"),
+])
+def test_bad_multiprocess_flags_are_named(kwargs, message):
+  with pytest.raises(distributed.DistributedConfigError, match=message):
+    distributed.make_spec(**kwargs)
+
+
+def test_no_flags_means_a_single_process():
+  spec = distributed.make_spec(auto=False, coordinator_address=None, num_processes=None, process_id=None)
+  assert not spec.enabled
+  distributed.initialize(spec)  # a no-op: nothing to join
+
+
+def test_cli_reports_bad_multiprocess_flags_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "seqjax.main", "--config=configs/lm_pysrc.py:smoke",
+                         f"--workdir={tmp_path}", "--num_processes=2"], cwd=ROOT, env=_env(1),
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2
+  assert "missing --coordinator_address, --process_id" in proc.stderr
+  assert "Traceback" not in proc.stderr
