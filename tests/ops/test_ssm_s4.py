@@ -86,12 +86,13 @@ def test_s4d_steps_equal_convolution_and_bfloat16():
   assert_close(y16, y_conv, "bfloat16", atol=2e-2)
 
 
-def test_s4d_resets_equal_separate_convolutions():
+@pytest.mark.parametrize("mode", ssm.RECURRENT_MODES)
+def test_s4d_resets_equal_separate_convolutions(mode):
   params = s4d_params(seed=2)
   u = normal(4, 1, 15, 3)
   cut = [0, 6, 7, 15]
   seg = jnp.asarray(np.repeat([1, 2, 3], np.diff(cut)))[None]
-  y = jax.jit(functools.partial(s4d_apply, method="zoh", form="parallel"))(params, u, segment_ids=seg)
+  y = jax.jit(functools.partial(s4d_apply, method="zoh", form=mode))(params, u, segment_ids=seg)
   conv = jax.jit(functools.partial(s4d_apply, method="zoh", form="conv"))
   for lo, hi in zip(cut[:-1], cut[1:]):
     assert_close(y[:, lo:hi], conv(params, u[:, lo:hi]), f"{lo}:{hi}")
@@ -110,7 +111,8 @@ def s5_operands(p, method):
   return dlam, dB, p["c"][..., 0] + 1j * p["c"][..., 1], p["D"]
 
 
-def test_s5_parallel_equals_sequential_equals_steps(method="bilinear"):
+@pytest.mark.parametrize("method", ssm.DISCRETIZATIONS)
+def test_s5_parallel_equals_sequential_equals_steps(method):
   params = s5_params()
   u = normal(5, 2, 17, 3)
   h0 = (normal(6, 2, 6) + 0j).astype(jnp.complex64)
@@ -140,10 +142,36 @@ def test_s5_parallel_equals_sequential_equals_steps(method="bilinear"):
     assert_close(y_t[1], y_par[1, t], f"step {t}")
 
 
-def test_s5_is_causal():
+@pytest.mark.parametrize("mode", ssm.RECURRENT_MODES)
+def test_s5_resets_equal_separate_runs(mode):
+  params = s5_params(seed=4)
+  u = normal(9, 1, 13, 3)
+  cut = [0, 5, 6, 13]
+  seg = jnp.asarray(np.repeat([7, 3, 5], np.diff(cut)))[None]
+  operands = s5_operands(params, "zoh")
+  run = jax.jit(functools.partial(ssm.s5_scan, mode=mode))
+  y = run(u, *operands, segment_ids=seg)
+  for lo, hi in zip(cut[:-1], cut[1:]):
+    assert_close(y[:, lo:hi], run(u[:, lo:hi], *operands), f"{lo}:{hi}")
+
+
+@pytest.mark.parametrize("form", ("conv",) + ssm.RECURRENT_MODES)
+def test_s4d_is_causal(form):
+  params = s4d_params(seed=5)
+  u = normal(2, 1, 10, 3)
+  t = 4
+  g = np.asarray(jax.jit(jax.grad(lambda u: jnp.sum(s4d_apply(params, u, "zoh", form)[:, t])))(u))
+  # The FFT convolution's gradient to the future is round-off (~1e-8 of the largest), not exactly zero.
+  bound = 1e-6 * np.max(np.abs(g)) if form == "conv" else 0.0
+  assert np.all(np.abs(g[:, t + 1:]) <= bound)
+  assert np.all(np.any(g[:, :t + 1] != 0.0, axis=-1))
+
+
+@pytest.mark.parametrize("mode", ssm.RECURRENT_MODES)
+def test_s5_is_causal(mode):
   params = s5_params(seed=3)
   u = normal(1, 1, 10, 3)
-  g = jax.jit(jax.grad(lambda u: jnp.sum(ssm.s5_scan(u, *s5_operands(params, "zoh"))[:, 4])))(u)
+  g = jax.jit(jax.grad(lambda u: jnp.sum(ssm.s5_scan(u, *s5_operands(params, "zoh"), mode=mode)[:, 4])))(u)
   assert np.all(np.asarray(g[:, 5:]) == 0.0) and np.any(np.asarray(g[:, :5]) != 0.0)
 
 
@@ -155,3 +183,16 @@ def test_bad_input_raises():
                 jnp.ones((3, 5), jnp.complex64))
   with pytest.raises(ValueError, match="causal_fft_conv"):
     ssm.causal_fft_conv(jnp.ones((1, 4, 3)), jnp.ones((2, 4)))
+  dA = jnp.ones((3, 4), jnp.complex64)
+  with pytest.raises(ValueError, match="s4d_kernel"):
+    ssm.s4d_kernel(dA, dA, jnp.ones((3, 5), jnp.complex64), 8)
+  with pytest.raises(ValueError, match="s4d_recurrent: dA"):
+    ssm.s4d_recurrent(jnp.ones((1, 4, 2)), dA, dA, dA)
+  with pytest.raises(ValueError, match="s4d_recurrent: segment_ids"):
+    ssm.s4d_recurrent(jnp.ones((1, 4, 3)), dA, dA, dA, segment_ids=jnp.zeros((1, 5), jnp.int32))
+  with pytest.raises(ValueError, match="s5_scan: segment_ids"):
+    ssm.s5_scan(jnp.ones((1, 4, 3)), jnp.ones(5, jnp.complex64), jnp.ones((5, 3), jnp.complex64),
+                jnp.ones((3, 5), jnp.complex64), segment_ids=jnp.zeros((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match="diagonal_recurrence"):
+    ssm.diagonal_recurrence(jnp.ones((1, 4, 2)), jnp.ones((1, 4, 2)), jnp.zeros((1, 2)), jnp.ones((1, 4)),
+                            mode="chunked")

@@ -1,6 +1,7 @@
 """Selective scan (Mamba S6): sequential = parallel = chunked, forward and gradients; resets; causality; memory."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -48,17 +49,18 @@ def test_modes_agree_forward_and_gradients(dtype, length, with_resets):
   args, h0, seg = make_inputs(length, dtype=dtype)
   seg = seg if with_resets else None
   w = jnp.asarray(np.random.default_rng(5).standard_normal((2, length, 6)), jnp.float32)
-  y_ref, h_ref, (g_ref, gh_ref) = jax.jit(functools.partial(_forward_and_grads, "sequential"))(args, h0, seg, w)
-  assert y_ref.dtype == dtype and h_ref.dtype == jnp.float32
-  for mode in ("parallel", "chunked"):
-    y, h, (g, gh) = jax.jit(functools.partial(_forward_and_grads, mode))(args, h0, seg, w)
-    assert y.dtype == dtype
-    assert_close(y, y_ref, dtype, f"y {mode}")
-    assert_close(h, h_ref, dtype, f"final state {mode}")
+  results = {mode: jax.jit(functools.partial(_forward_and_grads, mode))(args, h0, seg, w) for mode in ssm.MODES}
+  for mode, (y, h, (g, _)) in results.items():
+    assert y.dtype == dtype and h.dtype == jnp.float32, mode
+    assert all(g[name].dtype == args[name].dtype for name in args), mode
+  for first, second in itertools.combinations(ssm.MODES, 2):  # every pair, not only against the oracle
+    (y_a, h_a, (g_a, gh_a)), (y_b, h_b, (g_b, gh_b)) = results[first], results[second]
+    pair = f"{first} vs {second}"
+    assert_close(y_a, y_b, dtype, f"y {pair}")
+    assert_close(h_a, h_b, dtype, f"final state {pair}")
     for name in ("x", "delta", "A", "B", "C", "D"):
-      assert g[name].dtype == args[name].dtype
-      assert_close(g[name], g_ref[name], dtype, f"d{name} {mode}")
-    assert_close(gh, gh_ref, dtype, f"d initial_state {mode}")
+      assert_close(g_a[name], g_b[name], dtype, f"d{name} {pair}")
+    assert_close(gh_a, gh_b, dtype, f"d initial_state {pair}")
 
 
 @pytest.mark.parametrize("length", [1, 150])
@@ -128,6 +130,9 @@ def test_chunked_never_materialises_blep():
     (dict(delta=jnp.zeros((2, 8, 6))), "delta must"),
     (dict(segment_ids=jnp.zeros((2, 8), jnp.int32)), "segment_ids"),
     (dict(initial_state=jnp.zeros((2, 6, 5))), "initial_state"),
+    (dict(x=jnp.zeros((2, 7))), "x must be"),
+    (dict(C=jnp.zeros((2, 7, 3))), "C must be"),
+    (dict(D=jnp.zeros((5,))), "D must be"),
 ])
 def test_bad_input_raises(bad, message):
   args, _, _ = make_inputs(7)
