@@ -17,7 +17,9 @@ Modes:
                 *within the chunk* (float32, so every exponent is <= 0 and nothing overflows) — applied to dt x with
                 one batched matmul per (batch, head), plus the incoming state read out by C; the chunk's state is
                 passed to the next chunk by a scan over chunks (one chunk's operands at a time stay in cache on a
-                CPU). Memory O(L C N + L N H + (L / C) N H P) with the backward pass.
+                CPU). The chunk step is rematerialised (`jax.checkpoint`): the backward pass recomputes a chunk's
+                decays and scores instead of keeping them, so fwd+bwd memory is O(L N H + (L / C) N H P), with no
+                [L / C, N, C, C] stack (tested). Default C = 32: the best forward and forward+backward on CPU.
 
 Segment resets: with `segment_ids` [B, L], the state is zeroed before every position whose id differs from the
 previous position's (position 0 continues from `initial_state`). In the chunked form a reset becomes a mask: two
@@ -33,7 +35,7 @@ from jax import lax
 from seqjax.ops.ssm_selective import keep_mask
 
 MODES = ("sequential", "chunked")
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 32
 
 
 def _check(x, dt, A, B, C, D, mode, chunk_size, initial_state, segment_ids):
@@ -74,7 +76,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D
     C: [B, L, P] output projections.
     D: optional [N] per-head skip.
     mode: "chunked" (default) or "sequential".
-    chunk_size: chunk length of the chunked form (default 64); need not divide L.
+    chunk_size: chunk length of the chunked form (default 32); need not divide L.
     initial_state: optional [B, N, H, P] state before position 0.
     return_final_state: also return the state after the last position.
     segment_ids: optional [B, L]; the state resets where the id changes.
@@ -160,6 +162,10 @@ def _chunked(x_BLNH, dt_BLN, A_N, B_BLP, C_BLP, keep_BL, h0_BNHP, chunk):
               + jnp.einsum("bsp,bsnh->bnhp", B_BCP, xdt_BCNH * to_end_BCN[..., None]))
     return h_BNHP, y_BCNH
 
+  # Rematerialised: the backward pass recomputes one chunk's decays and scores from its (small) inputs while they
+  # are cache-resident, instead of autodiff stacking every chunk's [B, N, C, C] intermediates in memory (~1.4x
+  # faster forward+backward at L = 4096 on CPU; no effect on the forward alone).
+  chunk_step = jax.checkpoint(chunk_step)
   h_BNHP, y_KBCNH = lax.scan(chunk_step, h0_BNHP, (to_chunks(x_BLNH), to_chunks(dt_BLN), to_chunks(B_BLP),
                                                    to_chunks(C_BLP), to_chunks(keep_BL, fill=1.0)))
   y_BLNH = jnp.swapaxes(y_KBCNH, 0, 1).reshape(b, k * chunk, n, h)[:, :l]

@@ -69,21 +69,33 @@ def test_strong_decay_stays_finite():
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
-def test_segment_resets_equal_separate_runs():
+@pytest.mark.parametrize("length", [1, 150])
+def test_default_chunk_against_sequential(length):
+  """The default chunk size: one step (L < C); several chunks plus a remainder; output and final state."""
+  args, h0, _ = make_inputs(length, batch=1, seed=4)
+  run = lambda mode: jax.jit(functools.partial(ssm.ssd, mode=mode, return_final_state=True))(**args, initial_state=h0)
+  (y, h), (y_ref, h_ref) = run("chunked"), run("sequential")
+  assert_close(y, y_ref, jnp.float32, "y")
+  assert_close(h, h_ref, jnp.float32, "final state")
+
+
+@pytest.mark.parametrize("mode", ssm.SSD_MODES)
+def test_segment_resets_equal_separate_runs(mode):
   args, _, _ = make_inputs(19, batch=1)
   cut = [0, 7, 8, 19]
   seg = jnp.asarray(np.repeat([4, 9, 2], np.diff(cut)))[None]
-  y_packed = jax.jit(functools.partial(ssm.ssd, chunk_size=4))(**args, segment_ids=seg)
+  y_packed = jax.jit(functools.partial(ssm.ssd, mode=mode, chunk_size=4))(**args, segment_ids=seg)
   for lo, hi in zip(cut[:-1], cut[1:]):
     piece = {k: (v[:, lo:hi] if v.ndim >= 3 else v) for k, v in args.items()}
     y_alone = jax.jit(functools.partial(ssm.ssd, mode="sequential"))(**piece)
     assert_close(y_packed[:, lo:hi], y_alone, jnp.float32, f"{lo}:{hi}")
 
 
-def test_causal_by_gradients():
+@pytest.mark.parametrize("mode", ssm.SSD_MODES)
+def test_causal_by_gradients(mode):
   args, _, _ = make_inputs(12, batch=1)
   t = 5
-  grads = jax.jit(jax.grad(lambda a: jnp.sum(ssm.ssd(**a, chunk_size=4)[:, t])))(args)
+  grads = jax.jit(jax.grad(lambda a: jnp.sum(ssm.ssd(**a, mode=mode, chunk_size=4)[:, t])))(args)
   for name in ("x", "dt", "B", "C"):
     assert np.all(np.asarray(grads[name][:, t + 1:]) == 0.0), name
     assert np.any(np.asarray(grads[name][:, :t + 1]) != 0.0), name
@@ -109,9 +121,26 @@ def test_step_by_step_equals_chunked():
 @pytest.mark.parametrize("bad, message", [
     (dict(mode="parallel"), "mode"), (dict(A=jnp.zeros((2,))), "A must be"),
     (dict(dt=jnp.zeros((2, 5, 3))), "dt must be"), (dict(C=jnp.zeros((2, 6, 4))), "C must have"),
-    (dict(chunk_size=-1), "chunk_size")])
+    (dict(chunk_size=-1), "chunk_size"), (dict(x=jnp.zeros((2, 6, 12))), "x must be"),
+    (dict(B=jnp.zeros((2, 5, 5))), "B must be"), (dict(D=jnp.zeros((2,))), "D must be"),
+    (dict(initial_state=jnp.zeros((2, 3, 4, 4))), "initial_state"),
+    (dict(segment_ids=jnp.zeros((2, 5), jnp.int32)), "segment_ids")])
 def test_bad_input_raises(bad, message):
   args, _, _ = make_inputs(6)
   with pytest.raises(ValueError, match=message):
     ssm.ssd(**{**args, **{k: v for k, v in bad.items() if k in args}},
             **{k: v for k, v in bad.items() if k not in args})
+
+
+def test_chunked_backward_keeps_no_per_chunk_decay_matrices():
+  """fwd+bwd memory: the chunk step is rematerialised, so no [L/C, B, N, C, C] stack of decays or scores is kept.
+
+  With 8 heads of width 4 and state 4, one such stack (2 MiB at L = 2048, C = 32) outweighs everything the
+  backward needs to keep (the inputs, their gradients and one [B, N, H, P] state per chunk: < 1 MiB).
+  """
+  length, heads, chunk = 2048, 8, 32
+  args, _, _ = make_inputs(length, batch=1, heads=heads, head_dim=4, state=4)
+  loss = lambda a: jnp.sum(ssm.ssd(**a, chunk_size=chunk))
+  temp = jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
+  one_stack = (length // chunk) * heads * chunk * chunk * 4
+  assert temp < one_stack / 2, (temp, one_stack)
