@@ -5,7 +5,8 @@ recurrence, and decode step time vs context length. Writes `ssm.json` and `ssm.p
     python -m seqjax.bench.ssm --lengths=256,512 --repeats=3       # a quick look
 
 Timing: every case is jitted, warmed up once, then the cases of one length run round-robin `--repeats` times and
-the median is reported (round-robin keeps ratios fair on a shared CPU). Memory: XLA's compiled memory analysis
+the median is reported (round-robin keeps ratios fair on a shared CPU); before each timed call the process waits
+until it is idle (`_settle`), so the release of the previous case's buffers is not charged to the next case. Memory: XLA's compiled memory analysis
 (`jax.jit(f).lower(...).compile().memory_analysis()`, temp buffers + outputs) — what the program allocates
 beyond its arguments, not RSS.
 
@@ -78,12 +79,33 @@ def _compile(fn, args):
   return compiled, mem
 
 
+def _settle(max_wait: float = 1.0, tick: float = 0.02, idle: float = 2e-3) -> None:
+  """Waits (up to `max_wait` s) until this process is idle: its CPU time grows < `idle` s in a `tick` s sleep.
+
+  XLA's CPU runtime releases a program's buffers on background threads after its result is ready; after a case
+  with GiB-sized temporaries (the baseline's or the sequential scans' fwd+bwd) that release costs ~60 ms of system
+  time, and without this wait it lands in the next case's timing (it made chunked selective_scan's forward at
+  L = 4096 look 3-5x slower than at 2048 in earlier runs).
+  """
+  deadline = time.perf_counter() + max_wait
+  last = time.process_time()
+  while time.perf_counter() < deadline:
+    time.sleep(tick)
+    now = time.process_time()
+    if now - last < idle:
+      return
+    last = now
+
+
 def _time_round_robin(compiled: dict[str, Callable], args, repeats: int) -> dict[str, float]:
   for fn in compiled.values():  # warm-up
     jax.block_until_ready(fn(*args))
   times = {name: [] for name in compiled}
+  _settle()
   for _ in range(repeats):
     for name, fn in compiled.items():
+      if len(compiled) > 1:
+        _settle()
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
