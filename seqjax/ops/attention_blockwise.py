@@ -141,11 +141,11 @@ class _Tiles:
     if self.bias is not None:
       bias = group_heads(self.bias.block(q_idx, kv_idx).astype(jnp.float32), self.K)  # [B, K|1, G|1, bq, bk]
       sT = sT + jnp.moveaxis(bias, -1, 2)
-    pT = jnp.exp(sT - lse.reshape(-1, self.K, 1, self.G, self.bq))
     if masked:
       visible = self._visible(q_idx, kv_idx)
       if visible is not None:
-        pT = jnp.where(jnp.swapaxes(visible, -1, -2)[:, :, :, None, :], pT, 0.0)
+        sT = jnp.where(jnp.swapaxes(visible, -1, -2)[:, :, :, None, :], sT, -jnp.inf)
+    pT = jnp.exp(sT - lse.reshape(-1, self.K, 1, self.G, self.bq))  # hidden: exp(-inf - lse) = 0, lse may be +inf
     return pT.reshape(pT.shape[0] * self.K, self.bk, self.G * self.bq)
 
   def maybe_visible(self, i, j):
