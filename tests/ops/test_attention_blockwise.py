@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from seqjax.ops import attention, masks, positions
-from seqjax.ops.attention_blockwise import make_plan
+from seqjax.ops.attention_blockwise import BLOCKWISE_BLOCK, make_plan, resolve_blocks
 
 B, N, H = 2, 4, 8
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
@@ -161,6 +161,26 @@ def test_plan_skips_empty_tiles():
   ragged = make_plan(None, 20, 20, 8, 8)
   np.testing.assert_array_equal(ragged.n_part_kv, [1, 1, 1])
   np.testing.assert_array_equal(ragged.n_full_kv, [2, 2, 2])
+
+
+def test_default_blocks():
+  largest = (BLOCKWISE_BLOCK, BLOCKWISE_BLOCK)
+  assert resolve_blocks(65536, 4096, None, None, largest=largest) == (512, 512)
+  assert resolve_blocks(1024, 256, None, None, largest=largest) == (256, 64)  # >= 4 tiles per axis, down to 64
+  assert resolve_blocks(40, 40, None, None, largest=largest) == (40, 40)
+  assert resolve_blocks(4096, 4096, None, None) == (256, 256)  # the shared default (Pallas) is unchanged
+  assert resolve_blocks(4096, 4096, 128, None, largest=largest) == (128, 512)
+
+
+def test_default_blocks_ragged_equal_reference():
+  """Default tiles (here 272 x 272 over 1090 rows: a ragged fifth block) with GQA and a packed causal mask."""
+  q, k, v = _qkv(1090, 1090, K=2, seed=3)
+  mask = masks.Causal() & masks.SegmentIds(_segments(1090, 3), _segments(1090, 3))
+  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, None)
+  out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, None)
+  _assert_close(out_b, out_r, jnp.float32)
+  for gb, gr in zip(grads_b, grads_r):
+    _assert_close(gb, gr, jnp.float32)
 
 
 def test_no_retrace_when_data_changes():
