@@ -47,7 +47,7 @@ DEFAULT_BLOCK_Q = 256   # largest default tile sides for `resolve_blocks` caller
 DEFAULT_BLOCK_KV = 256
 # This kernel's largest default tile side on CPU. XLA runs each tile's batched matmuls on one core below roughly
 # this size; 512 x 512 tiles (B=1, N=8, H=64) let it use both cores of the benchmark machine: fwd+bwd 1.6x faster
-# than 256 x 256 at T=4096 and 1.8x at T=16384 on an idle machine (a few % slower when the other core is busy).
+# than 256 x 256 at T=4096 and 1.8x at T=16384 on an idle machine (4-7% slower when the other core is busy).
 BLOCKWISE_BLOCK = 512
 MIN_DEFAULT_BLOCK = 64
 _M_INIT = -1e30  # running-max initial value: finite, so a fully masked tile never yields (-inf) - (-inf)
