@@ -86,9 +86,15 @@ def _rnn_pointwise(nonlinearity: str):
 # ----------------------------------------------------------------------------------------------
 # The generic recurrent core with a hand-written backward pass.
 # ----------------------------------------------------------------------------------------------
-def _hz(h_BH, w_hh_GH, b_hh_G):
-  """Recurrent pre-activation h @ w_hh.T + b_hh in float32."""
-  return lax.dot_general(h_BH.astype(w_hh_GH.dtype), w_hh_GH, (((1,), (1,)), ((), ())),
+def _transposed(w_GX):
+  """w.T [X, GH], materialised once before the loops (the barrier keeps XLA from folding the transpose
+  back into each matmul, where it re-laid-out the whole weight once per chunk)."""
+  return lax.optimization_barrier(jnp.swapaxes(w_GX, 0, 1))
+
+
+def _hz(h_BH, w_hh_HG, b_hh_G):
+  """Recurrent pre-activation h @ w_hh.T + b_hh in float32 (w_hh given transposed, [H, GH])."""
+  return lax.dot_general(h_BH.astype(w_hh_HG.dtype), w_hh_HG, (((1,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32) + b_hh_G.astype(jnp.float32)
 
 
@@ -107,20 +113,21 @@ def _reset(state, state0, reset_B1):
   return tuple(jnp.where(reset_B1, s0, s) for s, s0 in zip(state, state0))
 
 
-def _project(x_CBI, w_ih_GI, b_ih_G):
-  """Input pre-activation x @ w_ih.T + b_ih for a chunk of steps, float32 [C, B, GH]."""
-  return lax.dot_general(x_CBI.astype(w_ih_GI.dtype), w_ih_GI, (((2,), (1,)), ((), ())),
+def _project(x_CBI, w_ih_IG, b_ih_G):
+  """Input pre-activation x @ w_ih.T + b_ih for a chunk of steps, float32 [C, B, GH] (w_ih given
+  transposed, [I, GH])."""
+  return lax.dot_general(x_CBI.astype(w_ih_IG.dtype), w_ih_IG, (((2,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32) + b_ih_G.astype(jnp.float32)
 
 
-def _chunk_forward(pointwise, unroll, save, state, gx_CBG, state0, w_hh_GH, b_hh_G, keep_CB1,
+def _chunk_forward(pointwise, unroll, save, state, gx_CBG, state0, w_hh_HG, b_hh_G, keep_CB1,
                    reset_CB1):
   """The step loop over one chunk. `save`: None, "all" (state_in, gx, hz) or "state"."""
 
   def body(state, xs):
     gx_BG, keep_B1, reset_B1 = xs
     state_in = _reset(state, state0, reset_B1)
-    hz_BG = _hz(state_in[0], w_hh_GH, b_hh_G)
+    hz_BG = _hz(state_in[0], w_hh_HG, b_hh_G)
     new_state, y_BH = _masked_step(pointwise, gx_BG, hz_BG, state_in, keep_B1)
     if save is None:
       return new_state, (y_BH,)
@@ -136,18 +143,21 @@ def _forward(pointwise, unroll, save, x_NCBI, state0, w_ih_GI, b_ih_G, w_hh_GH, 
   """Scan over N chunks of C steps, software-pipelined: chunk n+1's input projection (a
   [C*B, I] x [I, GH] matmul) does not depend on chunk n's recurrence, so XLA runs them
   concurrently; the projection stays hoisted out of the step loop and cache-sized."""
-  x_next_NCBI = jnp.concatenate([x_NCBI[1:], jnp.zeros_like(x_NCBI[:1])])
-  gx0_CBG = _project(x_NCBI[0], w_ih_GI, b_ih_G)
+  n = x_NCBI.shape[0]
+  w_ih_IG, w_hh_HG = _transposed(w_ih_GI), _transposed(w_hh_GH)
+  gx0_CBG = _project(x_NCBI[0], w_ih_IG, b_ih_G)
 
   def outer(carry, xs):
     state, gx_CBG = carry
-    x_next_CBI, keep_CB1, reset_CB1 = xs
-    gx_next_CBG = _project(x_next_CBI, w_ih_GI, b_ih_G)
-    state, out = _chunk_forward(pointwise, unroll, save, state, gx_CBG, state0, w_hh_GH, b_hh_G,
+    i, keep_CB1, reset_CB1 = xs
+    # Chunk i + 1 read in place (no shifted copy of x); the last iteration's projection is unused.
+    x_next_CBI = lax.dynamic_index_in_dim(x_NCBI, jnp.minimum(i + 1, n - 1), keepdims=False)
+    gx_next_CBG = _project(x_next_CBI, w_ih_IG, b_ih_G)
+    state, out = _chunk_forward(pointwise, unroll, save, state, gx_CBG, state0, w_hh_HG, b_hh_G,
                                 keep_CB1, reset_CB1)
     return (state, gx_next_CBG), out
 
-  (state_T, _), out = lax.scan(outer, (state0, gx0_CBG), (x_next_NCBI, keep_NCB1, reset_NCB1))
+  (state_T, _), out = lax.scan(outer, (state0, gx0_CBG), (jnp.arange(n), keep_NCB1, reset_NCB1))
   return state_T, out
 
 
@@ -176,12 +186,14 @@ def _core_bwd(pointwise, unroll, remat, residuals, cotangents):
   else:
     states_in, gx_NCBG, hz_NCBG = per_step
   f32 = jnp.float32
+  if remat:  # the recomputed projections use the transposed weights, as in the forward
+    w_ih_IG, w_hh_HG = _transposed(w_ih_GI), _transposed(w_hh_GH)
 
   def step(carry, xs):
     dstate, dstate0 = carry
     gx_BG, hz_BG, dy_BH, state_in, keep_B1, reset_B1 = xs
     if hz_BG is None:
-      hz_BG = _hz(state_in[0], w_hh_GH, b_hh_G)
+      hz_BG = _hz(state_in[0], w_hh_HG, b_hh_G)
     _, step_vjp = jax.vjp(lambda g, z, s: _masked_step(pointwise, g, z, s, keep_B1), gx_BG, hz_BG,
                           state_in)
     dgx_BG, dhz_BG, dstate_in = step_vjp((dstate, dy_BH))
@@ -197,8 +209,9 @@ def _core_bwd(pointwise, unroll, remat, residuals, cotangents):
     """Gradient contributions of one finished chunk: large matmuls, not per-step products."""
     dw_ih, db_ih, dw_hh, db_hh = grads
     dgx_CBG, dhz_CBG, x_CBI, h_in_CBH = pending
-    dw_ih = dw_ih + jnp.einsum("cbg,cbi->gi", dgx_CBG, x_CBI.astype(f32))
-    dw_hh = dw_hh + jnp.einsum("cbg,cbh->gh", dhz_CBG, h_in_CBH.astype(f32))
+    # Accumulated transposed ([I, GH], [H, GH]): the natural layout of these products (no copy per chunk).
+    dw_ih = dw_ih + jnp.einsum("cbi,cbg->ig", x_CBI.astype(f32), dgx_CBG)
+    dw_hh = dw_hh + jnp.einsum("cbh,cbg->hg", h_in_CBH.astype(f32), dhz_CBG)
     db_ih = db_ih + jnp.sum(dgx_CBG, axis=(0, 1))
     db_hh = db_hh + jnp.sum(dhz_CBG, axis=(0, 1))
     dx_CBI = lax.dot_general(dgx_CBG.astype(w_ih_GI.dtype), w_ih_GI, (((2,), (0,)), ((), ())),
@@ -212,7 +225,7 @@ def _core_bwd(pointwise, unroll, remat, residuals, cotangents):
     x_CBI, dys_CBH, states_in_C, gx_CBG, hz_CBG, keep_CB1, reset_CB1 = xs
     grads, dx_next_CBI = weight_grads(grads, pending)
     if gx_CBG is None:
-      gx_CBG = _project(x_CBI, w_ih_GI, b_ih_G)
+      gx_CBG = _project(x_CBI, w_ih_IG, b_ih_G)
     dstates, (dgx_CBG, dhz_CBG) = lax.scan(
         step, dstates, (gx_CBG, hz_CBG, dys_CBH, states_in_C, keep_CB1, reset_CB1), reverse=True,
         unroll=unroll)
@@ -221,7 +234,7 @@ def _core_bwd(pointwise, unroll, remat, residuals, cotangents):
   n, c, b, _ = x_NCBI.shape
   g = w_hh_GH.shape[0]
   zeros_state = tuple(jnp.zeros_like(s, dtype=f32) for s in state0)
-  grads0 = (jnp.zeros(w_ih_GI.shape, f32), jnp.zeros((g,), f32), jnp.zeros(w_hh_GH.shape, f32),
+  grads0 = (jnp.zeros(w_ih_GI.shape[::-1], f32), jnp.zeros((g,), f32), jnp.zeros(w_hh_GH.shape[::-1], f32),
             jnp.zeros((g,), f32))
   pending0 = (jnp.zeros((c, b, g), f32), jnp.zeros((c, b, g), f32), jnp.zeros_like(x_NCBI[0]),
               jnp.zeros_like(states_in[0][0]))
@@ -232,8 +245,8 @@ def _core_bwd(pointwise, unroll, remat, residuals, cotangents):
   (dw_ih, db_ih, dw_hh, db_hh), dx0_CBI = weight_grads(grads, pending)
   dx_NCBI = jnp.concatenate([dx0_CBI[None], dx_shifted_NCBI[:-1]])
   dstate0 = tuple((a + b_).astype(s.dtype) for a, b_, s in zip(dstate0, dstate_first, state0))
-  return (dx_NCBI, dstate0, dw_ih.astype(w_ih_GI.dtype), db_ih.astype(b_ih_G.dtype),
-          dw_hh.astype(w_hh_GH.dtype), db_hh.astype(b_hh_G.dtype), None, None)
+  return (dx_NCBI, dstate0, dw_ih.T.astype(w_ih_GI.dtype), db_ih.astype(b_ih_G.dtype),
+          dw_hh.T.astype(w_hh_GH.dtype), db_hh.astype(b_hh_G.dtype), None, None)
 
 
 _recurrent_core.defvjp(_core_fwd, _core_bwd)
@@ -384,14 +397,14 @@ def _gx(x_BI, w_ih, b_ih):
 def lstm_step(x: Array, h: Array, c: Array, w_ih: Array, w_hh: Array, b_ih: Array,
               b_hh: Array) -> tuple[Array, Array]:
   """One LSTM step. x [B, I], h, c [B, H] -> (h', c') [B, H] float32 (h' is also the output)."""
-  (h, c), _ = _lstm_pointwise(_gx(x, w_ih, b_ih), _hz(h, w_hh, b_hh),
+  (h, c), _ = _lstm_pointwise(_gx(x, w_ih, b_ih), _hz(h, w_hh.T, b_hh),
                               (h.astype(jnp.float32), c.astype(jnp.float32)))
   return h, c
 
 
 def gru_step(x: Array, h: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array) -> Array:
   """One GRU step. x [B, I], h [B, H] -> h' [B, H] float32."""
-  (h,), _ = _gru_pointwise(_gx(x, w_ih, b_ih), _hz(h, w_hh, b_hh), (h.astype(jnp.float32),))
+  (h,), _ = _gru_pointwise(_gx(x, w_ih, b_ih), _hz(h, w_hh.T, b_hh), (h.astype(jnp.float32),))
   return h
 
 
@@ -401,5 +414,5 @@ def rnn_step(x: Array, h: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Ar
   if nonlinearity not in _NONLINEARITIES:
     raise ValueError(f"rnn_step: nonlinearity must be one of {sorted(_NONLINEARITIES)}, "
                      f"got {nonlinearity!r}.")
-  (h,), _ = _rnn_pointwise_cached(nonlinearity)(_gx(x, w_ih, b_ih), _hz(h, w_hh, b_hh), (h,))
+  (h,), _ = _rnn_pointwise_cached(nonlinearity)(_gx(x, w_ih, b_ih), _hz(h, w_hh.T, b_hh), (h,))
   return h
