@@ -56,9 +56,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
-def run(mode: str, cfg_dict, workdir: str) -> dict | list[str]:
-  """Validates the config, then runs `mode`. Importable (tests and notebooks call it)."""
-  config = from_config_dict(cfg_dict)
+def run(mode: str, cfg_dict, workdir: str,
+        multiprocess: distributed.DistributedSpec = distributed.DistributedSpec()) -> dict | list[str]:
+  """Validates the config, joins the other processes of a multi-process run (if any), then runs `mode`.
+  Importable (tests and notebooks call it)."""
+  config = from_config_dict(cfg_dict)  # config errors first, before joining (and waiting for) other processes
+  distributed.initialize(multiprocess)
   # Heavy imports only after validation. Each task module offers train / evaluate_checkpoint / generate.
   if config.task == "seq2seq":
     from seqjax.train import seq2seq as job  # pylint: disable=import-outside-toplevel
@@ -95,10 +98,9 @@ def main(argv: list[str]) -> None:
   logging.getLogger("seqjax").setLevel(logging.INFO)
   workdir = os.path.abspath(_WORKDIR.value)
   try:
-    from_config_dict(_CONFIG.value)  # config errors first, before joining (and waiting for) other processes
-    distributed.initialize(distributed.make_spec(auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-                                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value))
-    result = run(_MODE.value, _CONFIG.value, workdir)
+    multiprocess = distributed.make_spec(auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    result = run(_MODE.value, _CONFIG.value, workdir, multiprocess)
   except Exception as e:  # pylint: disable=broad-except
     status = _exit_status(e)
     if status is None:
