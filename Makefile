@@ -13,6 +13,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	@# Build the native CPU kernels once up front (cached per machine; seqjax falls back to JAX without a compiler).
+	JAX_PLATFORMS=cpu $(PY) -c 'from seqjax.ops import native; print("native CPU kernels:", "built" if native.available() else native.unavailable_reason())'
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -11,6 +11,9 @@ forward and the backward pass, never NaN). Implementations (see `available_atten
 
 - "reference": `reference_attention`, materialises the [B, N, T, S] scores. The oracle for the others.
 - "blockwise": `blockwise_attention`, flash-style tiles with an online softmax and a memory-efficient custom_vjp.
+  On a CPU it runs the native kernel below where that covers the mask and bias.
+- "blockwise_jax": the same, always as the JAX program (no native kernel).
+- "native": `native_attention`, the same algorithm as a C++ kernel for the CPU (XLA FFI, built on first use).
 - "pallas": `pallas_attention`, the same algorithm as a Pallas kernel for GPU/TPU (interpret mode on CPU).
 """
 
@@ -24,11 +27,12 @@ import jax.numpy as jnp
 from seqjax.ops import masks as masks_lib
 from seqjax.ops.attention_base import (AttentionFn, available_attentions, check_inputs, default_scale,
                                        get_attention, group_heads, register_attention)
-from seqjax.ops.attention_blockwise import blockwise_attention  # registers "blockwise"
+from seqjax.ops.attention_blockwise import blockwise_attention  # registers "blockwise", "blockwise_jax"
+from seqjax.ops.attention_native import native_attention  # registers "native"
 from seqjax.ops.attention_pallas import pallas_attention  # registers "pallas"
 
 __all__ = ["AttentionFn", "available_attentions", "get_attention", "register_attention", "reference_attention",
-           "blockwise_attention", "pallas_attention"]
+           "blockwise_attention", "native_attention", "pallas_attention"]
 
 
 @register_attention("reference")

@@ -1,4 +1,10 @@
-"""Blockwise attention == reference attention (forward and gradients) across masks, GQA, lengths and dtypes."""
+"""Blockwise attention == reference attention (forward and gradients) across masks, GQA, lengths and dtypes.
+
+Both tile programs are tested: "jax" (the JAX tiles that GPUs/TPUs run, `native=False`) and "native" (the C++
+kernel that `blockwise_attention` runs on a CPU, `native=True`) wherever the native kernel covers the mask/bias.
+"""
+
+import functools
 
 import chex
 import jax
@@ -6,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import attention, masks, positions
+from seqjax.ops import attention, masks, native, positions
 from seqjax.ops.attention_blockwise import BLOCKWISE_BLOCK, make_plan, resolve_blocks
 
 B, N, H = 2, 4, 8
@@ -55,6 +61,17 @@ def _mask(kind, T, S):
   raise AssertionError(kind)
 
 
+# Masks the native kernel covers (the others always run the JAX tiles, tested as "jax").
+NATIVE_CASES = {"none", "causal", "window", "causal_segments", "key_padding_empty_row", "offset_causal"}
+IMPLS = ["jax", "native"]
+
+
+def _impl(name):
+  if name == "native" and not native.available():
+    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+  return functools.partial(attention.blockwise_attention, native=name == "native")
+
+
 def _run(fn, q, k, v, mask, bias, **kw):
   """Output and the gradients of a fixed random projection of it, from one jitted function."""
   w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
@@ -78,14 +95,17 @@ CASES = ["none", "window", "causal_segments", "key_padding_empty_row", "prefix",
          "causal_alibi", "alibi", "traced_offset_causal"]
 
 
-@pytest.mark.parametrize("kind", CASES)
-def test_blockwise_equals_reference_masks(kind):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", CASES + ["offset_causal"])
+def test_blockwise_equals_reference_masks(kind, impl):
+  if impl == "native" and kind not in NATIVE_CASES:
+    pytest.skip("not covered by the native kernel: blockwise runs the JAX tiles (the 'jax' case)")
   T = S = 37  # not a multiple of either block size
   if kind in ("offset_causal", "traced_offset_causal"):
     T = 13
   q, k, v = _qkv(T, S, K=2)
   mask, bias = _mask(kind, T, S)
-  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, bias, block_q=8, block_kv=16)
+  out_b, grads_b = _run(_impl(impl), q, k, v, mask, bias, block_q=8, block_kv=16)
   out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, bias)
   _assert_close(out_b, out_r, jnp.float32)
   for gb, gr in zip(grads_b, grads_r):
@@ -100,10 +120,11 @@ def test_blockwise_equals_reference_masks(kind):
     (1, 19, 19, (8, 8), jnp.bfloat16),
     (2, 7, 7, (None, None), jnp.float32),  # default blocks capped at the lengths
 ])
-def test_blockwise_gqa_cross_lengths_dtypes(K, T, S, blocks, dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_blockwise_gqa_cross_lengths_dtypes(K, T, S, blocks, dtype, impl):
   q, k, v = _qkv(T, S, K, dtype=dtype, seed=1)
   mask = masks.Causal(q_offset=max(0, S - T))
-  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, None, block_q=blocks[0], block_kv=blocks[1])
+  out_b, grads_b = _run(_impl(impl), q, k, v, mask, None, block_q=blocks[0], block_kv=blocks[1])
   out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, None)
   assert out_b.dtype == dtype and all(g.dtype == dtype for g in grads_b)
   _assert_close(out_b, out_r, dtype)
@@ -118,7 +139,7 @@ def test_blockwise_bfloat16_masks_bias_gqa(K, blocks):
   q, k, v = _qkv(T, S, K, dtype=jnp.bfloat16, seed=2)
   mask, bias = _mask("segments_alibi", T, S)
   mask = mask & masks.Causal(q_offset=S - T)
-  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, bias, block_q=blocks[0], block_kv=blocks[1])
+  out_b, grads_b = _run(_impl("jax"), q, k, v, mask, bias, block_q=blocks[0], block_kv=blocks[1])
   out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, bias)
   _assert_close(out_b, out_r, jnp.bfloat16)
   for gb, gr in zip(grads_b, grads_r):
@@ -126,22 +147,25 @@ def test_blockwise_bfloat16_masks_bias_gqa(K, blocks):
     _assert_close(gb, gr, jnp.bfloat16)
 
 
-def test_blockwise_causal_by_gradients():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_blockwise_causal_by_gradients(impl):
   q, k, v = _qkv(20, 20, K=2)
   t = 9
+  fn = _impl(impl)
   grads = jax.jit(jax.grad(
-      lambda k, v: attention.blockwise_attention(q, k, v, causal=True, block_q=4, block_kv=4)[:, t].sum(),
+      lambda k, v: fn(q, k, v, causal=True, block_q=4, block_kv=4)[:, t].sum(),
       argnums=(0, 1)))(k, v)
   for g in grads:
     assert np.abs(np.asarray(g[:, t + 1:])).max() == 0.0
     assert np.abs(np.asarray(g[:, :t + 1])).max() > 0.0
 
 
-def test_fully_masked_rows_zero_and_no_nan():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fully_masked_rows_zero_and_no_nan(impl):
   q, k, v = _qkv(12, 12, K=2)
   ids = jnp.array([[0] * 12, [1] * 6 + [0] * 6])  # row 0 is all padding
   mask = masks.Causal() & masks.SegmentIds(ids, ids)
-  out, grads = _run(attention.blockwise_attention, q, k, v, mask, None, block_q=4, block_kv=4)
+  out, grads = _run(_impl(impl), q, k, v, mask, None, block_q=4, block_kv=4)
   np.testing.assert_array_equal(out[0], 0.0)
   np.testing.assert_array_equal(out[1, 6:], 0.0)
   for g in grads:
@@ -172,23 +196,29 @@ def test_default_blocks():
   assert resolve_blocks(4096, 4096, 128, None, largest=largest) == (128, 512)
 
 
-def test_default_blocks_ragged_equal_reference():
-  """Default tiles (here 272 x 272 over 1090 rows: a ragged fifth block) with GQA and a packed causal mask."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_default_blocks_ragged_equal_reference(impl):
+  """Default tiles (JAX: 272 x 272 over 1090 rows, a ragged fifth block; native: 64 x 128) with GQA and a
+  packed causal mask."""
   q, k, v = _qkv(1090, 1090, K=2, seed=3)
   mask = masks.Causal() & masks.SegmentIds(_segments(1090, 3), _segments(1090, 3))
-  out_b, grads_b = _run(attention.blockwise_attention, q, k, v, mask, None)
+  out_b, grads_b = _run(_impl(impl), q, k, v, mask, None)
   out_r, grads_r = _run(attention.reference_attention, q, k, v, mask, None)
   _assert_close(out_b, out_r, jnp.float32)
   for gb, gr in zip(grads_b, grads_r):
     _assert_close(gb, gr, jnp.float32)
 
 
-def test_no_retrace_when_data_changes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_retrace_when_data_changes(impl):
+  fn = _impl(impl)
+  chex.clear_trace_counter()
+
   @jax.jit
   @chex.assert_max_traces(n=1)
   def f(q, k, v, ids, lengths):
     mask = masks.Causal() & masks.SegmentIds(ids, ids) & masks.KeyPadding(lengths)
-    return attention.blockwise_attention(q, k, v, mask=mask, block_q=8, block_kv=8)
+    return fn(q, k, v, mask=mask, block_q=8, block_kv=8)
 
   for seed in range(3):
     q, k, v = _qkv(16, 16, K=2, seed=seed)

@@ -1,0 +1,170 @@
+"""Flash attention as a native CPU kernel (C++, XLA FFI): what `blockwise_attention` runs on a CPU.
+
+The algorithm is the one of `attention_blockwise` (tiles, online softmax, key-major backward recomputing the
+probabilities from the saved log-sum-exp, O(T) memory); `native/flash_attention.cc` implements it with
+register-blocked SIMD matmuls and runs its work items on XLA's intra-op thread pool, which a JAX program cannot
+do on a CPU (XLA runs each fusion inside a loop body on one core, and between two tile matmuls the tile leaves the
+cache). On other platforms, and for what the kernel does not cover, `blockwise_attention` runs its JAX tiles.
+
+Covered: float32 / bfloat16 / float16 inputs (computed in float32), GQA/MQA, any lengths, T != S, and masks made
+of an `And` of at most: `Causal` and `SlidingWindow` with static offsets (any number; they intersect into one band
+`lo <= (j - i) <= hi` on array rows), one `SegmentIds`, one `KeyPadding`. Not covered (the JAX kernel runs):
+`bias` (ALiBi), `GlobalTokens`, `PrefixLM`, `Or`, traced offsets (decoding steps).
+
+    native_attention(q, k, v, *, causal=False, mask=None, scale=None, block_q=None, block_kv=None)
+
+raises ValueError for an uncovered mask or bias; `native_supported(...)` says beforehand.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax.ops import masks as masks_lib
+from seqjax.ops import native
+from seqjax.ops.attention_base import check_inputs, default_scale, register_attention
+
+# Tile sides of the native kernel: rows of a query tile are G * block_q (the query heads of one kv group are folded
+# in), so block_q shrinks as G grows to keep the tile (and its [rows, block_kv] score buffer) in L2.
+NATIVE_TILE_ROWS = 128
+NATIVE_BLOCK_KV = 128
+_UNBOUNDED = 1 << 62
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class NativeMask(NamedTuple):
+  """The canonical mask the kernel evaluates: static attributes + (q_seg [B, T], kv_seg [B, S], kv_len [B])."""
+  has_band: bool
+  band_lo: int
+  band_hi: int
+  has_seg: bool
+  has_pad: bool
+  pad_id: int
+  has_len: bool
+
+
+def canonical_mask(mask: masks_lib.Mask | None):
+  """(NativeMask, arrays) for a mask the kernel covers, or None."""
+  parts = [] if mask is None else (list(mask.masks) if type(mask) is masks_lib.And else [mask])
+  lo, hi, band = -_UNBOUNDED, _UNBOUNDED, False
+  seg = lengths = None
+  for m in parts:
+    kind = type(m)
+    if kind in (masks_lib.Causal, masks_lib.SlidingWindow):
+      if not m._offsets_static():  # pylint: disable=protected-access
+        return None
+      shift = int(m.kv_offset) - int(m.q_offset)  # visible iff lo' <= (j - i) + shift <= hi'
+      if kind is masks_lib.Causal:
+        m_lo, m_hi = None, 0
+      else:
+        m_lo, m_hi = (None if m.left is None else -m.left), m.right
+      if m_lo is not None:
+        lo = max(lo, m_lo - shift)
+      if m_hi is not None:
+        hi = min(hi, m_hi - shift)
+      band = True
+    elif kind is masks_lib.SegmentIds and seg is None:
+      seg = m
+    elif kind is masks_lib.KeyPadding and lengths is None:
+      lengths = m
+    else:
+      return None
+  spec = NativeMask(band, lo, hi, seg is not None, seg is not None and seg.padding_id is not None,
+                    0 if seg is None or seg.padding_id is None else int(seg.padding_id), lengths is not None)
+  dummy = jnp.zeros((1,), jnp.int32)
+  arrays = (dummy if seg is None else jnp.asarray(seg.q_ids, jnp.int32),
+            dummy if seg is None else jnp.asarray(seg.kv_ids, jnp.int32),
+            dummy if lengths is None else jnp.asarray(lengths.lengths, jnp.int32))
+  return spec, arrays
+
+
+def native_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Mask | None = None,
+                     bias: Any = None) -> bool:
+  """Whether `native_attention` covers these inputs and the native library is available here."""
+  if bias is not None or any(x.dtype not in _FLOATS for x in (q, k, v)):
+    return False
+  if canonical_mask(mask) is None:
+    return False
+  return native.available()
+
+
+def native_blocks(G: int, T: int, S: int, block_q: int | None, block_kv: int | None) -> tuple[int, int]:
+  bq = block_q or max(8, NATIVE_TILE_ROWS // G)
+  bk = block_kv or NATIVE_BLOCK_KV
+  return max(1, min(bq, T)), max(1, min(bk, S))
+
+
+def _attrs(spec: NativeMask, scale: float, bq: int, bk: int) -> dict:
+  return dict(block_q=np.int64(bq), block_kv=np.int64(bk), scale=np.float32(scale), has_band=spec.has_band,
+              band_lo=np.int64(spec.band_lo), band_hi=np.int64(spec.band_hi), has_seg=spec.has_seg,
+              has_pad=spec.has_pad, pad_id=np.int64(spec.pad_id), has_len=spec.has_len)
+
+
+def _call_forward(q, k, v, arrays, spec, scale, bq, bk):
+  B, T, N, H = q.shape
+  f32 = jnp.float32
+  out_types = (jax.ShapeDtypeStruct((B, T, N, H), f32), jax.ShapeDtypeStruct((B, T, N), f32))
+  return jax.ffi.ffi_call("seqjax_flash_attention_fwd", out_types, vmap_method="sequential")(
+      q.astype(f32), k.astype(f32), v.astype(f32), *arrays, **_attrs(spec, scale, bq, bk))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def native_flash(q, k, v, arrays, spec, scale, bq, bk):
+  """The kernel with its custom_vjp: `arrays`, `spec` from `canonical_mask`; static scale and tile sides."""
+  return _call_forward(q, k, v, arrays, spec, scale, bq, bk)[0].astype(q.dtype)
+
+
+def _native_fwd(q, k, v, arrays, spec, scale, bq, bk):
+  out, lse = _call_forward(q, k, v, arrays, spec, scale, bq, bk)
+  return out.astype(q.dtype), (q, k, v, arrays, out, lse)
+
+
+def _native_bwd(spec, scale, bq, bk, residuals, d_out):
+  q, k, v, arrays, out, lse = residuals
+  f32 = jnp.float32
+  out_types = tuple(jax.ShapeDtypeStruct(x.shape, f32) for x in (q, k, v))
+  dq, dk, dv = jax.ffi.ffi_call("seqjax_flash_attention_bwd", out_types, vmap_method="sequential")(
+      q.astype(f32), k.astype(f32), v.astype(f32), out, lse, d_out.astype(f32), *arrays,
+      **_attrs(spec, scale, bq, bk))
+  zeros = tuple(np.zeros(a.shape, jax.dtypes.float0) for a in arrays)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
+
+
+native_flash.defvjp(_native_fwd, _native_bwd)
+
+
+@register_attention("native")
+def native_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                     mask: masks_lib.Mask | None = None, bias: Any = None, scale: float | None = None,
+                     block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
+  """Flash attention by the native CPU kernel (CPU only; `blockwise_attention` picks it automatically).
+
+  Args: as `blockwise_attention`. `block_q` counts query positions (a tile has G * block_q rows; default
+  max(8, 128 // G)), `block_kv` keys (default 128).
+
+  Returns:
+    [B, T, N, H] in q's dtype (computed in float32); rows with no visible key are 0.
+
+  Raises:
+    ValueError: a bias, or a mask outside the covered set (see the module docstring), or the native library is
+      unavailable (the message says why).
+  """
+  dims = check_inputs("native_attention", q, k, v, mask, bias, array_bias=False)
+  mask = masks_lib.combine(causal, mask)
+  canonical = canonical_mask(mask)
+  if bias is not None or canonical is None:
+    raise ValueError(f"native_attention covers Causal / SlidingWindow (static offsets), SegmentIds and KeyPadding "
+                     f"combined with &, and no bias; got mask={mask!r}, bias={type(bias).__name__}. Use "
+                     f"blockwise_attention, which falls back to its JAX kernel for these.")
+  if any(x.dtype not in _FLOATS for x in (q, k, v)):
+    raise ValueError(f"native_attention: q, k, v must be floating point, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if not native.available():
+    raise ValueError(f"native_attention: the native CPU kernels are unavailable ({native.unavailable_reason()})")
+  spec, arrays = canonical
+  bq, bk = native_blocks(dims.G, dims.T, dims.S, block_q, block_kv)
+  return native_flash(q, k, v, arrays, spec, float(default_scale(scale, dims.H)), bq, bk)

@@ -1,0 +1,640 @@
+// Flash attention for the CPU, as two XLA FFI handlers (forward, backward).
+//
+// The algorithm is the one of seqjax/ops/attention_blockwise.py (read its docstring first): tiles of `bq` query
+// positions x `bk` keys, an online softmax in the forward pass, and a backward pass that recomputes the
+// probabilities from the saved log-sum-exp, key-major (one work item per key block). What this file adds is what
+// XLA cannot do for that program on a CPU: it runs each tile's matmuls, exp and masking back to back while the
+// tile is in the L1/L2 cache, with register-blocked SIMD matmuls, and spreads the work items over XLA's intra-op
+// thread pool (XLA runs the fusions inside a loop body on one core).
+//
+// Legend: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H head dim. A query tile holds the G
+// heads of one kv group folded into its rows: row r = t_local * G + g, so R = bq * G rows.
+//
+// Masks come as one canonical form (built by seqjax/ops/attention_native.py from the mask objects):
+//   visible(b, t, s) = band_lo <= s - t <= band_hi   (causal, sliding windows; offsets folded in)
+//                    & q_seg[b, t] == kv_seg[b, s] & q_seg[b, t] != pad_id   (packed sequences)
+//                    & s < kv_len[b]                  (key padding)
+// each term optional. Tiles are classified EMPTY (skipped), FULL (no mask arithmetic) or PARTIAL per (b, i, j).
+//
+// Buffers are row-major float32 in the jax.nn.dot_product_attention layout: q [B, T, N, H], k and v [B, S, K, H].
+// Internally every operand is re-packed once per call into tiles padded to multiples of 16 floats (one SIMD
+// vector), so the inner kernels never see a ragged edge: padded query rows are never written back, padded key
+// columns get score -inf.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---- SIMD ----------------------------------------------------------------------------------------------------
+// GCC/Clang vector extensions: one `vf` is 16 floats; the compiler maps it to one AVX-512 register, or two AVX2
+// registers, or four SSE/NEON registers, so the file builds for any target.
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+inline vf splat(float x) { return vf{} + x; }
+
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp(x) for a vector: round x / ln 2 to n, a degree-6 polynomial on the remainder (|r| <= ln2 / 2, relative error
+// ~1e-7), times 2^n built in the exponent bits. exp(-inf) and anything below the normal range give exactly 0.
+inline vf vexp(vf x) {
+  const vi underflow = x < splat(-87.3f);
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  x = underflow ? splat(0.f) : x;
+  const vf t = x * 1.44269504088896341f;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const vf n = (t + magic) - magic;
+  vf r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  vf p = splat(1.f / 720.f);
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vf result = p * (vf)bits;
+  return underflow ? splat(0.f) : result;
+}
+
+// ---- matmul -------------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int kMR = 8;  // rows of the register tile: 8 x 32 floats = 16 of the 32 vector registers
+#else
+constexpr int kMR = 4;
+#endif
+constexpr int kNV = 2;  // vectors per register-tile row (32 columns)
+
+// C[m, n] = (accumulate ? C[m, n] : 0) + sum_k A(m, k) B[k, n] for one register tile of MR x NV*16. A(m, k) is
+// a[m * am + k * ak], so the same kernel serves A and A^T; B rows are contiguous (ldb apart).
+template <int MR, int NV>
+inline void micro_tile(int kc, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, float* c,
+                       int64_t ldc, bool accumulate) {
+  vf acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? load(c + m * ldc + v * kLanes) : vf{};
+  for (int k = 0; k < kc; ++k) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * kLanes);
+    const float* ak_ptr = a + k * ak;
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const float av = ak_ptr[m * am];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(c + m * ldc + v * kLanes, acc[m][v]);
+}
+
+template <int NV>
+inline void micro_rows(int mr, int kc, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb,
+                       float* c, int64_t ldc, bool accumulate) {
+  switch (mr) {
+#if defined(__AVX512F__)
+    case 8: micro_tile<8, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+    case 7: micro_tile<7, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+    case 6: micro_tile<6, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+    case 5: micro_tile<5, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+#endif
+    case 4: micro_tile<4, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+    case 3: micro_tile<3, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+    case 2: micro_tile<2, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+    default: micro_tile<1, NV>(kc, a, am, ak, b, ldb, c, ldc, accumulate); break;
+  }
+}
+
+// C [M, N] (+)= A [M, kc] B [kc, N] with N a multiple of 16 (all packed buffers are padded to that).
+void gemm(int M, int N, int kc, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, float* c,
+          int64_t ldc, bool accumulate) {
+  for (int n0 = 0; n0 < N; n0 += kNV * kLanes) {
+    const bool two = N - n0 >= kNV * kLanes;
+    for (int m0 = 0; m0 < M; m0 += kMR) {
+      const int mr = std::min(kMR, M - m0);
+      const float* a0 = a + m0 * am;
+      float* c0 = c + m0 * ldc + n0;
+      if (two) {
+        micro_rows<kNV>(mr, kc, a0, am, ak, b + n0, ldb, c0, ldc, accumulate);
+      } else {
+        micro_rows<1>(mr, kc, a0, am, ak, b + n0, ldb, c0, ldc, accumulate);
+      }
+    }
+  }
+}
+
+// ---- thread pool --------------------------------------------------------------------------------------------
+// parallel_for(n, fn): runs fn(item, slot) for item in [0, n) on the caller and XLA's intra-op threads. Items are
+// taken dynamically in order (callers list the heaviest first). `slot` < max_slots(n) tells a participant apart
+// (for per-thread accumulators). The caller works too and waits only for items already taken, so a task that the
+// pool starts late finds nothing left and returns: no deadlock when every pool thread is busy.
+class Parallel {
+ public:
+  explicit Parallel(ffi::ThreadPool& pool) : pool_(pool), threads_(std::max<int64_t>(1, pool.num_threads())) {}
+
+  int max_slots(int64_t n) const { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_, n))); }
+
+  void run(int64_t n, const std::function<void(int64_t, int)>& fn) {
+    const int participants = max_slots(n);
+    if (participants == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i, 0);
+      return;
+    }
+    auto state = std::make_shared<State>();
+    state->n = n;
+    state->fn = &fn;
+    for (int p = 1; p < participants; ++p) {
+      pool_.Schedule([state] { Work(*state); });
+    }
+    Work(*state);
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->done.load() == state->n; });
+  }
+
+ private:
+  struct State {
+    int64_t n = 0;
+    const std::function<void(int64_t, int)>* fn = nullptr;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int> slots{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+
+  static void Work(State& s) {
+    int slot = -1;
+    int64_t finished = 0;
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.n;) {
+      if (slot < 0) slot = s.slots.fetch_add(1);
+      (*s.fn)(i, slot);
+      ++finished;
+    }
+    if (finished && s.done.fetch_add(finished) + finished == s.n) {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.cv.notify_all();
+    }
+  }
+
+  ffi::ThreadPool& pool_;
+  int64_t threads_;
+};
+
+// ---- problem and masks --------------------------------------------------------------------------------------
+enum Kind { kEmpty = 0, kPartial = 1, kFull = 2 };
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Problem {
+  int64_t B, T, S, N, K, G, H;
+  int64_t bq, bk, nq, nk, R, Hp, bkp;
+  float scale;
+  bool has_band;
+  int64_t band_lo, band_hi;
+  bool has_seg, has_pad;
+  int32_t pad_id;
+  const int32_t* q_seg;   // [B, T]
+  const int32_t* kv_seg;  // [B, S]
+  bool has_len;
+  const int32_t* kv_len;  // [B]
+  // id ranges of each tile's segment ids, [B * nq] and [B * nk]
+  std::vector<int32_t> q_min, q_max, kv_min, kv_max;
+
+  int64_t t_first(int64_t i) const { return i * bq; }
+  int64_t q_rows_valid(int64_t i) const { return std::min(bq, T - i * bq); }
+  int64_t kv_cols_valid(int64_t j) const { return std::min(bk, S - j * bk); }
+
+  void init_ranges() {
+    if (!has_seg) return;
+    q_min.resize(B * nq); q_max.resize(B * nq); kv_min.resize(B * nk); kv_max.resize(B * nk);
+    auto range = [](const int32_t* ids, int64_t lo, int64_t n, int32_t* mn, int32_t* mx) {
+      int32_t a = ids[lo], b = ids[lo];
+      for (int64_t x = lo + 1; x < lo + n; ++x) { a = std::min(a, ids[x]); b = std::max(b, ids[x]); }
+      *mn = a; *mx = b;
+    };
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < nq; ++i)
+        range(q_seg + b * T, i * bq, q_rows_valid(i), &q_min[b * nq + i], &q_max[b * nq + i]);
+      for (int64_t j = 0; j < nk; ++j)
+        range(kv_seg + b * S, j * bk, kv_cols_valid(j), &kv_min[b * nk + j], &kv_max[b * nk + j]);
+    }
+  }
+
+  Kind kind(int64_t b, int64_t i, int64_t j) const {
+    const int64_t t0 = i * bq, t1 = t0 + q_rows_valid(i) - 1;
+    const int64_t s0 = j * bk, s1 = s0 + kv_cols_valid(j) - 1;
+    Kind k = kFull;
+    if (has_band) {
+      const int64_t d_min = s0 - t1, d_max = s1 - t0;
+      if (d_max < band_lo || d_min > band_hi) return kEmpty;
+      if (d_min < band_lo || d_max > band_hi) k = kPartial;
+    }
+    if (has_len) {
+      const int64_t len = kv_len[b];
+      if (s0 >= len) return kEmpty;
+      if (s1 >= len) k = kPartial;
+    }
+    if (has_seg) {
+      const int32_t qa = q_min[b * nq + i], qb = q_max[b * nq + i];
+      const int32_t ka = kv_min[b * nk + j], kb = kv_max[b * nk + j];
+      if (qb < ka || kb < qa) return kEmpty;
+      if (has_pad && qa == pad_id && qb == pad_id) return kEmpty;
+      if (!(qa == qb && ka == kb && qa == ka && !(has_pad && qa == pad_id))) k = kPartial;
+    }
+    return k;
+  }
+
+  // Sets hidden scores of a PARTIAL tile (rows R, columns ncols, leading dim bkp) to -inf.
+  void apply_mask(float* s, int64_t b, int64_t i, int64_t j) const {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const int64_t s0 = j * bk, ncols = kv_cols_valid(j);
+    const int64_t rows = q_rows_valid(i);
+    for (int64_t tl = 0; tl < rows; ++tl) {
+      const int64_t t = i * bq + tl;
+      int64_t lo = 0, hi = ncols;  // visible columns by position: [lo, hi)
+      if (has_band) {
+        lo = std::max<int64_t>(lo, std::min<int64_t>(ncols, t + band_lo - s0));
+        hi = std::min<int64_t>(hi, std::max<int64_t>(0, t + band_hi - s0 + 1));
+      }
+      if (has_len) hi = std::min<int64_t>(hi, std::max<int64_t>(0, kv_len[b] - s0));
+      const int32_t qid = has_seg ? q_seg[b * T + t] : 0;
+      const bool q_is_pad = has_seg && has_pad && qid == pad_id;
+      for (int64_t g = 0; g < G; ++g) {
+        float* row = s + (tl * G + g) * bkp;
+        if (q_is_pad || lo >= hi) {
+          for (int64_t c = 0; c < ncols; ++c) row[c] = neg_inf;
+          continue;
+        }
+        for (int64_t c = 0; c < lo; ++c) row[c] = neg_inf;
+        for (int64_t c = hi; c < ncols; ++c) row[c] = neg_inf;
+        if (has_seg) {
+          const int32_t* ks = kv_seg + b * S + s0;
+          for (int64_t c = lo; c < hi; ++c)
+            if (ks[c] != qid) row[c] = neg_inf;
+        }
+      }
+    }
+  }
+};
+
+// Padded key columns [ncols, bkp) of a score tile get -inf.
+inline void mask_padding_columns(float* s, int64_t rows, int64_t ncols, int64_t bkp) {
+  if (ncols == bkp) return;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = ncols; c < bkp; ++c) s[r * bkp + c] = neg_inf;
+}
+
+// ---- packing ------------------------------------------------------------------------------------------------
+// Query-side tile of x [B, T, N, H] for (b, kh, i): rows r = tl * G + g, [R, Hp], times `mul`, zero-padded.
+void pack_q_tile(const Problem& p, const float* x, int64_t b, int64_t kh, int64_t i, float mul, float* dst) {
+  std::memset(dst, 0, sizeof(float) * p.R * p.Hp);
+  const int64_t rows = p.q_rows_valid(i);
+  for (int64_t tl = 0; tl < rows; ++tl) {
+    const int64_t t = i * p.bq + tl;
+    const float* src = x + ((b * p.T + t) * p.N + kh * p.G) * p.H;
+    for (int64_t g = 0; g < p.G; ++g) {
+      float* d = dst + (tl * p.G + g) * p.Hp;
+      for (int64_t h = 0; h < p.H; ++h) d[h] = mul * src[g * p.H + h];
+    }
+  }
+}
+
+// Key-side tiles of x [B, S, K, H] for (b, kh, j): rows [bkp, Hp] and/or columns [Hp, bkp], zero-padded.
+void pack_kv_tile(const Problem& p, const float* x, int64_t b, int64_t kh, int64_t j, float* rows_dst,
+                  float* cols_dst) {
+  if (rows_dst) std::memset(rows_dst, 0, sizeof(float) * p.bkp * p.Hp);
+  if (cols_dst) std::memset(cols_dst, 0, sizeof(float) * p.bkp * p.Hp);
+  const int64_t ncols = p.kv_cols_valid(j);
+  for (int64_t c = 0; c < ncols; ++c) {
+    const float* src = x + ((b * p.S + j * p.bk + c) * p.K + kh) * p.H;
+    if (rows_dst) std::memcpy(rows_dst + c * p.Hp, src, sizeof(float) * p.H);
+    if (cols_dst)
+      for (int64_t h = 0; h < p.H; ++h) cols_dst[h * p.bkp + c] = src[h];
+  }
+}
+
+struct Aligned {
+  explicit Aligned(size_t n) : n_(n), ptr_(n ? static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64))) : nullptr) {}
+  ~Aligned() { std::free(ptr_); }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+  float* get() const { return ptr_; }
+  size_t n_;
+  float* ptr_;
+};
+
+// ---- handlers -----------------------------------------------------------------------------------------------
+ffi::Error make_problem(Problem& p, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                        ffi::Buffer<ffi::S32>& q_seg, ffi::Buffer<ffi::S32>& kv_seg, ffi::Buffer<ffi::S32>& kv_len,
+                        int64_t block_q, int64_t block_kv, float scale, bool has_band, int64_t band_lo,
+                        int64_t band_hi, bool has_seg, bool has_pad, int64_t pad_id, bool has_len) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("seqjax flash attention: rank-4 q, k");
+  p.B = qd[0]; p.T = qd[1]; p.N = qd[2]; p.H = qd[3];
+  p.S = kd[1]; p.K = kd[2];
+  if (kd[0] != p.B || kd[3] != p.H || p.K <= 0 || p.N % p.K)
+    return ffi::Error::InvalidArgument("seqjax flash attention: q and k shapes disagree");
+  if (block_q <= 0 || block_kv <= 0) return ffi::Error::InvalidArgument("seqjax flash attention: blocks > 0");
+  p.G = p.N / p.K;
+  p.bq = std::min(block_q, std::max<int64_t>(1, p.T));
+  p.bk = std::min(block_kv, std::max<int64_t>(1, p.S));
+  p.nq = (p.T + p.bq - 1) / p.bq;
+  p.nk = (p.S + p.bk - 1) / p.bk;
+  p.R = p.bq * p.G;
+  p.Hp = round_up(p.H, kLanes);
+  p.bkp = round_up(p.bk, kLanes);
+  p.scale = scale;
+  p.has_band = has_band; p.band_lo = band_lo; p.band_hi = band_hi;
+  p.has_seg = has_seg; p.has_pad = has_pad; p.pad_id = static_cast<int32_t>(pad_id);
+  p.q_seg = q_seg.typed_data(); p.kv_seg = kv_seg.typed_data();
+  p.has_len = has_len; p.kv_len = kv_len.typed_data();
+  p.init_ranges();
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
+                        ffi::Buffer<ffi::S32> kv_len, ffi::ResultBuffer<ffi::F32> out,
+                        ffi::ResultBuffer<ffi::F32> lse, int64_t block_q, int64_t block_kv, float scale,
+                        bool has_band, int64_t band_lo, int64_t band_hi, bool has_seg, bool has_pad, int64_t pad_id,
+                        bool has_len) {
+  Problem p;
+  if (auto err = make_problem(p, q, k, q_seg, kv_seg, kv_len, block_q, block_kv, scale, has_band, band_lo, band_hi,
+                              has_seg, has_pad, pad_id, has_len);
+      !err.success())
+    return err;
+  Parallel parallel(pool);
+  const float* qd = q.typed_data();
+  float* od = out->typed_data();
+  float* lsed = lse->typed_data();
+  const int64_t kv_tile = p.bkp * p.Hp, n_kv_tiles = p.B * p.K * p.nk;
+  Aligned kT_all(n_kv_tiles * kv_tile), v_all(n_kv_tiles * kv_tile);
+  parallel.run(n_kv_tiles, [&](int64_t item, int) {
+    const int64_t j = item % p.nk, bk = item / p.nk;
+    pack_kv_tile(p, k.typed_data(), bk / p.K, bk % p.K, j, nullptr, kT_all.get() + item * kv_tile);
+    pack_kv_tile(p, v.typed_data(), bk / p.K, bk % p.K, j, v_all.get() + item * kv_tile, nullptr);
+  });
+
+  const int slots = parallel.max_slots(p.B * p.K * p.nq);
+  const int64_t q_tile = p.R * p.Hp, s_tile = p.R * p.bkp;
+  Aligned work(static_cast<size_t>(slots) * (2 * q_tile + s_tile + 2 * p.R));
+  const float neg_init = -1e30f;
+  parallel.run(p.B * p.K * p.nq, [&](int64_t item, int slot) {
+    // Heaviest first: for causal masks the last query blocks see the most keys.
+    const int64_t i = p.nq - 1 - item / (p.B * p.K), bk = item % (p.B * p.K), b = bk / p.K, kh = bk % p.K;
+    float* qp = work.get() + slot * (2 * q_tile + s_tile + 2 * p.R);
+    float* acc = qp + q_tile;
+    float* s = acc + q_tile;
+    float* m = s + s_tile;
+    float* l = m + p.R;
+    pack_q_tile(p, qd, b, kh, i, p.scale, qp);
+    std::memset(acc, 0, sizeof(float) * q_tile);
+    std::fill(m, m + p.R, neg_init);
+    std::fill(l, l + p.R, 0.f);
+    const int64_t R = p.q_rows_valid(i) * p.G;
+    for (int64_t j = 0; j < p.nk; ++j) {
+      const Kind kind = p.kind(b, i, j);
+      if (kind == kEmpty) continue;
+      const int64_t tile = (bk * p.nk + j) * kv_tile, ncols = p.kv_cols_valid(j);
+      gemm(R, p.bkp, p.H, qp, p.Hp, 1, kT_all.get() + tile, p.bkp, s, p.bkp, false);
+      mask_padding_columns(s, R, ncols, p.bkp);
+      if (kind == kPartial) p.apply_mask(s, b, i, j);
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = s + r * p.bkp;
+        vf mx = splat(m[r]);
+        for (int64_t c = 0; c < p.bkp; c += kLanes) {
+          const vf x = load(row + c);
+          mx = x > mx ? x : mx;
+        }
+        const float m_new = hmax(mx);
+        const vf mv = splat(m_new);
+        vf sum = vf{};
+        for (int64_t c = 0; c < p.bkp; c += kLanes) {
+          const vf e = vexp(load(row + c) - mv);
+          store(row + c, e);
+          sum += e;
+        }
+        const float alpha = std::exp(m[r] - m_new);
+        l[r] = l[r] * alpha + hsum(sum);
+        m[r] = m_new;
+        if (alpha != 1.f) {
+          float* a = acc + r * p.Hp;
+          for (int64_t h = 0; h < p.Hp; h += kLanes) store(a + h, load(a + h) * alpha);
+        }
+      }
+      gemm(R, p.Hp, ncols, s, p.bkp, 1, v_all.get() + tile, p.Hp, acc, p.Hp, true);
+    }
+    const float inf = std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G;
+      float* o = od + ((b * p.T + t) * p.N + n) * p.H;
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      for (int64_t h = 0; h < p.H; ++h) o[h] = acc[r * p.Hp + h] * inv;
+      lsed[(b * p.T + t) * p.N + n] = l[r] > 0.f ? m[r] + std::log(l[r]) : inf;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                         ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
+                         ffi::Buffer<ffi::S32> kv_len, ffi::ResultBuffer<ffi::F32> dq,
+                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t block_q,
+                         int64_t block_kv, float scale, bool has_band, int64_t band_lo, int64_t band_hi, bool has_seg,
+                         bool has_pad, int64_t pad_id, bool has_len) {
+  Problem p;
+  if (auto err = make_problem(p, q, k, q_seg, kv_seg, kv_len, block_q, block_kv, scale, has_band, band_lo, band_hi,
+                              has_seg, has_pad, pad_id, has_len);
+      !err.success())
+    return err;
+  Parallel parallel(pool);
+  const int64_t q_tile = p.R * p.Hp, kv_tile = p.bkp * p.Hp;
+  const int64_t n_q_tiles = p.B * p.K * p.nq, n_kv_tiles = p.B * p.K * p.nk;
+  // Query side, per (b, kh, i): scaled q rows, dO rows, lse and delta = rowsum(dO * out) per row.
+  Aligned q_all(n_q_tiles * q_tile), do_all(n_q_tiles * q_tile), lse_all(n_q_tiles * p.R),
+      delta_all(n_q_tiles * p.R);
+  const float inf = std::numeric_limits<float>::infinity();
+  parallel.run(n_q_tiles, [&](int64_t item, int) {
+    const int64_t i = item % p.nq, bk = item / p.nq, b = bk / p.K, kh = bk % p.K;
+    pack_q_tile(p, q.typed_data(), b, kh, i, p.scale, q_all.get() + item * q_tile);
+    pack_q_tile(p, d_out.typed_data(), b, kh, i, 1.f, do_all.get() + item * q_tile);
+    float* ls = lse_all.get() + item * p.R;
+    float* de = delta_all.get() + item * p.R;
+    std::fill(ls, ls + p.R, inf);
+    std::fill(de, de + p.R, 0.f);
+    const int64_t R = p.q_rows_valid(i) * p.G;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G, off = (b * p.T + t) * p.N + n;
+      ls[r] = lse.typed_data()[off];
+      const float* o = out.typed_data() + off * p.H;
+      const float* g = d_out.typed_data() + off * p.H;
+      float acc = 0.f;
+      for (int64_t h = 0; h < p.H; ++h) acc += o[h] * g[h];
+      de[r] = acc;
+    }
+  });
+  // Key side, per (b, kh, j): k^T columns (scores), k rows (dQ), v^T columns (dP).
+  Aligned kT_all(n_kv_tiles * kv_tile), k_all(n_kv_tiles * kv_tile), vT_all(n_kv_tiles * kv_tile);
+  parallel.run(n_kv_tiles, [&](int64_t item, int) {
+    const int64_t j = item % p.nk, bk = item / p.nk;
+    pack_kv_tile(p, k.typed_data(), bk / p.K, bk % p.K, j, k_all.get() + item * kv_tile,
+                 kT_all.get() + item * kv_tile);
+    pack_kv_tile(p, v.typed_data(), bk / p.K, bk % p.K, j, nullptr, vT_all.get() + item * kv_tile);
+  });
+
+  // Main pass, one item per key block; dQ is accumulated per participant and summed at the end.
+  const int slots = parallel.max_slots(n_kv_tiles);
+  std::vector<std::unique_ptr<Aligned>> dq_slots(slots);
+  const int64_t s_tile = p.R * p.bkp;
+  Aligned work(static_cast<size_t>(slots) * (2 * s_tile + 2 * kv_tile));
+  parallel.run(n_kv_tiles, [&](int64_t item, int slot) {
+    // Heaviest first: for causal masks the first key blocks are seen by the most queries.
+    const int64_t j = item / (p.B * p.K), bk = item % (p.B * p.K), b = bk / p.K, kh = bk % p.K;
+    if (!dq_slots[slot]) {
+      dq_slots[slot] = std::make_unique<Aligned>(n_q_tiles * q_tile);
+      std::memset(dq_slots[slot]->get(), 0, sizeof(float) * n_q_tiles * q_tile);
+    }
+    float* dq_acc = dq_slots[slot]->get();
+    float* pt = work.get() + slot * (2 * s_tile + 2 * kv_tile);
+    float* ds = pt + s_tile;
+    float* dk_acc = ds + s_tile;
+    float* dv_acc = dk_acc + kv_tile;
+    std::memset(dk_acc, 0, sizeof(float) * 2 * kv_tile);
+    const int64_t kvt = (bk * p.nk + j) * kv_tile, ncols = p.kv_cols_valid(j);
+    for (int64_t i = 0; i < p.nq; ++i) {
+      const Kind kind = p.kind(b, i, j);
+      if (kind == kEmpty) continue;
+      const int64_t qt = bk * p.nq + i, R = p.q_rows_valid(i) * p.G;
+      const float* qp = q_all.get() + qt * q_tile;
+      const float* dop = do_all.get() + qt * q_tile;
+      const float* ls = lse_all.get() + qt * p.R;
+      const float* de = delta_all.get() + qt * p.R;
+      gemm(R, p.bkp, p.H, qp, p.Hp, 1, kT_all.get() + kvt, p.bkp, pt, p.bkp, false);  // scores
+      mask_padding_columns(pt, R, ncols, p.bkp);
+      if (kind == kPartial) p.apply_mask(pt, b, i, j);
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = pt + r * p.bkp;
+        const vf lv = splat(ls[r]);
+        for (int64_t c = 0; c < p.bkp; c += kLanes) store(row + c, vexp(load(row + c) - lv));
+      }
+      gemm(ncols, p.Hp, R, pt, 1, p.bkp, dop, p.Hp, dv_acc, p.Hp, true);                   // dV += P^T dO
+      gemm(R, p.bkp, p.H, dop, p.Hp, 1, vT_all.get() + kvt, p.bkp, ds, p.bkp, false);      // dP = dO V^T
+      for (int64_t r = 0; r < R; ++r) {
+        float* d = ds + r * p.bkp;
+        const float* pr = pt + r * p.bkp;
+        const vf dv_ = splat(de[r]);
+        for (int64_t c = 0; c < p.bkp; c += kLanes) store(d + c, load(pr + c) * (load(d + c) - dv_));
+      }
+      gemm(ncols, p.Hp, R, ds, 1, p.bkp, qp, p.Hp, dk_acc, p.Hp, true);                    // dK += dS^T q
+      gemm(R, p.Hp, ncols, ds, p.bkp, 1, k_all.get() + kvt, p.Hp, dq_acc + qt * q_tile, p.Hp, true);  // dQ += dS k
+    }
+    for (int64_t c = 0; c < ncols; ++c) {
+      const int64_t off = ((b * p.S + j * p.bk + c) * p.K + kh) * p.H;
+      std::memcpy(dk->typed_data() + off, dk_acc + c * p.Hp, sizeof(float) * p.H);
+      std::memcpy(dv->typed_data() + off, dv_acc + c * p.Hp, sizeof(float) * p.H);
+    }
+  });
+  // dQ = scale * sum over participants, back to [B, T, N, H].
+  parallel.run(n_q_tiles, [&](int64_t item, int) {
+    const int64_t i = item % p.nq, bk = item / p.nq, b = bk / p.K, kh = bk % p.K;
+    const int64_t R = p.q_rows_valid(i) * p.G;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G;
+      float* dst = dq->typed_data() + ((b * p.T + t) * p.N + n) * p.H;
+      for (int64_t h = 0; h < p.H; ++h) {
+        float acc = 0.f;
+        for (const auto& buf : dq_slots)
+          if (buf) acc += buf->get()[item * q_tile + r * p.Hp + h];
+        dst[h] = acc * p.scale;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxFlashForward, FlashForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_seg
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_seg
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_len
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_kv")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_band")
+                                  .Attr<int64_t>("band_lo")
+                                  .Attr<int64_t>("band_hi")
+                                  .Attr<bool>("has_seg")
+                                  .Attr<bool>("has_pad")
+                                  .Attr<int64_t>("pad_id")
+                                  .Attr<bool>("has_len"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxFlashBackward, FlashBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // d_out
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_seg
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_seg
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_len
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_kv")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_band")
+                                  .Attr<int64_t>("band_lo")
+                                  .Attr<int64_t>("band_hi")
+                                  .Attr<bool>("has_seg")
+                                  .Attr<bool>("has_pad")
+                                  .Attr<int64_t>("pad_id")
+                                  .Attr<bool>("has_len"));
