@@ -349,15 +349,26 @@ void pack_kv_tile(const Problem& p, const float* x, int64_t b, int64_t kh, int64
   }
 }
 
-struct Aligned {
-  explicit Aligned(size_t n) : n_(n), ptr_(n ? static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64))) : nullptr) {}
-  ~Aligned() { std::free(ptr_); }
-  Aligned(const Aligned&) = delete;
-  Aligned& operator=(const Aligned&) = delete;
-  float* get() const { return ptr_; }
-  size_t n_;
-  float* ptr_;
+// Grow-only scratch buffers, one set per thread and reused across calls (XLA's pool threads live as long as the
+// process), so a call allocates nothing and touches no fresh pages after the first one of its size.
+struct Scratch {
+  std::vector<float> f[6];
+  std::vector<char> flags;
+  float* get(int role, size_t n) {
+    if (f[role].size() < n) f[role].resize(n);
+    return f[role].data();
+  }
 };
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// How many items to cut each (b, kh) group into, so every thread gets a few items: 1 when there are many groups.
+int64_t splits_for(int64_t groups, int64_t blocks, int threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, (4 * threads + groups - 1) / groups));
+}
 
 // ---- handlers -----------------------------------------------------------------------------------------------
 ffi::Error make_problem(Problem& p, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
@@ -403,70 +414,75 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   const float* qd = q.typed_data();
   float* od = out->typed_data();
   float* lsed = lse->typed_data();
-  const int64_t kv_tile = p.bkp * p.Hp, n_kv_tiles = p.B * p.K * p.nk;
-  Aligned kT_all(n_kv_tiles * kv_tile), v_all(n_kv_tiles * kv_tile);
-  parallel.run(n_kv_tiles, [&](int64_t item, int) {
-    const int64_t j = item % p.nk, bk = item / p.nk;
-    pack_kv_tile(p, k.typed_data(), bk / p.K, bk % p.K, j, nullptr, kT_all.get() + item * kv_tile);
-    pack_kv_tile(p, v.typed_data(), bk / p.K, bk % p.K, j, v_all.get() + item * kv_tile, nullptr);
-  });
-
-  const int slots = parallel.max_slots(p.B * p.K * p.nq);
-  const int64_t q_tile = p.R * p.Hp, s_tile = p.R * p.bkp;
-  Aligned work(static_cast<size_t>(slots) * (2 * q_tile + s_tile + 2 * p.R));
-  const float neg_init = -1e30f;
-  parallel.run(p.B * p.K * p.nq, [&](int64_t item, int slot) {
-    // Heaviest first: for causal masks the last query blocks see the most keys.
-    const int64_t i = p.nq - 1 - item / (p.B * p.K), bk = item % (p.B * p.K), b = bk / p.K, kh = bk % p.K;
-    float* qp = work.get() + slot * (2 * q_tile + s_tile + 2 * p.R);
-    float* acc = qp + q_tile;
-    float* s = acc + q_tile;
-    float* m = s + s_tile;
-    float* l = m + p.R;
-    pack_q_tile(p, qd, b, kh, i, p.scale, qp);
-    std::memset(acc, 0, sizeof(float) * q_tile);
-    std::fill(m, m + p.R, neg_init);
-    std::fill(l, l + p.R, 0.f);
-    const int64_t R = p.q_rows_valid(i) * p.G;
-    for (int64_t j = 0; j < p.nk; ++j) {
-      const Kind kind = p.kind(b, i, j);
-      if (kind == kEmpty) continue;
-      const int64_t tile = (bk * p.nk + j) * kv_tile, ncols = p.kv_cols_valid(j);
-      gemm(R, p.bkp, p.H, qp, p.Hp, 1, kT_all.get() + tile, p.bkp, s, p.bkp, false);
-      mask_padding_columns(s, R, ncols, p.bkp);
-      if (kind == kPartial) p.apply_mask(s, b, i, j);
-      for (int64_t r = 0; r < R; ++r) {
-        float* row = s + r * p.bkp;
-        vf mx = splat(m[r]);
-        for (int64_t c = 0; c < p.bkp; c += kLanes) {
-          const vf x = load(row + c);
-          mx = x > mx ? x : mx;
+  const int64_t groups = p.B * p.K, kv_tile = p.bkp * p.Hp, q_tile = p.R * p.Hp, s_tile = p.R * p.bkp;
+  // An item is one (b, kh) group's query blocks split, split + splits, ...; it packs each key block it visits
+  // once (k^T columns and v rows) and keeps them for its other query blocks.
+  const int64_t splits = splits_for(groups, p.nq, parallel.max_slots(groups * p.nq));
+  parallel.run(groups * splits, [&](int64_t item, int) {
+    const int64_t split = item / groups, bk = item % groups, b = bk / p.K, kh = bk % p.K;
+    Scratch& sc = scratch();
+    float* kT_tiles = sc.get(0, p.nk * kv_tile);
+    float* v_tiles = sc.get(1, p.nk * kv_tile);
+    float* qp = sc.get(2, q_tile);
+    float* acc = sc.get(3, q_tile);
+    float* s = sc.get(4, s_tile);
+    float* ml = sc.get(5, 2 * p.R);
+    float* m = ml;
+    float* l = ml + p.R;
+    sc.flags.assign(p.nk, 0);
+    const float neg_init = -1e30f, inf = std::numeric_limits<float>::infinity();
+    for (int64_t i = split; i < p.nq; i += splits) {
+      pack_q_tile(p, qd, b, kh, i, p.scale, qp);
+      std::memset(acc, 0, sizeof(float) * q_tile);
+      std::fill(m, m + p.R, neg_init);
+      std::fill(l, l + p.R, 0.f);
+      const int64_t R = p.q_rows_valid(i) * p.G;
+      for (int64_t j = 0; j < p.nk; ++j) {
+        const Kind kind = p.kind(b, i, j);
+        if (kind == kEmpty) continue;
+        float* kT = kT_tiles + j * kv_tile;
+        float* vt = v_tiles + j * kv_tile;
+        if (!sc.flags[j]) {
+          pack_kv_tile(p, k.typed_data(), b, kh, j, nullptr, kT);
+          pack_kv_tile(p, v.typed_data(), b, kh, j, vt, nullptr);
+          sc.flags[j] = 1;
         }
-        const float m_new = hmax(mx);
-        const vf mv = splat(m_new);
-        vf sum = vf{};
-        for (int64_t c = 0; c < p.bkp; c += kLanes) {
-          const vf e = vexp(load(row + c) - mv);
-          store(row + c, e);
-          sum += e;
+        const int64_t ncols = p.kv_cols_valid(j);
+        gemm(R, p.bkp, p.H, qp, p.Hp, 1, kT, p.bkp, s, p.bkp, false);
+        mask_padding_columns(s, R, ncols, p.bkp);
+        if (kind == kPartial) p.apply_mask(s, b, i, j);
+        for (int64_t r = 0; r < R; ++r) {
+          float* row = s + r * p.bkp;
+          vf mx = splat(m[r]);
+          for (int64_t c = 0; c < p.bkp; c += kLanes) {
+            const vf x = load(row + c);
+            mx = x > mx ? x : mx;
+          }
+          const float m_new = hmax(mx);
+          const vf mv = splat(m_new);
+          vf sum = vf{};
+          for (int64_t c = 0; c < p.bkp; c += kLanes) {
+            const vf e = vexp(load(row + c) - mv);
+            store(row + c, e);
+            sum += e;
+          }
+          const float alpha = std::exp(m[r] - m_new);
+          l[r] = l[r] * alpha + hsum(sum);
+          m[r] = m_new;
+          if (alpha != 1.f) {
+            float* a = acc + r * p.Hp;
+            for (int64_t h = 0; h < p.Hp; h += kLanes) store(a + h, load(a + h) * alpha);
+          }
         }
-        const float alpha = std::exp(m[r] - m_new);
-        l[r] = l[r] * alpha + hsum(sum);
-        m[r] = m_new;
-        if (alpha != 1.f) {
-          float* a = acc + r * p.Hp;
-          for (int64_t h = 0; h < p.Hp; h += kLanes) store(a + h, load(a + h) * alpha);
-        }
+        gemm(R, p.Hp, ncols, s, p.bkp, 1, vt, p.Hp, acc, p.Hp, true);
       }
-      gemm(R, p.Hp, ncols, s, p.bkp, 1, v_all.get() + tile, p.Hp, acc, p.Hp, true);
-    }
-    const float inf = std::numeric_limits<float>::infinity();
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G;
-      float* o = od + ((b * p.T + t) * p.N + n) * p.H;
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      for (int64_t h = 0; h < p.H; ++h) o[h] = acc[r * p.Hp + h] * inv;
-      lsed[(b * p.T + t) * p.N + n] = l[r] > 0.f ? m[r] + std::log(l[r]) : inf;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G;
+        float* o = od + ((b * p.T + t) * p.N + n) * p.H;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int64_t h = 0; h < p.H; ++h) o[h] = acc[r * p.Hp + h] * inv;
+        lsed[(b * p.T + t) * p.N + n] = l[r] > 0.f ? m[r] + std::log(l[r]) : inf;
+      }
     }
   });
   return ffi::Error::Success();
@@ -485,107 +501,112 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
       !err.success())
     return err;
   Parallel parallel(pool);
-  const int64_t q_tile = p.R * p.Hp, kv_tile = p.bkp * p.Hp;
-  const int64_t n_q_tiles = p.B * p.K * p.nq, n_kv_tiles = p.B * p.K * p.nk;
-  // Query side, per (b, kh, i): scaled q rows, dO rows, lse and delta = rowsum(dO * out) per row.
-  Aligned q_all(n_q_tiles * q_tile), do_all(n_q_tiles * q_tile), lse_all(n_q_tiles * p.R),
-      delta_all(n_q_tiles * p.R);
+  const int64_t groups = p.B * p.K, q_tile = p.R * p.Hp, kv_tile = p.bkp * p.Hp, s_tile = p.R * p.bkp;
+  const int64_t dq_size = p.nq * q_tile;  // one group's packed dQ
+  // An item is one (b, kh) group's key blocks split, split + splits, ...; it packs each query block it visits
+  // once (scaled q rows, dO rows, lse, delta = rowsum(dO * out)) and accumulates the group's dQ privately. With
+  // several splits per group the partial dQs are summed at the end.
+  const int64_t splits = splits_for(groups, p.nk, parallel.max_slots(groups * p.nk));
+  std::vector<float> dq_parts(splits > 1 ? splits * groups * dq_size : 0);
   const float inf = std::numeric_limits<float>::infinity();
-  parallel.run(n_q_tiles, [&](int64_t item, int) {
-    const int64_t i = item % p.nq, bk = item / p.nq, b = bk / p.K, kh = bk % p.K;
-    pack_q_tile(p, q.typed_data(), b, kh, i, p.scale, q_all.get() + item * q_tile);
-    pack_q_tile(p, d_out.typed_data(), b, kh, i, 1.f, do_all.get() + item * q_tile);
-    float* ls = lse_all.get() + item * p.R;
-    float* de = delta_all.get() + item * p.R;
-    std::fill(ls, ls + p.R, inf);
-    std::fill(de, de + p.R, 0.f);
-    const int64_t R = p.q_rows_valid(i) * p.G;
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G, off = (b * p.T + t) * p.N + n;
-      ls[r] = lse.typed_data()[off];
-      const float* o = out.typed_data() + off * p.H;
-      const float* g = d_out.typed_data() + off * p.H;
-      float acc = 0.f;
-      for (int64_t h = 0; h < p.H; ++h) acc += o[h] * g[h];
-      de[r] = acc;
-    }
-  });
-  // Key side, per (b, kh, j): k^T columns (scores), k rows (dQ), v^T columns (dP).
-  Aligned kT_all(n_kv_tiles * kv_tile), k_all(n_kv_tiles * kv_tile), vT_all(n_kv_tiles * kv_tile);
-  parallel.run(n_kv_tiles, [&](int64_t item, int) {
-    const int64_t j = item % p.nk, bk = item / p.nk;
-    pack_kv_tile(p, k.typed_data(), bk / p.K, bk % p.K, j, k_all.get() + item * kv_tile,
-                 kT_all.get() + item * kv_tile);
-    pack_kv_tile(p, v.typed_data(), bk / p.K, bk % p.K, j, nullptr, vT_all.get() + item * kv_tile);
-  });
-
-  // Main pass, one item per key block; dQ is accumulated per participant and summed at the end.
-  const int slots = parallel.max_slots(n_kv_tiles);
-  std::vector<std::unique_ptr<Aligned>> dq_slots(slots);
-  const int64_t s_tile = p.R * p.bkp;
-  Aligned work(static_cast<size_t>(slots) * (2 * s_tile + 2 * kv_tile));
-  parallel.run(n_kv_tiles, [&](int64_t item, int slot) {
-    // Heaviest first: for causal masks the first key blocks are seen by the most queries.
-    const int64_t j = item / (p.B * p.K), bk = item % (p.B * p.K), b = bk / p.K, kh = bk % p.K;
-    if (!dq_slots[slot]) {
-      dq_slots[slot] = std::make_unique<Aligned>(n_q_tiles * q_tile);
-      std::memset(dq_slots[slot]->get(), 0, sizeof(float) * n_q_tiles * q_tile);
-    }
-    float* dq_acc = dq_slots[slot]->get();
-    float* pt = work.get() + slot * (2 * s_tile + 2 * kv_tile);
-    float* ds = pt + s_tile;
-    float* dk_acc = ds + s_tile;
-    float* dv_acc = dk_acc + kv_tile;
-    std::memset(dk_acc, 0, sizeof(float) * 2 * kv_tile);
-    const int64_t kvt = (bk * p.nk + j) * kv_tile, ncols = p.kv_cols_valid(j);
-    for (int64_t i = 0; i < p.nq; ++i) {
-      const Kind kind = p.kind(b, i, j);
-      if (kind == kEmpty) continue;
-      const int64_t qt = bk * p.nq + i, R = p.q_rows_valid(i) * p.G;
-      const float* qp = q_all.get() + qt * q_tile;
-      const float* dop = do_all.get() + qt * q_tile;
-      const float* ls = lse_all.get() + qt * p.R;
-      const float* de = delta_all.get() + qt * p.R;
-      gemm(R, p.bkp, p.H, qp, p.Hp, 1, kT_all.get() + kvt, p.bkp, pt, p.bkp, false);  // scores
-      mask_padding_columns(pt, R, ncols, p.bkp);
-      if (kind == kPartial) p.apply_mask(pt, b, i, j);
-      for (int64_t r = 0; r < R; ++r) {
-        float* row = pt + r * p.bkp;
-        const vf lv = splat(ls[r]);
-        for (int64_t c = 0; c < p.bkp; c += kLanes) store(row + c, vexp(load(row + c) - lv));
-      }
-      gemm(ncols, p.Hp, R, pt, 1, p.bkp, dop, p.Hp, dv_acc, p.Hp, true);                   // dV += P^T dO
-      gemm(R, p.bkp, p.H, dop, p.Hp, 1, vT_all.get() + kvt, p.bkp, ds, p.bkp, false);      // dP = dO V^T
-      for (int64_t r = 0; r < R; ++r) {
-        float* d = ds + r * p.bkp;
-        const float* pr = pt + r * p.bkp;
-        const vf dv_ = splat(de[r]);
-        for (int64_t c = 0; c < p.bkp; c += kLanes) store(d + c, load(pr + c) * (load(d + c) - dv_));
-      }
-      gemm(ncols, p.Hp, R, ds, 1, p.bkp, qp, p.Hp, dk_acc, p.Hp, true);                    // dK += dS^T q
-      gemm(R, p.Hp, ncols, ds, p.bkp, 1, k_all.get() + kvt, p.Hp, dq_acc + qt * q_tile, p.Hp, true);  // dQ += dS k
-    }
-    for (int64_t c = 0; c < ncols; ++c) {
-      const int64_t off = ((b * p.S + j * p.bk + c) * p.K + kh) * p.H;
-      std::memcpy(dk->typed_data() + off, dk_acc + c * p.Hp, sizeof(float) * p.H);
-      std::memcpy(dv->typed_data() + off, dv_acc + c * p.Hp, sizeof(float) * p.H);
-    }
-  });
-  // dQ = scale * sum over participants, back to [B, T, N, H].
-  parallel.run(n_q_tiles, [&](int64_t item, int) {
-    const int64_t i = item % p.nq, bk = item / p.nq, b = bk / p.K, kh = bk % p.K;
+  auto write_dq = [&](int64_t b, int64_t kh, int64_t i, const float* packed) {  // packed [R, Hp] -> dq * scale
     const int64_t R = p.q_rows_valid(i) * p.G;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G;
       float* dst = dq->typed_data() + ((b * p.T + t) * p.N + n) * p.H;
-      for (int64_t h = 0; h < p.H; ++h) {
-        float acc = 0.f;
-        for (const auto& buf : dq_slots)
-          if (buf) acc += buf->get()[item * q_tile + r * p.Hp + h];
-        dst[h] = acc * p.scale;
+      for (int64_t h = 0; h < p.H; ++h) dst[h] = packed[r * p.Hp + h] * p.scale;
+    }
+  };
+  parallel.run(groups * splits, [&](int64_t item, int) {
+    const int64_t split = item / groups, bk = item % groups, b = bk / p.K, kh = bk % p.K;
+    Scratch& sc = scratch();
+    float* q_tiles = sc.get(0, dq_size);
+    float* do_tiles = sc.get(1, dq_size);
+    float* dq_acc = splits > 1 ? dq_parts.data() + (split * groups + bk) * dq_size : sc.get(2, dq_size);
+    float* stats = sc.get(3, 2 * p.nq * p.R);  // lse, delta per packed row
+    float* kv = sc.get(4, 3 * kv_tile + 2 * kv_tile);
+    float* kT = kv;
+    float* k_rows = kT + kv_tile;
+    float* vT = k_rows + kv_tile;
+    float* dk_acc = vT + kv_tile;
+    float* dv_acc = dk_acc + kv_tile;
+    float* pt = sc.get(5, 2 * s_tile);
+    float* ds = pt + s_tile;
+    std::memset(dq_acc, 0, sizeof(float) * dq_size);
+    sc.flags.assign(p.nq, 0);
+    for (int64_t j = split; j < p.nk; j += splits) {
+      const int64_t ncols = p.kv_cols_valid(j);
+      bool packed_kv = false;
+      std::memset(dk_acc, 0, sizeof(float) * 2 * kv_tile);
+      for (int64_t i = 0; i < p.nq; ++i) {
+        const Kind kind = p.kind(b, i, j);
+        if (kind == kEmpty) continue;
+        const int64_t R = p.q_rows_valid(i) * p.G;
+        float* qp = q_tiles + i * q_tile;
+        float* dop = do_tiles + i * q_tile;
+        float* ls = stats + i * p.R;
+        float* de = stats + (p.nq + i) * p.R;
+        if (!sc.flags[i]) {
+          pack_q_tile(p, q.typed_data(), b, kh, i, p.scale, qp);
+          pack_q_tile(p, d_out.typed_data(), b, kh, i, 1.f, dop);
+          std::fill(ls, ls + p.R, inf);
+          std::fill(de, de + p.R, 0.f);
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t t = i * p.bq + r / p.G, n = kh * p.G + r % p.G, off = (b * p.T + t) * p.N + n;
+            ls[r] = lse.typed_data()[off];
+            const float* o = out.typed_data() + off * p.H;
+            const float* g = d_out.typed_data() + off * p.H;
+            float acc = 0.f;
+            for (int64_t h = 0; h < p.H; ++h) acc += o[h] * g[h];
+            de[r] = acc;
+          }
+          sc.flags[i] = 1;
+        }
+        if (!packed_kv) {
+          pack_kv_tile(p, k.typed_data(), b, kh, j, k_rows, kT);
+          pack_kv_tile(p, v.typed_data(), b, kh, j, nullptr, vT);
+          packed_kv = true;
+        }
+        gemm(R, p.bkp, p.H, qp, p.Hp, 1, kT, p.bkp, pt, p.bkp, false);  // scores
+        mask_padding_columns(pt, R, ncols, p.bkp);
+        if (kind == kPartial) p.apply_mask(pt, b, i, j);
+        for (int64_t r = 0; r < R; ++r) {
+          float* row = pt + r * p.bkp;
+          const vf lv = splat(ls[r]);
+          for (int64_t c = 0; c < p.bkp; c += kLanes) store(row + c, vexp(load(row + c) - lv));
+        }
+        gemm(ncols, p.Hp, R, pt, 1, p.bkp, dop, p.Hp, dv_acc, p.Hp, true);              // dV += P^T dO
+        gemm(R, p.bkp, p.H, dop, p.Hp, 1, vT, p.bkp, ds, p.bkp, false);                 // dP = dO V^T
+        for (int64_t r = 0; r < R; ++r) {
+          float* d = ds + r * p.bkp;
+          const float* pr = pt + r * p.bkp;
+          const vf dr = splat(de[r]);
+          for (int64_t c = 0; c < p.bkp; c += kLanes) store(d + c, load(pr + c) * (load(d + c) - dr));
+        }
+        gemm(ncols, p.Hp, R, ds, 1, p.bkp, qp, p.Hp, dk_acc, p.Hp, true);               // dK += dS^T q
+        gemm(R, p.Hp, ncols, ds, p.bkp, 1, k_rows, p.Hp, dq_acc + i * q_tile, p.Hp, true);  // dQ += dS k
+      }
+      for (int64_t c = 0; c < ncols; ++c) {
+        const int64_t off = ((b * p.S + j * p.bk + c) * p.K + kh) * p.H;
+        std::memcpy(dk->typed_data() + off, dk_acc + c * p.Hp, sizeof(float) * p.H);
+        std::memcpy(dv->typed_data() + off, dv_acc + c * p.Hp, sizeof(float) * p.H);
       }
     }
+    if (splits == 1)
+      for (int64_t i = 0; i < p.nq; ++i) write_dq(b, kh, i, dq_acc + i * q_tile);
   });
+  if (splits > 1) {
+    parallel.run(groups * p.nq, [&](int64_t item, int) {
+      const int64_t bk = item / p.nq, i = item % p.nq;
+      float* total = scratch().get(0, q_tile);
+      std::memcpy(total, dq_parts.data() + bk * dq_size + i * q_tile, sizeof(float) * q_tile);
+      for (int64_t s = 1; s < splits; ++s) {
+        const float* part = dq_parts.data() + (s * groups + bk) * dq_size + i * q_tile;
+        for (int64_t x = 0; x < q_tile; x += kLanes) store(total + x, load(total + x) + load(part + x));
+      }
+      write_dq(bk / p.K, bk % p.K, i, total);
+    });
+  }
   return ffi::Error::Success();
 }
 
