@@ -3,8 +3,9 @@
     python -m seqjax.bench attention                       # full run (~5-10 min on 2 cores)
     python -m seqjax.bench attention --lengths 512,1024 --long_len 0 --repeats 2   # quick look
 
-Implementations: "reference" (materialised scores), "blockwise" (this repo's flash-style kernel) and "xla"
-(`jax.nn.dot_product_attention`, implementation chosen by XLA). Setting of the issue: float32, B=1, N=8, H=64,
+Implementations: "reference" (materialised scores), "blockwise" (this repo's flash-style kernel as it runs on a
+CPU: the native C++ kernel of `seqjax.ops.attention_native`), "blockwise_jax" (the same tiles as a JAX program,
+what GPUs/TPUs run; `native=False`) and "xla" (`jax.nn.dot_product_attention`, implementation chosen by XLA). Setting of the issue: float32, B=1, N=8, H=64,
 causal. Modes: "fwd" (forward) and "fwd+bwd" (forward and the gradients of q, k, v).
 
 Method. Every (implementation, mode, T) case runs in a fresh subprocess: jit, one warm-up call, then the median of
@@ -32,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-IMPLEMENTATIONS = ("reference", "blockwise", "xla")
+IMPLEMENTATIONS = ("reference", "blockwise", "blockwise_jax", "xla")
+TILED = ("blockwise", "blockwise_jax")  # linear-memory implementations, run at every length
 MODES = ("fwd", "fwd+bwd")
 B, N, H = 1, 8, 64
 
@@ -179,7 +181,7 @@ def orchestrate(flags: argparse.Namespace) -> dict:
   if flags.long_len:
     plan.append(("blockwise", "fwd", flags.long_len))
   for impl, mode, T in plan:
-    execute = impl == "blockwise" or T <= flags.dense_max_len
+    execute = impl in TILED or T <= flags.dense_max_len
     if T not in baselines:
       baselines[T] = _subprocess(["--_case", f"baseline:fwd:{T}", "--matmul_size", str(flags.matmul_size)]
                                  ).get("max_rss", 0)
@@ -192,7 +194,7 @@ def orchestrate(flags: argparse.Namespace) -> dict:
       r["fraction_of_matmul"] = r["gflops"] / r["matmul_gflops"]
       r["peak_bytes"] = max(0, r["max_rss"] - baselines[T])
     results["cases"].append(r)
-    print(f"{impl:9s} {mode:7s} T={T:6d} "
+    print(f"{impl:13s} {mode:7s} T={T:6d} "
           + (f"{r['seconds']:8.3f}s {r['gflops']:6.1f} GFLOP/s ({r['fraction_of_matmul']:.2f} of matmul "
              f"{r['matmul_gflops']:.0f}) peak {_gib(r['peak_bytes'])} GiB" if "seconds" in r
              else f"not run ({r.get('error', 'dense above --dense_max_len')})")
@@ -218,6 +220,10 @@ def summarize(results: dict) -> dict:
     if "seconds" in blk:
       summary[f"blockwise_fwd+bwd_gflops_over_matmul_T{T}"] = blk["fraction_of_matmul"]
       summary[f"blockwise_fwd+bwd_peak_GiB_T{T}"] = blk["peak_bytes"] / 2 ** 30
+    jax_tiles = find("blockwise_jax", "fwd+bwd", T)
+    if "seconds" in blk and "seconds" in jax_tiles:
+      summary[f"blockwise_native_over_jax_tiles_fwd+bwd_T{T}"] = jax_tiles["seconds"] / blk["seconds"]
+      summary[f"blockwise_jax_fwd+bwd_gflops_over_matmul_T{T}"] = jax_tiles["fraction_of_matmul"]
     fwd = find("blockwise", "fwd", T)
     if "seconds" in fwd:
       summary[f"blockwise_fwd_gflops_over_matmul_T{T}"] = fwd["fraction_of_matmul"]

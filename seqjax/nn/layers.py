@@ -12,16 +12,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.ops import mlp as mlp_ops
 from seqjax.ops import positions as positions_ops
 from seqjax.ops.linear import flat_dot_general
 
 Dtype = Any
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": nn.gelu,
-    "relu": nn.relu,
-    "silu": nn.silu,
-}
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = mlp_ops.ACTIVATIONS
 
 
 def dense_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -76,8 +73,24 @@ def sinusoidal_positions(positions_BT: jax.Array, features: int) -> jax.Array:
   return positions_ops.sinusoidal(positions_BT, features)
 
 
+class _Kernel(nn.Module):
+  """A bare [in, out] projection kernel, the parameter `nn.DenseGeneral(use_bias=False)` would create."""
+
+  shape: tuple[int, int]
+  axes: tuple[str, str]
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("kernel", nn.with_logical_partitioning(dense_init(), self.axes), self.shape, self.param_dtype)
+
+
 class Mlp(nn.Module):
-  """Position-wise MLP: D -> F -> D, plain (`act(x W1) W2`) or gated (`act(x Wg) * (x W1) W2`)."""
+  """Position-wise MLP: D -> F -> D, plain (`act(x W1) W2`) or gated (`act(x Wg) * (x W1) W2`).
+
+  The plain MLP without active dropout is `seqjax.ops.mlp.mlp`: on a CPU one fused native kernel per pass (same
+  parameters `wi/kernel`, `wo/kernel`, same results to float32 rounding).
+  """
 
   hidden: int
   kind: Literal["mlp", "gated"] = "mlp"
@@ -90,6 +103,11 @@ class Mlp(nn.Module):
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> jax.Array:
     d = x_BTD.shape[-1]
     act = ACTIVATIONS[self.activation]
+    if self.kind == "mlp" and (self.dropout == 0.0 or deterministic):
+      w1 = _Kernel((d, self.hidden), ("embed", "mlp"), self.param_dtype, name="wi")()
+      w2 = _Kernel((self.hidden, d), ("mlp", "embed"), self.param_dtype, name="wo")()
+      x_BTD = x_BTD.astype(self.dtype)
+      return mlp_ops.mlp(x_BTD, w1.astype(self.dtype), w2.astype(self.dtype), self.activation)
     dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
         features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(dense_init(), axes), dot_general=flat_dot_general)

@@ -30,11 +30,16 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("flash_attention.cc",)
+SOURCES = ("flash_attention.cc", "mlp.cc")
+HEADERS = ("kernels.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 TARGETS = {  # FFI target name -> exported handler symbol
     "seqjax_flash_attention_fwd": "SeqjaxFlashForward",
     "seqjax_flash_attention_bwd": "SeqjaxFlashBackward",
+    "seqjax_mlp_fwd": "SeqjaxMlpForward",
+    "seqjax_mlp_bwd": "SeqjaxMlpBackward",
+    "seqjax_dense_fwd": "SeqjaxDenseForward",
+    "seqjax_dense_bwd": "SeqjaxDenseBackward",
 }
 
 _log = logging.getLogger(__name__)
@@ -78,7 +83,7 @@ def _library_path(compiler: str, include: str) -> Path:
   import jaxlib
   here = Path(__file__).parent
   digest = hashlib.sha256()
-  for name in SOURCES:
+  for name in SOURCES + HEADERS:
     digest.update((here / name).read_bytes())
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
   for part in (version, " ".join(FLAGS), jaxlib.__version__, include, _cpu_signature()):
@@ -95,7 +100,7 @@ def _build(compiler: str, include: str, target: Path) -> None:
       return
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [compiler, *FLAGS, "-isystem", include, *(str(here / s) for s in SOURCES), "-o", tmp]
+    cmd = [compiler, *FLAGS, "-isystem", include, "-I", str(here), *(str(here / s) for s in SOURCES), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       os.unlink(tmp)
