@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.ops import mlp as mlp_ops
+from seqjax.ops import norms as norm_ops
 from seqjax.ops import positions as positions_ops
 from seqjax.ops.linear import flat_dot_general
 
@@ -120,10 +121,30 @@ class Mlp(nn.Module):
     return dense(d, ("mlp", "embed"), "wo")(h_BTF)
 
 
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis with parameters `scale` and `bias` [D], as `flax.linen.LayerNorm` (epsilon 1e-6,
+  statistics in float32); `seqjax.ops.norms.layer_norm`, so a native kernel per pass on a CPU."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,),
+                       self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,),
+                      self.param_dtype)
+    if x.dtype == jnp.float32 and scale.dtype == jnp.float32:
+      return norm_ops.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+    return norm_ops.reference_layer_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                         self.epsilon).astype(self.dtype)
+
+
 def make_norm(kind: str, dtype: Dtype, name: str) -> nn.Module:
   """LayerNorm or RMSNorm; statistics are computed in float32 whatever `dtype` is."""
   scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
   if kind == "rmsnorm":
     return nn.RMSNorm(dtype=dtype, scale_init=scale_init, name=name)
-  bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
-  return nn.LayerNorm(dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
+  return LayerNorm(dtype=dtype, name=name)

@@ -30,7 +30,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("flash_attention.cc", "mlp.cc")
+SOURCES = ("flash_attention.cc", "mlp.cc", "norm.cc")
 HEADERS = ("kernels.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 TARGETS = {  # FFI target name -> exported handler symbol
@@ -40,6 +40,8 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "seqjax_mlp_bwd": "SeqjaxMlpBackward",
     "seqjax_dense_fwd": "SeqjaxDenseForward",
     "seqjax_dense_bwd": "SeqjaxDenseBackward",
+    "seqjax_layer_norm_fwd": "SeqjaxLayerNormForward",
+    "seqjax_layer_norm_bwd": "SeqjaxLayerNormBackward",
 }
 
 _log = logging.getLogger(__name__)

@@ -185,15 +185,25 @@ ffi::Error MlpBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 }
 
 // ---- a plain projection y = x W (the building block above without the activation) ------------------------
-// x [M, K], W [K, N]; forward y = x W; backward dx = dy W^T, dW = x^T dy. K and N multiples of 16.
+// x [M, K], W [K, N]; forward y = x W; backward dx = dy W^T, dW = x^T dy. K a multiple of 16; N any: when it is
+// not a multiple of 16 (e.g. a vocabulary of 259 in a tied read-out) W, dy and the dW accumulators are padded
+// with zero columns to Np in scratch buffers and only the N real columns are written out.
 ffi::Error dense_dims(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, int64_t* M, int64_t* K, int64_t* N) {
   auto wd = w.dimensions();
-  if (wd.size() != 2 || wd[0] % kLanes || wd[1] % kLanes)
-    return ffi::Error::InvalidArgument("seqjax native dense: W must be [K, N] with K, N multiples of 16");
+  if (wd.size() != 2 || wd[0] % kLanes || wd[1] <= 0)
+    return ffi::Error::InvalidArgument("seqjax native dense: W must be [K, N] with K a multiple of 16");
   *K = wd[0];
   *N = wd[1];
   *M = static_cast<int64_t>(x.element_count()) / *K;
   return ffi::Error::Success();
+}
+
+// rows x n of src (leading dim n) into dst (leading dim np >= n), zero-padding the extra columns.
+inline void pad_columns(const float* src, int64_t rows, int64_t n, int64_t np, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * np, src + r * n, sizeof(float) * n);
+    std::memset(dst + r * np + n, 0, sizeof(float) * (np - n));
+  }
 }
 
 ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -201,10 +211,21 @@ ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   int64_t M, K, N;
   if (auto err = dense_dims(x, w, &M, &K, &N); !err.success()) return err;
   Parallel parallel(pool);
+  const int64_t Np = round_up(N, kLanes);
+  const float* wp = w.typed_data();
+  if (Np != N) {  // caller's scratch role 4 (items use 0-2)
+    float* padded = scratch().get(4, K * Np);
+    pad_columns(w.typed_data(), K, N, Np, padded);
+    wp = padded;
+  }
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   parallel.run(blocks, [&](int64_t blk, int) {
     const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
-    gemm(rows, N, K, x.typed_data() + r0 * K, K, 1, w.typed_data(), N, y->typed_data() + r0 * N, N, false);
+    float* out = y->typed_data() + r0 * N;
+    float* dst = Np == N ? out : scratch().get(0, kRowBlock * Np);
+    gemm(rows, Np, K, x.typed_data() + r0 * K, K, 1, wp, Np, dst, Np, false);
+    if (Np != N)
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * N, dst + r * Np, sizeof(float) * N);
   });
   return ffi::Error::Success();
 }
@@ -214,23 +235,39 @@ ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   int64_t M, K, N;
   if (auto err = dense_dims(x, w, &M, &K, &N); !err.success()) return err;
   Parallel parallel(pool);
+  const int64_t Np = round_up(N, kLanes);
   const int64_t blocks = (M + kGradRowBlock - 1) / kGradRowBlock;
   const Parts parts = grad_parts(blocks);
   Scratch& own = scratch();
   float* wt = own.get(3, N * K);
-  float* acc_all = own.get(5, parts.n * K * N);
+  float* acc_all = own.get(5, parts.n * K * Np);
   transpose(w.typed_data(), K, N, wt);
   parallel.run(parts.n, [&](int64_t part, int) {
-    float* acc = acc_all + part * K * N;
-    std::memset(acc, 0, sizeof(float) * K * N);
+    float* acc = acc_all + part * K * Np;
+    std::memset(acc, 0, sizeof(float) * K * Np);
     for (int64_t blk = parts.first(part); blk < parts.last(part); ++blk) {
       const int64_t r0 = blk * kGradRowBlock, rows = std::min(kGradRowBlock, M - r0);
       const float* dyb = dy.typed_data() + r0 * N;
       gemm(rows, K, N, dyb, N, 1, wt, K, dx->typed_data() + r0 * K, K, false);  // dx = dy W^T
-      gemm(K, N, rows, x.typed_data() + r0 * K, 1, K, dyb, N, acc, N, true);   // dW += x^T dy
+      const float* dyp = dyb;
+      if (Np != N) {
+        float* padded = scratch().get(0, kGradRowBlock * Np);
+        pad_columns(dyb, rows, N, Np, padded);
+        dyp = padded;
+      }
+      gemm(K, Np, rows, x.typed_data() + r0 * K, 1, K, dyp, Np, acc, Np, true);  // dW += x^T dy
     }
   });
-  sum_parts(parallel, acc_all, parts.n, K * N, dw->typed_data(), K * N, nullptr);
+  if (Np == N) {
+    sum_parts(parallel, acc_all, parts.n, K * N, dw->typed_data(), K * N, nullptr);
+  } else {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        float s = acc_all[k * Np + n];
+        for (int64_t p = 1; p < parts.n; ++p) s += acc_all[p * K * Np + k * Np + n];
+        dw->typed_data()[k * N + n] = s;
+      }
+  }
   return ffi::Error::Success();
 }
 
