@@ -40,6 +40,7 @@ def test_flattens_to_one_rank_2_matmul():
     ((3, 100, 64), (64, 4, 16)),  # to heads: N = 64
     ((1, 300, 128), (128, 128)),  # several backward row blocks, full register tiles
     ((2, 70, 32), (32, 259)),     # N not a multiple of 16 (a tied read-out over 259 bytes): padded columns
+    ((1, 32, 256), (256, 1024)),  # few rows (a recurrent step): the forward splits the columns into panels
 ])
 def test_native_matmul_equals_dot_general_forward_and_grad(lhs_shape, rhs_shape):
   """Float32 products with K a multiple of 16 take the native kernel on CPU; results match XLA's dot."""

@@ -218,14 +218,23 @@ ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     pad_columns(w.typed_data(), K, N, Np, padded);
     wp = padded;
   }
+  // Items are row blocks; with few rows (a recurrent step's [B, H] x [H, 4H]) also column panels, so every
+  // thread gets work.
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  parallel.run(blocks, [&](int64_t blk, int) {
+  const int64_t panel = blocks >= 4 ? Np : std::max<int64_t>(64, round_up((Np + 3) / 4, 32));
+  const int64_t panels = (Np + panel - 1) / panel;
+  parallel.run(blocks * panels, [&](int64_t item, int) {
+    const int64_t blk = item / panels, c0 = (item % panels) * panel, cols = std::min(panel, Np - c0);
     const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
     float* out = y->typed_data() + r0 * N;
-    float* dst = Np == N ? out : scratch().get(0, kRowBlock * Np);
-    gemm(rows, Np, K, x.typed_data() + r0 * K, K, 1, wp, Np, dst, Np, false);
-    if (Np != N)
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * N, dst + r * Np, sizeof(float) * N);
+    if (Np == N) {
+      gemm(rows, cols, K, x.typed_data() + r0 * K, K, 1, wp + c0, Np, out + c0, N, false);
+      return;
+    }
+    float* dst = scratch().get(0, kRowBlock * Np);
+    gemm(rows, cols, K, x.typed_data() + r0 * K, K, 1, wp + c0, Np, dst, cols, false);
+    const int64_t real = std::min(cols, N - c0);
+    for (int64_t r = 0; real > 0 && r < rows; ++r) std::memcpy(out + r * N + c0, dst + r * cols, sizeof(float) * real);
   });
   return ffi::Error::Success();
 }
