@@ -55,8 +55,8 @@ def test_native_matmul_equals_dot_general_forward_and_grad(lhs_shape, rhs_shape)
   np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=2e-5, atol=2e-5)
   g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), argnums=(0, 1))(x, w)
   g_ours = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1)))(x, w)
-  for a, b in zip(g_ours, g_ref):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-4)
+  for a, b in zip(g_ours, g_ref):  # sin of sums of up to 256 terms: scale the tolerance with the gradient's size
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))
 
 
 def test_native_matmul_falls_back_where_it_does_not_apply():
