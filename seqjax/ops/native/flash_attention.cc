@@ -32,6 +32,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -413,10 +414,25 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   return ffi::Error::Success();
 }
 
+// The tile and mask attributes both handlers take, in their order in the handlers' signatures.
+template <typename Binding>
+auto with_tile_and_mask_attrs(Binding binding) {
+  return std::move(binding).template Attr<int64_t>("block_q")
+      .template Attr<int64_t>("block_kv")
+      .template Attr<float>("scale")
+      .template Attr<bool>("has_band")
+      .template Attr<int64_t>("band_lo")
+      .template Attr<int64_t>("band_hi")
+      .template Attr<bool>("has_seg")
+      .template Attr<bool>("has_pad")
+      .template Attr<int64_t>("pad_id")
+      .template Attr<bool>("has_len");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxFlashForward, FlashForward,
-                              ffi::Ffi::Bind()
+                              with_tile_and_mask_attrs(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k
@@ -425,20 +441,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxFlashForward, FlashForward,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // kv_seg
                                   .Arg<ffi::Buffer<ffi::S32>>()   // kv_len
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_kv")
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("has_band")
-                                  .Attr<int64_t>("band_lo")
-                                  .Attr<int64_t>("band_hi")
-                                  .Attr<bool>("has_seg")
-                                  .Attr<bool>("has_pad")
-                                  .Attr<int64_t>("pad_id")
-                                  .Attr<bool>("has_len"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxFlashBackward, FlashBackward,
-                              ffi::Ffi::Bind()
+                              with_tile_and_mask_attrs(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k
@@ -451,14 +457,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxFlashBackward, FlashBackward,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // kv_len
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_kv")
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("has_band")
-                                  .Attr<int64_t>("band_lo")
-                                  .Attr<int64_t>("band_hi")
-                                  .Attr<bool>("has_seg")
-                                  .Attr<bool>("has_pad")
-                                  .Attr<int64_t>("pad_id")
-                                  .Attr<bool>("has_len"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));  // dv
