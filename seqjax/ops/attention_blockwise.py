@@ -42,6 +42,7 @@ import numpy as np
 
 from seqjax.ops import attention_native
 from seqjax.ops import masks as masks_lib
+from seqjax.ops import native as native_lib
 from seqjax.ops.attention_base import check_inputs, default_scale, group_heads, register_attention
 
 DEFAULT_BLOCK_Q = 256   # largest default tile sides for `resolve_blocks` callers (the Pallas kernel)
@@ -376,9 +377,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
   spec, arrays = attention_native.canonical_mask(mask)
   nbq, nbk = attention_native.native_blocks(dims.G, dims.T, dims.S, block_q, block_kv)
   native_tiles = lambda q, k, v: attention_native.native_flash(q, k, v, arrays, spec, scale, nbq, nbk)  # noqa
-  if jax.default_backend() == "cpu":
-    return native_tiles(q, k, v)  # a CPU-only process: no other platform to lower for (skip tracing the JAX tiles)
-  return jax.lax.platform_dependent(q, k, v, cpu=native_tiles, default=jax_tiles)
+  return native_lib.on_cpu(native_tiles, jax_tiles, q, k, v)
 
 
 @register_attention("blockwise_jax")

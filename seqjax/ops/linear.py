@@ -56,9 +56,7 @@ def matmul(x: jax.Array, w: jax.Array, *, native: bool | None = None) -> jax.Arr
                        f"the native library ({native_lib.unavailable_reason() or 'available'}); got "
                        f"{x.dtype}{x.shape} x {w.dtype}{w.shape}")
     return jnp.matmul(x, w)
-  if jax.default_backend() == "cpu":
-    return _native_matmul(x, w)
-  return jax.lax.platform_dependent(x, w, cpu=_native_matmul, default=jnp.matmul)
+  return native_lib.on_cpu(_native_matmul, jnp.matmul, x, w)
 
 
 def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,

@@ -97,6 +97,4 @@ def mlp(x: jax.Array, w1: jax.Array, w2: jax.Array, activation: str = "gelu", *,
   if not supported:
     return jax_path(x, w1, w2)
   native_path = lambda x, w1, w2: _native_mlp(x, w1, w2, NATIVE_ACTIVATIONS[activation])  # noqa: E731
-  if jax.default_backend() == "cpu":
-    return native_path(x, w1, w2)
-  return jax.lax.platform_dependent(x, w1, w2, cpu=native_path, default=jax_path)
+  return native_lib.on_cpu(native_path, jax_path, x, w1, w2)

@@ -82,6 +82,4 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
   if native is False or not supported:
     return jax_path(x, scale, bias)
   native_path = lambda x, s, b: _native_layer_norm(x, s, b, float(eps))  # noqa: E731
-  if jax.default_backend() == "cpu":
-    return native_path(x, scale, bias)
-  return jax.lax.platform_dependent(x, scale, bias, cpu=native_path, default=jax_path)
+  return native_lib.on_cpu(native_path, jax_path, x, scale, bias)

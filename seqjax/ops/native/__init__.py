@@ -143,6 +143,18 @@ def load() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def on_cpu(native_fn, jax_fn, *args):
+  """`native_fn(*args)` where the computation runs on the CPU, `jax_fn(*args)` elsewhere.
+
+  In a process whose default backend is the CPU the native call is emitted directly (no other platform to lower
+  for, and the JAX path is not traced); otherwise `jax.lax.platform_dependent` picks per lowering platform.
+  """
+  import jax
+  if jax.default_backend() == "cpu":
+    return native_fn(*args)
+  return jax.lax.platform_dependent(*args, cpu=native_fn, default=jax_fn)
+
+
 def available() -> bool:
   return load() is not None
 
