@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqjax.ops import native as native_lib
+from seqjax.ops import recurrent_native
+
 Array = jax.Array
 
 _NUM_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -280,10 +283,15 @@ def _check(kind, x, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids):
 
 
 def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, segment_ids,
-         unroll, remat, chunk):
+         unroll, remat, chunk, native, cell):
   _check(kind, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids)
   if chunk < 1 or unroll < 1:
     raise ValueError(f"{kind}: chunk and unroll must be >= 1, got chunk={chunk}, unroll={unroll}.")
+  use_native = native is not False and not remat and recurrent_native.native_supported(cell, x_BTI, w_ih, w_hh)
+  if native is True and not use_native:
+    raise ValueError(f"{kind}: native=True needs float32 weights, H a multiple of 16, remat=False and the native "
+                     f"library ({native_lib.unavailable_reason() or 'available'}); got w_hh "
+                     f"{w_hh.dtype}{w_hh.shape}, remat={remat}.")
   b, t, _ = x_BTI.shape
   # Time-major; `reverse` flips time so the core always runs forwards. With padding at the end,
   # a flipped sequence first meets its padding (which keeps the initial state), then its last
@@ -296,7 +304,20 @@ def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
   reset_TB = None
   if seg_TB is not None:
     reset_TB = jnp.concatenate([jnp.zeros_like(seg_TB[:1], bool), seg_TB[1:] != seg_TB[:-1]])
-  # Pad T to a multiple of the chunk with masked (state-keeping) steps.
+  states = tuple(s.astype(jnp.float32) for s in states)
+  scan = functools.partial(_scan_core, pointwise, int(unroll), bool(remat), chunk)
+  if use_native:
+    ys_TBH, state_T = native_lib.on_cpu(functools.partial(recurrent_native.native_recurrence, cell), scan, x_TBI,
+                                        states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
+  else:
+    ys_TBH, state_T = scan(x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
+  return jnp.swapaxes(flip(ys_TBH), 0, 1).astype(x_BTI.dtype), state_T
+
+
+def _scan_core(pointwise, unroll, remat, chunk, x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
+  """The `lax.scan` kernel on time-major arrays: pads T to a multiple of the chunk with masked (state-keeping)
+  steps and runs the chunked, pipelined core."""
+  t, b, _ = x_TBI.shape
   c = min(chunk, t)
   n = -(-t // c)
   pad = n * c - t
@@ -310,17 +331,15 @@ def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
   to_chunks = lambda a: None if a is None else a.reshape((n, c) + a.shape[1:])
   keep_NCB1 = None if keep_TB is None else to_chunks(keep_TB)[..., None]
   reset_NCB1 = None if reset_TB is None else to_chunks(reset_TB)[..., None]
-  states = tuple(s.astype(jnp.float32) for s in states)
-  ys_NCBH, state_T = _recurrent_core(pointwise, int(unroll), bool(remat), to_chunks(x_TBI),
-                                     states, w_ih, b_ih, w_hh, b_hh, keep_NCB1, reset_NCB1)
-  ys_TBH = flip(ys_NCBH.reshape((n * c,) + ys_NCBH.shape[2:])[:t])
-  return jnp.swapaxes(ys_TBH, 0, 1).astype(x_BTI.dtype), state_T
+  ys_NCBH, state_T = _recurrent_core(pointwise, unroll, remat, to_chunks(x_TBI), states, w_ih, b_ih, w_hh, b_hh,
+                                     keep_NCB1, reset_NCB1)
+  return ys_NCBH.reshape((n * c,) + ys_NCBH.shape[2:])[:t], state_T
 
 
 def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
          lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-         unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK,
-         remat: bool = False) -> tuple[Array, tuple[Array, Array]]:
+         unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False,
+         native: bool | None = None) -> tuple[Array, tuple[Array, Array]]:
   """LSTM over a batch-major sequence (PyTorch gate order i, f, g, o).
 
   Args:
@@ -333,21 +352,25 @@ def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, 
     unroll: unroll factor of the step loop inside a chunk.
     chunk: steps per chunk of the hoisted, pipelined input projection (T is padded up to a
       multiple with state-keeping steps).
-    remat: save only the per-step state; recompute the projections in the backward pass.
+    remat: save only the per-step state; recompute the projections in the backward pass (the `lax.scan`
+      kernel; the native one saves about as little without recomputing).
+    native: None runs the native CPU kernel (`seqjax.ops.recurrent_native`) where it applies (a CPU, float32
+      weights, H a multiple of 16, remat=False) and the `lax.scan` kernel elsewhere; False always the scan;
+      True the native kernel or a ValueError. `unroll` and `chunk` tune the scan only.
 
   Returns:
     ys [B, T, H] in x.dtype and the final state (h_T, c_T), each [B, H] float32 (for `reverse`,
     the state after the first step).
   """
   ys, (h, c) = _run("lstm", _lstm_pointwise, x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
-                    reverse, segment_ids, unroll, remat, chunk)
+                    reverse, segment_ids, unroll, remat, chunk, native, "lstm")
   return ys, (h, c)
 
 
 def gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
         lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-        unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK,
-        remat: bool = False) -> tuple[Array, Array]:
+        unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False,
+        native: bool | None = None) -> tuple[Array, Array]:
   """GRU over a batch-major sequence (PyTorch gate order r, z, n; b_hn inside the reset product).
 
   Args: as `lstm` with w_ih [3H, I], w_hh [3H, H], b_ih, b_hh [3H] and one state h0 [B, H].
@@ -356,14 +379,15 @@ def gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array,
     ys [B, T, H] in x.dtype and the final state h_T [B, H] float32.
   """
   ys, (h,) = _run("gru", _gru_pointwise, x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                  segment_ids, unroll, remat, chunk)
+                  segment_ids, unroll, remat, chunk, native, "gru")
   return ys, h
 
 
 def rnn(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
         nonlinearity: str = "tanh", lengths: Array | None = None, reverse: bool = False,
         segment_ids: Array | None = None, unroll: int = DEFAULT_UNROLL,
-        chunk: int = DEFAULT_CHUNK, remat: bool = False) -> tuple[Array, Array]:
+        chunk: int = DEFAULT_CHUNK, remat: bool = False,
+        native: bool | None = None) -> tuple[Array, Array]:
   """Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), act in {"tanh", "relu"}.
 
   Args: as `gru` with w_ih [H, I], w_hh [H, H], b_ih, b_hh [H].
@@ -375,7 +399,7 @@ def rnn(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array,
     raise ValueError(f"rnn: nonlinearity must be one of {sorted(_NONLINEARITIES)}, "
                      f"got {nonlinearity!r}.")
   ys, (h,) = _run("rnn", _rnn_pointwise_cached(nonlinearity), x, (h0,), w_ih, w_hh, b_ih, b_hh,
-                  lengths, reverse, segment_ids, unroll, remat, chunk)
+                  lengths, reverse, segment_ids, unroll, remat, chunk, native, f"rnn_{nonlinearity}")
   return ys, h
 
 

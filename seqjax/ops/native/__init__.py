@@ -30,7 +30,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("flash_attention.cc", "mlp.cc", "norm.cc")
+SOURCES = ("flash_attention.cc", "mlp.cc", "norm.cc", "recurrent.cc")
 HEADERS = ("kernels.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 TARGETS = {  # FFI target name -> exported handler symbol
@@ -42,6 +42,9 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "seqjax_dense_bwd": "SeqjaxDenseBackward",
     "seqjax_layer_norm_fwd": "SeqjaxLayerNormForward",
     "seqjax_layer_norm_bwd": "SeqjaxLayerNormBackward",
+    "seqjax_rnn_fwd": "SeqjaxRnnForward",
+    "seqjax_rnn_bwd": "SeqjaxRnnBackward",
+    "seqjax_dense_wgrad": "SeqjaxDenseWeightGrad",
 }
 
 _log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -69,6 +70,11 @@ inline vf vexp(vf x) {
   const vf result = p * (vf)bits;
   return underflow ? splat(0.f) : result;
 }
+
+// tanh(u) = 1 - 2 / (1 + exp(2u)); exp saturates to 0 or ~1e38, so the limits are exactly -1 and 1.
+inline vf vtanh(vf u) { return splat(1.f) - splat(2.f) / (splat(1.f) + vexp(u + u)); }
+
+inline vf vsigmoid(vf u) { return splat(1.f) / (splat(1.f) + vexp(-u)); }
 
 // ---- matmul -------------------------------------------------------------------------------------------------
 #if defined(__AVX512F__)
@@ -191,6 +197,59 @@ class Parallel {
     if (finished && s.done.fetch_add(finished) + finished == s.n) {
       std::lock_guard<std::mutex> lock(s.mu);
       s.cv.notify_all();
+    }
+  }
+
+ public:
+  // run_staged(stages, parts, fn): fn(stage, part) for every part of every stage, where all parts of a stage finish
+  // before any part of the next one starts (a barrier per stage, for serial recurrences cut into parallel parts).
+  // Items are claimed in order; a participant that claimed an item of the next stage spins (then yields) until
+  // the items of the current one, all claimed by running participants, are done, so this cannot deadlock either;
+  // with no pool thread free the caller runs every item itself.
+  void run_staged(int64_t stages, int64_t parts, const std::function<void(int64_t, int64_t)>& fn) {
+    const int participants = max_slots(parts);
+    if (participants == 1) {
+      for (int64_t s = 0; s < stages; ++s)
+        for (int64_t p = 0; p < parts; ++p) fn(s, p);
+      return;
+    }
+    auto state = std::make_shared<Staged>();
+    state->n = stages * parts;
+    state->parts = parts;
+    state->fn = &fn;
+    for (int p = 1; p < participants; ++p) {
+      pool_.Schedule([state] { WorkStaged(*state); });
+    }
+    WorkStaged(*state);
+    spin_until(state->done, state->n);
+  }
+
+ private:
+  struct Staged {
+    int64_t n = 0, parts = 1;
+    const std::function<void(int64_t, int64_t)>* fn = nullptr;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+
+  static void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
+    for (int64_t spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins < (1 << 14)) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();  // the machine is oversubscribed: let the participant we wait for run
+      }
+    }
+  }
+
+  static void WorkStaged(Staged& s) {
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.n;) {
+      const int64_t stage = i / s.parts;
+      spin_until(s.done, stage * s.parts);
+      (*s.fn)(stage, i % s.parts);
+      s.done.fetch_add(1, std::memory_order_acq_rel);
     }
   }
 

@@ -28,9 +28,6 @@ using namespace seqjax_native;  // NOLINT
 constexpr int64_t kRowBlock = 64;      // rows per forward work item
 constexpr int64_t kGradRowBlock = 128;  // rows per backward work item: fewer passes over the dW accumulators
 
-// tanh(u) = 1 - 2 / (1 + exp(2u)); exp saturates to 0 or ~1e38, so the limits are exactly -1 and 1.
-inline vf vtanh(vf u) { return splat(1.f) - splat(2.f) / (splat(1.f) + vexp(u + u)); }
-
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 
@@ -239,44 +236,63 @@ ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw) {
-  int64_t M, K, N;
-  if (auto err = dense_dims(x, w, &M, &K, &N); !err.success()) return err;
-  Parallel parallel(pool);
+// dx = dy W^T (if dx) and dW = x^T dy for x [M, K], dy [M, N]; wt = W^T [N, K] (only read when dx).
+void dense_backward(Parallel& parallel, const float* x, const float* wt, const float* dy, int64_t M, int64_t K,
+                    int64_t N, float* dx, float* dw) {
   const int64_t Np = round_up(N, kLanes);
   const int64_t blocks = (M + kGradRowBlock - 1) / kGradRowBlock;
   const Parts parts = grad_parts(blocks);
-  Scratch& own = scratch();
-  float* wt = own.get(3, N * K);
-  float* acc_all = own.get(5, parts.n * K * Np);
-  transpose(w.typed_data(), K, N, wt);
+  float* acc_all = scratch().get(5, parts.n * K * Np);
   parallel.run(parts.n, [&](int64_t part, int) {
     float* acc = acc_all + part * K * Np;
     std::memset(acc, 0, sizeof(float) * K * Np);
     for (int64_t blk = parts.first(part); blk < parts.last(part); ++blk) {
       const int64_t r0 = blk * kGradRowBlock, rows = std::min(kGradRowBlock, M - r0);
-      const float* dyb = dy.typed_data() + r0 * N;
-      gemm(rows, K, N, dyb, N, 1, wt, K, dx->typed_data() + r0 * K, K, false);  // dx = dy W^T
+      const float* dyb = dy + r0 * N;
+      if (dx) gemm(rows, K, N, dyb, N, 1, wt, K, dx + r0 * K, K, false);  // dx = dy W^T
       const float* dyp = dyb;
       if (Np != N) {
         float* padded = scratch().get(0, kGradRowBlock * Np);
         pad_columns(dyb, rows, N, Np, padded);
         dyp = padded;
       }
-      gemm(K, Np, rows, x.typed_data() + r0 * K, 1, K, dyp, Np, acc, Np, true);  // dW += x^T dy
+      gemm(K, Np, rows, x + r0 * K, 1, K, dyp, Np, acc, Np, true);  // dW += x^T dy
     }
   });
   if (Np == N) {
-    sum_parts(parallel, acc_all, parts.n, K * N, dw->typed_data(), K * N, nullptr);
+    sum_parts(parallel, acc_all, parts.n, K * N, dw, K * N, nullptr);
   } else {
     for (int64_t k = 0; k < K; ++k)
       for (int64_t n = 0; n < N; ++n) {
         float s = acc_all[k * Np + n];
         for (int64_t p = 1; p < parts.n; ++p) s += acc_all[p * K * Np + k * Np + n];
-        dw->typed_data()[k * N + n] = s;
+        dw[k * N + n] = s;
       }
   }
+}
+
+ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw) {
+  int64_t M, K, N;
+  if (auto err = dense_dims(x, w, &M, &K, &N); !err.success()) return err;
+  Parallel parallel(pool);
+  float* wt = scratch().get(3, N * K);
+  transpose(w.typed_data(), K, N, wt);
+  dense_backward(parallel, x.typed_data(), wt, dy.typed_data(), M, K, N, dx->typed_data(), dw->typed_data());
+  return ffi::Error::Success();
+}
+
+// The weight gradient alone, dW = x^T dy: x [M, K], dy [M, N] -> [K, N] (K a multiple of 16).
+ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dw) {
+  auto dd = dw->dimensions();
+  if (dd.size() != 2 || dd[0] % kLanes || dd[1] <= 0)
+    return ffi::Error::InvalidArgument("seqjax native dense_wgrad: dW must be [K, N] with K a multiple of 16");
+  const int64_t K = dd[0], N = dd[1], M = static_cast<int64_t>(x.element_count()) / K;
+  if (static_cast<int64_t>(dy.element_count()) != M * N)
+    return ffi::Error::InvalidArgument("seqjax native dense_wgrad: x [M, K] and dy [M, N] must have the same rows");
+  Parallel parallel(pool);
+  dense_backward(parallel, x.typed_data(), nullptr, dy.typed_data(), M, K, N, nullptr, dw->typed_data());
   return ffi::Error::Success();
 }
 
@@ -319,4 +335,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxDenseBackward, DenseBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dw
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxDenseWeightGrad, DenseWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dw

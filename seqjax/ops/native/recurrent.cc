@@ -1,0 +1,402 @@
+// Recurrent cells (LSTM, GRU, Elman RNN) for the CPU: the serial part of a recurrence as two XLA FFI handlers.
+//
+// Legend: T steps, B batch, H hidden width (a multiple of 16), G gates (LSTM 4, GRU 3, RNN 1), GH = G * H, S state
+// arrays (LSTM 2: h and c; the others 1: h), A per-step residual arrays, U hidden units per part. Time-major,
+// row-major float32. Gate layouts are PyTorch's (seqjax/ops/recurrent.py).
+//
+// forward  "seqjax_rnn_fwd"
+//   in : gx [T, B, GH] = x W_ih^T without bias (one big matmul, done by the caller), w_hh [GH, H], b_ih, b_hh [GH],
+//        state0 [S, B, H], keep u8 [T, B], reset u8 [T, B]
+//   out: ys [T, B, H], state_T [S, B, H]; with `save`, also the residuals states_in [S, T, B, H] (the state
+//        entering each step, after resets) and aux [T, B, A * H] (LSTM: the gate activations i, f, g, o; GRU: r, z,
+//        n and W_hn h + b_hn; RNN: the new h).
+// backward "seqjax_rnn_bwd"
+//   in : w_hh, aux, states_in, keep, reset, dys [T, B, H], dstate_T [S, B, H]
+//   out: dgx [T, B, GH], the gradient of the input pre-activation (the caller forms dx and dW_ih from it with big
+//        matmuls); dhz [T, B, GH], that of W_hh h + b_hh, for the GRU only (for LSTM and RNN it equals dgx and is
+//        not written); dstate0 [S, B, H]; db_ih, db_hh [GH].
+//
+// A step is cut into parts of U hidden units. A part computes its units' columns of all G gates (a [B, H] x
+// [H, G * U] matmul against a packed slice of W_hh^T) and their pointwise update, so the parts of a step are
+// independent and `Parallel::run_staged` puts a barrier between steps. The backward pass fuses, per part, step
+// t + 1's [B, GH] x [GH, U] product (the part's units of dh) with step t's pointwise gradient: one barrier per step.
+// Every output element is computed by one part in a fixed order, whatever the threads: bitwise deterministic.
+//
+// Masks as in seqjax.ops.recurrent: keep = 0 leaves the state unchanged and emits 0; reset = 1 replaces the state
+// entering the step by state0.
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace {
+
+using namespace seqjax_native;  // NOLINT
+
+// ---- cells: the pointwise update of 16 units and its gradient -------------------------------------------------
+// fwd(xg, hg, in, out, aux): xg[g] = input pre-activation + b_ih, hg[g] = W_hh h + b_hh of gate g; in[s] the state
+// entering the step; out[s] the new state (out[0] = h is also the output); aux[a] the residuals.
+// bwd(aux, in, dout, dgx, dhz, dir): dout[s] the gradient of the new state; dgx[g], dhz[g] those of xg and hg;
+// dir[s] the gradient of `in` not through W_hh h (the caller adds dhz W_hh to dir[0]).
+struct Lstm {
+  static constexpr int G = 4, S = 2, A = 4;
+  static constexpr bool kSeparateDhz = false;
+  static void fwd(const vf* xg, const vf* hg, const vf* in, vf* out, vf* aux) {
+    const vf i = vsigmoid(xg[0] + hg[0]), f = vsigmoid(xg[1] + hg[1]);
+    const vf g = vtanh(xg[2] + hg[2]), o = vsigmoid(xg[3] + hg[3]);
+    const vf c = f * in[1] + i * g;
+    out[0] = o * vtanh(c);
+    out[1] = c;
+    aux[0] = i, aux[1] = f, aux[2] = g, aux[3] = o;
+  }
+  static void bwd(const vf* aux, const vf* in, const vf* dout, vf* dgx, vf* dhz, vf* dir) {
+    const vf i = aux[0], f = aux[1], g = aux[2], o = aux[3];
+    const vf tc = vtanh(f * in[1] + i * g);
+    const vf dc = dout[1] + dout[0] * o * (1.f - tc * tc);
+    dgx[0] = dc * g * i * (1.f - i);
+    dgx[1] = dc * in[1] * f * (1.f - f);
+    dgx[2] = dc * i * (1.f - g * g);
+    dgx[3] = dout[0] * tc * o * (1.f - o);
+    for (int k = 0; k < G; ++k) dhz[k] = dgx[k];
+    dir[0] = splat(0.f);
+    dir[1] = dc * f;
+  }
+};
+
+struct Gru {
+  static constexpr int G = 3, S = 1, A = 4;
+  static constexpr bool kSeparateDhz = true;
+  static void fwd(const vf* xg, const vf* hg, const vf* in, vf* out, vf* aux) {
+    const vf r = vsigmoid(xg[0] + hg[0]), z = vsigmoid(xg[1] + hg[1]);
+    const vf n = vtanh(xg[2] + r * hg[2]);
+    out[0] = n + z * (in[0] - n);
+    aux[0] = r, aux[1] = z, aux[2] = n, aux[3] = hg[2];
+  }
+  static void bwd(const vf* aux, const vf* in, const vf* dout, vf* dgx, vf* dhz, vf* dir) {
+    const vf r = aux[0], z = aux[1], n = aux[2], hn = aux[3];
+    const vf dh = dout[0];
+    const vf dn = dh * (1.f - z) * (1.f - n * n);
+    dgx[0] = dhz[0] = dn * hn * r * (1.f - r);
+    dgx[1] = dhz[1] = dh * (in[0] - n) * z * (1.f - z);
+    dgx[2] = dn;
+    dhz[2] = dn * r;
+    dir[0] = dh * z;
+  }
+};
+
+template <bool kRelu>
+struct Rnn {
+  static constexpr int G = 1, S = 1, A = 1;
+  static constexpr bool kSeparateDhz = false;
+  static void fwd(const vf* xg, const vf* hg, const vf*, vf* out, vf* aux) {
+    const vf u = xg[0] + hg[0];
+    out[0] = aux[0] = kRelu ? (vf)(u > splat(0.f) ? u : splat(0.f)) : vtanh(u);
+  }
+  static void bwd(const vf* aux, const vf*, const vf* dout, vf* dgx, vf* dhz, vf* dir) {
+    const vf h = aux[0];
+    dgx[0] = dhz[0] = kRelu ? (vf)(h > splat(0.f) ? dout[0] : splat(0.f)) : dout[0] * (1.f - h * h);
+    dir[0] = splat(0.f);
+  }
+};
+
+enum CellKind : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3 };
+
+int64_t gates_of(int64_t cell) { return cell == kLstm ? 4 : cell == kGru ? 3 : 1; }
+int64_t states_of(int64_t cell) { return cell == kLstm ? 2 : 1; }
+
+// ---- problem layout --------------------------------------------------------------------------------------------
+struct Layout {
+  int64_t T, B, H, G, U, parts;
+  int64_t GH() const { return G * H; }
+  int64_t first(int64_t p) const { return p * U; }
+  int64_t units(int64_t p) const { return std::min(U, H - p * U); }
+};
+
+// U: a multiple of 16 giving every thread about four parts per step (fewer, wider parts when H is large).
+Layout layout_of(int64_t T, int64_t B, int64_t H, int64_t G, int threads) {
+  const int64_t blocks = H / kLanes;
+  const int64_t U = kLanes * std::max<int64_t>(1, blocks / (4 * threads));
+  return Layout{T, B, H, G, U, (H + U - 1) / U};
+}
+
+ffi::Error check_dims(int64_t cell, ffi::Buffer<ffi::F32>& w_hh, int64_t GH, int64_t B, ffi::Buffer<ffi::U8>& keep,
+                      ffi::Buffer<ffi::U8>& reset, int64_t T, int64_t* H) {
+  if (cell < kLstm || cell > kRnnRelu) return ffi::Error::InvalidArgument("seqjax native rnn: unknown cell");
+  auto wd = w_hh.dimensions();
+  if (wd.size() != 2 || wd[0] != GH || wd[0] != gates_of(cell) * wd[1] || wd[1] % kLanes)
+    return ffi::Error::InvalidArgument("seqjax native rnn: w_hh must be [G*H, H] with H a multiple of 16");
+  *H = wd[1];
+  auto kd = keep.dimensions(), rd = reset.dimensions();
+  if (kd.size() != 2 || kd[0] != T || kd[1] != B || rd.size() != 2 || rd[0] != T || rd[1] != B)
+    return ffi::Error::InvalidArgument("seqjax native rnn: keep and reset must be [T, B]");
+  return ffi::Error::Success();
+}
+
+// ---- forward ---------------------------------------------------------------------------------------------------
+struct Forward {
+  Layout L;
+  const float *gx, *b_ih, *b_hh, *state0, *wpack;  // wpack [parts][H][G * U]
+  const uint8_t *keep, *reset;
+  float *ys, *state_T, *states_in, *aux;  // states_in, aux: null unless saving
+  float* ring;                            // [2][S][B][H] states entering a step when not saving
+  int64_t S;
+
+  float* in(int64_t t, int64_t s) const {
+    const int64_t bh = L.B * L.H;
+    return states_in ? states_in + (s * L.T + t) * bh : ring + ((t & 1) * S + s) * bh;
+  }
+};
+
+// wpack[p][k][g * u + j] = w_hh[g * H + first(p) + j, k] for u = units(p): part p's columns of W_hh^T, contiguous.
+void pack_forward(const Layout& L, const float* w_hh, float* wpack) {
+  for (int64_t p = 0; p < L.parts; ++p) {
+    const int64_t u0 = L.first(p), u = L.units(p);
+    float* dst = wpack + p * L.H * L.G * L.U;
+    for (int64_t g = 0; g < L.G; ++g)
+      for (int64_t j = 0; j < u; ++j) {
+        const float* row = w_hh + (g * L.H + u0 + j) * L.H;
+        for (int64_t k = 0; k < L.H; ++k) dst[k * L.G * u + g * u + j] = row[k];
+      }
+  }
+}
+
+template <class C>
+void forward_part(const Forward& F, int64_t t, int64_t p) {
+  const Layout& L = F.L;
+  const int64_t u0 = L.first(p), u = L.units(p), gu = C::G * u, GH = L.GH(), H = L.H, B = L.B;
+  float* hz = scratch().get(0, B * gu);
+  gemm(B, gu, H, F.in(t, 0), H, 1, F.wpack + p * H * C::G * L.U, gu, hz, gu, false);  // the units' W_hh h
+  const bool last = t + 1 == L.T;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool keep = F.keep[t * B + b];
+    const bool reset_next = !last && F.reset[(t + 1) * B + b];
+    const float* gxr = F.gx + (t * B + b) * GH;
+    for (int64_t j = 0; j < u; j += kLanes) {
+      const int64_t col = u0 + j;
+      vf xg[C::G], hg[C::G], in[C::S], out[C::S], ax[C::A];
+      for (int g = 0; g < C::G; ++g) {
+        xg[g] = load(gxr + g * H + col) + load(F.b_ih + g * H + col);
+        hg[g] = load(hz + b * gu + g * u + j) + load(F.b_hh + g * H + col);
+      }
+      for (int s = 0; s < C::S; ++s) in[s] = load(F.in(t, s) + b * H + col);
+      C::fwd(xg, hg, in, out, ax);
+      if (F.aux)
+        for (int a = 0; a < C::A; ++a) store(F.aux + (t * B + b) * C::A * H + a * H + col, ax[a]);
+      store(F.ys + (t * B + b) * H + col, keep ? out[0] : splat(0.f));
+      for (int s = 0; s < C::S; ++s) {
+        const vf v = keep ? out[s] : in[s];
+        if (last) {
+          store(F.state_T + (s * B + b) * H + col, v);
+        } else {
+          store(F.in(t + 1, s) + b * H + col, reset_next ? load(F.state0 + (s * B + b) * H + col) : v);
+        }
+      }
+    }
+  }
+}
+
+template <class C>
+void forward(Parallel& parallel, const Forward& F) {
+  parallel.run_staged(F.L.T, F.L.parts, [&](int64_t t, int64_t p) { forward_part<C>(F, t, p); });
+}
+
+ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w_hh,
+                      ffi::Buffer<ffi::F32> b_ih, ffi::Buffer<ffi::F32> b_hh, ffi::Buffer<ffi::F32> state0,
+                      ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys,
+                      ffi::ResultBuffer<ffi::F32> state_T, ffi::ResultBuffer<ffi::F32> states_in,
+                      ffi::ResultBuffer<ffi::F32> aux, int64_t cell, int64_t save) {
+  auto gd = gx.dimensions();
+  if (gd.size() != 3) return ffi::Error::InvalidArgument("seqjax native rnn: gx must be [T, B, G*H]");
+  const int64_t T = gd[0], B = gd[1];
+  int64_t H;
+  if (auto err = check_dims(cell, w_hh, gd[2], B, keep, reset, T, &H); !err.success()) return err;
+  if (T == 0 || B == 0) return ffi::Error::Success();
+  Parallel parallel(pool);
+  const int64_t S = states_of(cell);
+  const Layout L = layout_of(T, B, H, gates_of(cell), parallel.max_slots(1 << 20));
+  Scratch& own = scratch();  // the caller's roles 3-5 (items use 0-2)
+  float* wpack = own.get(3, L.parts * H * L.G * L.U);
+  pack_forward(L, w_hh.typed_data(), wpack);
+  Forward F{L, gx.typed_data(), b_ih.typed_data(), b_hh.typed_data(), state0.typed_data(), wpack,
+            keep.typed_data(), reset.typed_data(), ys->typed_data(), state_T->typed_data(),
+            save ? states_in->typed_data() : nullptr, save ? aux->typed_data() : nullptr,
+            save ? nullptr : own.get(4, 2 * S * B * H), S};
+  std::memcpy(F.in(0, 0), F.state0, sizeof(float) * B * H);
+  if (S == 2) std::memcpy(F.in(0, 1), F.state0 + B * H, sizeof(float) * B * H);
+  switch (cell) {
+    case kLstm: forward<Lstm>(parallel, F); break;
+    case kGru: forward<Gru>(parallel, F); break;
+    case kRnnTanh: forward<Rnn<false>>(parallel, F); break;
+    default: forward<Rnn<true>>(parallel, F); break;
+  }
+  return ffi::Error::Success();
+}
+
+// ---- backward --------------------------------------------------------------------------------------------------
+struct Backward {
+  Layout L;
+  const float *wpack, *aux, *states_in, *dys, *dstate_T;  // wpack [parts][GH][U]
+  const uint8_t *keep, *reset;
+  float *dgx, *dhz, *dstate0, *db_ih, *db_hh;  // dhz == dgx for LSTM and RNN
+  float* direct;                               // [S][B][H]: dir of the step processed last, per part's units
+};
+
+// wpack[p][r][j] = w_hh[r, first(p) + j] for j < units(p): part p's columns of W_hh, contiguous.
+void pack_backward(const Layout& L, const float* w_hh, float* wpack) {
+  for (int64_t p = 0; p < L.parts; ++p) {
+    const int64_t u0 = L.first(p), u = L.units(p);
+    float* dst = wpack + p * L.GH() * L.U;
+    for (int64_t r = 0; r < L.GH(); ++r) std::memcpy(dst + r * u, w_hh + r * L.H + u0, sizeof(float) * u);
+  }
+}
+
+// Stage k of part p handles step t = T - 1 - k (and k = T finishes at t = -1): the gradient of the state that
+// step t produced (from step t + 1's dhz W_hh and direct terms, through the resets), then step t's pointwise
+// gradient.
+template <class C>
+void backward_part(const Backward& D, int64_t k, int64_t p) {
+  const Layout& L = D.L;
+  const int64_t t = L.T - 1 - k, u0 = L.first(p), u = L.units(p), GH = L.GH(), H = L.H, B = L.B;
+  float* dcar = scratch().get(0, C::S * B * u);  // [S][B][u]: gradient of the state after step t
+  if (t == L.T - 1) {
+    for (int s = 0; s < C::S; ++s)
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(dcar + (s * B + b) * u, D.dstate_T + (s * B + b) * H + u0, sizeof(float) * u);
+  } else {
+    float* dm = scratch().get(1, B * u);
+    gemm(B, u, GH, D.dhz + (t + 1) * B * GH, GH, 1, D.wpack + p * GH * L.U, u, dm, u, false);  // units of dhz W_hh
+    for (int64_t b = 0; b < B; ++b) {
+      const bool reset = D.reset[(t + 1) * B + b];
+      for (int s = 0; s < C::S; ++s)
+        for (int64_t j = 0; j < u; j += kLanes) {
+          vf d = load(D.direct + (s * B + b) * H + u0 + j);
+          if (s == 0) d += load(dm + b * u + j);
+          float* d0 = D.dstate0 + (s * B + b) * H + u0 + j;
+          if (reset) store(d0, load(d0) + d);
+          store(dcar + (s * B + b) * u + j, reset ? splat(0.f) : d);
+        }
+    }
+  }
+  if (t < 0) {  // step 0 entered with state0
+    for (int s = 0; s < C::S; ++s)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < u; j += kLanes) {
+          float* d0 = D.dstate0 + (s * B + b) * H + u0 + j;
+          store(d0, load(d0) + load(dcar + (s * B + b) * u + j));
+        }
+    return;
+  }
+  for (int64_t j = 0; j < u; j += kLanes) {
+    const int64_t col = u0 + j;
+    vf dbi[C::G], dbh[C::G];
+    for (int g = 0; g < C::G; ++g) dbi[g] = dbh[g] = splat(0.f);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = t * B + b;
+      vf dout[C::S], dg[C::G], dh[C::G], dir[C::S];
+      for (int s = 0; s < C::S; ++s) dout[s] = load(dcar + (s * B + b) * u + j);
+      if (D.keep[row]) {
+        vf ax[C::A], in[C::S];
+        dout[0] += load(D.dys + row * H + col);
+        for (int a = 0; a < C::A; ++a) ax[a] = load(D.aux + row * C::A * H + a * H + col);
+        for (int s = 0; s < C::S; ++s) in[s] = load(D.states_in + (s * L.T + t) * B * H + b * H + col);
+        C::bwd(ax, in, dout, dg, dh, dir);
+      } else {  // the state passed through unchanged and the output was 0
+        for (int g = 0; g < C::G; ++g) dg[g] = dh[g] = splat(0.f);
+        for (int s = 0; s < C::S; ++s) dir[s] = dout[s];
+      }
+      for (int g = 0; g < C::G; ++g) {
+        store(D.dgx + row * GH + g * H + col, dg[g]);
+        if (C::kSeparateDhz) store(D.dhz + row * GH + g * H + col, dh[g]);
+        dbi[g] += dg[g];
+        dbh[g] += dh[g];
+      }
+      for (int s = 0; s < C::S; ++s) store(D.direct + (s * B + b) * H + col, dir[s]);
+    }
+    for (int g = 0; g < C::G; ++g) {
+      store(D.db_ih + g * H + col, load(D.db_ih + g * H + col) + dbi[g]);
+      store(D.db_hh + g * H + col, load(D.db_hh + g * H + col) + dbh[g]);
+    }
+  }
+}
+
+template <class C>
+void backward(Parallel& parallel, const Backward& D) {
+  parallel.run_staged(D.L.T + 1, D.L.parts, [&](int64_t k, int64_t p) { backward_part<C>(D, k, p); });
+}
+
+ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> aux,
+                       ffi::Buffer<ffi::F32> states_in, ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::U8> reset,
+                       ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dstate_T, ffi::ResultBuffer<ffi::F32> dgx,
+                       ffi::ResultBuffer<ffi::F32> dhz, ffi::ResultBuffer<ffi::F32> dstate0,
+                       ffi::ResultBuffer<ffi::F32> db_ih, ffi::ResultBuffer<ffi::F32> db_hh, int64_t cell) {
+  auto dd = dys.dimensions();
+  if (dd.size() != 3) return ffi::Error::InvalidArgument("seqjax native rnn: dys must be [T, B, H]");
+  const int64_t T = dd[0], B = dd[1];
+  int64_t H;
+  const int64_t GH = w_hh.dimensions().size() == 2 ? w_hh.dimensions()[0] : -1;
+  if (auto err = check_dims(cell, w_hh, GH, B, keep, reset, T, &H); !err.success()) return err;
+  if (dd[2] != H) return ffi::Error::InvalidArgument("seqjax native rnn: dys must be [T, B, H]");
+  Parallel parallel(pool);
+  const int64_t S = states_of(cell), G = gates_of(cell);
+  const Layout L = layout_of(T, B, H, G, parallel.max_slots(1 << 20));
+  std::memset(dstate0->typed_data(), 0, sizeof(float) * S * B * H);
+  std::memset(db_ih->typed_data(), 0, sizeof(float) * G * H);
+  std::memset(db_hh->typed_data(), 0, sizeof(float) * G * H);
+  if (B == 0) return ffi::Error::Success();
+  if (T == 0) {
+    std::memcpy(dstate0->typed_data(), dstate_T.typed_data(), sizeof(float) * S * B * H);
+    return ffi::Error::Success();
+  }
+  Scratch& own = scratch();
+  float* wpack = own.get(3, L.parts * L.GH() * L.U);
+  pack_backward(L, w_hh.typed_data(), wpack);
+  Backward D{L, wpack, aux.typed_data(), states_in.typed_data(), dys.typed_data(), dstate_T.typed_data(),
+             keep.typed_data(), reset.typed_data(), dgx->typed_data(),
+             cell == kGru ? dhz->typed_data() : dgx->typed_data(), dstate0->typed_data(), db_ih->typed_data(),
+             db_hh->typed_data(), own.get(4, S * B * H)};
+  switch (cell) {
+    case kLstm: backward<Lstm>(parallel, D); break;
+    case kGru: backward<Gru>(parallel, D); break;
+    case kRnnTanh: backward<Rnn<false>>(parallel, D); break;
+    default: backward<Rnn<true>>(parallel, D); break;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnForward, RnnForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gx
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // state0
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // keep
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // reset
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // state_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // states_in (empty unless save)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // aux (empty unless save)
+                                  .Attr<int64_t>("cell")
+                                  .Attr<int64_t>("save"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnBackward, RnnBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // aux
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // states_in
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // keep
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // reset
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dstate_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dgx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dhz (GRU only; empty otherwise)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dstate0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db_ih
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db_hh
+                                  .Attr<int64_t>("cell"));
