@@ -69,26 +69,29 @@ def _flax_params_to_torch_layout(params):
 
 
 def _functions(batch: int, hidden: int):
-  """(seqjax fwd, seqjax fwd+bwd builder, flax fwd, flax fwd+bwd) over (params, x)."""
+  """The Flax layer and a dict name -> jitted fn(params, x): forward and forward+backward of seqjax's `lstm` (the
+  default dispatch, i.e. the native kernel on a CPU), of its `lax.scan` kernel (native=False, and remat=True) and of
+  the Flax layer."""
   from seqjax.ops import recurrent
 
   layer = _flax_layer(hidden)
 
-  def ours(w, x, remat=False):
+  def ours(w, x, **kw):
     z = jnp.zeros((x.shape[0], hidden), jnp.float32)
-    return recurrent.lstm(x, z, z, *w, remat=remat)[0]
-
-  def flax_fwd(p, x):
-    return layer.apply(p, x)
+    return recurrent.lstm(x, z, z, *w, **kw)[0]
 
   def loss(f):
     return lambda w, x: jnp.sum(f(w, x) ** 2)
 
-  ours_fwd = jax.jit(ours)
-  ours_bwd = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))
-  ours_bwd_remat = jax.jit(jax.grad(loss(lambda w, x: ours(w, x, remat=True)), argnums=(0, 1)))
-  flax_bwd = jax.jit(jax.grad(loss(flax_fwd), argnums=(0, 1)))
-  return layer, ours_fwd, ours_bwd, ours_bwd_remat, jax.jit(flax_fwd), flax_bwd
+  def fwd_bwd(f):
+    return jax.jit(jax.grad(loss(f), argnums=(0, 1)))
+
+  scan = lambda w, x: ours(w, x, native=False)  # noqa: E731
+  remat = lambda w, x: ours(w, x, remat=True)  # noqa: E731
+  return layer, {
+      "flax_fwd": jax.jit(layer.apply), "seqjax_fwd": jax.jit(ours), "seqjax_scan_fwd": jax.jit(scan),
+      "flax_fwd_bwd": fwd_bwd(layer.apply), "seqjax_fwd_bwd": fwd_bwd(ours),
+      "seqjax_scan_fwd_bwd": fwd_bwd(scan), "seqjax_fwd_bwd_remat": fwd_bwd(remat)}
 
 
 def _bytes(compiled) -> int | None:
@@ -100,19 +103,22 @@ def _bytes(compiled) -> int | None:
 
 def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequence[int],
         check: bool = True) -> dict:
+  from seqjax.ops import native
   key = jax.random.PRNGKey(0)
-  layer, ours_fwd, ours_bwd, ours_bwd_remat, flax_fwd, flax_bwd = _functions(batch, features)
+  layer, fns = _functions(batch, features)
   x = jax.random.normal(key, (batch, seq_len, features), jnp.float32)
   flax_params = layer.init(key, x)
   w = _flax_params_to_torch_layout(flax_params)
   if check:  # same weights, same function
-    err = float(jnp.max(jnp.abs(ours_fwd(w, x) - flax_fwd(flax_params, x))))
-    if err > 1e-4:
-      raise AssertionError(f"seqjax and Flax LSTMs disagree by {err}")
+    want = fns["flax_fwd"](flax_params, x)
+    for name in ("seqjax_fwd", "seqjax_scan_fwd"):
+      err = float(jnp.max(jnp.abs(fns[name](w, x) - want)))
+      if err > 1e-4:
+        raise AssertionError(f"{name} and the Flax LSTM disagree by {err}")
+  kernel = "native" if native.available() and jax.default_backend() == "cpu" else "lax.scan"
+  print(f"  seqjax_* = the default dispatch ({kernel} kernel); seqjax_scan_* = native=False", flush=True)
 
-  cases = {"flax_fwd": (flax_fwd, flax_params), "seqjax_fwd": (ours_fwd, w),
-           "flax_fwd_bwd": (flax_bwd, flax_params), "seqjax_fwd_bwd": (ours_bwd, w),
-           "seqjax_fwd_bwd_remat": (ours_bwd_remat, w)}
+  cases = {name: (fn, flax_params if name.startswith("flax") else w) for name, fn in fns.items()}
   timing = _time_interleaved(cases, x, repeats=repeats)
   for name, ms in timing.items():
     print(f"  {name:22s} {ms:8.2f} ms", flush=True)
@@ -128,17 +134,21 @@ def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequ
   ratios = {"fwd": timing["flax_fwd"] / timing["seqjax_fwd"],
             "fwd_bwd": timing["flax_fwd_bwd"] / timing["seqjax_fwd_bwd"],
             "fwd_bwd_remat": timing["flax_fwd_bwd"] / timing["seqjax_fwd_bwd_remat"],
+            "scan_fwd": timing["flax_fwd"] / timing["seqjax_scan_fwd"],
+            "scan_fwd_bwd": timing["flax_fwd_bwd"] / timing["seqjax_scan_fwd_bwd"],
             "max_possible_fwd": timing["flax_fwd"] / floor["fwd"],
             "max_possible_fwd_bwd": timing["flax_fwd_bwd"] / floor["fwd_bwd"]}
 
-  memory = {"T": list(mem_lengths), "seqjax": [], "seqjax_remat": [], "flax": []}
+  memory_cases = {"seqjax": "seqjax_fwd_bwd", "seqjax_scan": "seqjax_scan_fwd_bwd",
+                  "seqjax_remat": "seqjax_fwd_bwd_remat", "flax": "flax_fwd_bwd"}
+  memory = {"T": list(mem_lengths), **{name: [] for name in memory_cases}}
   for t in mem_lengths:
     xt = jax.ShapeDtypeStruct((batch, t, features), jnp.float32)
-    for name, fn, params in (("seqjax", ours_bwd, w), ("seqjax_remat", ours_bwd_remat, w),
-                             ("flax", flax_bwd, flax_params)):
+    for name, case in memory_cases.items():
+      fn, params = cases[case]
       memory[name].append(_bytes(fn.lower(params, xt).compile()))
   # Linearity: bytes per step from a least-squares line, and the worst relative deviation.
-  for name in ("seqjax", "seqjax_remat", "flax"):
+  for name in memory_cases:
     ys = memory[name]
     if None in ys or len(ys) < 2:
       continue
@@ -149,11 +159,12 @@ def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequ
 
   return {
       "config": {"batch": batch, "seq_len": seq_len, "input": features, "hidden": features,
-                 "dtype": "float32", "repeats": repeats},
+                 "dtype": "float32", "repeats": repeats, "seqjax_kernel": kernel},
       "time_ms": timing, "speedup_vs_flax": ratios,
       "compute_floor_ms": floor,
       "memory_method": "XLA compiled memory_analysis(): temp + output bytes of the jitted "
-                       "forward+backward (grad w.r.t. x and weights)",
+                       "forward+backward (grad w.r.t. x and weights); the native kernel's own scratch "
+                       "(packed W_hh and per-thread step buffers, independent of T) is not included",
       "memory_bytes": memory,
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "cpu_count": os.cpu_count(), "python": platform.python_version()},
@@ -169,17 +180,22 @@ def _plot(result: dict, path: pathlib.Path):
   t = result["time_ms"]
   labels = ["forward", "forward+backward"]
   xs = np.arange(2)
-  ax1.bar(xs - 0.27, [t["flax_fwd"], t["flax_fwd_bwd"]], 0.27, label="flax RNN(OptimizedLSTMCell)")
-  ax1.bar(xs, [t["seqjax_fwd"], t["seqjax_fwd_bwd"]], 0.27, label="seqjax lstm")
-  ax1.bar(xs + 0.27, [np.nan, t["seqjax_fwd_bwd_remat"]], 0.27, label="seqjax lstm, remat")
+  k = result["config"].get("seqjax_kernel", "native")
+  bars = ((["flax_fwd", "flax_fwd_bwd"], "flax RNN(OptimizedLSTMCell)"),
+          (["seqjax_fwd", "seqjax_fwd_bwd"], f"seqjax lstm ({k})"),
+          (["seqjax_scan_fwd", "seqjax_scan_fwd_bwd"], "seqjax lstm, lax.scan"),
+          ([None, "seqjax_fwd_bwd_remat"], "seqjax lstm, lax.scan remat"))
+  for n, (names, label) in enumerate(bars):
+    ax1.bar(xs + 0.2 * (n - 1.5), [np.nan if a is None else t[a] for a in names], 0.2, label=label)
   ax1.set_xticks(xs, labels)
   ax1.set_ylabel("ms (median)")
   c = result["config"]
   ax1.set_title(f"LSTM B={c['batch']} T={c['seq_len']} I=H={c['hidden']} fp32")
   ax1.legend(fontsize=8)
   m = result["memory_bytes"]
-  for name, label in (("flax", "flax"), ("seqjax", "seqjax"), ("seqjax_remat", "seqjax remat")):
-    if None not in m[name]:
+  for name, label in (("flax", "flax"), ("seqjax", "seqjax"), ("seqjax_scan", "seqjax lax.scan"),
+                      ("seqjax_remat", "seqjax lax.scan remat")):
+    if name in m and None not in m[name]:
       ax2.plot(m["T"], np.asarray(m[name]) / 2 ** 20, "o-", label=label)
   ax2.set_xlabel("T")
   ax2.set_ylabel("MiB (XLA temp + output)")
@@ -211,12 +227,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"median of {args.repeats}", flush=True)
   result = run(args.batch, args.seq_len, args.features, args.repeats, mem_lengths)
   r = result["speedup_vs_flax"]
-  print(f"speedup vs flax: forward {r['fwd']:.2f}x, forward+backward {r['fwd_bwd']:.2f}x "
-        f"(remat {r['fwd_bwd_remat']:.2f}x); target >= 1.5x")
+  print(f"speedup vs flax: forward {r['fwd']:.2f}x, forward+backward {r['fwd_bwd']:.2f}x; target >= 1.5x")
+  print(f"  lax.scan kernel: forward {r['scan_fwd']:.2f}x, forward+backward {r['scan_fwd_bwd']:.2f}x "
+        f"(remat {r['fwd_bwd_remat']:.2f}x)")
   print(f"upper bound from the matmul floor: forward {r['max_possible_fwd']:.2f}x, "
         f"forward+backward {r['max_possible_fwd_bwd']:.2f}x")
   m = result["memory_bytes"]
-  for name in ("seqjax", "seqjax_remat", "flax"):
+  for name in ("seqjax", "seqjax_scan", "seqjax_remat", "flax"):
     if f"{name}_bytes_per_step" in m:
       print(f"backward memory {name:13s}: {m[name][-1] / 2 ** 20:8.1f} MiB at T={m['T'][-1]}, "
             f"{m[name + '_bytes_per_step'] / 2 ** 10:7.1f} KiB/step, max deviation from a line "

@@ -42,8 +42,8 @@ def native_supported(cell: str, x: jax.Array, w_ih: jax.Array, w_hh: jax.Array) 
           and w_hh.ndim == 2 and w_hh.shape[1] % 16 == 0 and w_hh.shape[1] > 0 and native.available())
 
 
-def _forward_call(cell, gx_TBG, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save):
-  t, b, _ = gx_TBG.shape
+def _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save):
+  t, b, _ = x_TBI.shape
   h = w_hh.shape[1]
   s = state0_SBH.shape[0]
   f32 = jnp.float32
@@ -51,26 +51,17 @@ def _forward_call(cell, gx_TBG, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB,
                jax.ShapeDtypeStruct((s, t, b, h) if save else (0,), f32),
                jax.ShapeDtypeStruct((t, b, _AUX[cell] * h) if save else (0,), f32))
   return jax.ffi.ffi_call("seqjax_rnn_fwd", out_types, vmap_method="sequential")(
-      gx_TBG, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, cell=np.int64(CELLS[cell]), save=np.int64(save))
-
-
-def _project(x_TBI, w_ih):
-  t, b, i = x_TBI.shape
-  x2 = x_TBI.reshape(t * b, i).astype(jnp.float32)
-  w_ih_IG = jnp.swapaxes(w_ih, 0, 1)
-  return x2, w_ih_IG, linear.matmul(x2, w_ih_IG).reshape(t, b, -1)
+      x_TBI.astype(jnp.float32), w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, cell=np.int64(CELLS[cell]), save=np.int64(save))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _recurrence(cell, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
-  _, _, gx = _project(x_TBI, w_ih)
-  ys, state_T, _, _ = _forward_call(cell, gx, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save=False)
+  ys, state_T, _, _ = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save=False)
   return ys, state_T
 
 
 def _recurrence_fwd(cell, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
-  _, _, gx = _project(x_TBI, w_ih)
-  ys, state_T, states_in, aux = _forward_call(cell, gx, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB,
+  ys, state_T, states_in, aux = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB,
                                               save=True)
   return (ys, state_T), (x_TBI, w_ih, w_hh, states_in, aux, keep_TB, reset_TB)
 

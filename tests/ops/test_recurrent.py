@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import recurrent
+from seqjax.ops import native, recurrent
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 B, T, I, H = 3, 7, 5, 4
@@ -55,7 +55,7 @@ def reference(xp, kind, x, states, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse
   return xp.stack(ys, axis=1), states
 
 
-def _params(kind, seed=0, dtype=np.float32):
+def _params(kind, seed=0, dtype=np.float32, H=H):
   g = GATES[kind]
   rng = np.random.default_rng(seed)
   n_states = 2 if kind == "lstm" else 1
@@ -91,9 +91,15 @@ CASES = [  # (cell, options, also check remat): every option is covered for ever
 ]
 
 
+# "scan": the lax.scan kernel (H=4, which the native kernel does not cover); "native": the C++ kernel (H=16).
+IMPLS = [pytest.param("scan", 4, id="scan"), pytest.param("native", 16, id="native", marks=pytest.mark.skipif(
+    not native.available(), reason="native kernels unavailable"))]
+
+
+@pytest.mark.parametrize("impl, hidden", IMPLS)
 @pytest.mark.parametrize("kind, kw, check_remat", CASES)
-def test_forward_and_grad_match_reference(kind, kw, check_remat):
-  args = _params(kind, seed=len(kw))
+def test_forward_and_grad_match_reference(kind, kw, check_remat, impl, hidden):
+  args = _params(kind, seed=len(kw), H=hidden)
   ref_kw = {k: (np.asarray(v) if k != "reverse" else v) for k, v in kw.items()}
   # Forward against the float64 NumPy loop.
   ys_ref, st_ref = reference(np, kind, *[a.astype(np.float64) if not isinstance(a, tuple) else
@@ -101,6 +107,7 @@ def test_forward_and_grad_match_reference(kind, kw, check_remat):
                              **ref_kw)
   # chunk=3 does not divide T=7: exercises the padded last chunk; the plain case uses defaults.
   op_kw = dict(kw, chunk=3, unroll=2) if kw else {}
+  op_kw["native"] = impl == "native"
   if "lengths" in op_kw:
     op_kw["lengths"] = jnp.asarray(op_kw["lengths"])
   if "segment_ids" in op_kw:
@@ -111,7 +118,7 @@ def test_forward_and_grad_match_reference(kind, kw, check_remat):
     np.testing.assert_allclose(s, s_ref, atol=2e-5, rtol=2e-5)
 
   # Gradients of a non-trivial scalar of outputs and final state, against the reference's autodiff.
-  proj = np.random.default_rng(1).normal(size=(B, T, H)).astype(np.float32)
+  proj = np.random.default_rng(1).normal(size=(B, T, hidden)).astype(np.float32)
 
   def loss(fn):
     def f(x, states, *w):
@@ -121,7 +128,7 @@ def test_forward_and_grad_match_reference(kind, kw, check_remat):
 
   argnums = tuple(range(6))
   g_ref = jax.jit(jax.grad(loss(lambda *a: reference(jnp, kind, *a, **ref_kw)), argnums))(*args)
-  for remat in ((False, True) if check_remat else (False,)):
+  for remat in ((False, True) if check_remat and impl == "scan" else (False,)):
     g = jax.jit(jax.grad(loss(lambda *a: _call(kind, *a, remat=remat, **op_kw)), argnums))(*args)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
       np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
@@ -226,3 +233,96 @@ def test_bad_nonlinearity_raises():
   x, (h0,), *w = _params("rnn")
   with pytest.raises(ValueError, match="nonlinearity"):
     recurrent.rnn(x, h0, *w, nonlinearity="gelu")
+
+
+# ---- the native CPU kernel (seqjax.ops.recurrent_native); its numerics per cell and option are the "native"
+# cases of test_forward_and_grad_match_reference above ----------------------------------------------------------
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+
+def _loss_and_grads(kind, args, **kw):
+  proj = jnp.asarray(np.random.default_rng(1).normal(size=args[0].shape[:2] + (args[3].shape[1],)), jnp.float32)
+
+  def loss(x, states, *w):
+    ys, st = _call(kind, x, states, *w, **kw)
+    return jnp.sum(ys * proj) + sum(jnp.sum(jnp.sin(s)) for s in st), ys
+
+  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(*args)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_native_equals_scan_with_uneven_parts(kind):
+  """H = 272 = 17 blocks of 16 units: the last part of a step is narrower than the others (on any thread count
+  below 3 each part is 32 units); lengths and segment resets together, forward and all gradients."""
+  args = _params(kind, seed=9, H=272)
+  args = (args[0], args[1], *(a * 0.25 for a in args[2:4]), *args[4:])
+  kw = dict(lengths=jnp.asarray(LENGTHS), segment_ids=jnp.asarray(SEGMENTS))
+  (_, ys_n), g_n = _loss_and_grads(kind, args, native=True, **kw)
+  (_, ys_s), g_s = _loss_and_grads(kind, args, native=False, **kw)
+  np.testing.assert_allclose(ys_n, ys_s, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_n), jax.tree.leaves(g_s)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_native_is_dispatched_on_cpu_only_where_covered():
+  args = _params("lstm", H=16)
+  text = lambda **kw: jax.jit(jax.grad(lambda x: jnp.sum(_call("lstm", x, *args[1:], **kw)[0]))).lower(
+      args[0]).as_text()
+  default = text()
+  assert "seqjax_rnn_fwd" in default and "seqjax_rnn_bwd" in default
+  assert "seqjax_rnn" not in text(native=False)
+  assert "seqjax_rnn" not in text(remat=True)
+  narrow = _params("lstm")  # H = 4
+  assert "seqjax_rnn" not in jax.jit(lambda x: _call("lstm", x, *narrow[1:])[0]).lower(narrow[0]).as_text()
+
+
+def test_native_true_on_uncovered_input_raises():
+  x, states, *w = _params("gru")  # H = 4
+  with pytest.raises(ValueError, match="native=True needs .* H a multiple of 16"):
+    recurrent.gru(x, *states, *w, native=True)
+  x, states, *w = _params("gru", H=16)
+  with pytest.raises(ValueError, match="remat=False"):
+    recurrent.gru(x, *states, *w, native=True, remat=True)
+
+
+@needs_native
+def test_native_bfloat16_inputs_float32_weights():
+  """bfloat16 activations with float32 weights run natively (in float32) and return bfloat16 ys and dx."""
+  args = _params("lstm", seed=12, H=32)
+  xb = jnp.asarray(args[0], jnp.bfloat16)
+  ys, _ = recurrent.lstm(xb, *args[1], *args[2:], native=True)
+  ys_ref, _ = recurrent.lstm(jnp.asarray(xb, jnp.float32), *args[1], *args[2:], native=False)
+  assert ys.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(ys, np.float32), ys_ref, atol=1e-2, rtol=1e-2)
+  dx = jax.grad(lambda x: jnp.sum(recurrent.lstm(x, *args[1], *args[2:], native=True)[0].astype(jnp.float32)))(xb)
+  assert dx.dtype == jnp.bfloat16
+
+
+@needs_native
+def test_native_is_bitwise_deterministic_and_vmaps():
+  args = _params("gru", seed=3, H=64)
+  first = _loss_and_grads("gru", args)
+  again = _loss_and_grads("gru", args)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  x, (h0,), *w = args
+  ys_v = jax.vmap(lambda x, h: recurrent.gru(x[None], h[None], *w)[0][0])(x, h0)
+  np.testing.assert_allclose(ys_v, recurrent.gru(x, h0, *w, native=False)[0], atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_native_sharded_batch_equals_unsharded():
+  """On 8 devices with a batch-sharded input: the unsharded result, forward and gradients."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(8, 6, 16)), jnp.float32)
+  w = [jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in [(64, 16), (64, 16), (64,), (64,)]]
+  z = jnp.zeros((8, 16))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+  f = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(recurrent.lstm(x, z, z, *w)[0] ** 2), argnums=(0, 1)))
+  got, want = f(put(x), w), f(x, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,8 @@
 // row-major float32. Gate layouts are PyTorch's (seqjax/ops/recurrent.py).
 //
 // forward  "seqjax_rnn_fwd"
-//   in : gx [T, B, GH] = x W_ih^T without bias (one big matmul, done by the caller), w_hh [GH, H], b_ih, b_hh [GH],
-//        state0 [S, B, H], keep u8 [T, B], reset u8 [T, B]
+//   in : x [T, B, I], w_ih [GH, I], w_hh [GH, H], b_ih, b_hh [GH], state0 [S, B, H], keep u8 [T, B],
+//        reset u8 [T, B]
 //   out: ys [T, B, H], state_T [S, B, H]; with `save`, also the residuals states_in [S, T, B, H] (the state
 //        entering each step, after resets) and aux [T, B, A * H] (LSTM: the gate activations i, f, g, o; GRU: r, z,
 //        n and W_hn h + b_hn; RNN: the new h).
@@ -16,9 +16,12 @@
 //        matmuls); dhz [T, B, GH], that of W_hh h + b_hh, for the GRU only (for LSTM and RNN it equals dgx and is
 //        not written); dstate0 [S, B, H]; db_ih, db_hh [GH].
 //
-// A step is cut into parts of U hidden units. A part computes its units' columns of all G gates (a [B, H] x
-// [H, G * U] matmul against a packed slice of W_hh^T) and their pointwise update, so the parts of a step are
-// independent and `Parallel::run_staged` puts a barrier between steps. The backward pass fuses, per part, step
+// A step is cut into parts of U hidden units. A part computes its units' columns of all G gates (x_t W_ih^T and
+// h W_hh^T: [B, I] x [I, G * U] and [B, H] x [H, G * U] matmuls against packed slices of the weights) and their
+// pointwise update, so the parts of a step are independent and `Parallel::run_staged` puts a barrier between
+// steps. The input projection is done here, per step, rather than as one big matmul beforehand: its [T, B, GH]
+// result would be written to memory and read back with a stride per batch row, which measured slower than the
+// in-cache matmul (the packed slices of both weights stay in the cores' L2 for the whole sequence). The backward pass fuses, per part, step
 // t + 1's [B, GH] x [GH, U] product (the part's units of dh) with step t's pointwise gradient: one barrier per step.
 // Every output element is computed by one part in a fixed order, whatever the threads: bitwise deterministic.
 //
@@ -137,7 +140,8 @@ ffi::Error check_dims(int64_t cell, ffi::Buffer<ffi::F32>& w_hh, int64_t GH, int
 // ---- forward ---------------------------------------------------------------------------------------------------
 struct Forward {
   Layout L;
-  const float *gx, *b_ih, *b_hh, *state0, *wpack;  // wpack [parts][H][G * U]
+  int64_t I;
+  const float *x, *b_ih, *b_hh, *state0, *wih_pack, *whh_pack;  // packs [parts][I or H][G * U]
   const uint8_t *keep, *reset;
   float *ys, *state_T, *states_in, *aux;  // states_in, aux: null unless saving
   float* ring;                            // [2][S][B][H] states entering a step when not saving
@@ -149,35 +153,52 @@ struct Forward {
   }
 };
 
-// wpack[p][k][g * u + j] = w_hh[g * H + first(p) + j, k] for u = units(p): part p's columns of W_hh^T, contiguous.
-void pack_forward(const Layout& L, const float* w_hh, float* wpack) {
+// Part p's columns of W_hh^T (column g * u + j <-> row g * H + first(p) + j of w_hh, u = units(p)) as panels of 32
+// columns, each [H, 32] contiguous: a panel is read as one sequential stream and stays in L1 across the register
+// tiles of the batch rows (a [H, G * u] slice with its long row stride would not).
+constexpr int64_t kPanel = kNV * kLanes;
+
+void pack_forward(const Layout& L, const float* w, int64_t K, float* wpack) {  // w [GH, K] -> wpack [parts][K][G * U]
   for (int64_t p = 0; p < L.parts; ++p) {
-    const int64_t u0 = L.first(p), u = L.units(p);
-    float* dst = wpack + p * L.H * L.G * L.U;
-    for (int64_t g = 0; g < L.G; ++g)
-      for (int64_t j = 0; j < u; ++j) {
-        const float* row = w_hh + (g * L.H + u0 + j) * L.H;
-        for (int64_t k = 0; k < L.H; ++k) dst[k * L.G * u + g * u + j] = row[k];
+    const int64_t u0 = L.first(p), u = L.units(p), gu = L.G * u;
+    float* part = wpack + p * K * L.G * L.U;
+    for (int64_t n0 = 0; n0 < gu; n0 += kPanel) {
+      const int64_t width = std::min(kPanel, gu - n0);
+      float* panel = part + n0 * K;
+      for (int64_t n = n0; n < n0 + width; ++n) {
+        const float* row = w + ((n / u) * L.H + u0 + n % u) * K;
+        for (int64_t k = 0; k < K; ++k) panel[k * width + (n - n0)] = row[k];
       }
+    }
+  }
+}
+
+// c[:, :G * u] = a [rows, K] x (a part packed by pack_forward), panel by panel.
+void part_matmul(int64_t rows, int64_t K, int64_t gu, const float* a, const float* part, float* c) {
+  for (int64_t n0 = 0; n0 < gu; n0 += kPanel) {
+    const int64_t width = std::min(kPanel, gu - n0);
+    gemm(rows, width, K, a, K, 1, part + n0 * K, width, c + n0, gu, false);
   }
 }
 
 template <class C>
 void forward_part(const Forward& F, int64_t t, int64_t p) {
   const Layout& L = F.L;
-  const int64_t u0 = L.first(p), u = L.units(p), gu = C::G * u, GH = L.GH(), H = L.H, B = L.B;
-  float* hz = scratch().get(0, B * gu);
-  gemm(B, gu, H, F.in(t, 0), H, 1, F.wpack + p * H * C::G * L.U, gu, hz, gu, false);  // the units' W_hh h
+  const int64_t u0 = L.first(p), u = L.units(p), gu = C::G * u, H = L.H, B = L.B;
+  // The units' pre-activations: x_t W_ih^T and h W_hh^T against the part's packed weight slices.
+  float* gx = scratch().get(0, B * gu);
+  float* hz = scratch().get(1, B * gu);
+  part_matmul(B, F.I, gu, F.x + t * B * F.I, F.wih_pack + p * F.I * C::G * L.U, gx);
+  part_matmul(B, H, gu, F.in(t, 0), F.whh_pack + p * H * C::G * L.U, hz);
   const bool last = t + 1 == L.T;
   for (int64_t b = 0; b < B; ++b) {
     const bool keep = F.keep[t * B + b];
     const bool reset_next = !last && F.reset[(t + 1) * B + b];
-    const float* gxr = F.gx + (t * B + b) * GH;
     for (int64_t j = 0; j < u; j += kLanes) {
       const int64_t col = u0 + j;
       vf xg[C::G], hg[C::G], in[C::S], out[C::S], ax[C::A];
       for (int g = 0; g < C::G; ++g) {
-        xg[g] = load(gxr + g * H + col) + load(F.b_ih + g * H + col);
+        xg[g] = load(gx + b * gu + g * u + j) + load(F.b_ih + g * H + col);
         hg[g] = load(hz + b * gu + g * u + j) + load(F.b_hh + g * H + col);
       }
       for (int s = 0; s < C::S; ++s) in[s] = load(F.in(t, s) + b * H + col);
@@ -202,24 +223,27 @@ void forward(Parallel& parallel, const Forward& F) {
   parallel.run_staged(F.L.T, F.L.parts, [&](int64_t t, int64_t p) { forward_part<C>(F, t, p); });
 }
 
-ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w_hh,
-                      ffi::Buffer<ffi::F32> b_ih, ffi::Buffer<ffi::F32> b_hh, ffi::Buffer<ffi::F32> state0,
+ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
+                      ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> b_ih, ffi::Buffer<ffi::F32> b_hh, ffi::Buffer<ffi::F32> state0,
                       ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys,
                       ffi::ResultBuffer<ffi::F32> state_T, ffi::ResultBuffer<ffi::F32> states_in,
                       ffi::ResultBuffer<ffi::F32> aux, int64_t cell, int64_t save) {
-  auto gd = gx.dimensions();
-  if (gd.size() != 3) return ffi::Error::InvalidArgument("seqjax native rnn: gx must be [T, B, G*H]");
-  const int64_t T = gd[0], B = gd[1];
+  auto xd = x.dimensions(), wd = w_ih.dimensions();
+  if (xd.size() != 3 || wd.size() != 2 || wd[1] != xd[2])
+    return ffi::Error::InvalidArgument("seqjax native rnn: x must be [T, B, I] and w_ih [G*H, I]");
+  const int64_t T = xd[0], B = xd[1], I = xd[2];
   int64_t H;
-  if (auto err = check_dims(cell, w_hh, gd[2], B, keep, reset, T, &H); !err.success()) return err;
+  if (auto err = check_dims(cell, w_hh, wd[0], B, keep, reset, T, &H); !err.success()) return err;
   if (T == 0 || B == 0) return ffi::Error::Success();
   Parallel parallel(pool);
   const int64_t S = states_of(cell);
   const Layout L = layout_of(T, B, H, gates_of(cell), parallel.max_slots(1 << 20));
   Scratch& own = scratch();  // the caller's roles 3-5 (items use 0-2)
-  float* wpack = own.get(3, L.parts * H * L.G * L.U);
-  pack_forward(L, w_hh.typed_data(), wpack);
-  Forward F{L, gx.typed_data(), b_ih.typed_data(), b_hh.typed_data(), state0.typed_data(), wpack,
+  float* wih_pack = own.get(3, L.parts * I * L.G * L.U);
+  float* whh_pack = own.get(5, L.parts * H * L.G * L.U);
+  pack_forward(L, w_ih.typed_data(), I, wih_pack);
+  pack_forward(L, w_hh.typed_data(), H, whh_pack);
+  Forward F{L, I, x.typed_data(), b_ih.typed_data(), b_hh.typed_data(), state0.typed_data(), wih_pack, whh_pack,
             keep.typed_data(), reset.typed_data(), ys->typed_data(), state_T->typed_data(),
             save ? states_in->typed_data() : nullptr, save ? aux->typed_data() : nullptr,
             save ? nullptr : own.get(4, 2 * S * B * H), S};
@@ -265,6 +289,11 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
       for (int64_t b = 0; b < B; ++b)
         std::memcpy(dcar + (s * B + b) * u, D.dstate_T + (s * B + b) * H + u0, sizeof(float) * u);
   } else {
+    if (t >= 0) {  // what step t's pointwise gradient reads, fetched while the matmul runs
+      for (int a = 0; a < C::A; ++a) prefetch_rows(D.aux + t * B * C::A * H + a * H + u0, B, C::A * H, u);
+      for (int s = 0; s < C::S; ++s) prefetch_rows(D.states_in + (s * L.T + t) * B * H + u0, B, H, u);
+      prefetch_rows(D.dys + t * B * H + u0, B, H, u);
+    }
     float* dm = scratch().get(1, B * u);
     gemm(B, u, GH, D.dhz + (t + 1) * B * GH, GH, 1, D.wpack + p * GH * L.U, u, dm, u, false);  // units of dhz W_hh
     for (int64_t b = 0; b < B; ++b) {
@@ -370,7 +399,8 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi::Bu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnForward, RnnForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // gx
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b_ih
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b_hh
