@@ -59,24 +59,6 @@ def matmul(x: jax.Array, w: jax.Array, *, native: bool | None = None) -> jax.Arr
   return native_lib.on_cpu(_native_matmul, jnp.matmul, x, w)
 
 
-def matmul_grads(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(dx, dw) = (dy @ w.T, x.T @ dy) of `matmul(x, w)`, in one native call on a CPU where it applies."""
-  if not native_matmul_supported(x, w) or dy.dtype != jnp.float32:
-    return jnp.matmul(dy, w.T), jnp.matmul(x.T, dy)
-  return native_lib.on_cpu(lambda *a: _native_matmul_bwd(a[:2], a[2]),
-                           lambda x, w, dy: (jnp.matmul(dy, w.T), jnp.matmul(x.T, dy)), x, w, dy)
-
-
-def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-  """x.T @ dy for x [M, K], dy [M, N] (a weight gradient): native on a CPU for float32 with K a multiple of 16."""
-  if not (x.ndim == dy.ndim == 2 and x.shape[0] == dy.shape[0] and x.dtype == dy.dtype == jnp.float32
-          and x.shape[1] % 16 == 0 and dy.shape[1] > 0 and x.shape[0] > 0 and native_lib.available()):
-    return jnp.matmul(x.T, dy)
-  out = jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32)
-  return native_lib.on_cpu(lambda x, dy: jax.ffi.ffi_call("seqjax_dense_wgrad", out, vmap_method="sequential")(x, dy),
-                           lambda x, dy: jnp.matmul(x.T, dy), x, dy)
-
-
 def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                      preferred_element_type=None, **kwargs) -> jax.Array:
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers

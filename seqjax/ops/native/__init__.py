@@ -44,7 +44,6 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "seqjax_layer_norm_bwd": "SeqjaxLayerNormBackward",
     "seqjax_rnn_fwd": "SeqjaxRnnForward",
     "seqjax_rnn_bwd": "SeqjaxRnnBackward",
-    "seqjax_dense_wgrad": "SeqjaxDenseWeightGrad",
 }
 
 _log = logging.getLogger(__name__)

@@ -136,19 +136,33 @@ inline void micro_rows(int mr, int kc, const float* a, int64_t am, int64_t ak, c
   }
 }
 
-// C [M, N] (+)= A [M, kc] B [kc, N] with N a multiple of 16 (all packed buffers are padded to that).
+// C [M, N] (+)= A [M, kc] B [kc, N] with N a multiple of 16 (all packed buffers are padded to that). Long
+// contractions are cut into chunks of kKc, so a register tile's column panel of B ([kKc, 32], 32 KiB) stays in L1
+// across the row tiles; the chunks add to C in order, so the sums are the unchunked ones exactly.
+constexpr int kKc = 256;
+
 inline void gemm(int M, int N, int kc, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, float* c,
           int64_t ldc, bool accumulate) {
-  for (int n0 = 0; n0 < N; n0 += kNV * kLanes) {
-    const bool two = N - n0 >= kNV * kLanes;
-    for (int m0 = 0; m0 < M; m0 += kMR) {
-      const int mr = std::min(kMR, M - m0);
-      const float* a0 = a + m0 * am;
-      float* c0 = c + m0 * ldc + n0;
-      if (two) {
-        micro_rows<kNV>(mr, kc, a0, am, ak, b + n0, ldb, c0, ldc, accumulate);
-      } else {
-        micro_rows<1>(mr, kc, a0, am, ak, b + n0, ldb, c0, ldc, accumulate);
+  if (kc <= 0) {
+    for (int m = 0; !accumulate && m < M; ++m) std::memset(c + m * ldc, 0, sizeof(float) * N);
+    return;
+  }
+  for (int k0 = 0; k0 < kc; k0 += kKc) {
+    const int kn = std::min(kKc, kc - k0);
+    const bool acc = accumulate || k0 > 0;
+    const float* ak0 = a + k0 * ak;
+    const float* bk0 = b + k0 * ldb;
+    for (int n0 = 0; n0 < N; n0 += kNV * kLanes) {
+      const bool two = N - n0 >= kNV * kLanes;
+      for (int m0 = 0; m0 < M; m0 += kMR) {
+        const int mr = std::min(kMR, M - m0);
+        const float* a0 = ak0 + m0 * am;
+        float* c0 = c + m0 * ldc + n0;
+        if (two) {
+          micro_rows<kNV>(mr, kn, a0, am, ak, bk0 + n0, ldb, c0, ldc, acc);
+        } else {
+          micro_rows<1>(mr, kn, a0, am, ak, bk0 + n0, ldb, c0, ldc, acc);
+        }
       }
     }
   }
@@ -210,9 +224,11 @@ class Parallel {
  public:
   // run_staged(stages, parts, fn): fn(stage, part) for every part of every stage, where all parts of a stage finish
   // before any part of the next one starts (a barrier per stage, for serial recurrences cut into parallel parts).
-  // Items are claimed in order; a participant that claimed an item of the next stage spins (then yields) until
-  // the items of the current one, all claimed by running participants, are done, so this cannot deadlock either;
-  // with no pool thread free the caller runs every item itself.
+  // Parts are sticky: participant q first takes the parts p = q (mod participants) of each stage, so a part's
+  // weights and accumulators stay in one core's cache, then steals what is left (from the end of the other
+  // participants' lists), so an unequal or late participant only shifts work. A participant that has tried every
+  // part of a stage waits for items that running participants hold, so this cannot deadlock; with no pool thread
+  // free the caller runs every item itself.
   void run_staged(int64_t stages, int64_t parts, const std::function<void(int64_t, int64_t)>& fn) {
     const int participants = max_slots(parts);
     if (participants == 1) {
@@ -220,28 +236,31 @@ class Parallel {
         for (int64_t p = 0; p < parts; ++p) fn(s, p);
       return;
     }
-    auto state = std::make_shared<Staged>();
-    state->n = stages * parts;
-    state->parts = parts;
-    state->fn = &fn;
+    auto state = std::make_shared<Staged>(stages, parts, participants, &fn);
     for (int p = 1; p < participants; ++p) {
       pool_.Schedule([state] { WorkStaged(*state); });
     }
     WorkStaged(*state);
-    spin_until(state->done, state->n);
+    spin_until(state->done, stages * parts);
   }
 
  private:
   struct Staged {
-    int64_t n = 0, parts = 1;
-    const std::function<void(int64_t, int64_t)>* fn = nullptr;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
+    Staged(int64_t stages, int64_t parts, int participants, const std::function<void(int64_t, int64_t)>* fn)
+        : stages(stages), parts(parts), participants(participants), fn(fn), claimed(parts) {
+      for (auto& c : claimed) c.store(-1, std::memory_order_relaxed);
+    }
+    const int64_t stages, parts;
+    const int participants;
+    const std::function<void(int64_t, int64_t)>* fn;
+    std::vector<std::atomic<int64_t>> claimed;  // per part: the last stage taken
+    std::atomic<int64_t> done{0};               // items finished (stage by stage)
+    std::atomic<int> slots{0};
   };
 
   static void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
     for (int64_t spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
-      if (spins < (1 << 14)) {
+      if (spins < (1 << 10)) {  // ~50 us of pause instructions, then give the core away
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
 #endif
@@ -251,12 +270,23 @@ class Parallel {
     }
   }
 
+  static bool take(Staged& s, int64_t stage, int64_t p) {
+    int64_t expected = stage - 1;
+    if (s.claimed[p].load(std::memory_order_relaxed) != expected) return false;
+    if (!s.claimed[p].compare_exchange_strong(expected, stage, std::memory_order_acq_rel)) return false;
+    (*s.fn)(stage, p);
+    s.done.fetch_add(1, std::memory_order_acq_rel);
+    return true;
+  }
+
   static void WorkStaged(Staged& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.n;) {
-      const int64_t stage = i / s.parts;
-      spin_until(s.done, stage * s.parts);
-      (*s.fn)(stage, i % s.parts);
-      s.done.fetch_add(1, std::memory_order_acq_rel);
+    const int q = s.slots.fetch_add(1) % s.participants, n = s.participants;
+    for (;;) {
+      const int64_t stage = s.done.load(std::memory_order_acquire) / s.parts;  // every earlier stage is complete
+      if (stage >= s.stages) return;
+      for (int64_t p = q; p < s.parts; p += n) take(s, stage, p);
+      for (int64_t p = s.parts - 1; p >= 0; --p) take(s, stage, p);
+      spin_until(s.done, (stage + 1) * s.parts);
     }
   }
 

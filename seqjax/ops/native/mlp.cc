@@ -236,7 +236,7 @@ ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-// dx = dy W^T (if dx) and dW = x^T dy for x [M, K], dy [M, N]; wt = W^T [N, K] (only read when dx).
+// dx = dy W^T and dW = x^T dy for x [M, K], dy [M, N]; wt = W^T [N, K].
 void dense_backward(Parallel& parallel, const float* x, const float* wt, const float* dy, int64_t M, int64_t K,
                     int64_t N, float* dx, float* dw) {
   const int64_t Np = round_up(N, kLanes);
@@ -249,7 +249,7 @@ void dense_backward(Parallel& parallel, const float* x, const float* wt, const f
     for (int64_t blk = parts.first(part); blk < parts.last(part); ++blk) {
       const int64_t r0 = blk * kGradRowBlock, rows = std::min(kGradRowBlock, M - r0);
       const float* dyb = dy + r0 * N;
-      if (dx) gemm(rows, K, N, dyb, N, 1, wt, K, dx + r0 * K, K, false);  // dx = dy W^T
+      gemm(rows, K, N, dyb, N, 1, wt, K, dx + r0 * K, K, false);  // dx = dy W^T
       const float* dyp = dyb;
       if (Np != N) {
         float* padded = scratch().get(0, kGradRowBlock * Np);
@@ -279,20 +279,6 @@ ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   float* wt = scratch().get(3, N * K);
   transpose(w.typed_data(), K, N, wt);
   dense_backward(parallel, x.typed_data(), wt, dy.typed_data(), M, K, N, dx->typed_data(), dw->typed_data());
-  return ffi::Error::Success();
-}
-
-// The weight gradient alone, dW = x^T dy: x [M, K], dy [M, N] -> [K, N] (K a multiple of 16).
-ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dw) {
-  auto dd = dw->dimensions();
-  if (dd.size() != 2 || dd[0] % kLanes || dd[1] <= 0)
-    return ffi::Error::InvalidArgument("seqjax native dense_wgrad: dW must be [K, N] with K a multiple of 16");
-  const int64_t K = dd[0], N = dd[1], M = static_cast<int64_t>(x.element_count()) / K;
-  if (static_cast<int64_t>(dy.element_count()) != M * N)
-    return ffi::Error::InvalidArgument("seqjax native dense_wgrad: x [M, K] and dy [M, N] must have the same rows");
-  Parallel parallel(pool);
-  dense_backward(parallel, x.typed_data(), nullptr, dy.typed_data(), M, K, N, nullptr, dw->typed_data());
   return ffi::Error::Success();
 }
 
@@ -335,11 +321,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxDenseBackward, DenseBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dw
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxDenseWeightGrad, DenseWeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dw

@@ -11,10 +11,9 @@
 //        entering each step, after resets) and aux [T, B, A * H] (LSTM: the gate activations i, f, g, o; GRU: r, z,
 //        n and W_hn h + b_hn; RNN: the new h).
 // backward "seqjax_rnn_bwd"
-//   in : w_hh, aux, states_in, keep, reset, dys [T, B, H], dstate_T [S, B, H]
-//   out: dgx [T, B, GH], the gradient of the input pre-activation (the caller forms dx and dW_ih from it with big
-//        matmuls); dhz [T, B, GH], that of W_hh h + b_hh, for the GRU only (for LSTM and RNN it equals dgx and is
-//        not written); dstate0 [S, B, H]; db_ih, db_hh [GH].
+//   in : x (I a multiple of 16), w_ih, w_hh, aux, states_in, keep, reset, dys [T, B, H], dstate_T [S, B, H]
+//   out: dx [T, B, I], dstate0 [S, B, H], dw_ih [GH, I], dw_hh [GH, H], db_ih, db_hh [GH]: the whole backward pass
+//        (the per-step gradients of the pre-activations never leave the cache).
 //
 // A step is cut into parts of U hidden units. A part computes its units' columns of all G gates (x_t W_ih^T and
 // h W_hh^T: [B, I] x [I, G * U] and [B, H] x [H, G * U] matmuls against packed slices of the weights) and their
@@ -261,41 +260,57 @@ ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // ---- backward --------------------------------------------------------------------------------------------------
 struct Backward {
   Layout L;
-  const float *wpack, *aux, *states_in, *dys, *dstate_T;  // wpack [parts][GH][U]
+  int64_t I, UI;  // input width (a multiple of 16) and the input columns of dx each part computes
+  const float *x, *whh_pack, *wih_pack, *aux, *states_in, *dys, *dstate_T;  // packs [parts][GH][U or UI]
   const uint8_t *keep, *reset;
-  float *dgx, *dhz, *dstate0, *db_ih, *db_hh;  // dhz == dgx for LSTM and RNN
-  float* direct;                               // [S][B][H]: dir of the step processed last, per part's units
+  float *dx, *dstate0, *db_ih, *db_hh;
+  float* ring;    // [2][2][B][GH]: dgx and dhz of the last two steps (dhz == dgx for LSTM and RNN)
+  float* direct;  // [S][B][H]: dir of the step processed last, per part's units
+  float* acc;     // [parts][I + H][G * U]: the parts' weight-gradient accumulators (x rows, then h rows)
+
+  float* dgx_of(int64_t t) const { return ring + (t & 1) * 2 * L.B * L.GH(); }
+  float* dhz_of(int64_t t, bool separate) const { return dgx_of(t) + (separate ? L.B * L.GH() : 0); }
 };
 
-// wpack[p][r][j] = w_hh[r, first(p) + j] for j < units(p): part p's columns of W_hh, contiguous.
-void pack_backward(const Layout& L, const float* w_hh, float* wpack) {
+// wpack[p][r][j] = w[r, c0(p) + j] for j < width(p): a part's columns of w [GH, K], contiguous.
+template <class C0, class W>
+void pack_columns(const Layout& L, const float* w, int64_t K, int64_t stride, C0 c0, W width, float* wpack) {
   for (int64_t p = 0; p < L.parts; ++p) {
-    const int64_t u0 = L.first(p), u = L.units(p);
-    float* dst = wpack + p * L.GH() * L.U;
-    for (int64_t r = 0; r < L.GH(); ++r) std::memcpy(dst + r * u, w_hh + r * L.H + u0, sizeof(float) * u);
+    const int64_t n = width(p);
+    float* dst = wpack + p * L.GH() * stride;
+    for (int64_t r = 0; n > 0 && r < L.GH(); ++r) std::memcpy(dst + r * n, w + r * K + c0(p), sizeof(float) * n);
   }
 }
 
-// Stage k of part p handles step t = T - 1 - k (and k = T finishes at t = -1): the gradient of the state that
-// step t produced (from step t + 1's dhz W_hh and direct terms, through the resets), then step t's pointwise
-// gradient.
+// Stage k of part p handles step t = T - 1 - k (and k = T finishes at t = -1):
+//  1. from step t + 1's gradients (all parts'): the part's units of dhz W_hh, and its input columns of
+//     dx_{t+1} = dgx W_ih;
+//  2. the gradient of the state step t produced (those products plus direct terms, through the resets);
+//  3. step t's pointwise gradient for the part's units (into the ring, and the bias gradients);
+//  4. the part's weight gradients: dW_ih^T += x_t^T dgx, dW_hh^T += h_in^T dhz (rank-B updates of accumulators
+//     that stay in the part's core's cache; no [T, B, GH] gradient is ever written to memory).
 template <class C>
 void backward_part(const Backward& D, int64_t k, int64_t p) {
   const Layout& L = D.L;
-  const int64_t t = L.T - 1 - k, u0 = L.first(p), u = L.units(p), GH = L.GH(), H = L.H, B = L.B;
-  float* dcar = scratch().get(0, C::S * B * u);  // [S][B][u]: gradient of the state after step t
+  const int64_t t = L.T - 1 - k, u0 = L.first(p), u = L.units(p), gu = C::G * u, GH = L.GH(), H = L.H, B = L.B;
+  const int64_t I = D.I, ui0 = p * D.UI, ui = std::max<int64_t>(0, std::min(D.UI, I - ui0));
+  Scratch& sc = scratch();
+  float* dcar = sc.get(0, C::S * B * u);  // [S][B][u]: gradient of the state after step t
   if (t == L.T - 1) {
     for (int s = 0; s < C::S; ++s)
       for (int64_t b = 0; b < B; ++b)
         std::memcpy(dcar + (s * B + b) * u, D.dstate_T + (s * B + b) * H + u0, sizeof(float) * u);
   } else {
-    if (t >= 0) {  // what step t's pointwise gradient reads, fetched while the matmul runs
+    if (t >= 0) {  // what step t's pointwise gradient reads, fetched while the matmuls run
       for (int a = 0; a < C::A; ++a) prefetch_rows(D.aux + t * B * C::A * H + a * H + u0, B, C::A * H, u);
       for (int s = 0; s < C::S; ++s) prefetch_rows(D.states_in + (s * L.T + t) * B * H + u0, B, H, u);
       prefetch_rows(D.dys + t * B * H + u0, B, H, u);
     }
-    float* dm = scratch().get(1, B * u);
-    gemm(B, u, GH, D.dhz + (t + 1) * B * GH, GH, 1, D.wpack + p * GH * L.U, u, dm, u, false);  // units of dhz W_hh
+    float* dm = sc.get(1, B * u);
+    gemm(B, u, GH, D.dhz_of(t + 1, C::kSeparateDhz), GH, 1, D.whh_pack + p * GH * L.U, u, dm, u, false);
+    if (ui > 0)
+      gemm(B, ui, GH, D.dgx_of(t + 1), GH, 1, D.wih_pack + p * GH * D.UI, ui, D.dx + (t + 1) * B * I + ui0, I,
+           false);
     for (int64_t b = 0; b < B; ++b) {
       const bool reset = D.reset[(t + 1) * B + b];
       for (int s = 0; s < C::S; ++s)
@@ -317,6 +332,10 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
         }
     return;
   }
+  float* dgl = sc.get(2, 2 * B * gu);  // the part's dgx and dhz of step t, [B][G * u] each
+  float* dhl = dgl + B * gu;
+  float* dgx = D.dgx_of(t);
+  float* dhz = D.dhz_of(t, C::kSeparateDhz);
   for (int64_t j = 0; j < u; j += kLanes) {
     const int64_t col = u0 + j;
     vf dbi[C::G], dbh[C::G];
@@ -336,8 +355,12 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
         for (int s = 0; s < C::S; ++s) dir[s] = dout[s];
       }
       for (int g = 0; g < C::G; ++g) {
-        store(D.dgx + row * GH + g * H + col, dg[g]);
-        if (C::kSeparateDhz) store(D.dhz + row * GH + g * H + col, dh[g]);
+        store(dgl + b * gu + g * u + j, dg[g]);
+        store(dgx + b * GH + g * H + col, dg[g]);
+        if (C::kSeparateDhz) {
+          store(dhl + b * gu + g * u + j, dh[g]);
+          store(dhz + b * GH + g * H + col, dh[g]);
+        }
         dbi[g] += dg[g];
         dbh[g] += dh[g];
       }
@@ -348,6 +371,11 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
       store(D.db_hh + g * H + col, load(D.db_hh + g * H + col) + dbh[g]);
     }
   }
+  const bool first = t == L.T - 1;  // the accumulators start at this step's products
+  float* acc = D.acc + p * (I + H) * C::G * L.U;
+  gemm(I, gu, B, D.x + t * B * I, 1, I, dgl, gu, acc, gu, !first);  // dW_ih^T += x_t^T dgx
+  gemm(H, gu, B, D.states_in + t * B * H, 1, H, C::kSeparateDhz ? dhl : dgl, gu, acc + I * gu, gu,
+       !first);  // dW_hh^T += h_in^T dhz
 }
 
 template <class C>
@@ -355,42 +383,64 @@ void backward(Parallel& parallel, const Backward& D) {
   parallel.run_staged(D.L.T + 1, D.L.parts, [&](int64_t k, int64_t p) { backward_part<C>(D, k, p); });
 }
 
-ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> aux,
-                       ffi::Buffer<ffi::F32> states_in, ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::U8> reset,
-                       ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dstate_T, ffi::ResultBuffer<ffi::F32> dgx,
-                       ffi::ResultBuffer<ffi::F32> dhz, ffi::ResultBuffer<ffi::F32> dstate0,
-                       ffi::ResultBuffer<ffi::F32> db_ih, ffi::ResultBuffer<ffi::F32> db_hh, int64_t cell) {
-  auto dd = dys.dimensions();
-  if (dd.size() != 3) return ffi::Error::InvalidArgument("seqjax native rnn: dys must be [T, B, H]");
-  const int64_t T = dd[0], B = dd[1];
+ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
+                       ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::F32> states_in,
+                       ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys,
+                       ffi::Buffer<ffi::F32> dstate_T, ffi::ResultBuffer<ffi::F32> dx,
+                       ffi::ResultBuffer<ffi::F32> dstate0, ffi::ResultBuffer<ffi::F32> dw_ih,
+                       ffi::ResultBuffer<ffi::F32> dw_hh, ffi::ResultBuffer<ffi::F32> db_ih,
+                       ffi::ResultBuffer<ffi::F32> db_hh, int64_t cell) {
+  auto xd = x.dimensions(), wd = w_ih.dimensions();
+  if (xd.size() != 3 || wd.size() != 2 || wd[1] != xd[2] || xd[2] % kLanes)
+    return ffi::Error::InvalidArgument(
+        "seqjax native rnn: x must be [T, B, I] and w_ih [G*H, I] with I a multiple of 16");
+  const int64_t T = xd[0], B = xd[1], I = xd[2];
   int64_t H;
-  const int64_t GH = w_hh.dimensions().size() == 2 ? w_hh.dimensions()[0] : -1;
-  if (auto err = check_dims(cell, w_hh, GH, B, keep, reset, T, &H); !err.success()) return err;
-  if (dd[2] != H) return ffi::Error::InvalidArgument("seqjax native rnn: dys must be [T, B, H]");
+  if (auto err = check_dims(cell, w_hh, wd[0], B, keep, reset, T, &H); !err.success()) return err;
   Parallel parallel(pool);
-  const int64_t S = states_of(cell), G = gates_of(cell);
+  const int64_t S = states_of(cell), G = gates_of(cell), GH = G * H;
   const Layout L = layout_of(T, B, H, G, parallel.max_slots(1 << 20));
   std::memset(dstate0->typed_data(), 0, sizeof(float) * S * B * H);
-  std::memset(db_ih->typed_data(), 0, sizeof(float) * G * H);
-  std::memset(db_hh->typed_data(), 0, sizeof(float) * G * H);
-  if (B == 0) return ffi::Error::Success();
-  if (T == 0) {
-    std::memcpy(dstate0->typed_data(), dstate_T.typed_data(), sizeof(float) * S * B * H);
+  std::memset(db_ih->typed_data(), 0, sizeof(float) * GH);
+  std::memset(db_hh->typed_data(), 0, sizeof(float) * GH);
+  if (T == 0 || B == 0) {
+    std::memset(dw_ih->typed_data(), 0, sizeof(float) * GH * I);
+    std::memset(dw_hh->typed_data(), 0, sizeof(float) * GH * H);
+    if (B) std::memcpy(dstate0->typed_data(), dstate_T.typed_data(), sizeof(float) * S * B * H);
     return ffi::Error::Success();
   }
-  Scratch& own = scratch();
-  float* wpack = own.get(3, L.parts * L.GH() * L.U);
-  pack_backward(L, w_hh.typed_data(), wpack);
-  Backward D{L, wpack, aux.typed_data(), states_in.typed_data(), dys.typed_data(), dstate_T.typed_data(),
-             keep.typed_data(), reset.typed_data(), dgx->typed_data(),
-             cell == kGru ? dhz->typed_data() : dgx->typed_data(), dstate0->typed_data(), db_ih->typed_data(),
-             db_hh->typed_data(), own.get(4, S * B * H)};
+  const int64_t UI = kLanes * ((I / kLanes + L.parts - 1) / L.parts);
+  Scratch& own = scratch();  // the caller's roles 3-5 (items use 0-2)
+  float* packs = own.get(3, L.parts * GH * (L.U + UI));
+  float* whh_pack = packs;
+  float* wih_pack = packs + L.parts * GH * L.U;
+  pack_columns(L, w_hh.typed_data(), H, L.U, [&](int64_t p) { return L.first(p); },
+               [&](int64_t p) { return L.units(p); }, whh_pack);
+  pack_columns(L, w_ih.typed_data(), I, UI, [&](int64_t p) { return p * UI; },
+               [&](int64_t p) { return std::max<int64_t>(0, std::min(UI, I - p * UI)); }, wih_pack);
+  float* bufs = own.get(4, 4 * B * GH + S * B * H);
+  float* acc = own.get(5, L.parts * (I + H) * G * L.U);
+  Backward D{L, I, UI, x.typed_data(), whh_pack, wih_pack, aux.typed_data(), states_in.typed_data(),
+             dys.typed_data(), dstate_T.typed_data(), keep.typed_data(), reset.typed_data(), dx->typed_data(),
+             dstate0->typed_data(), db_ih->typed_data(), db_hh->typed_data(), bufs, bufs + 4 * B * GH, acc};
   switch (cell) {
     case kLstm: backward<Lstm>(parallel, D); break;
     case kGru: backward<Gru>(parallel, D); break;
     case kRnnTanh: backward<Rnn<false>>(parallel, D); break;
     default: backward<Rnn<true>>(parallel, D); break;
   }
+  // The accumulators [I + H][G * u] of each part, transposed into dW_ih [GH, I] and dW_hh [GH, H].
+  parallel.run(L.parts, [&](int64_t p, int) {
+    const int64_t u0 = L.first(p), u = L.units(p), gu = G * u;
+    const float* a = acc + p * (I + H) * G * L.U;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < u; ++j) {
+        float* ri = dw_ih->typed_data() + (g * H + u0 + j) * I;
+        float* rh = dw_hh->typed_data() + (g * H + u0 + j) * H;
+        for (int64_t i = 0; i < I; ++i) ri[i] = a[i * gu + g * u + j];
+        for (int64_t h = 0; h < H; ++h) rh[h] = a[(I + h) * gu + g * u + j];
+      }
+  });
   return ffi::Error::Success();
 }
 
@@ -417,6 +467,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnForward, RnnForward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnBackward, RnnBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
                                   .Arg<ffi::Buffer<ffi::F32>>()  // aux
                                   .Arg<ffi::Buffer<ffi::F32>>()  // states_in
@@ -424,9 +476,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnBackward, RnnBackward,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // reset
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dys
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dstate_T
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dgx
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dhz (GRU only; empty otherwise)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dstate0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_ih
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_hh
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db_ih
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db_hh
                                   .Attr<int64_t>("cell"));
