@@ -10,7 +10,10 @@ Layout and conventions (PyTorch / cuDNN compatible, so checkpoints port both way
 Dimension legend: B batch, T sequence length, I input width, H hidden (state) width (``Hd`` in the
 issue), G number of gates, so ``GH = G * H`` is the width of the stacked pre-activations.
 
-Speed (details and numbers in docs/recurrent.md):
+Speed (details and numbers in docs/recurrent.md). On a CPU the ops run the native kernel of
+`seqjax.ops.recurrent_native` (the whole step loop, forward or backward, in one C++ call; `native=None`), which
+replaces the `lax.scan` kernel below wherever it applies. The `lax.scan` kernel (GPU/TPU, `remat=True`,
+`native=False`, shapes the native one does not cover):
 * the input projection ``x @ w_ih.T + b_ih`` is hoisted out of the step loop: one
   ``[C*B, I] x [I, GH]`` matmul per chunk of C steps, software-pipelined so that the projection of
   chunk n+1 runs concurrently with the recurrence of chunk n (they are independent);
