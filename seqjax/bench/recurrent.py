@@ -123,7 +123,8 @@ def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequ
   for name, ms in timing.items():
     print(f"  {name:22s} {ms:8.2f} ms", flush=True)
   # Roofline: an LSTM forward is 2 matmuls of [B*T, H] x [H, 4H] FLOPs (input + recurrent), the
-  # forward+backward 6 (+ dx, dW_ih, dh, dW_hh). Time them as one big, perfectly efficient matmul.
+  # forward+backward 6 (+ dx, dW_ih, dh, dW_hh). Time them as one big matmul with XLA's dot (a reference point, not
+  # a bound: the native kernel's cache-resident matmuls run faster than XLA's large dot on a CPU).
   a = jax.random.normal(key, (batch * seq_len, features), jnp.float32)
   bmat = jax.random.normal(key, (features, 4 * features), jnp.float32)
   matmul_ms = _time(jax.jit(jnp.matmul), a, bmat, repeats=repeats)
@@ -230,8 +231,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f"speedup vs flax: forward {r['fwd']:.2f}x, forward+backward {r['fwd_bwd']:.2f}x; target >= 1.5x")
   print(f"  lax.scan kernel: forward {r['scan_fwd']:.2f}x, forward+backward {r['scan_fwd_bwd']:.2f}x "
         f"(remat {r['fwd_bwd_remat']:.2f}x)")
-  print(f"upper bound from the matmul floor: forward {r['max_possible_fwd']:.2f}x, "
-        f"forward+backward {r['max_possible_fwd_bwd']:.2f}x")
+  f = result["compute_floor_ms"]
+  t = result["time_ms"]
+  print(f"against the XLA matmul floor (2 / 6 big matmuls): Flax takes {t['flax_fwd'] / f['fwd']:.2f}x / "
+        f"{t['flax_fwd_bwd'] / f['fwd_bwd']:.2f}x of it, seqjax {t['seqjax_fwd'] / f['fwd']:.2f}x / "
+        f"{t['seqjax_fwd_bwd'] / f['fwd_bwd']:.2f}x")
   m = result["memory_bytes"]
   for name in ("seqjax", "seqjax_scan", "seqjax_remat", "flax"):
     if f"{name}_bytes_per_step" in m:
