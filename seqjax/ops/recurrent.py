@@ -12,7 +12,7 @@ issue), G number of gates, so ``GH = G * H`` is the width of the stacked pre-act
 
 Speed (details and numbers in docs/recurrent.md). On a CPU the ops run the native kernel of
 `seqjax.ops.recurrent_native` (the whole step loop, forward or backward, in one C++ call; `native=None`), which
-replaces the `lax.scan` kernel below wherever it applies. The `lax.scan` kernel (GPU/TPU, `remat=True`,
+replaces the `lax.scan` kernel below wherever it applies. The `lax.scan` kernel (GPU/TPU,
 `native=False`, shapes the native one does not cover):
 * the input projection ``x @ w_ih.T + b_ih`` is hoisted out of the step loop: one
   ``[C*B, I] x [I, GH]`` matmul per chunk of C steps, software-pipelined so that the projection of
@@ -290,11 +290,11 @@ def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
   _check(kind, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids)
   if chunk < 1 or unroll < 1:
     raise ValueError(f"{kind}: chunk and unroll must be >= 1, got chunk={chunk}, unroll={unroll}.")
-  use_native = native is not False and not remat and recurrent_native.native_supported(cell, x_BTI, w_ih, w_hh)
+  use_native = native is not False and recurrent_native.native_supported(cell, x_BTI, w_ih, w_hh)
   if native is True and not use_native:
-    raise ValueError(f"{kind}: native=True needs float32 weights, H a multiple of 16, remat=False and the native "
-                     f"library ({native_lib.unavailable_reason() or 'available'}); got w_hh "
-                     f"{w_hh.dtype}{w_hh.shape}, remat={remat}.")
+    raise ValueError(f"{kind}: native=True needs float32 weights, H a multiple of 16 and the native library "
+                     f"({native_lib.unavailable_reason() or 'available'}); got w_ih {w_ih.dtype}, w_hh "
+                     f"{w_hh.dtype}{w_hh.shape}.")
   b, t, _ = x_BTI.shape
   # Time-major; `reverse` flips time so the core always runs forwards. With padding at the end,
   # a flipped sequence first meets its padding (which keeps the initial state), then its last
@@ -310,8 +310,9 @@ def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
   states = tuple(s.astype(jnp.float32) for s in states)
   scan = functools.partial(_scan_core, pointwise, int(unroll), bool(remat), chunk)
   if use_native:
-    ys_TBH, state_T = native_lib.on_cpu(functools.partial(recurrent_native.native_recurrence, cell), scan, x_TBI,
-                                        states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
+    ys_TBH, state_T = native_lib.on_cpu(
+        functools.partial(recurrent_native.native_recurrence, cell, remat=bool(remat)), scan, x_TBI, states, w_ih,
+        b_ih, w_hh, b_hh, keep_TB, reset_TB)
   else:
     ys_TBH, state_T = scan(x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
   return jnp.swapaxes(flip(ys_TBH), 0, 1).astype(x_BTI.dtype), state_T
@@ -355,10 +356,9 @@ def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, 
     unroll: unroll factor of the step loop inside a chunk.
     chunk: steps per chunk of the hoisted, pipelined input projection (T is padded up to a
       multiple with state-keeping steps).
-    remat: save only the per-step state; recompute the projections in the backward pass (the `lax.scan`
-      kernel; the native one saves about as little without recomputing).
+    remat: save only the per-step state; recompute the rest in the backward pass.
     native: None runs the native CPU kernel (`seqjax.ops.recurrent_native`) where it applies (a CPU, float32
-      weights, H a multiple of 16, remat=False) and the `lax.scan` kernel elsewhere; False always the scan;
+      weights, H a multiple of 16) and the `lax.scan` kernel elsewhere; False always the scan;
       True the native kernel or a ValueError. `unroll` and `chunk` tune the scan only.
 
   Returns:

@@ -10,7 +10,8 @@ hand-off per fusion. `native/recurrent.cc` runs the whole pass in one call per d
             sequence), applies the cell and writes its units of the next state; the parts run on XLA's intra-op
             threads with one barrier per step (`Parallel::run_staged`: parts stick to a core, idle cores steal).
             Saved for the backward: the state entering each step and the cell's activations (LSTM i, f, g, o;
-            GRU r, z, n, W_hn h + b_hn; RNN h), (S + A) * B * H floats per step;
+            GRU r, z, n, W_hn h + b_hn; RNN h), (S + A) * B * H floats per step; with `remat` the states only,
+            S * B * H floats (the backward recomputes the activations, part by part, in cache);
   backward: the reverse recurrence with the same parts; per step a part forms its units of dh = dhz W_hh and its
             columns of dx = dgx W_ih from the previous step's gradients, applies the cell's gradient, and adds
             x_t^T dgx and h_in^T dhz to its weight-gradient accumulators (rank-B updates kept in its cache). The
@@ -18,8 +19,8 @@ hand-off per fusion. `native/recurrent.cc` runs the whole pass in one call per d
 
 Covered: the three cells, float32 weights (any float input, computed in float32; I is zero-padded to a multiple of
 16), H a multiple of 16, lengths,
-reverse and segment resets (prepared by `recurrent._run` as keep / reset masks on time-major arrays). `remat=True`
-runs the `lax.scan` kernel. Same numbers as the scan to float32 rounding (tested), bitwise deterministic.
+reverse and segment resets (prepared by `recurrent._run` as keep / reset masks on time-major arrays), remat. Same
+numbers as the scan to float32 rounding (tested), bitwise deterministic.
 """
 
 from __future__ import annotations
@@ -45,31 +46,32 @@ def native_supported(cell: str, x: jax.Array, w_ih: jax.Array, w_hh: jax.Array) 
 
 
 def _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save):
+  """save: 0 nothing, 1 the states entering each step and the activations, 2 the states only (remat)."""
   t, b, _ = x_TBI.shape
   h = w_hh.shape[1]
   s = state0_SBH.shape[0]
   f32 = jnp.float32
   out_types = (jax.ShapeDtypeStruct((t, b, h), f32), jax.ShapeDtypeStruct((s, b, h), f32),
                jax.ShapeDtypeStruct((s, t, b, h) if save else (0,), f32),
-               jax.ShapeDtypeStruct((t, b, _AUX[cell] * h) if save else (0,), f32))
+               jax.ShapeDtypeStruct((t, b, _AUX[cell] * h) if save == 1 else (0,), f32))
   return jax.ffi.ffi_call("seqjax_rnn_fwd", out_types, vmap_method="sequential")(
       x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, cell=np.int64(CELLS[cell]), save=np.int64(save))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(cell, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
-  ys, state_T, _, _ = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(cell, remat, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
+  ys, state_T, _, _ = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save=0)
   return ys, state_T
 
 
-def _recurrence_fwd(cell, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
+def _recurrence_fwd(cell, remat, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
   ys, state_T, states_in, aux = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB,
-                                              save=True)
-  return (ys, state_T), (x_TBI, w_ih, w_hh, states_in, aux, keep_TB, reset_TB)
+                                              save=2 if remat else 1)
+  return (ys, state_T), (x_TBI, w_ih, w_hh, b_ih, b_hh, states_in, aux, keep_TB, reset_TB)
 
 
-def _recurrence_bwd(cell, residuals, cotangents):
-  x_TBI, w_ih, w_hh, states_in, aux, keep_TB, reset_TB = residuals
+def _recurrence_bwd(cell, remat, residuals, cotangents):
+  x_TBI, w_ih, w_hh, b_ih, b_hh, states_in, aux, keep_TB, reset_TB = residuals
   dys, dstate_T = cotangents
   f32 = jnp.float32
   gh = w_hh.shape[0]
@@ -77,8 +79,8 @@ def _recurrence_bwd(cell, residuals, cotangents):
                jax.ShapeDtypeStruct(w_ih.shape, f32), jax.ShapeDtypeStruct(w_hh.shape, f32),
                jax.ShapeDtypeStruct((gh,), f32), jax.ShapeDtypeStruct((gh,), f32))
   dx, dstate0, dw_ih, dw_hh, db_ih, db_hh = jax.ffi.ffi_call("seqjax_rnn_bwd", out_types, vmap_method="sequential")(
-      x_TBI, w_ih, w_hh, aux, states_in, keep_TB, reset_TB, dys.astype(f32), dstate_T.astype(f32),
-      cell=np.int64(CELLS[cell]))
+      x_TBI, w_ih, w_hh, b_ih, b_hh, aux, states_in, keep_TB, reset_TB, dys.astype(f32), dstate_T.astype(f32),
+      cell=np.int64(CELLS[cell]), remat=np.int64(remat))
   return dx, dstate0, dw_ih, db_ih, dw_hh, db_hh, None, None
 
 
@@ -87,9 +89,10 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 def native_recurrence(cell: str, x_TBI: jax.Array, states: tuple[jax.Array, ...], w_ih: jax.Array,
                       b_ih: jax.Array, w_hh: jax.Array, b_hh: jax.Array, keep_TB: jax.Array | None,
-                      reset_TB: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+                      reset_TB: jax.Array | None, remat: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """Time-major recurrence with the native kernel: x [T, B, I], states ([B, H], ...) float32 -> (ys [T, B, H]
-  float32, final states). `keep_TB` / `reset_TB`: bool masks or None (all kept, no resets)."""
+  float32, final states). `keep_TB` / `reset_TB`: bool masks or None (all kept, no resets). `remat`: save only
+  the states for the backward, which recomputes each step's activations."""
   t, b, i = x_TBI.shape
   keep = jnp.ones((t, b), jnp.uint8) if keep_TB is None else keep_TB.astype(jnp.uint8)
   reset = jnp.zeros((t, b), jnp.uint8) if reset_TB is None else reset_TB.astype(jnp.uint8)
@@ -98,6 +101,6 @@ def native_recurrence(cell: str, x_TBI: jax.Array, states: tuple[jax.Array, ...]
   pad = -i % 16
   x_TBI = jnp.pad(x_TBI.astype(jnp.float32), ((0, 0), (0, 0), (0, pad)))
   w_ih = jnp.pad(w_ih, ((0, 0), (0, pad)))
-  ys, state_T = _recurrence(cell, x_TBI, jnp.stack(states), w_ih, b_ih.astype(jnp.float32), w_hh,
+  ys, state_T = _recurrence(cell, bool(remat), x_TBI, jnp.stack(states), w_ih, b_ih.astype(jnp.float32), w_hh,
                             b_hh.astype(jnp.float32), keep, reset)
   return ys, tuple(state_T)

@@ -7,11 +7,14 @@
 // forward  "seqjax_rnn_fwd"
 //   in : x [T, B, I], w_ih [GH, I], w_hh [GH, H], b_ih, b_hh [GH], state0 [S, B, H], keep u8 [T, B],
 //        reset u8 [T, B]
-//   out: ys [T, B, H], state_T [S, B, H]; with `save`, also the residuals states_in [S, T, B, H] (the state
-//        entering each step, after resets) and aux [T, B, A * H] (LSTM: the gate activations i, f, g, o; GRU: r, z,
+//   out: ys [T, B, H], state_T [S, B, H]; with `save` = 1 or 2, also the residuals states_in [S, T, B, H] (the
+//        state entering each step, after resets), and with `save` = 1 aux [T, B, A * H] (LSTM: the gate activations
+//        i, f, g, o; GRU: r, z,
 //        n and W_hn h + b_hn; RNN: the new h).
 // backward "seqjax_rnn_bwd"
-//   in : x (I a multiple of 16), w_ih, w_hh, aux, states_in, keep, reset, dys [T, B, H], dstate_T [S, B, H]
+//   in : x (I a multiple of 16), w_ih, w_hh, b_ih, b_hh, aux, states_in, keep, reset, dys [T, B, H],
+//        dstate_T [S, B, H]; with `remat`, aux is empty and each part recomputes its units' activations of a step
+//        from states_in (two more small matmuls per part and step, for (S + A) / S times less residual memory)
 //   out: dx [T, B, I], dstate0 [S, B, H], dw_ih [GH, I], dw_hh [GH, H], db_ih, db_hh [GH]: the whole backward pass
 //        (the per-step gradients of the pre-activations never leave the cache).
 //
@@ -244,7 +247,7 @@ ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   pack_forward(L, w_hh.typed_data(), H, whh_pack);
   Forward F{L, I, x.typed_data(), b_ih.typed_data(), b_hh.typed_data(), state0.typed_data(), wih_pack, whh_pack,
             keep.typed_data(), reset.typed_data(), ys->typed_data(), state_T->typed_data(),
-            save ? states_in->typed_data() : nullptr, save ? aux->typed_data() : nullptr,
+            save ? states_in->typed_data() : nullptr, save == 1 ? aux->typed_data() : nullptr,
             save ? nullptr : own.get(4, 2 * S * B * H), S};
   std::memcpy(F.in(0, 0), F.state0, sizeof(float) * B * H);
   if (S == 2) std::memcpy(F.in(0, 1), F.state0 + B * H, sizeof(float) * B * H);
@@ -262,6 +265,7 @@ struct Backward {
   Layout L;
   int64_t I, UI;  // input width (a multiple of 16) and the input columns of dx each part computes
   const float *x, *whh_pack, *wih_pack, *aux, *states_in, *dys, *dstate_T;  // packs [parts][GH][U or UI]
+  const float *b_ih, *b_hh, *fwd_wih_pack, *fwd_whh_pack;  // remat (aux == null): the forward's packs
   const uint8_t *keep, *reset;
   float *dx, *dstate0, *db_ih, *db_hh;
   float* ring;    // [2][2][B][GH]: dgx and dhz of the last two steps (dhz == dgx for LSTM and RNN)
@@ -302,7 +306,7 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
         std::memcpy(dcar + (s * B + b) * u, D.dstate_T + (s * B + b) * H + u0, sizeof(float) * u);
   } else {
     if (t >= 0) {  // what step t's pointwise gradient reads, fetched while the matmuls run
-      for (int a = 0; a < C::A; ++a) prefetch_rows(D.aux + t * B * C::A * H + a * H + u0, B, C::A * H, u);
+      for (int a = 0; D.aux && a < C::A; ++a) prefetch_rows(D.aux + t * B * C::A * H + a * H + u0, B, C::A * H, u);
       for (int s = 0; s < C::S; ++s) prefetch_rows(D.states_in + (s * L.T + t) * B * H + u0, B, H, u);
       prefetch_rows(D.dys + t * B * H + u0, B, H, u);
     }
@@ -332,8 +336,14 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
         }
     return;
   }
-  float* dgl = sc.get(2, 2 * B * gu);  // the part's dgx and dhz of step t, [B][G * u] each
+  float* dgl = sc.get(2, 4 * B * gu);  // the part's dgx and dhz of step t, [B][G * u] each
   float* dhl = dgl + B * gu;
+  float* rgx = dhl + B * gu;  // remat: the recomputed x_t W_ih^T and h W_hh^T of the part's units
+  float* rhz = rgx + B * gu;
+  if (!D.aux) {
+    part_matmul(B, I, gu, D.x + t * B * I, D.fwd_wih_pack + p * I * C::G * L.U, rgx);
+    part_matmul(B, H, gu, D.states_in + t * B * H, D.fwd_whh_pack + p * H * C::G * L.U, rhz);
+  }
   float* dgx = D.dgx_of(t);
   float* dhz = D.dhz_of(t, C::kSeparateDhz);
   for (int64_t j = 0; j < u; j += kLanes) {
@@ -347,8 +357,17 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
       if (D.keep[row]) {
         vf ax[C::A], in[C::S];
         dout[0] += load(D.dys + row * H + col);
-        for (int a = 0; a < C::A; ++a) ax[a] = load(D.aux + row * C::A * H + a * H + col);
         for (int s = 0; s < C::S; ++s) in[s] = load(D.states_in + (s * L.T + t) * B * H + b * H + col);
+        if (D.aux) {
+          for (int a = 0; a < C::A; ++a) ax[a] = load(D.aux + row * C::A * H + a * H + col);
+        } else {  // the forward step again, for this part's units
+          vf xg[C::G], hg[C::G], out[C::S];
+          for (int g = 0; g < C::G; ++g) {
+            xg[g] = load(rgx + b * gu + g * u + j) + load(D.b_ih + g * H + col);
+            hg[g] = load(rhz + b * gu + g * u + j) + load(D.b_hh + g * H + col);
+          }
+          C::fwd(xg, hg, in, out, ax);
+        }
         C::bwd(ax, in, dout, dg, dh, dir);
       } else {  // the state passed through unchanged and the output was 0
         for (int g = 0; g < C::G; ++g) dg[g] = dh[g] = splat(0.f);
@@ -384,12 +403,13 @@ void backward(Parallel& parallel, const Backward& D) {
 }
 
 ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
-                       ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::F32> states_in,
+                       ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> b_ih, ffi::Buffer<ffi::F32> b_hh,
+                       ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::F32> states_in,
                        ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys,
                        ffi::Buffer<ffi::F32> dstate_T, ffi::ResultBuffer<ffi::F32> dx,
                        ffi::ResultBuffer<ffi::F32> dstate0, ffi::ResultBuffer<ffi::F32> dw_ih,
                        ffi::ResultBuffer<ffi::F32> dw_hh, ffi::ResultBuffer<ffi::F32> db_ih,
-                       ffi::ResultBuffer<ffi::F32> db_hh, int64_t cell) {
+                       ffi::ResultBuffer<ffi::F32> db_hh, int64_t cell, int64_t remat) {
   auto xd = x.dimensions(), wd = w_ih.dimensions();
   if (xd.size() != 3 || wd.size() != 2 || wd[1] != xd[2] || xd[2] % kLanes)
     return ffi::Error::InvalidArgument(
@@ -411,17 +431,25 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   }
   const int64_t UI = kLanes * ((I / kLanes + L.parts - 1) / L.parts);
   Scratch& own = scratch();  // the caller's roles 3-5 (items use 0-2)
-  float* packs = own.get(3, L.parts * GH * (L.U + UI));
+  const int64_t fwd_pack = remat ? L.parts * (I + H) * G * L.U : 0;
+  float* packs = own.get(3, L.parts * GH * (L.U + UI) + fwd_pack);
   float* whh_pack = packs;
   float* wih_pack = packs + L.parts * GH * L.U;
+  float* fwd_wih_pack = wih_pack + L.parts * GH * UI;
+  float* fwd_whh_pack = fwd_wih_pack + L.parts * I * G * L.U;
+  if (remat) {
+    pack_forward(L, w_ih.typed_data(), I, fwd_wih_pack);
+    pack_forward(L, w_hh.typed_data(), H, fwd_whh_pack);
+  }
   pack_columns(L, w_hh.typed_data(), H, L.U, [&](int64_t p) { return L.first(p); },
                [&](int64_t p) { return L.units(p); }, whh_pack);
   pack_columns(L, w_ih.typed_data(), I, UI, [&](int64_t p) { return p * UI; },
                [&](int64_t p) { return std::max<int64_t>(0, std::min(UI, I - p * UI)); }, wih_pack);
   float* bufs = own.get(4, 4 * B * GH + S * B * H);
   float* acc = own.get(5, L.parts * (I + H) * G * L.U);
-  Backward D{L, I, UI, x.typed_data(), whh_pack, wih_pack, aux.typed_data(), states_in.typed_data(),
-             dys.typed_data(), dstate_T.typed_data(), keep.typed_data(), reset.typed_data(), dx->typed_data(),
+  Backward D{L, I, UI, x.typed_data(), whh_pack, wih_pack, remat ? nullptr : aux.typed_data(),
+             states_in.typed_data(), dys.typed_data(), dstate_T.typed_data(), b_ih.typed_data(), b_hh.typed_data(),
+             fwd_wih_pack, fwd_whh_pack, keep.typed_data(), reset.typed_data(), dx->typed_data(),
              dstate0->typed_data(), db_ih->typed_data(), db_hh->typed_data(), bufs, bufs + 4 * B * GH, acc};
   switch (cell) {
     case kLstm: backward<Lstm>(parallel, D); break;
@@ -460,7 +488,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnForward, RnnForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()  // state_T
                                   .Ret<ffi::Buffer<ffi::F32>>()  // states_in (empty unless save)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // aux (empty unless save)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // aux (empty unless save == 1)
                                   .Attr<int64_t>("cell")
                                   .Attr<int64_t>("save"));
 
@@ -470,7 +498,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnBackward, RnnBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // aux
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // aux (empty with remat)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // states_in
                                   .Arg<ffi::Buffer<ffi::U8>>()   // keep
                                   .Arg<ffi::Buffer<ffi::U8>>()   // reset
@@ -482,4 +512,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxRnnBackward, RnnBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_hh
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db_ih
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db_hh
-                                  .Attr<int64_t>("cell"));
+                                  .Attr<int64_t>("cell")
+                                  .Attr<int64_t>("remat"));
