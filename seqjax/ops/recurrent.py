@@ -322,6 +322,8 @@ def _scan_core(pointwise, unroll, remat, chunk, x_TBI, states, w_ih, b_ih, w_hh,
   """The `lax.scan` kernel on time-major arrays: pads T to a multiple of the chunk with masked (state-keeping)
   steps and runs the chunked, pipelined core."""
   t, b, _ = x_TBI.shape
+  if t == 0:  # no steps: no outputs, the final state is the initial one
+    return jnp.zeros((0, b, w_hh.shape[1]), jnp.float32), states
   c = min(chunk, t)
   n = -(-t // c)
   pad = n * c - t

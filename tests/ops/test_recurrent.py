@@ -278,6 +278,15 @@ def test_native_is_dispatched_on_cpu_only_where_covered():
   assert "seqjax_rnn" not in jax.jit(lambda x: _call("lstm", x, *narrow[1:])[0]).lower(narrow[0]).as_text()
 
 
+@pytest.mark.parametrize("impl", [pytest.param(False, id="scan"), pytest.param(None, id="default")])
+def test_empty_sequence_returns_initial_state(impl):
+  x, states, *w = _params("lstm", H=16)
+  ys, (h, c) = recurrent.lstm(x[:, :0], *states, *w, native=impl)
+  assert ys.shape == (B, 0, 16)
+  np.testing.assert_array_equal(h, states[0])
+  np.testing.assert_array_equal(c, states[1])
+
+
 def test_native_true_on_uncovered_input_raises():
   x, states, *w = _params("gru")  # H = 4
   with pytest.raises(ValueError, match="native=True needs .* H a multiple of 16"):

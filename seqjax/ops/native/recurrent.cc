@@ -236,9 +236,12 @@ ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t T = xd[0], B = xd[1], I = xd[2];
   int64_t H;
   if (auto err = check_dims(cell, w_hh, wd[0], B, keep, reset, T, &H); !err.success()) return err;
-  if (T == 0 || B == 0) return ffi::Error::Success();
-  Parallel parallel(pool);
   const int64_t S = states_of(cell);
+  if (T == 0 || B == 0) {  // no steps: the final state is the initial one
+    std::memcpy(state_T->typed_data(), state0.typed_data(), sizeof(float) * S * B * H);
+    return ffi::Error::Success();
+  }
+  Parallel parallel(pool);
   const Layout L = layout_of(T, B, H, gates_of(cell), parallel.max_slots(1 << 20));
   Scratch& own = scratch();  // the caller's roles 3-5 (items use 0-2)
   float* wih_pack = own.get(3, L.parts * I * L.G * L.U);
