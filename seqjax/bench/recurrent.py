@@ -1,4 +1,5 @@
-"""Benchmark: `seqjax.ops.recurrent.lstm` against `flax.linen.RNN(OptimizedLSTMCell)`.
+"""Benchmark: `seqjax.ops.recurrent.lstm` against `flax.linen.RNN(OptimizedLSTMCell)` (and `gru` against
+`flax.linen.RNN(GRUCell)`).
 
 Measured side by side in one run, same weights, float32:
   * time of the forward and of forward+backward (gradients w.r.t. x and all weights), median of
@@ -94,6 +95,35 @@ def _functions(batch: int, hidden: int):
       "seqjax_scan_fwd_bwd": fwd_bwd(scan), "seqjax_fwd_bwd_remat": fwd_bwd(remat)}
 
 
+def _gru_functions(hidden: int):
+  """The same comparison for the GRU: flax.linen.RNN(GRUCell) against seqjax's `gru` (default and scan)."""
+  import flax.linen as nn
+  from seqjax.ops import recurrent
+
+  layer = nn.RNN(nn.GRUCell(hidden))
+
+  def ours(w, x, **kw):
+    return recurrent.gru(x, jnp.zeros((x.shape[0], hidden), jnp.float32), *w, **kw)[0]
+
+  def fwd_bwd(f):
+    return jax.jit(jax.grad(lambda w, x: jnp.sum(f(w, x) ** 2), argnums=(0, 1)))
+
+  scan = lambda w, x: ours(w, x, native=False)  # noqa: E731
+  return layer, {"flax_gru_fwd": jax.jit(layer.apply), "seqjax_gru_fwd": jax.jit(ours),
+                 "flax_gru_fwd_bwd": fwd_bwd(layer.apply), "seqjax_gru_fwd_bwd": fwd_bwd(ours),
+                 "seqjax_gru_scan_fwd_bwd": fwd_bwd(scan)}
+
+
+def _flax_gru_params_to_torch_layout(params):
+  """Flax GRUCell params -> (w_ih [3H, I], w_hh [3H, H], b_ih, b_hh), gates r, z, n (b_hn = Flax's hn bias)."""
+  cell = params["params"]["cell"]
+  w_ih = jnp.concatenate([cell["i" + g]["kernel"] for g in "rzn"], axis=1).T
+  w_hh = jnp.concatenate([cell["h" + g]["kernel"] for g in "rzn"], axis=1).T
+  b_ih = jnp.concatenate([cell["i" + g]["bias"] for g in "rzn"])
+  b_hh = jnp.concatenate([jnp.zeros_like(cell["hn"]["bias"])] * 2 + [cell["hn"]["bias"]])
+  return w_ih, w_hh, b_ih, b_hh
+
+
 def _bytes(compiled) -> int | None:
   m = compiled.memory_analysis()
   if m is None:
@@ -119,6 +149,14 @@ def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequ
   print(f"  seqjax_* = the default dispatch ({kernel} kernel); seqjax_scan_* = native=False", flush=True)
 
   cases = {name: (fn, flax_params if name.startswith("flax") else w) for name, fn in fns.items()}
+  gru_layer, gru_fns = _gru_functions(features)
+  gru_params = gru_layer.init(key, x)
+  w_gru = _flax_gru_params_to_torch_layout(gru_params)
+  if check:
+    err = float(jnp.max(jnp.abs(gru_fns["seqjax_gru_fwd"](w_gru, x) - gru_fns["flax_gru_fwd"](gru_params, x))))
+    if err > 1e-4:
+      raise AssertionError(f"seqjax and the Flax GRU disagree by {err}")
+  cases.update({name: (fn, gru_params if name.startswith("flax") else w_gru) for name, fn in gru_fns.items()})
   timing = _time_interleaved(cases, x, repeats=repeats)
   for name, ms in timing.items():
     print(f"  {name:22s} {ms:8.2f} ms", flush=True)
@@ -137,6 +175,9 @@ def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequ
             "fwd_bwd_remat": timing["flax_fwd_bwd"] / timing["seqjax_fwd_bwd_remat"],
             "scan_fwd": timing["flax_fwd"] / timing["seqjax_scan_fwd"],
             "scan_fwd_bwd": timing["flax_fwd_bwd"] / timing["seqjax_scan_fwd_bwd"],
+            "gru_fwd": timing["flax_gru_fwd"] / timing["seqjax_gru_fwd"],
+            "gru_fwd_bwd": timing["flax_gru_fwd_bwd"] / timing["seqjax_gru_fwd_bwd"],
+            "gru_scan_fwd_bwd": timing["flax_gru_fwd_bwd"] / timing["seqjax_gru_scan_fwd_bwd"],
             "max_possible_fwd": timing["flax_fwd"] / floor["fwd"],
             "max_possible_fwd_bwd": timing["flax_fwd_bwd"] / floor["fwd_bwd"]}
 
@@ -231,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f"speedup vs flax: forward {r['fwd']:.2f}x, forward+backward {r['fwd_bwd']:.2f}x "
         f"(remat {r['fwd_bwd_remat']:.2f}x); target >= 1.5x")
   print(f"  lax.scan kernel: forward {r['scan_fwd']:.2f}x, forward+backward {r['scan_fwd_bwd']:.2f}x")
+  print(f"GRU vs flax RNN(GRUCell): forward {r['gru_fwd']:.2f}x, forward+backward {r['gru_fwd_bwd']:.2f}x "
+        f"(lax.scan kernel {r['gru_scan_fwd_bwd']:.2f}x)")
   f = result["compute_floor_ms"]
   t = result["time_ms"]
   print(f"against the XLA matmul floor (2 / 6 big matmuls): Flax takes {t['flax_fwd'] / f['fwd']:.2f}x / "
