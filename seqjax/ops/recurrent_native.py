@@ -34,7 +34,6 @@ import numpy as np
 from seqjax.ops import native
 
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 _AUX = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}  # per-step residual arrays of width H
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 

@@ -108,6 +108,17 @@ struct Rnn {
 
 enum CellKind : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3 };
 
+// fn(Cell{}) for the cell type of `cell` (checked by check_dims).
+template <class Fn>
+void with_cell(int64_t cell, Fn&& fn) {
+  switch (cell) {
+    case kLstm: fn(Lstm{}); break;
+    case kGru: fn(Gru{}); break;
+    case kRnnTanh: fn(Rnn<false>{}); break;
+    default: fn(Rnn<true>{}); break;
+  }
+}
+
 int64_t gates_of(int64_t cell) { return cell == kLstm ? 4 : cell == kGru ? 3 : 1; }
 int64_t states_of(int64_t cell) { return cell == kLstm ? 2 : 1; }
 
@@ -220,11 +231,6 @@ void forward_part(const Forward& F, int64_t t, int64_t p) {
   }
 }
 
-template <class C>
-void forward(Parallel& parallel, const Forward& F) {
-  parallel.run_staged(F.L.T, F.L.parts, [&](int64_t t, int64_t p) { forward_part<C>(F, t, p); });
-}
-
 ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
                       ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> b_ih, ffi::Buffer<ffi::F32> b_hh, ffi::Buffer<ffi::F32> state0,
                       ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys,
@@ -254,12 +260,10 @@ ffi::Error RnnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
             save ? nullptr : own.get(4, 2 * S * B * H), S};
   std::memcpy(F.in(0, 0), F.state0, sizeof(float) * B * H);
   if (S == 2) std::memcpy(F.in(0, 1), F.state0 + B * H, sizeof(float) * B * H);
-  switch (cell) {
-    case kLstm: forward<Lstm>(parallel, F); break;
-    case kGru: forward<Gru>(parallel, F); break;
-    case kRnnTanh: forward<Rnn<false>>(parallel, F); break;
-    default: forward<Rnn<true>>(parallel, F); break;
-  }
+  with_cell(cell, [&](auto c) {
+    using C = decltype(c);
+    parallel.run_staged(T, L.parts, [&](int64_t t, int64_t p) { forward_part<C>(F, t, p); });
+  });
   return ffi::Error::Success();
 }
 
@@ -400,11 +404,6 @@ void backward_part(const Backward& D, int64_t k, int64_t p) {
        !first);  // dW_hh^T += h_in^T dhz
 }
 
-template <class C>
-void backward(Parallel& parallel, const Backward& D) {
-  parallel.run_staged(D.L.T + 1, D.L.parts, [&](int64_t k, int64_t p) { backward_part<C>(D, k, p); });
-}
-
 ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
                        ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> b_ih, ffi::Buffer<ffi::F32> b_hh,
                        ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::F32> states_in,
@@ -454,12 +453,10 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
              states_in.typed_data(), dys.typed_data(), dstate_T.typed_data(), b_ih.typed_data(), b_hh.typed_data(),
              fwd_wih_pack, fwd_whh_pack, keep.typed_data(), reset.typed_data(), dx->typed_data(),
              dstate0->typed_data(), db_ih->typed_data(), db_hh->typed_data(), bufs, bufs + 4 * B * GH, acc};
-  switch (cell) {
-    case kLstm: backward<Lstm>(parallel, D); break;
-    case kGru: backward<Gru>(parallel, D); break;
-    case kRnnTanh: backward<Rnn<false>>(parallel, D); break;
-    default: backward<Rnn<true>>(parallel, D); break;
-  }
+  with_cell(cell, [&](auto c) {  // stage k handles step T - 1 - k; stage T finishes at step -1
+    using C = decltype(c);
+    parallel.run_staged(T + 1, L.parts, [&](int64_t k, int64_t p) { backward_part<C>(D, k, p); });
+  });
   // The accumulators [I + H][G * u] of each part, transposed into dW_ih [GH, I] and dW_hh [GH, H].
   parallel.run(L.parts, [&](int64_t p, int) {
     const int64_t u0 = L.first(p), u = L.units(p), gu = G * u;
