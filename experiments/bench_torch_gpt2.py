@@ -1,7 +1,7 @@
 r"""Training throughput of seqjax's `DecoderLM` against a PyTorch GPT-2 (HF transformers) of the same dimensions.
 
     .venv/bin/python experiments/bench_torch_gpt2.py                                   # default model, ~3-5 min
-    .venv/bin/python experiments/bench_torch_gpt2.py --config=configs/lm_pysrc.py --config.model.attention=blockwise
+    .venv/bin/python experiments/bench_torch_gpt2.py --config=configs/lm_pysrc.py --config.model.attention.implementation=blockwise
     .venv/bin/python experiments/bench_torch_gpt2.py --steps=4 --rounds=2              # quick look
 
 Both models are built from the SAME seqjax config (`--config`, any field overridable with --config.X.Y=...):
@@ -31,6 +31,7 @@ Tokens/s is batch_size * seq_len / (median step time). The ratio seqjax / torch 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,19 +87,19 @@ def gpt2_config_kwargs(model_cfg: Any) -> dict[str, Any]:
     problems.append(f"model.norm={m.norm!r}, norm_position={m.norm_position!r} (GPT-2 is pre-norm LayerNorm)")
   if m.mlp != "mlp":
     problems.append(f"model.mlp={m.mlp!r} (GPT-2 has a plain MLP)")
-  if m.resolved_num_kv_heads != m.num_heads:
-    problems.append(f"model.num_kv_heads={m.num_kv_heads} (GPT-2 is multi-head)")
-  if m.resolved_head_dim * m.num_heads != m.d_model:
-    problems.append(f"model.head_dim={m.head_dim} (GPT-2 has head_dim = d_model / num_heads)")
-  if m.qk_norm:
-    problems.append("model.qk_norm=True (GPT-2 has no QK-norm)")
+  if m.resolved_num_kv_heads != m.attention.num_heads:
+    problems.append(f"model.attention.num_kv_heads={m.attention.num_kv_heads} (GPT-2 is multi-head)")
+  if m.resolved_head_dim * m.attention.num_heads != m.d_model:
+    problems.append(f"model.attention.head_dim={m.attention.head_dim} (GPT-2 has head_dim = d_model / num_heads)")
+  if m.attention.qk_norm:
+    problems.append("model.attention.qk_norm=True (GPT-2 has no QK-norm)")
   if m.dtype != "float32":
     problems.append(f"model.dtype={m.dtype!r} (this benchmark compares float32 training on CPU)")
   if problems:
     raise ValueError("bench_torch_gpt2: the seqjax model has no GPT-2 counterpart: " + "; ".join(problems)
                      + ". Use a config with a plain pre-norm LayerNorm Transformer (e.g. configs/lm_pysrc.py).")
   return dict(vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers,
-              n_head=m.num_heads, n_inner=m.mlp_dim, activation_function=_GPT2_ACTIVATIONS[m.activation],
+              n_head=m.attention.num_heads, n_inner=m.mlp_dim, activation_function=_GPT2_ACTIVATIONS[m.activation],
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=m.tie_embeddings,
               bos_token_id=None, eos_token_id=None, use_cache=False)
 
@@ -310,9 +311,10 @@ def main(argv: list[str]) -> None:
   # Threads: XLA's CPU client sizes its pool from the visible cores; torch is set explicitly in the worker.
   import numpy as np
 
-  from seqjax.config import from_config_dict
+  from seqjax.config import from_config_dict, with_vocab_size
+  from seqjax.data.tokenizer import ByteTokenizer
 
-  config = from_config_dict(_CONFIG.value)
+  config = with_vocab_size(from_config_dict(_CONFIG.value), ByteTokenizer().vocab_size)
   gpt2 = gpt2_config_kwargs(config.model)  # fails fast on a model GPT-2 cannot mirror
   B, T = config.train.batch_size, config.data.seq_len
   tokens_per_step = B * T
@@ -353,9 +355,9 @@ def main(argv: list[str]) -> None:
   result: dict[str, Any] = {
       "config_file": config_flags.get_config_filename(flags.FLAGS["config"]),
       "config_overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},
-      "model": {k: getattr(config.model, k) for k in ("d_model", "num_layers", "num_heads", "mlp_dim",
-                                                      "vocab_size", "max_len", "positions", "attention",
-                                                      "tie_embeddings")},
+      "model": {k: getattr(config.model, k) for k in ("d_model", "num_layers", "mlp_dim", "vocab_size",
+                                                      "max_len", "positions", "tie_embeddings")},
+      "attention": dataclasses.asdict(config.model.attention),
       "batch_size": B, "seq_len": T, "tokens_per_step": tokens_per_step, "threads": _THREADS.value,
       "steps_per_round": _STEPS.value, "rounds": _ROUNDS.value, "warmup": _WARMUP.value,
       "differences": gpt2_differences(config.model), "approx_train_flops_per_step": flops, "target_ratio": TARGET_RATIO,

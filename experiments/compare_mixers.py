@@ -137,10 +137,11 @@ def count_parameters(cfg_dict) -> int:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
 
-  from seqjax.config import from_config_dict  # pylint: disable=import-outside-toplevel
+  from seqjax.config import from_config_dict, with_vocab_size  # pylint: disable=import-outside-toplevel
+  from seqjax.data.tokenizer import ByteTokenizer  # pylint: disable=import-outside-toplevel
   from seqjax.models.lm import DecoderLM  # pylint: disable=import-outside-toplevel
 
-  config = from_config_dict(cfg_dict)
+  config = with_vocab_size(from_config_dict(cfg_dict), ByteTokenizer().vocab_size)
   model = DecoderLM(config.model)
   tokens_BT = jnp.zeros((1, config.data.seq_len), jnp.int32)
   shapes = jax.eval_shape(lambda r: nn.unbox(model.init({"params": r}, tokens_BT)["params"]),

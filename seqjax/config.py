@@ -35,49 +35,104 @@ def _fail(field: str, message: str) -> typing.NoReturn:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """A decoder-only language model: embeddings, a stack of (mixer, MLP) blocks, an output head."""
+class AttentionConfig:
+  """The attention mixer ("attention"): heads, kernel, positions inside attention, window."""
 
-  # Comma-separated mixer pattern repeated over the layers, e.g. "attention" or "mamba,mamba,attention".
-  mixer: str = "attention"
-  vocab_size: int = 259
-  d_model: int = 256
-  num_layers: int = 4
+  implementation: str = "blockwise"  # A name in the attention registry (seqjax.ops.attention).
   num_heads: int = 4
   num_kv_heads: int = 0  # 0: as many as num_heads (multi-head); 1: multi-query; else grouped-query.
   head_dim: int = 0  # 0: d_model // num_heads.
+  qk_norm: bool = False
+  rope_base: float = 10000.0  # model.positions="rope": the rotary base.
+  window: int = 0  # > 0: causal sliding window of this many keys (the query's own and window - 1 before); 0: full.
+
+  def _check(self, prefix: str) -> None:
+    if self.num_heads <= 0:
+      _fail(f"{prefix}.num_heads", f"must be positive, got {self.num_heads}")
+    for name in ("num_kv_heads", "head_dim", "window"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", f"must be >= 0 (0: the default), got {getattr(self, name)}")
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv:
+      _fail(f"{prefix}.num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
+    if self.rope_base <= 0:
+      _fail(f"{prefix}.rope_base", f"must be positive, got {self.rope_base}")
+
+  def resolved_head_dim(self, d_model: int) -> int:
+    return self.head_dim or d_model // self.num_heads
+
+  @property
+  def resolved_num_kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentConfig:
+  """The recurrent mixers ("lstm", "gru", "rnn")."""
+
+  hidden: int = 0  # State width (0: d_model).
+
+  def _check(self, prefix: str) -> None:
+    if self.hidden < 0:
+      _fail(f"{prefix}.hidden", f"must be >= 0 (0: d_model), got {self.hidden}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SsmConfig:
+  """The state-space mixers ("s4d", "s5", "mamba", "mamba2"); 0 means the block's own default."""
+
+  state: int = 0  # State size per channel (S4D/S5/Mamba) or per head (Mamba-2).
+  expand: int = 2  # Mamba / Mamba-2 inner width = expand * d_model.
+  conv: int = 4  # Mamba / Mamba-2 causal depthwise convolution width.
+  head_dim: int = 32  # Mamba-2 head width.
+  chunk: int = 0  # Chunk length of the chunked scan (0: the op's default).
+
+  def _check(self, prefix: str) -> None:
+    for name in ("state", "chunk"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", f"must be >= 0 (0: the default), got {getattr(self, name)}")
+    for name in ("expand", "conv", "head_dim"):
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only language model: embeddings, a stack of (mixer, MLP) blocks, an output head.
+
+  Settings of one mixer family live in that family's section (`attention`, `recurrent`, `ssm`).
+  """
+
+  # Comma-separated mixer pattern repeated over the layers, e.g. "attention" or "mamba,mamba,attention".
+  mixer: str = "attention"
+  vocab_size: int = 0  # 0: the tokenizer's vocabulary size (set it only to pad the embedding table).
+  d_model: int = 256
+  num_layers: int = 4
   mlp_dim: int = 1024
   mlp: Literal["mlp", "gated", "none"] = "mlp"  # "none": mixer-only blocks (e.g. a classic stacked LSTM).
   activation: Literal["gelu", "relu", "silu"] = "gelu"
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   norm_position: Literal["pre", "post"] = "pre"
   positions: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
-  rope_base: float = 10000.0
-  max_len: int = 256  # Longest context (learned position table size, generation buffer).
-  attention: str = "blockwise"  # A name in the attention registry (seqjax.ops.attention).
-  qk_norm: bool = False
-  rnn_hidden: int = 0  # Recurrent mixers ("lstm", "gru", "rnn"): state width (0: d_model).
-  # State-space mixers ("s4d", "s5", "mamba", "mamba2"); 0 means the block's own default.
-  ssm_state: int = 0  # State size per channel (S4D/S5/Mamba) or per head (Mamba-2).
-  ssm_expand: int = 2  # Mamba / Mamba-2 inner width = ssm_expand * d_model.
-  ssm_conv: int = 4  # Mamba / Mamba-2 causal depthwise convolution width.
-  ssm_head_dim: int = 32  # Mamba-2 head width.
-  ssm_chunk: int = 0  # Chunk length of the chunked scan (0: the op's default).
+  max_len: int = 256  # Longest context (learned position table size, decoding cache length).
   dropout: float = 0.0
   tie_embeddings: bool = True
   scan_layers: bool = False  # nn.scan over layers (one compiled block; needs a homogeneous mixer pattern).
   remat: Literal["none", "full", "dots"] = "none"
   dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype; parameters stay float32.
+  attention: AttentionConfig = AttentionConfig()
+  recurrent: RecurrentConfig = RecurrentConfig()
+  ssm: SsmConfig = SsmConfig()
 
   def _check(self, prefix: str) -> None:
-    if self.d_model <= 0 or self.num_layers <= 0 or self.num_heads <= 0 or self.mlp_dim <= 0:
-      _fail(f"{prefix}", "d_model, num_layers, num_heads and mlp_dim must be positive")
-    if self.head_dim == 0 and self.d_model % self.num_heads:
-      _fail(f"{prefix}.num_heads", f"{self.num_heads} heads do not divide d_model={self.d_model}; choose a "
-            f"divisor of d_model or set model.head_dim explicitly")
-    kv = self.num_kv_heads or self.num_heads
-    if self.num_heads % kv:
-      _fail(f"{prefix}.num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
+    if self.d_model <= 0 or self.num_layers <= 0 or self.mlp_dim <= 0:
+      _fail(f"{prefix}", "d_model, num_layers and mlp_dim must be positive")
+    if self.vocab_size < 0:
+      _fail(f"{prefix}.vocab_size", f"must be >= 0 (0: the tokenizer's), got {self.vocab_size}")
+    a = self.attention
+    if a.head_dim == 0 and self.d_model % a.num_heads:
+      _fail(f"{prefix}.attention.num_heads", f"{a.num_heads} heads do not divide d_model={self.d_model}; choose "
+            f"a divisor of d_model or set model.attention.head_dim explicitly")
     if self.positions == "rope" and self.resolved_head_dim % 2:
       _fail(f"{prefix}.positions", f"rope needs an even head_dim, got {self.resolved_head_dim}")
     if not 0.0 <= self.dropout < 1.0:
@@ -88,24 +143,19 @@ class ModelConfig:
     if self.scan_layers and len(set(pattern)) > 1:
       _fail(f"{prefix}.scan_layers", f"nn.scan needs one mixer for every layer; pattern {self.mixer!r} mixes "
             f"several. Set scan_layers=False")
-    for name in ("rnn_hidden", "ssm_state", "ssm_chunk"):
-      if getattr(self, name) < 0:
-        _fail(f"{prefix}.{name}", "must be >= 0 (0: the default)")
-    if self.ssm_expand <= 0 or self.ssm_conv <= 0 or self.ssm_head_dim <= 0:
-      _fail(f"{prefix}.ssm_expand", "ssm_expand, ssm_conv and ssm_head_dim must be positive")
-    if "mamba2" in pattern and (self.ssm_expand * self.d_model) % self.ssm_head_dim:
-      _fail(f"{prefix}.ssm_head_dim", f"must divide the Mamba-2 inner width ssm_expand * d_model = "
-            f"{self.ssm_expand * self.d_model}")
+    if "mamba2" in pattern and (self.ssm.expand * self.d_model) % self.ssm.head_dim:
+      _fail(f"{prefix}.ssm.head_dim", f"must divide the Mamba-2 inner width ssm.expand * d_model = "
+            f"{self.ssm.expand * self.d_model}")
     if self.max_len <= 0:
       _fail(f"{prefix}.max_len", "must be positive")
 
   @property
   def resolved_head_dim(self) -> int:
-    return self.head_dim or self.d_model // self.num_heads
+    return self.attention.resolved_head_dim(self.d_model)
 
   @property
   def resolved_num_kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
+    return self.attention.resolved_num_kv_heads
 
   @property
   def mixer_pattern(self) -> tuple[str, ...]:
@@ -393,6 +443,21 @@ def _to_plain(tree: Any) -> Any:
 def from_config_dict(cfg: Any) -> Config:
   """Validates an `ml_collections.ConfigDict` (or a plain nested dict) into a frozen `Config`."""
   return _build(Config, _to_plain(cfg), "")
+
+
+def with_vocab_size(config: Config, tokenizer_vocab_size: int) -> Config:
+  """`config` with model.vocab_size taken from the tokenizer when it is 0 (the default).
+
+  A vocab_size set by hand may pad the embedding table (e.g. to a multiple of 128) but never be smaller than the
+  tokenizer's vocabulary; that raises ConfigError naming the field.
+  """
+  set_size = config.model.vocab_size
+  if set_size == 0:
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer_vocab_size))
+  if set_size < tokenizer_vocab_size:
+    _fail("model.vocab_size", f"{set_size} is smaller than the tokenizer's vocabulary of {tokenizer_vocab_size} "
+          f"tokens; leave it at 0 to use the tokenizer's size")
+  return config
 
 
 def to_dict(config: Config) -> dict[str, Any]:

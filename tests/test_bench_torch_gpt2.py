@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from seqjax.config import ModelConfig
+from seqjax.config import AttentionConfig, ModelConfig
 from tests.experiments_loader import load_experiment
 
 
@@ -18,7 +18,8 @@ def bench():
 
 
 def test_default_model_maps_to_gpt2_dimensions(bench):
-  m = ModelConfig(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, vocab_size=259, max_len=256)
+  m = ModelConfig(d_model=256, num_layers=4, attention=AttentionConfig(num_heads=4), mlp_dim=1024, vocab_size=259,
+                  max_len=256)
   kw = bench.gpt2_config_kwargs(m)
   assert (kw["n_embd"], kw["n_layer"], kw["n_head"], kw["n_inner"]) == (256, 4, 4, 1024)
   assert (kw["vocab_size"], kw["n_positions"]) == (259, 256)
@@ -29,7 +30,8 @@ def test_default_model_maps_to_gpt2_dimensions(bench):
 
 
 def test_other_dimensions_follow_the_config(bench):
-  m = ModelConfig(d_model=96, num_layers=3, num_heads=6, mlp_dim=200, vocab_size=300, max_len=128,
+  m = ModelConfig(d_model=96, num_layers=3, attention=AttentionConfig(num_heads=6), mlp_dim=200, vocab_size=300,
+                  max_len=128,
                   activation="relu", tie_embeddings=False)
   kw = bench.gpt2_config_kwargs(m)
   assert (kw["n_embd"], kw["n_layer"], kw["n_head"], kw["n_inner"], kw["vocab_size"], kw["n_positions"]) == (
@@ -42,8 +44,8 @@ def test_other_dimensions_follow_the_config(bench):
     (dict(positions="alibi"), "model.positions"),
     (dict(norm="rmsnorm"), "model.norm"),
     (dict(mlp="gated"), "model.mlp"),
-    (dict(num_kv_heads=1), "model.num_kv_heads"),
-    (dict(head_dim=32), "model.head_dim"),
+    (dict(attention=AttentionConfig(num_kv_heads=1)), "model.attention.num_kv_heads"),
+    (dict(attention=AttentionConfig(head_dim=32)), "model.attention.head_dim"),
     (dict(dtype="bfloat16"), "model.dtype"),
 ])
 def test_models_without_a_gpt2_counterpart_are_rejected(bench, change, field):
@@ -53,7 +55,7 @@ def test_models_without_a_gpt2_counterpart_are_rejected(bench, change, field):
 
 
 def test_rope_model_is_compared_with_a_note(bench):
-  m = ModelConfig(positions="rope")
+  m = ModelConfig(positions="rope", vocab_size=259)
   assert bench.gpt2_config_kwargs(m)["n_positions"] == m.max_len
   assert any("rope" in d for d in bench.gpt2_differences(m))
   assert not any("positions" in d for d in bench.gpt2_differences(ModelConfig(positions="learned")))

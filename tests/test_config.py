@@ -1,11 +1,12 @@
 """Config validation: every user mistake names the field and what is allowed, before any compute."""
 
+import dataclasses
 import importlib.util
 import os
 
 import pytest
 
-from seqjax.config import Config, ConfigError, default_config_dict, from_config_dict
+from seqjax.config import Config, ConfigError, default_config_dict, from_config_dict, with_vocab_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +36,8 @@ def test_config_is_frozen():
 
 
 @pytest.mark.parametrize("path, value, expected", [
-    (("model", "num_heads"), 3, "config.model.num_heads"),
-    (("model", "num_kv_heads"), 3, "config.model.num_kv_heads"),
+    (("model", "attention", "num_heads"), 3, "config.model.attention.num_heads"),
+    (("model", "attention", "num_kv_heads"), 3, "config.model.attention.num_kv_heads"),
     (("model", "positions"), "relative", "allowed: 'learned'"),
     (("model", "dropout"), 1.5, "config.model.dropout"),
     (("train", "batch_size"), "32", "expected int"),
@@ -48,9 +49,34 @@ def test_config_is_frozen():
 ])
 def test_bad_values_name_the_field(path, value, expected):
   cfg = default_config_dict().to_dict()
-  cfg[path[0]][path[1]] = value
+  section = cfg
+  for key in path[:-1]:
+    section = section[key]
+  section[path[-1]] = value
   with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(")):
     from_config_dict(cfg)
+
+
+def test_family_sections_reject_unknown_fields_and_name_the_section():
+  cfg = default_config_dict().to_dict()
+  cfg["model"]["ssm"]["chunks"] = 8
+  with pytest.raises(ConfigError, match=r"config\.model\.ssm\.chunks: unknown field\. Did you mean 'chunk'"):
+    from_config_dict(cfg)
+  cfg = default_config_dict().to_dict()
+  cfg["model"]["rnn_hidden"] = 64  # The flat name of before the family sections.
+  with pytest.raises(ConfigError, match=r"config\.model\.rnn_hidden: unknown field"):
+    from_config_dict(cfg)
+
+
+def test_vocab_size_comes_from_the_tokenizer_unless_set():
+  config = from_config_dict(default_config_dict())
+  assert config.model.vocab_size == 0
+  assert with_vocab_size(config, 259).model.vocab_size == 259
+  padded = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=384))
+  assert with_vocab_size(padded, 259).model.vocab_size == 384  # Padding the table is allowed.
+  small = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=100))
+  with pytest.raises(ConfigError, match=r"config\.model\.vocab_size: 100 is smaller than the tokenizer's"):
+    with_vocab_size(small, 259)
 
 
 def test_unknown_field_suggests_the_closest():

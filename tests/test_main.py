@@ -64,7 +64,7 @@ def test_longer_run_resumes_from_the_workdir(smoke_run):
 
 @pytest.mark.parametrize("override, message", [
     ("--config.train.num_stepz=5", "num_stepz"),
-    ("--config.model.num_heads=3", "config.model.num_heads"),
+    ("--config.model.attention.num_heads=3", "config.model.attention.num_heads"),
     ("--config.model.mixer=transformerxl", "unknown mixer 'transformerxl'"),
 ])
 def test_user_errors_are_one_line(tmp_path, override, message):

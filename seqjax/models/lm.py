@@ -68,6 +68,9 @@ class DecoderLM(nn.Module):
   def __call__(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
+    if cfg.vocab_size <= 0:
+      raise ValueError("DecoderLM: model.vocab_size is 0 (\"the tokenizer's\"); resolve it first with "
+                       "seqjax.config.with_vocab_size(config, tokenizer.vocab_size)")
     dtype = compute_dtype(cfg)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)

@@ -54,7 +54,7 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 class AttentionMixer(nn.Module):
-  """Causal self-attention restricted to each packed document."""
+  """Causal self-attention restricted to each packed document (and to a sliding window if `attention.window`)."""
 
   cfg: ModelConfig
 
@@ -62,13 +62,15 @@ class AttentionMixer(nn.Module):
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
-    mask = masks.Causal()
+    window = cfg.attention.window
+    mask = masks.SlidingWindow(window - 1, 0) if window else masks.Causal()
     if segment_ids is not None:
       mask = mask & masks.SegmentIds(segment_ids, segment_ids)
     attention = MultiHeadAttention(
-        num_heads=cfg.num_heads, num_kv_heads=cfg.resolved_num_kv_heads, head_dim=cfg.resolved_head_dim,
-        implementation=cfg.attention, rope=cfg.positions == "rope", rope_base=cfg.rope_base,
-        alibi=cfg.positions == "alibi", qk_norm=cfg.qk_norm, dropout_rate=cfg.dropout,
+        num_heads=cfg.attention.num_heads, num_kv_heads=cfg.resolved_num_kv_heads,
+        head_dim=cfg.resolved_head_dim, implementation=cfg.attention.implementation,
+        rope=cfg.positions == "rope", rope_base=cfg.attention.rope_base, alibi=cfg.positions == "alibi",
+        qk_norm=cfg.attention.qk_norm, dropout_rate=cfg.dropout,
         dtype=compute_dtype(cfg), name="attention")
     return attention(x_BTD, mask=mask, q_positions=positions, kv_positions=positions,
                      deterministic=deterministic)
@@ -81,7 +83,7 @@ def _make_attention(cfg: ModelConfig) -> nn.Module:
 
 def _make_recurrent(cell: str) -> MixerFactory:
   def factory(cfg: ModelConfig) -> nn.Module:
-    return RecurrentMixer(d_model=cfg.d_model, hidden=cfg.rnn_hidden or None, cell=cell, dtype=compute_dtype(cfg))
+    return RecurrentMixer(d_model=cfg.d_model, hidden=cfg.recurrent.hidden or None, cell=cell, dtype=compute_dtype(cfg))
   return factory
 
 
@@ -91,8 +93,8 @@ for _cell in ("lstm", "gru", "rnn"):
 
 def _ssm_kwargs(cfg: ModelConfig, **extra) -> dict:
   kwargs = dict(d_model=cfg.d_model, dtype=compute_dtype(cfg), **extra)
-  if cfg.ssm_state:
-    kwargs["d_state"] = cfg.ssm_state
+  if cfg.ssm.state:
+    kwargs["d_state"] = cfg.ssm.state
   return kwargs
 
 
@@ -108,11 +110,11 @@ def _make_s5(cfg: ModelConfig) -> nn.Module:
 
 @register_mixer("mamba")
 def _make_mamba(cfg: ModelConfig) -> nn.Module:
-  return ssm_blocks.Mamba(**_ssm_kwargs(cfg, expand=cfg.ssm_expand, d_conv=cfg.ssm_conv,
-                                        chunk_size=cfg.ssm_chunk or None))
+  return ssm_blocks.Mamba(**_ssm_kwargs(cfg, expand=cfg.ssm.expand, d_conv=cfg.ssm.conv,
+                                        chunk_size=cfg.ssm.chunk or None))
 
 
 @register_mixer("mamba2")
 def _make_mamba2(cfg: ModelConfig) -> nn.Module:
-  return ssm_blocks.Mamba2(**_ssm_kwargs(cfg, expand=cfg.ssm_expand, d_conv=cfg.ssm_conv,
-                                         head_dim=cfg.ssm_head_dim, chunk_size=cfg.ssm_chunk or None))
+  return ssm_blocks.Mamba2(**_ssm_kwargs(cfg, expand=cfg.ssm.expand, d_conv=cfg.ssm.conv,
+                                         head_dim=cfg.ssm.head_dim, chunk_size=cfg.ssm.chunk or None))

@@ -76,8 +76,9 @@ def _check_registered(config: Config) -> None:
   for name in config.model.mixer_pattern:
     if name not in available_mixers():
       raise ConfigError(f"config.model.mixer: unknown mixer {name!r}; registered: {', '.join(available_mixers())}")
-  if config.model.attention not in available_attentions():
-    raise ConfigError(f"config.model.attention: unknown implementation {config.model.attention!r}; registered: "
+  if config.model.attention.implementation not in available_attentions():
+    raise ConfigError(f"config.model.attention.implementation: unknown implementation "
+                      f"{config.model.attention.implementation!r}; registered: "
                       f"{', '.join(available_attentions())}")
 
 
@@ -105,9 +106,7 @@ def build_job(config: Config, workdir: str) -> Job:
   except ValueError as e:  # Unknown dataset/split/feature, an empty split, one too short for a batch.
     raise ConfigError(f"config.data ({config.data.name!r}, train.batch_size={config.train.batch_size}, "
                       f"data.seq_len={config.data.seq_len}): {e}") from e
-  if data.vocab_size != config.model.vocab_size:
-    raise ConfigError(f"config.model.vocab_size: {config.model.vocab_size} does not match the tokenizer of "
-                      f"data {config.data.name!r}, which has {data.vocab_size} tokens")
+  config = config_lib.with_vocab_size(config, data.vocab_size)
   model = DecoderLM(config.model)
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,

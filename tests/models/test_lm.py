@@ -82,7 +82,7 @@ def test_scan_and_remat_equal_plain_stack():
 
 def test_untied_gated_bf16_runs():
   config = tiny_config(model={"tie_embeddings": False, "mlp": "gated", "activation": "silu", "dtype": "bfloat16",
-                              "num_kv_heads": 1})
+                              "attention": {"num_kv_heads": 1}})
   batch = synthetic_batch(batch_size=2)
   model, params = _init(config, batch)
   assert params["head"]["kernel"].dtype == jnp.float32
@@ -106,7 +106,7 @@ def test_recurrent_and_hybrid_mixers_are_causal_and_packed(mixer, mlp):
 
 @pytest.mark.parametrize("mixer", ["mamba", "mamba2", "s4d", "s5", "mamba,attention"])
 def test_ssm_and_hybrid_mixers_are_causal_and_packed(mixer):
-  config = tiny_config(model={"mixer": mixer, "num_layers": 2, "ssm_head_dim": 16, "ssm_state": 8})
+  config = tiny_config(model={"mixer": mixer, "num_layers": 2, "ssm": {"head_dim": 16, "state": 8}})
   batch = synthetic_batch(batch_size=2)
   model, params = _init(config, batch)
   base = _logits(model, params, batch)

@@ -32,7 +32,7 @@ def base_args(workdir: str, data_dir: str) -> list[str]:
           f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", "--config.train.eval_every=8",
           "--config.train.keep_checkpoints=10", "--config.train.log_every=1",
           # Pinned (the tests name these shapes) so that retuning the smoke variant does not break them.
-          "--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.num_heads=2",
+          "--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.attention.num_heads=2",
           "--config.model.mlp_dim=128", "--config.model.max_len=64", "--config.data.seq_len=64",
           "--config.train.batch_size=8", "--config.sample.num_tokens=32"]
 
