@@ -5,14 +5,17 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= workdirs/lm_pysrc
 PYTEST_ARGS ?=
+# Pinned versions tested here (pip constraints); `make CONSTRAINTS= env` resolves the ranges of setup.cfg instead.
+CONSTRAINTS ?= constraints.txt
+CONSTRAINT_ARGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: demo test test-slow bench env clean
+.PHONY: demo test test-slow bench env constraints clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "seqjax needs Python 3.11 or newer; run make PYTHON=python3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet $(CONSTRAINT_ARGS) -e '.[test]'
 	@# Build the native CPU kernels once up front (cached per machine; seqjax falls back to JAX without a compiler).
 	JAX_PLATFORMS=cpu $(PY) -c 'from seqjax.ops import native; print("native CPU kernels:", "built" if native.available() else native.unavailable_reason())'
 	touch $(STAMP)
@@ -32,6 +35,18 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m seqjax.bench attention
+
+# Re-resolve the newest versions that setup.cfg allows in a scratch venv and pin them in constraints.txt.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install --quiet --upgrade pip
+	.venv-constraints/bin/python -m pip install --quiet -e '.[test]'
+	{ head -n 3 constraints.txt; \
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -iv '^seqjax'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
+	@echo "constraints.txt refreshed; run make clean test before committing it"
 
 clean:
 	rm -rf $(VENV) workdirs results
