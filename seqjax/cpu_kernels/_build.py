@@ -1,19 +1,14 @@
-"""Native CPU kernels: C++ sources built on first use into a per-machine cache, then registered as XLA FFI targets.
+"""Building and loading the CPU kernels: one shared library per C++ source, cached per machine, FFI targets registered.
 
-`load()` returns the loaded library (a `ctypes.CDLL`) or None when native kernels are unavailable, with the
-reason in `unavailable_reason()`. Nothing here is needed for correctness: every caller falls back to its pure-JAX
-path (and GPUs/TPUs never use these kernels).
+Each kernel is one source in `src/` (with the shared `src/kernels.h`) built into its own library, so a compile error
+in one source disables that kernel only (one warning giving the compiler's message); the others still load.
 
-Build. The sources in this folder are compiled with the C++ compiler `$CXX` (default `c++`, then `g++`, then
-`clang++`) against the XLA FFI headers that ship with jaxlib (`jax.ffi.include_dir()`), with `-O3 -march=native`
-(the library is built on, and for, the machine that runs it). The result is cached under
-`$SEQJAX_CACHE_DIR` (default `$XDG_CACHE_HOME/seqjax` or `~/.cache/seqjax`), keyed by a hash of the sources,
-the compiler, the flags, the jaxlib version and the CPU, so a home directory shared by different machines gets one
-library per kind of CPU. Concurrent builds (pytest-xdist, several processes on a host) are serialised with a file
-lock and each writes to a temporary file that is renamed into place. `make env` builds it once up front.
-
-Controls: `SEQJAX_NATIVE=0` disables the native kernels (every caller uses its JAX path); `SEQJAX_NATIVE=1`
-makes a failed build an error instead of a warning.
+Build. Compiled with the C++ compiler `$CXX` (default `c++`, then `g++`, then `clang++`) against the XLA FFI headers
+that ship with jaxlib (`jax.ffi.include_dir()`), with `-O3 -march=native` (a library is built on, and for, the
+machine that runs it). Cached under `$SEQJAX_CACHE_DIR` (default `$XDG_CACHE_HOME/seqjax` or `~/.cache/seqjax`),
+keyed by a hash of the kernel's source and the header, the compiler, the flags, the jaxlib version and the CPU, so a
+home directory shared by different machines holds one library per kind of CPU. Concurrent builds (pytest-xdist,
+several processes on a host) are serialised with a file lock and each writes a temporary file renamed into place.
 """
 
 from __future__ import annotations
@@ -30,34 +25,39 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("flash_attention.cc", "mlp.cc", "norm.cc", "recurrent.cc")
+SOURCE_DIR = Path(__file__).parent / "src"
 HEADERS = ("kernels.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-TARGETS = {  # FFI target name -> exported handler symbol
-    "seqjax_flash_attention_fwd": "SeqjaxFlashForward",
-    "seqjax_flash_attention_bwd": "SeqjaxFlashBackward",
-    "seqjax_mlp_fwd": "SeqjaxMlpForward",
-    "seqjax_mlp_bwd": "SeqjaxMlpBackward",
-    "seqjax_dense_fwd": "SeqjaxDenseForward",
-    "seqjax_dense_bwd": "SeqjaxDenseBackward",
-    "seqjax_layer_norm_fwd": "SeqjaxLayerNormForward",
-    "seqjax_layer_norm_bwd": "SeqjaxLayerNormBackward",
-    "seqjax_rnn_fwd": "SeqjaxRnnForward",
-    "seqjax_rnn_bwd": "SeqjaxRnnBackward",
+KERNELS = {  # kernel name -> (source, {FFI target name: exported handler symbol})
+    "flash_attention": ("flash_attention.cc", {
+        "seqjax_flash_attention_fwd": "SeqjaxFlashForward",
+        "seqjax_flash_attention_bwd": "SeqjaxFlashBackward",
+    }),
+    "mlp": ("mlp.cc", {  # the fused MLP and the dense matmul
+        "seqjax_mlp_fwd": "SeqjaxMlpForward",
+        "seqjax_mlp_bwd": "SeqjaxMlpBackward",
+        "seqjax_dense_fwd": "SeqjaxDenseForward",
+        "seqjax_dense_bwd": "SeqjaxDenseBackward",
+    }),
+    "norm": ("norm.cc", {
+        "seqjax_layer_norm_fwd": "SeqjaxLayerNormForward",
+        "seqjax_layer_norm_bwd": "SeqjaxLayerNormBackward",
+    }),
+    "recurrent": ("recurrent.cc", {
+        "seqjax_rnn_fwd": "SeqjaxRnnForward",
+        "seqjax_rnn_bwd": "SeqjaxRnnBackward",
+    }),
 }
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("seqjax.cpu_kernels")
 _lock = threading.Lock()
-_state: dict = {}
+_libraries: dict[str, ctypes.CDLL | None] = {}
+_reasons: dict[str, str] = {}
+_warned: set[str] = set()
 
 
-class NativeBuildError(RuntimeError):
-  """The native kernels could not be built or loaded (and SEQJAX_NATIVE=1 asked for them)."""
-
-
-def enabled() -> bool:
-  """False when the user switched native kernels off with SEQJAX_NATIVE=0."""
-  return os.environ.get("SEQJAX_NATIVE", "auto").strip().lower() not in ("0", "false", "no", "off")
+class CpuKernelBuildError(RuntimeError):
+  """A CPU kernel could not be built or loaded (raised when it was required: `load(..., required=True)`)."""
 
 
 def cache_dir() -> Path:
@@ -67,7 +67,8 @@ def cache_dir() -> Path:
   return Path(base) / "seqjax"
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+  """The C++ compiler the kernels are built with, or None when there is none."""
   for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
     if name and shutil.which(name):
       return shutil.which(name)
@@ -83,20 +84,19 @@ def _cpu_signature() -> str:
   return "|".join([platform.machine(), platform.processor(), *keys])
 
 
-def _library_path(compiler: str, include: str) -> Path:
-  import jaxlib
-  here = Path(__file__).parent
+def library_path(kernel: str, cxx: str, include: str) -> Path:
+  """Where the library of `kernel` built by `cxx` for this machine is cached."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
   digest = hashlib.sha256()
-  for name in SOURCES + HEADERS:
-    digest.update((here / name).read_bytes())
-  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+  for name in (KERNELS[kernel][0],) + HEADERS:
+    digest.update((SOURCE_DIR / name).read_bytes())
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
   for part in (version, " ".join(FLAGS), jaxlib.__version__, include, _cpu_signature()):
     digest.update(part.encode())
-  return cache_dir() / f"libseqjax_native_{digest.hexdigest()[:16]}.so"
+  return cache_dir() / f"libseqjax_{kernel}_{digest.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, include: str, target: Path) -> None:
-  here = Path(__file__).parent
+def _build(kernel: str, cxx: str, include: str, target: Path) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   with open(target.parent / ".build.lock", "w") as lock_file:
     fcntl.flock(lock_file, fcntl.LOCK_EX)
@@ -104,63 +104,62 @@ def _build(compiler: str, include: str, target: Path) -> None:
       return
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [compiler, *FLAGS, "-isystem", include, "-I", str(here), *(str(here / s) for s in SOURCES), "-o", tmp]
+    cmd = [cxx, *FLAGS, "-isystem", include, "-I", str(SOURCE_DIR), str(SOURCE_DIR / KERNELS[kernel][0]), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       os.unlink(tmp)
-      raise NativeBuildError(f"compiling the native kernels failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+      raise CpuKernelBuildError(f"compiling {KERNELS[kernel][0]} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
     os.replace(tmp, target)
 
 
-def _load() -> ctypes.CDLL:
-  import jax
-  compiler = _compiler()
-  if compiler is None:
-    raise NativeBuildError("no C++ compiler found (set CXX, or install g++ / clang++)")
+def _load(kernel: str) -> ctypes.CDLL:
+  import jax  # pylint: disable=import-outside-toplevel
+  cxx = compiler()
+  if cxx is None:
+    raise CpuKernelBuildError("no C++ compiler found (set CXX, or install g++ / clang++)")
   include = jax.ffi.include_dir()
-  target = _library_path(compiler, include)
+  target = library_path(kernel, cxx, include)
   if not target.exists():
-    _build(compiler, include, target)
+    _build(kernel, cxx, include, target)
   lib = ctypes.cdll.LoadLibrary(str(target))
-  for name, symbol in TARGETS.items():
+  for name, symbol in KERNELS[kernel][1].items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return lib
 
 
-def load() -> ctypes.CDLL | None:
-  """The native library, built and registered on first call; None if disabled or unavailable (warns once)."""
-  with _lock:
-    if "lib" not in _state:
-      _state["lib"], _state["reason"] = None, None
-      if not enabled():
-        _state["reason"] = "disabled by SEQJAX_NATIVE=0"
-      else:
-        try:
-          _state["lib"] = _load()
-        except (NativeBuildError, OSError, AttributeError) as e:
-          _state["reason"] = f"{type(e).__name__}: {e}"
-          if os.environ.get("SEQJAX_NATIVE", "").strip() == "1":
-            raise NativeBuildError(f"SEQJAX_NATIVE=1 but the native kernels are unavailable: {e}") from e
-          _log.warning("seqjax native CPU kernels unavailable, using the JAX kernels instead: %s", e)
-    return _state["lib"]
+def load(kernel: str, *, required: bool = False) -> ctypes.CDLL | None:
+  """The library of `kernel` (a key of KERNELS), built and registered on first call; None if it is unavailable.
 
-
-def on_cpu(native_fn, jax_fn, *args):
-  """`native_fn(*args)` where the computation runs on the CPU, `jax_fn(*args)` elsewhere.
-
-  In a process whose default backend is the CPU the native call is emitted directly (no other platform to lower
-  for, and the JAX path is not traced); otherwise `jax.lax.platform_dependent` picks per lowering platform.
+  A kernel that cannot be built or loaded is reported once, by one warning giving the reason (the other kernels are
+  unaffected); with `required=True` it raises CpuKernelBuildError instead.
   """
-  import jax
-  if jax.default_backend() == "cpu":
-    return native_fn(*args)
-  return jax.lax.platform_dependent(*args, cpu=native_fn, default=jax_fn)
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown CPU kernel {kernel!r}; the kernels are {sorted(KERNELS)}")
+  with _lock:
+    if kernel not in _libraries:
+      try:
+        _libraries[kernel] = _load(kernel)
+      except (CpuKernelBuildError, OSError, AttributeError) as e:
+        _libraries[kernel] = None
+        _reasons[kernel] = f"{type(e).__name__}: {e}"
+    lib = _libraries[kernel]
+    if lib is None:
+      if required:
+        raise CpuKernelBuildError(f"the CPU kernel {kernel!r} is required (SEQJAX_CPU_KERNELS=on) but unavailable: "
+                                  f"{_reasons[kernel]}")
+      if kernel not in _warned:
+        _warned.add(kernel)
+        _log.warning("seqjax CPU kernel %r unavailable, its callers use their JAX code instead: %s", kernel,
+                     _reasons[kernel])
+    return lib
 
 
-def available() -> bool:
-  return load() is not None
+def available(kernel: str) -> bool:
+  """Whether `kernel` builds and loads here (built on first call)."""
+  return load(kernel) is not None
 
 
-def unavailable_reason() -> str | None:
-  load()
-  return _state.get("reason")
+def unavailable_reason(kernel: str) -> str | None:
+  """Why `kernel` is unavailable (None if it is available)."""
+  available(kernel)
+  return _reasons.get(kernel)

@@ -1,9 +1,9 @@
-"""The recurrences of `seqjax.ops.recurrent` as a native CPU kernel (C++, XLA FFI): what `lstm`, `gru` and `rnn`
-run on a CPU.
+"""The recurrences of `seqjax.ops.recurrent` as a CPU kernel (C++, XLA FFI): what `lstm`, `gru` and `rnn` run on a
+CPU (op family "recurrent").
 
 A JAX program cannot run a small recurrence well on a CPU: every step of a `lax.scan` is a [B, H] x [H, GH] matmul
 plus a few fusions, each dispatched by XLA as its own thunk, on one core or split over the intra-op pool with a
-hand-off per fusion. `native/recurrent.cc` runs the whole pass in one call per direction:
+hand-off per fusion. `src/recurrent.cc` runs the whole pass in one call per direction:
 
   forward : each step is cut into parts of U hidden units; a part computes all gates of its units,
             x_t W_ih^T + h W_hh^T, from packed slices of both weights (which stay in its core's L2 for the whole
@@ -19,7 +19,8 @@ hand-off per fusion. `native/recurrent.cc` runs the whole pass in one call per d
 
 Covered: the three cells, float32 weights (any float input, computed in float32; I is zero-padded to a multiple of
 16), H a multiple of 16, lengths,
-reverse and segment resets (prepared by `recurrent._run` as keep / reset masks on time-major arrays), remat. Same
+reverse and segment resets (prepared by `seqjax.ops.recurrent.sequence` as keep / reset masks on time-major
+arrays), remat. Same
 numbers as the scan to float32 rounding (tested), bitwise deterministic.
 """
 
@@ -31,17 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.ops import native
+from seqjax.cpu_kernels import _build
 
+KERNEL = "recurrent"
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _AUX = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}  # per-step residual arrays of width H
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def native_supported(cell: str, x: jax.Array, w_ih: jax.Array, w_hh: jax.Array) -> bool:
-  """Whether the native kernel covers these inputs (and the library is available)."""
+def supports(cell: str, x: jax.Array, w_ih: jax.Array, w_hh: jax.Array) -> bool:
+  """Whether `recurrence` covers these arguments."""
   return (cell in CELLS and x.dtype in _FLOATS and w_ih.dtype == jnp.float32 and w_hh.dtype == jnp.float32
-          and w_hh.ndim == 2 and w_hh.shape[1] % 16 == 0 and w_hh.shape[1] > 0 and native.available())
+          and w_hh.ndim == 2 and w_hh.shape[1] % 16 == 0 and w_hh.shape[1] > 0)
 
 
 def _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save):
@@ -86,12 +88,16 @@ def _recurrence_bwd(cell, remat, residuals, cotangents):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def native_recurrence(cell: str, x_TBI: jax.Array, states: tuple[jax.Array, ...], w_ih: jax.Array,
+def recurrence(cell: str, x_TBI: jax.Array, states: tuple[jax.Array, ...], w_ih: jax.Array,
                       b_ih: jax.Array, w_hh: jax.Array, b_hh: jax.Array, keep_TB: jax.Array | None,
                       reset_TB: jax.Array | None, remat: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  """Time-major recurrence with the native kernel: x [T, B, I], states ([B, H], ...) float32 -> (ys [T, B, H]
-  float32, final states). `keep_TB` / `reset_TB`: bool masks or None (all kept, no resets). `remat`: save only
-  the states for the backward, which recomputes each step's activations."""
+  """Time-major recurrence with the CPU kernel: x [T, B, I], states ([B, H], ...) float32 -> (ys [T, B, H]
+  float32, final states). `cell` in CELLS; `keep_TB` / `reset_TB`: bool masks or None (all kept, no resets).
+  `remat`: save only the states for the backward, which recomputes each step's activations."""
+  if not supports(cell, x_TBI, w_ih, w_hh):
+    raise ValueError(f"recurrence (CPU kernel): needs a cell in {sorted(CELLS)}, float32 weights and H a multiple "
+                     f"of 16; got {cell!r}, x {x_TBI.dtype}, w_ih {w_ih.dtype}, w_hh {w_hh.dtype}{w_hh.shape}")
+  _build.load(KERNEL, required=True)
   t, b, i = x_TBI.shape
   keep = jnp.ones((t, b), jnp.uint8) if keep_TB is None else keep_TB.astype(jnp.uint8)
   reset = jnp.zeros((t, b), jnp.uint8) if reset_TB is None else reset_TB.astype(jnp.uint8)

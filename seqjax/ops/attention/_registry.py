@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.ops import masks as masks_lib
+from seqjax.ops.attention import masks as masks_lib
 
 AttentionFn = Callable[..., jax.Array]
 _REGISTRY: dict[str, AttentionFn] = {}
@@ -76,7 +76,7 @@ def check_inputs(name: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: Any,
     raise ValueError(f"{name}: the {N} query heads must be a multiple of the {K} kv heads")
   if mask is not None:
     if not isinstance(mask, masks_lib.Mask):
-      raise ValueError(f"{name}: mask must be a seqjax.ops.masks object, got {type(mask).__name__}")
+      raise ValueError(f"{name}: mask must be a seqjax.ops.attention.masks object, got {type(mask).__name__}")
     mask.check(B, T, S)
   if bias is not None:
     if isinstance(bias, masks_lib.TileFunction):
@@ -84,7 +84,7 @@ def check_inputs(name: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: Any,
         bias.check_heads(N)
       bias.check(B, T, S)
     elif not array_bias:
-      raise ValueError(f"{name}: bias must be a per-tile bias object (e.g. seqjax.ops.positions.AlibiBias); "
+      raise ValueError(f"{name}: bias must be a per-tile bias object (e.g. seqjax.ops.attention.positions.AlibiBias); "
                        f"an arbitrary bias array is supported by the 'reference' implementation only")
     else:
       shape = jnp.shape(bias)

@@ -40,10 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.ops import attention_native
-from seqjax.ops import masks as masks_lib
-from seqjax.ops import native as native_lib
-from seqjax.ops.attention_base import check_inputs, default_scale, group_heads, register_attention
+from seqjax.ops import backend
+from seqjax.ops.attention import masks as masks_lib
+from seqjax.ops.attention._registry import check_inputs, default_scale, group_heads, register_attention
 
 DEFAULT_BLOCK_Q = 256   # largest default tile sides for `resolve_blocks` callers (the Pallas kernel)
 DEFAULT_BLOCK_KV = 256
@@ -339,48 +338,36 @@ def _default_block(length: int, largest: int) -> int:
 @register_attention("blockwise")
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                         mask: masks_lib.Mask | None = None, bias: Any = None, scale: float | None = None,
-                        block_q: int | None = None, block_kv: int | None = None,
-                        native: bool | None = None) -> jax.Array:
+                        block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
   """Flash-style attention with tile skipping and an O(T)-memory custom_vjp backward.
 
-  On a CPU the tiles run in the native kernel of `attention_native` (C++; same algorithm, same results to float32
-  rounding) whenever it covers the mask and bias; everywhere else, and when `native=False` or `SEQJAX_NATIVE=0`,
-  in the JAX program of this module. The choice is made per lowering platform (`jax.lax.platform_dependent`), so
-  one jitted function runs the native kernel on the CPU and the JAX tiles on a GPU/TPU.
+  On a CPU the tiles run in the C++ kernel of `seqjax.cpu_kernels.attention` (same algorithm, same results to
+  float32 rounding) wherever it covers the mask and bias; everywhere else, and when the CPU kernels are switched off
+  (`seqjax.ops.backend`, `SEQJAX_CPU_KERNELS=off`), in the JAX program of this module. The choice is made per
+  lowering platform (`jax.lax.platform_dependent`), so one jitted function runs the C++ kernel on the CPU and the
+  JAX tiles on a GPU/TPU.
 
   Args:
     q: queries [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K (no K/V repetition).
     causal: add `masks.Causal()` to `mask`.
-    mask: a `seqjax.ops.masks` object; its static tile answers decide which tiles are computed.
+    mask: a `seqjax.ops.attention.masks` object; its static tile answers decide which tiles are computed.
     bias: None or a per-tile bias object (`positions.AlibiBias`); bias arrays need the reference kernel.
     scale: score scale, default 1 / sqrt(H).
-    block_q, block_kv: tile sizes (default min(512, max(64, length // 4)), capped at T and S; the native kernel
-      has its own defaults, see `attention_native.native_blocks`). T and S need not be multiples.
-    native: None (default): the native CPU kernel where it applies; False: always the JAX tiles; True: require
-      the native kernel (ValueError if it does not cover these arguments or is unavailable).
+    block_q, block_kv: tile sizes (default min(512, max(64, length // 4)), capped at T and S; the CPU kernel
+      has its own defaults, see `seqjax.cpu_kernels.attention.tile_sides`). T and S need not be multiples.
 
   Returns:
     [B, T, N, H] in q's dtype (softmax statistics and accumulators in float32); rows with no visible key are 0.
   """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   dims = check_inputs("blockwise_attention", q, k, v, mask, bias, array_bias=False)
   mask = masks_lib.combine(causal, mask)
   scale = float(default_scale(scale, dims.H))
   bq, bk = resolve_blocks(dims.T, dims.S, block_q, block_kv, largest=(BLOCKWISE_BLOCK, BLOCKWISE_BLOCK))
   jax_tiles = lambda q, k, v: _flash(q, k, v, mask, bias, scale, bq, bk)  # noqa: E731
-  if native is False:
+  kernel = backend.cpu_kernel("attention")
+  if kernel is None or not kernel.supports(q, k, v, mask, bias):
     return jax_tiles(q, k, v)
-  if native is True:
-    return attention_native.native_attention(q, k, v, mask=mask, bias=bias, scale=scale, block_q=block_q,
-                                             block_kv=block_kv)
-  if not attention_native.native_supported(q, k, v, mask, bias):
-    return jax_tiles(q, k, v)
-  spec, arrays = attention_native.canonical_mask(mask)
-  nbq, nbk = attention_native.native_blocks(dims.G, dims.T, dims.S, block_q, block_kv)
-  native_tiles = lambda q, k, v: attention_native.native_flash(q, k, v, arrays, spec, scale, nbq, nbk)  # noqa
-  return native_lib.on_cpu(native_tiles, jax_tiles, q, k, v)
-
-
-@register_attention("blockwise_jax")
-def blockwise_jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs) -> jax.Array:
-  """`blockwise_attention(..., native=False)`: the JAX tiles on every platform (benchmarks and tests compare)."""
-  return blockwise_attention(q, k, v, native=False, **kwargs)
+  cpu_tiles = lambda q, k, v: kernel.flash_attention(q, k, v, mask=mask, scale=scale, block_q=block_q,  # noqa
+                                                     block_kv=block_kv)
+  return backend.on_cpu(cpu_tiles, jax_tiles, q, k, v)

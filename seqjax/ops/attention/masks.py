@@ -142,7 +142,8 @@ class Mask(TileFunction):
 
 def _as_mask(m: Any) -> Mask:
   if not isinstance(m, Mask):
-    raise ValueError(f"masks combine only with other mask objects from seqjax.ops.masks, got {type(m).__name__}")
+    raise ValueError(f"masks combine only with other mask objects from seqjax.ops.attention.masks, got "
+                     f"{type(m).__name__}")
   return m
 
 
@@ -475,8 +476,8 @@ class Or(And):
 def combine(causal: bool, mask: Mask | None) -> Mask | None:
   """The mask an attention kernel applies for its `causal=` and `mask=` arguments."""
   if mask is not None and not isinstance(mask, Mask):
-    raise ValueError(f"mask must be a seqjax.ops.masks object (e.g. masks.Causal()), got {type(mask).__name__}; "
-                     f"to pass a boolean array use the reference kernel with `bias` instead")
+    raise ValueError(f"mask must be a seqjax.ops.attention.masks object (e.g. masks.Causal()), got "
+                     f"{type(mask).__name__}; to pass a boolean array use the reference kernel with `bias` instead")
   if causal:
     return Causal() if mask is None else Causal() & mask
   return mask

@@ -2,7 +2,7 @@
 
 Legend: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim, bq x bk tiles.
 
-The algorithm is the one of `attention_blockwise` (read that module first): the same static tile plan decides
+The algorithm is the one of `blockwise.py` (read that module first): the same static tile plan decides
 which key blocks each query block visits and which of them need masking; the online softmax keeps float32
 statistics; the backward recomputes probabilities from the saved log-sum-exp.
 
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from seqjax.ops import masks as masks_lib
-from seqjax.ops.attention_base import check_inputs, default_scale, register_attention
-from seqjax.ops.attention_blockwise import make_plan, resolve_blocks
+from seqjax.ops.attention import masks as masks_lib
+from seqjax.ops.attention._registry import check_inputs, default_scale, register_attention
+from seqjax.ops.attention.blockwise import make_plan, resolve_blocks
 
 _M_INIT = -1e30
 _SQ = pl.squeezed
@@ -287,6 +287,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   `interpret=None` interprets the kernels unless the default backend is a GPU or TPU. Gradients go through a
   `jax.custom_vjp` whose backward is two more Pallas kernels (dQ, and dK/dV).
   """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   dims = check_inputs("pallas_attention", q, k, v, mask, bias, array_bias=False)
   mask = masks_lib.combine(causal, mask)
   bq, bk = resolve_blocks(dims.T, dims.S, block_q, block_kv)

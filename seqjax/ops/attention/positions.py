@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.ops import masks as masks_lib
+from seqjax.ops.attention import masks as masks_lib
 
 
 def sinusoidal(positions: jax.Array, dim: int, *, max_timescale: float = 10000.0) -> jax.Array:

@@ -1,19 +1,7 @@
-"""Recurrent cells as pure `lax.scan` kernels: Elman RNN, LSTM, GRU.
+"""The `lax.scan` kernel of the recurrent ops: what GPUs/TPUs run, and a CPU where its C++ kernel does not apply.
 
-Layout and conventions (PyTorch / cuDNN compatible, so checkpoints port both ways):
-
-* Batch-major sequences: ``x [B, T, I]`` in, ``ys [B, T, H]`` out.
-* Weights ``w_ih [G*H, I]``, ``w_hh [G*H, H]``, biases ``b_ih, b_hh [G*H]`` with G gates stacked:
-  RNN G=1; LSTM G=4 ordered (i, f, g, o); GRU G=3 ordered (r, z, n) with ``b_hn`` inside the reset
-  product, ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h' = (1 - z) * n + z * h``.
-
-Dimension legend: B batch, T sequence length, I input width, H hidden (state) width (``Hd`` in the
-issue), G number of gates, so ``GH = G * H`` is the width of the stacked pre-activations.
-
-Speed (details and numbers in docs/recurrent.md). On a CPU the ops run the native kernel of
-`seqjax.ops.recurrent_native` (the whole step loop, forward or backward, in one C++ call; `native=None`), which
-replaces the `lax.scan` kernel below wherever it applies. The `lax.scan` kernel (GPU/TPU,
-`native=False`, shapes the native one does not cover):
+Time-major: ``x [T, B, I]``, states ``([B, H], ...)`` float32; the sequence ops of `sequence.py` prepare the
+layout, the reversal and the keep / reset masks. Speed (details and numbers in docs/recurrent.md):
 * the input projection ``x @ w_ih.T + b_ih`` is hoisted out of the step loop: one
   ``[C*B, I] x [I, GH]`` matmul per chunk of C steps, software-pipelined so that the projection of
   chunk n+1 runs concurrently with the recurrence of chunk n (they are independent);
@@ -26,67 +14,19 @@ replaces the `lax.scan` kernel below wherever it applies. The `lax.scan` kernel 
   projections in the backward pass: residual memory per step drops from ~(2G + 2) B H floats to
   ~2 B H (LSTM), for extra matmuls. Residual memory is linear in T either way.
 
-Masking: ``lengths [B]`` makes steps ``t >= lengths[b]`` leave the state unchanged and emit zeros;
-``reverse=True`` runs each sequence backwards from its own last valid step (padding is at the end).
-``segment_ids [B, T]`` (packed rows) resets the state to the initial state wherever the id changes
-between consecutive steps (in the scan direction), so packed segments run independently.
-
-The scan is differentiable with `jax.grad`/`jax.vjp` (reverse mode); forward-mode (`jax.jvp`) is not
-supported by the custom backward.
+Dimension legend: T steps, N chunks of C steps, B batch, I input width, H hidden width, GH = G * H.
+Differentiable with `jax.grad`/`jax.vjp` (reverse mode); forward-mode (`jax.jvp`) is not supported by the custom
+backward.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqjax.ops import native as native_lib
-from seqjax.ops import recurrent_native
-
-Array = jax.Array
-
-_NUM_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-_NONLINEARITIES = {"tanh": jnp.tanh, "relu": jax.nn.relu}
-DEFAULT_UNROLL = 4
-DEFAULT_CHUNK = 8
-
-
-# ----------------------------------------------------------------------------------------------
-# Pointwise cell updates. Each maps (input pre-activation gx [B, GH], recurrent pre-activation
-# hz = h @ w_hh.T + b_hh [B, GH], state) -> (new state, output y [B, H]). All float32.
-# ----------------------------------------------------------------------------------------------
-def _lstm_pointwise(gx_BG, hz_BG, state):
-  _, c_BH = state
-  z_BG = gx_BG + hz_BG
-  i_BH, f_BH, g_BH, o_BH = jnp.split(z_BG, 4, axis=-1)
-  c_BH = jax.nn.sigmoid(f_BH) * c_BH + jax.nn.sigmoid(i_BH) * jnp.tanh(g_BH)
-  h_BH = jax.nn.sigmoid(o_BH) * jnp.tanh(c_BH)
-  return (h_BH, c_BH), h_BH
-
-
-def _gru_pointwise(gx_BG, hz_BG, state):
-  (h_BH,) = state
-  xr_BH, xz_BH, xn_BH = jnp.split(gx_BG, 3, axis=-1)
-  hr_BH, hzz_BH, hn_BH = jnp.split(hz_BG, 3, axis=-1)
-  r_BH = jax.nn.sigmoid(xr_BH + hr_BH)
-  z_BH = jax.nn.sigmoid(xz_BH + hzz_BH)
-  n_BH = jnp.tanh(xn_BH + r_BH * hn_BH)
-  h_BH = n_BH + z_BH * (h_BH - n_BH)  # == (1 - z) * n + z * h
-  return (h_BH,), h_BH
-
-
-def _rnn_pointwise(nonlinearity: str):
-  act = _NONLINEARITIES[nonlinearity]
-
-  def pointwise(gx_BG, hz_BG, state):
-    del state
-    h_BH = act(gx_BG + hz_BG)
-    return (h_BH,), h_BH
-
-  return pointwise
+from seqjax.ops.recurrent.cells import recurrent_preactivation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,12 +36,6 @@ def _transposed(w_GX):
   """w.T [X, GH], materialised once before the loops (the barrier keeps XLA from folding the transpose
   back into each matmul, where it re-laid-out the whole weight once per chunk)."""
   return lax.optimization_barrier(jnp.swapaxes(w_GX, 0, 1))
-
-
-def _hz(h_BH, w_hh_HG, b_hh_G):
-  """Recurrent pre-activation h @ w_hh.T + b_hh in float32 (w_hh given transposed, [H, GH])."""
-  return lax.dot_general(h_BH.astype(w_hh_HG.dtype), w_hh_HG, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32) + b_hh_G.astype(jnp.float32)
 
 
 def _masked_step(pointwise, gx_BG, hz_BG, state_in, keep_B1):
@@ -133,7 +67,7 @@ def _chunk_forward(pointwise, unroll, save, state, gx_CBG, state0, w_hh_HG, b_hh
   def body(state, xs):
     gx_BG, keep_B1, reset_B1 = xs
     state_in = _reset(state, state0, reset_B1)
-    hz_BG = _hz(state_in[0], w_hh_HG, b_hh_G)
+    hz_BG = recurrent_preactivation(state_in[0], w_hh_HG, b_hh_G)
     new_state, y_BH = _masked_step(pointwise, gx_BG, hz_BG, state_in, keep_B1)
     if save is None:
       return new_state, (y_BH,)
@@ -199,7 +133,7 @@ def _core_bwd(pointwise, unroll, remat, residuals, cotangents):
     dstate, dstate0 = carry
     gx_BG, hz_BG, dy_BH, state_in, keep_B1, reset_B1 = xs
     if hz_BG is None:
-      hz_BG = _hz(state_in[0], w_hh_HG, b_hh_G)
+      hz_BG = recurrent_preactivation(state_in[0], w_hh_HG, b_hh_G)
     _, step_vjp = jax.vjp(lambda g, z, s: _masked_step(pointwise, g, z, s, keep_B1), gx_BG, hz_BG,
                           state_in)
     dgx_BG, dhz_BG, dstate_in = step_vjp((dstate, dy_BH))
@@ -259,66 +193,9 @@ _recurrent_core.defvjp(_core_fwd, _core_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checking and the shared driver.
+# Time-major entry: pads T to whole chunks.
 # ----------------------------------------------------------------------------------------------
-def _check(kind, x, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids):
-  g = _NUM_GATES[kind]
-  if x.ndim != 3:
-    raise ValueError(f"{kind}: x must be batch-major [B, T, I], got shape {x.shape}.")
-  b, t, i = x.shape
-  if w_hh.ndim != 2 or w_hh.shape[0] % g or w_hh.shape[0] // g != w_hh.shape[1]:
-    raise ValueError(f"{kind}: w_hh must be [{g}*H, H] (gates stacked on axis 0, PyTorch layout), "
-                     f"got {w_hh.shape}.")
-  h = w_hh.shape[1]
-  if w_ih.shape != (g * h, i):
-    raise ValueError(f"{kind}: w_ih must be [{g}*H, I] = {(g * h, i)} for x {x.shape} and "
-                     f"w_hh {w_hh.shape}, got {w_ih.shape}.")
-  for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
-    if bias.shape != (g * h,):
-      raise ValueError(f"{kind}: {name} must be [{g}*H] = {(g * h,)}, got {bias.shape}.")
-  for n, s in enumerate(states):
-    if s.shape != (b, h):
-      raise ValueError(f"{kind}: initial state #{n} must be [B, H] = {(b, h)}, got {s.shape}.")
-  if lengths is not None and lengths.shape != (b,):
-    raise ValueError(f"{kind}: lengths must be [B] = {(b,)}, got {lengths.shape}.")
-  if segment_ids is not None and segment_ids.shape != (b, t):
-    raise ValueError(f"{kind}: segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}.")
-
-
-def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, segment_ids,
-         unroll, remat, chunk, native, cell):
-  _check(kind, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids)
-  if chunk < 1 or unroll < 1:
-    raise ValueError(f"{kind}: chunk and unroll must be >= 1, got chunk={chunk}, unroll={unroll}.")
-  use_native = native is not False and recurrent_native.native_supported(cell, x_BTI, w_ih, w_hh)
-  if native is True and not use_native:
-    raise ValueError(f"{kind}: native=True needs float32 weights, H a multiple of 16 and the native library "
-                     f"({native_lib.unavailable_reason() or 'available'}); got w_ih {w_ih.dtype}, w_hh "
-                     f"{w_hh.dtype}{w_hh.shape}.")
-  b, t, _ = x_BTI.shape
-  # Time-major; `reverse` flips time so the core always runs forwards. With padding at the end,
-  # a flipped sequence first meets its padding (which keeps the initial state), then its last
-  # valid step: each sequence runs backwards from its own last valid step.
-  x_TBI = jnp.swapaxes(x_BTI, 0, 1)
-  keep_TB = None if lengths is None else jnp.arange(t)[:, None] < lengths[None, :]
-  seg_TB = None if segment_ids is None else jnp.swapaxes(segment_ids, 0, 1)
-  flip = (lambda a: None if a is None else jnp.flip(a, 0)) if reverse else (lambda a: a)
-  x_TBI, keep_TB, seg_TB = flip(x_TBI), flip(keep_TB), flip(seg_TB)
-  reset_TB = None
-  if seg_TB is not None:
-    reset_TB = jnp.concatenate([jnp.zeros_like(seg_TB[:1], bool), seg_TB[1:] != seg_TB[:-1]])
-  states = tuple(s.astype(jnp.float32) for s in states)
-  scan = functools.partial(_scan_core, pointwise, int(unroll), bool(remat), chunk)
-  if use_native:
-    ys_TBH, state_T = native_lib.on_cpu(
-        functools.partial(recurrent_native.native_recurrence, cell, remat=bool(remat)), scan, x_TBI, states, w_ih,
-        b_ih, w_hh, b_hh, keep_TB, reset_TB)
-  else:
-    ys_TBH, state_T = scan(x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
-  return jnp.swapaxes(flip(ys_TBH), 0, 1).astype(x_BTI.dtype), state_T
-
-
-def _scan_core(pointwise, unroll, remat, chunk, x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
+def scan_core(pointwise, unroll, remat, chunk, x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
   """The `lax.scan` kernel on time-major arrays: pads T to a multiple of the chunk with masked (state-keeping)
   steps and runs the chunked, pipelined core."""
   t, b, _ = x_TBI.shape
@@ -340,108 +217,3 @@ def _scan_core(pointwise, unroll, remat, chunk, x_TBI, states, w_ih, b_ih, w_hh,
   ys_NCBH, state_T = _recurrent_core(pointwise, unroll, remat, to_chunks(x_TBI), states, w_ih, b_ih, w_hh, b_hh,
                                      keep_NCB1, reset_NCB1)
   return ys_NCBH.reshape((n * c,) + ys_NCBH.shape[2:])[:t], state_T
-
-
-def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
-         lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-         unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False,
-         native: bool | None = None) -> tuple[Array, tuple[Array, Array]]:
-  """LSTM over a batch-major sequence (PyTorch gate order i, f, g, o).
-
-  Args:
-    x: inputs [B, T, I].
-    h0, c0: initial hidden and cell state [B, H].
-    w_ih: [4H, I]; w_hh: [4H, H]; b_ih, b_hh: [4H].
-    lengths: optional int [B]; steps t >= lengths[b] keep the state and emit zeros.
-    reverse: run each sequence backwards from its last valid step.
-    segment_ids: optional int [B, T]; the state is reset to (h0, c0) where the id changes.
-    unroll: unroll factor of the step loop inside a chunk.
-    chunk: steps per chunk of the hoisted, pipelined input projection (T is padded up to a
-      multiple with state-keeping steps).
-    remat: save only the per-step state; recompute the rest in the backward pass.
-    native: None runs the native CPU kernel (`seqjax.ops.recurrent_native`) where it applies (a CPU, float32
-      weights, H a multiple of 16) and the `lax.scan` kernel elsewhere; False always the scan;
-      True the native kernel or a ValueError. `unroll` and `chunk` tune the scan only.
-
-  Returns:
-    ys [B, T, H] in x.dtype and the final state (h_T, c_T), each [B, H] float32 (for `reverse`,
-    the state after the first step).
-  """
-  ys, (h, c) = _run("lstm", _lstm_pointwise, x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
-                    reverse, segment_ids, unroll, remat, chunk, native, "lstm")
-  return ys, (h, c)
-
-
-def gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
-        lengths: Array | None = None, reverse: bool = False, segment_ids: Array | None = None,
-        unroll: int = DEFAULT_UNROLL, chunk: int = DEFAULT_CHUNK, remat: bool = False,
-        native: bool | None = None) -> tuple[Array, Array]:
-  """GRU over a batch-major sequence (PyTorch gate order r, z, n; b_hn inside the reset product).
-
-  Args: as `lstm` with w_ih [3H, I], w_hh [3H, H], b_ih, b_hh [3H] and one state h0 [B, H].
-
-  Returns:
-    ys [B, T, H] in x.dtype and the final state h_T [B, H] float32.
-  """
-  ys, (h,) = _run("gru", _gru_pointwise, x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                  segment_ids, unroll, remat, chunk, native, "gru")
-  return ys, h
-
-
-def rnn(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
-        nonlinearity: str = "tanh", lengths: Array | None = None, reverse: bool = False,
-        segment_ids: Array | None = None, unroll: int = DEFAULT_UNROLL,
-        chunk: int = DEFAULT_CHUNK, remat: bool = False,
-        native: bool | None = None) -> tuple[Array, Array]:
-  """Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), act in {"tanh", "relu"}.
-
-  Args: as `gru` with w_ih [H, I], w_hh [H, H], b_ih, b_hh [H].
-
-  Returns:
-    ys [B, T, H] in x.dtype and the final state h_T [B, H] float32.
-  """
-  if nonlinearity not in _NONLINEARITIES:
-    raise ValueError(f"rnn: nonlinearity must be one of {sorted(_NONLINEARITIES)}, "
-                     f"got {nonlinearity!r}.")
-  ys, (h,) = _run("rnn", _rnn_pointwise_cached(nonlinearity), x, (h0,), w_ih, w_hh, b_ih, b_hh,
-                  lengths, reverse, segment_ids, unroll, remat, chunk, native, f"rnn_{nonlinearity}")
-  return ys, h
-
-
-@functools.lru_cache(maxsize=None)
-def _rnn_pointwise_cached(nonlinearity: str) -> Callable:
-  # Cached so the same function object (a static argument of the custom_vjp) is reused and jit
-  # caches are hit.
-  return _rnn_pointwise(nonlinearity)
-
-
-# ----------------------------------------------------------------------------------------------
-# Single-token steps for decoding.
-# ----------------------------------------------------------------------------------------------
-def _gx(x_BI, w_ih, b_ih):
-  return lax.dot_general(x_BI.astype(w_ih.dtype), w_ih, (((1,), (1,)), ((), ())),
-                         preferred_element_type=jnp.float32) + b_ih.astype(jnp.float32)
-
-
-def lstm_step(x: Array, h: Array, c: Array, w_ih: Array, w_hh: Array, b_ih: Array,
-              b_hh: Array) -> tuple[Array, Array]:
-  """One LSTM step. x [B, I], h, c [B, H] -> (h', c') [B, H] float32 (h' is also the output)."""
-  (h, c), _ = _lstm_pointwise(_gx(x, w_ih, b_ih), _hz(h, w_hh.T, b_hh),
-                              (h.astype(jnp.float32), c.astype(jnp.float32)))
-  return h, c
-
-
-def gru_step(x: Array, h: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array) -> Array:
-  """One GRU step. x [B, I], h [B, H] -> h' [B, H] float32."""
-  (h,), _ = _gru_pointwise(_gx(x, w_ih, b_ih), _hz(h, w_hh.T, b_hh), (h.astype(jnp.float32),))
-  return h
-
-
-def rnn_step(x: Array, h: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
-             nonlinearity: str = "tanh") -> Array:
-  """One Elman RNN step. x [B, I], h [B, H] -> h' [B, H] float32."""
-  if nonlinearity not in _NONLINEARITIES:
-    raise ValueError(f"rnn_step: nonlinearity must be one of {sorted(_NONLINEARITIES)}, "
-                     f"got {nonlinearity!r}.")
-  (h,), _ = _rnn_pointwise_cached(nonlinearity)(_gx(x, w_ih, b_ih), _hz(h, w_hh.T, b_hh), (h,))
-  return h

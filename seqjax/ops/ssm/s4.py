@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqjax.ops.ssm_selective import keep_mask
+from seqjax.ops.ssm._common import as_arrays, keep_mask
 
 DISCRETIZATIONS = ("zoh", "bilinear")
 RECURRENT_MODES = ("parallel", "sequential")
@@ -45,6 +45,7 @@ def discretize(A: jax.Array, dt: jax.Array, method: str = "zoh") -> tuple[jax.Ar
     method: "zoh" (dA = exp(dt A), B_scale = (dA - 1) / A) or "bilinear"
       (dA = (1 + dt A / 2) / (1 - dt A / 2), B_scale = dt / (1 - dt A / 2)).
   """
+  A, dt = as_arrays(A, dt)
   if method not in DISCRETIZATIONS:
     raise ValueError(f"discretize: method={method!r} is not one of {DISCRETIZATIONS}")
   A = A.astype(jnp.complex64)
@@ -67,6 +68,7 @@ def s4d_kernel(dA_EP: jax.Array, dB_EP: jax.Array, C_EP: jax.Array, length: int)
 
   dA^l is exp(l log dA): the Vandermonde matrix [E, P, L] is materialised (complex64), fine for layer sizes.
   """
+  dA_EP, dB_EP, C_EP = as_arrays(dA_EP, dB_EP, C_EP)
   if not (dA_EP.shape == dB_EP.shape == C_EP.shape and dA_EP.ndim == 2):
     raise ValueError(f"s4d_kernel: dA, dB and C must all be [E, P], got {dA_EP.shape}, {dB_EP.shape}, "
                      f"{C_EP.shape}")
@@ -78,6 +80,7 @@ def s4d_kernel(dA_EP: jax.Array, dB_EP: jax.Array, C_EP: jax.Array, length: int)
 
 def causal_fft_conv(u_BLE: jax.Array, kernel_EL: jax.Array) -> jax.Array:
   """y[b, t, e] = sum_{s <= t} K[e, t - s] u[b, s, e] by FFT (zero-padded to >= 2L: no wrap-around). float32."""
+  u_BLE, kernel_EL = as_arrays(u_BLE, kernel_EL)
   if u_BLE.ndim != 3 or kernel_EL.ndim != 2 or kernel_EL.shape[0] != u_BLE.shape[2]:
     raise ValueError(f"causal_fft_conv: u must be [B, L, E] and kernel [E, L'], got {u_BLE.shape} and "
                      f"{kernel_EL.shape}")
@@ -91,6 +94,7 @@ def causal_fft_conv(u_BLE: jax.Array, kernel_EL: jax.Array) -> jax.Array:
 def s4d_conv(u_BLE: jax.Array, dA_EP: jax.Array, dB_EP: jax.Array, C_EP: jax.Array,
              D_E: jax.Array | None = None) -> jax.Array:
   """S4D by convolution: y [B, L, E] in u's dtype. No state in, no state out, no resets (see `s4d_recurrent`)."""
+  u_BLE, dA_EP, dB_EP, C_EP, D_E = as_arrays(u_BLE, dA_EP, dB_EP, C_EP, D_E)
   y_BLE = causal_fft_conv(u_BLE, s4d_kernel(dA_EP, dB_EP, C_EP, u_BLE.shape[1]))
   if D_E is not None:
     y_BLE = y_BLE + D_E.astype(jnp.float32) * u_BLE.astype(jnp.float32)
@@ -100,6 +104,7 @@ def s4d_conv(u_BLE: jax.Array, dA_EP: jax.Array, dB_EP: jax.Array, C_EP: jax.Arr
 def diagonal_recurrence(a_BLP: jax.Array, b_BLP: jax.Array, h0_BP: jax.Array, keep_BL: jax.Array,
                         mode: str = "parallel") -> jax.Array:
   """All states of h_t = keep_t a_t h_{t-1} + b_t (complex or real, any trailing dims), [B, L, ...]."""
+  a_BLP, b_BLP, h0_BP, keep_BL = as_arrays(a_BLP, b_BLP, h0_BP, keep_BL)
   if mode not in RECURRENT_MODES:
     raise ValueError(f"diagonal_recurrence: mode={mode!r} is not one of {RECURRENT_MODES}")
   extra = (None,) * (a_BLP.ndim - 2)
@@ -125,6 +130,8 @@ def s4d_recurrent(u_BLE: jax.Array, dA_EP: jax.Array, dB_EP: jax.Array, C_EP: ja
 
   mode "parallel" (associative scan, materialises [B, L, E, P]) or "sequential" (lax.scan).
   """
+  u_BLE, dA_EP, dB_EP, C_EP, D_E, initial_state, segment_ids = as_arrays(u_BLE, dA_EP, dB_EP, C_EP, D_E,
+                                                                         initial_state, segment_ids)
   b, l, e = u_BLE.shape
   p = dA_EP.shape[1]
   if dA_EP.shape != (e, p) or dB_EP.shape != (e, p) or C_EP.shape != (e, p):
@@ -148,6 +155,7 @@ def s4d_recurrent(u_BLE: jax.Array, dA_EP: jax.Array, dB_EP: jax.Array, C_EP: ja
 def s4d_step(u_BE: jax.Array, dA_EP: jax.Array, dB_EP: jax.Array, C_EP: jax.Array, D_E: jax.Array | None,
              h_BEP: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One S4D step: (y [B, E] in u's dtype, new state [B, E, P] complex64)."""
+  u_BE, dA_EP, dB_EP, C_EP, D_E, h_BEP = as_arrays(u_BE, dA_EP, dB_EP, C_EP, D_E, h_BEP)
   u32_BE = u_BE.astype(jnp.float32)
   h_BEP = dA_EP * h_BEP.astype(jnp.complex64) + u32_BE[..., None] * dB_EP
   y_BE = 2.0 * jnp.einsum("bep,ep->be", h_BEP, C_EP).real
@@ -174,6 +182,8 @@ def s5_scan(u_BLE: jax.Array, dLambda_P: jax.Array, dB_PE: jax.Array, C_EP: jax.
     D_E: optional [E] real skip.
     mode: "parallel" (lax.associative_scan, the S5 way) or "sequential" (lax.scan).
   """
+  u_BLE, dLambda_P, dB_PE, C_EP, D_E, initial_state, segment_ids = as_arrays(u_BLE, dLambda_P, dB_PE, C_EP, D_E,
+                                                                             initial_state, segment_ids)
   b, l, e = u_BLE.shape
   p = dLambda_P.shape[0]
   if dLambda_P.shape != (p,) or dB_PE.shape != (p, e) or C_EP.shape != (e, p):
@@ -196,6 +206,7 @@ def s5_scan(u_BLE: jax.Array, dLambda_P: jax.Array, dB_PE: jax.Array, C_EP: jax.
 def s5_step(u_BE: jax.Array, dLambda_P: jax.Array, dB_PE: jax.Array, C_EP: jax.Array, D_E: jax.Array | None,
             h_BP: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One S5 step: (y [B, E] in u's dtype, new state [B, P] complex64)."""
+  u_BE, dLambda_P, dB_PE, C_EP, D_E, h_BP = as_arrays(u_BE, dLambda_P, dB_PE, C_EP, D_E, h_BP)
   u32_BE = u_BE.astype(jnp.float32)
   h_BP = dLambda_P * h_BP.astype(jnp.complex64) + jnp.einsum("be,pe->bp", u32_BE.astype(jnp.complex64), dB_PE)
   y_BE = jnp.einsum("bp,ep->be", h_BP, C_EP).real

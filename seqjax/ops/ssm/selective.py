@@ -9,7 +9,7 @@ Legend: B batch, L sequence length, E expanded width (channels), P state size (t
 x and delta are [B, L, E] (delta already positive, i.e. after softplus), A is [E, P] (negative real), B and C
 are [B, L, P], D is [E]. Every mode keeps its state in float32 whatever the input dtype and returns y in x's dtype.
 
-Modes (all equal to tolerance, forward and gradients — see tests/ops/test_ssm_selective.py):
+Modes (all equal to tolerance, forward and gradients — see tests/ops/ssm/test_selective.py):
 - "sequential": `lax.scan` over L with autodiff. The reference, the oracle of the others.
 - "parallel":   `lax.associative_scan` over L. Materialises exp(delta A) and delta B x as [B, L, E, P] arrays: the
                 textbook parallel form, memory O(L E P).
@@ -21,7 +21,7 @@ Modes (all equal to tolerance, forward and gradients — see tests/ops/test_ssm_
                 recurrence there with every gradient reduction fused into the loop, so peak memory is
                 O(L E + L E P / C) — linear in L E — for forward+backward (autodiff of a scan would keep
                 [L, B, E, P] residuals and is ~3x slower here).
-                Unlike Mamba-2's scalar decay (see `ssm_ssd`), the decay here differs per (channel, state) pair,
+                Unlike Mamba-2's scalar decay (see `ssd.py`), the decay here differs per (channel, state) pair,
                 so the intra-chunk pairwise form would be a [C, C, E, P] tensor per chunk and exp(-A cumsum)
                 factorisations overflow float32; on CPU the short in-chunk recurrence is the fastest exact form.
 
@@ -32,10 +32,11 @@ continues from `initial_state` (the streaming / chunk-passing convention).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from seqjax.ops.ssm._common import as_arrays, keep_mask
 
 MODES = ("sequential", "parallel", "chunked")
 DEFAULT_CHUNK_SIZE = 64
@@ -65,18 +66,6 @@ def _check(x, delta, A, B, C, D, mode, chunk_size, initial_state, segment_ids):
     raise ValueError(f"selective_scan: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def keep_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
-  """[B, L] float32: 0 where the state resets (the id differs from the previous position's), else 1.
-
-  Position 0 is always 1: it continues from the initial state. Shared by every SSM kernel in `seqjax.ops`.
-  """
-  if segment_ids is None:
-    return jnp.ones((batch, length), jnp.float32)
-  changed_BL = segment_ids[:, 1:] != segment_ids[:, :-1]
-  keep_BL = jnp.concatenate([jnp.ones((batch, 1), bool), ~changed_BL], axis=1)
-  return keep_BL.astype(jnp.float32)
-
-
 def selective_scan(x: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
                    D: jax.Array | None = None, *, mode: str = "chunked", chunk_size: int | None = None,
                    initial_state: jax.Array | None = None, return_final_state: bool = False,
@@ -96,6 +85,7 @@ def selective_scan(x: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     return_final_state: also return the state after the last position.
     segment_ids: optional [B, L] ints; the state resets where the id changes (packed sequences).
   """
+  x, delta, A, B, C, D, initial_state, segment_ids = as_arrays(x, delta, A, B, C, D, initial_state, segment_ids)
   _check(x, delta, A, B, C, D, mode, chunk_size, initial_state, segment_ids)
   b, l, e = x.shape
   p = A.shape[1]
@@ -120,6 +110,7 @@ def selective_scan(x: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
 def selective_step(x_BE: jax.Array, delta_BE: jax.Array, A_EP: jax.Array, B_BP: jax.Array, C_BP: jax.Array,
                    D_E: jax.Array | None, h_BEP: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One recurrent step (decoding): returns (y [B, E] in x's dtype, new state [B, E, P] float32)."""
+  x_BE, delta_BE, A_EP, B_BP, C_BP, D_E, h_BEP = as_arrays(x_BE, delta_BE, A_EP, B_BP, C_BP, D_E, h_BEP)
   f32 = jnp.float32
   x32, d32 = x_BE.astype(f32), delta_BE.astype(f32)
   a_BEP = jnp.exp(d32[..., None] * A_EP.astype(f32))

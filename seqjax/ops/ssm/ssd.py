@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqjax.ops.ssm_selective import keep_mask
+from seqjax.ops.ssm._common import as_arrays, keep_mask
 
 MODES = ("sequential", "chunked")
 DEFAULT_CHUNK_SIZE = 32
@@ -81,6 +81,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D
     return_final_state: also return the state after the last position.
     segment_ids: optional [B, L]; the state resets where the id changes.
   """
+  x, dt, A, B, C, D, initial_state, segment_ids = as_arrays(x, dt, A, B, C, D, initial_state, segment_ids)
   _check(x, dt, A, B, C, D, mode, chunk_size, initial_state, segment_ids)
   b, l, n, h = x.shape
   p = B.shape[2]
@@ -102,6 +103,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D
 def ssd_step(x_BNH: jax.Array, dt_BN: jax.Array, A_N: jax.Array, B_BP: jax.Array, C_BP: jax.Array,
              D_N: jax.Array | None, h_BNHP: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One recurrent step (decoding): (y [B, N, H] in x's dtype, new state [B, N, H, P] float32)."""
+  x_BNH, dt_BN, A_N, B_BP, C_BP, D_N, h_BNHP = as_arrays(x_BNH, dt_BN, A_N, B_BP, C_BP, D_N, h_BNHP)
   f32 = jnp.float32
   x32, dt32 = x_BNH.astype(f32), dt_BN.astype(f32)
   a_BN = jnp.exp(dt32 * A_N.astype(f32))

@@ -1,0 +1,33 @@
+"""Scaled dot-product attention: the registry, the reference oracle, the fast kernels, masks and positions.
+
+Legend: B batch, T query length, S key length, N query heads, K kv heads (N % K == 0; G = N // K query heads share
+each kv head, so multi-query and grouped-query attention never repeat K/V in memory), H head dim.
+
+    out[b, t, n] = sum_s softmax_s(scale * q[b, t, n] . k[b, s, n // G] + bias[b, n, t, s] | visible) v[b, s, n // G]
+
+Every implementation takes q [B, T, N, H], k and v [B, S, K, H] (the `jax.nn.dot_product_attention` layout), returns
+[B, T, N, H] in q's dtype, computes the softmax in float32, and returns 0 for a query row with no visible key (in the
+forward and the backward pass, never NaN). Implementations (see `available_attentions()`):
+
+- "reference": `reference_attention` (`reference.py`), materialises the [B, N, T, S] scores. The oracle.
+- "blockwise": `blockwise_attention` (`blockwise.py`), flash-style tiles with an online softmax and a
+  memory-efficient custom_vjp. On a CPU it runs the C++ kernel of `seqjax.cpu_kernels.attention` where that covers
+  the mask and bias (the switch: `seqjax.ops.backend`).
+- "pallas": `pallas_attention` (`pallas.py`), the same algorithm as a Pallas kernel for GPU/TPU (interpret mode
+  on CPU).
+
+Also here: `masks` (mask objects: causal, sliding window, segment ids, prefix, global tokens) and `positions`
+(sinusoidal embeddings, RoPE, ALiBi). The registry (`register_attention`, `get_attention`, `available_attentions`)
+and the shared argument checks live in `_registry.py`.
+"""
+
+from seqjax.ops.attention import masks, positions
+from seqjax.ops.attention._registry import (AttentionFn, Dims, available_attentions, check_inputs, default_scale,
+                                            get_attention, group_heads, register_attention)
+from seqjax.ops.attention.blockwise import blockwise_attention  # registers "blockwise"
+from seqjax.ops.attention.pallas import pallas_attention  # registers "pallas"
+from seqjax.ops.attention.reference import reference_attention  # registers "reference"
+
+__all__ = ["AttentionFn", "Dims", "available_attentions", "blockwise_attention", "check_inputs", "default_scale",
+           "get_attention", "group_heads", "masks", "pallas_attention", "positions", "reference_attention",
+           "register_attention"]
