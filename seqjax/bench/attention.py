@@ -4,8 +4,9 @@
     python -m seqjax.bench attention --lengths 512,1024 --long_len 0 --repeats 2   # quick look
 
 Implementations: "reference" (materialised scores), "blockwise" (this repo's flash-style kernel as it runs on a
-CPU: the native C++ kernel of `seqjax.ops.attention_native`), "blockwise_jax" (the same tiles as a JAX program,
-what GPUs/TPUs run; `native=False`) and "xla" (`jax.nn.dot_product_attention`, implementation chosen by XLA). Setting of the issue: float32, B=1, N=8, H=64,
+CPU: the C++ kernel of `seqjax.cpu_kernels.attention`), "blockwise_jax" (the same tiles as a JAX program, what
+GPUs/TPUs run: "blockwise" traced under `seqjax.ops.backend.cpu_kernels_mode("off")`) and "xla"
+(`jax.nn.dot_product_attention`, implementation chosen by XLA). Setting of the issue: float32, B=1, N=8, H=64,
 causal. Modes: "fwd" (forward) and "fwd+bwd" (forward and the gradients of q, k, v).
 
 Method. Every (implementation, mode, T) case runs in a fresh subprocess: jit, one warm-up call, then the median of
@@ -42,10 +43,14 @@ B, N, H = 1, 8, 64
 def _case_fn(impl: str, mode: str):
   import jax
   import jax.numpy as jnp
-  from seqjax.ops import attention
+  from seqjax.ops import attention, backend
 
   if impl == "xla":
     attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+  elif impl == "blockwise_jax":  # the JAX tiles: blockwise traced with the CPU kernels off
+    def attend(q, k, v):
+      with backend.cpu_kernels_mode("off"):
+        return attention.blockwise_attention(q, k, v, causal=True)
   else:
     fn = attention.get_attention(impl)
     attend = lambda q, k, v: fn(q, k, v, causal=True)  # noqa: E731

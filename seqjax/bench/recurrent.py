@@ -71,9 +71,9 @@ def _flax_params_to_torch_layout(params):
 
 def _functions(batch: int, hidden: int):
   """The Flax layer and a dict name -> jitted fn(params, x): forward and forward+backward of seqjax's `lstm` (the
-  default dispatch, i.e. the native kernel on a CPU; also with remat=True), of its `lax.scan` kernel (native=False)
+  default dispatch, i.e. the C++ kernel on a CPU; also with remat=True), of its `lax.scan` kernel (CPU kernels off)
   and of the Flax layer."""
-  from seqjax.ops import recurrent
+  from seqjax.ops import backend, recurrent
 
   layer = _flax_layer(hidden)
 
@@ -87,7 +87,10 @@ def _functions(batch: int, hidden: int):
   def fwd_bwd(f):
     return jax.jit(jax.grad(loss(f), argnums=(0, 1)))
 
-  scan = lambda w, x: ours(w, x, native=False)  # noqa: E731
+  def scan(w, x):  # the lax.scan kernel: traced with the CPU kernels off
+    with backend.cpu_kernels_mode("off"):
+      return ours(w, x)
+
   remat = lambda w, x: ours(w, x, remat=True)  # noqa: E731
   return layer, {
       "flax_fwd": jax.jit(layer.apply), "seqjax_fwd": jax.jit(ours), "seqjax_scan_fwd": jax.jit(scan),
@@ -98,7 +101,7 @@ def _functions(batch: int, hidden: int):
 def _gru_functions(hidden: int):
   """The same comparison for the GRU: flax.linen.RNN(GRUCell) against seqjax's `gru` (default and scan)."""
   import flax.linen as nn
-  from seqjax.ops import recurrent
+  from seqjax.ops import backend, recurrent
 
   layer = nn.RNN(nn.GRUCell(hidden))
 
@@ -108,7 +111,10 @@ def _gru_functions(hidden: int):
   def fwd_bwd(f):
     return jax.jit(jax.grad(lambda w, x: jnp.sum(f(w, x) ** 2), argnums=(0, 1)))
 
-  scan = lambda w, x: ours(w, x, native=False)  # noqa: E731
+  def scan(w, x):  # the lax.scan kernel: traced with the CPU kernels off
+    with backend.cpu_kernels_mode("off"):
+      return ours(w, x)
+
   return layer, {"flax_gru_fwd": jax.jit(layer.apply), "seqjax_gru_fwd": jax.jit(ours),
                  "flax_gru_fwd_bwd": fwd_bwd(layer.apply), "seqjax_gru_fwd_bwd": fwd_bwd(ours),
                  "seqjax_gru_scan_fwd_bwd": fwd_bwd(scan)}
@@ -133,7 +139,7 @@ def _bytes(compiled) -> int | None:
 
 def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequence[int],
         check: bool = True) -> dict:
-  from seqjax.ops import native
+  from seqjax.ops import backend
   key = jax.random.PRNGKey(0)
   layer, fns = _functions(batch, features)
   x = jax.random.normal(key, (batch, seq_len, features), jnp.float32)
@@ -145,8 +151,9 @@ def run(batch: int, seq_len: int, features: int, repeats: int, mem_lengths: Sequ
       err = float(jnp.max(jnp.abs(fns[name](w, x) - want)))
       if err > 1e-4:
         raise AssertionError(f"{name} and the Flax LSTM disagree by {err}")
-  kernel = "native" if native.available() and jax.default_backend() == "cpu" else "lax.scan"
-  print(f"  seqjax_* = the default dispatch ({kernel} kernel); seqjax_scan_* = native=False", flush=True)
+  kernel = "native" if backend.cpu_kernel("recurrent") is not None and jax.default_backend() == "cpu" else "lax.scan"
+  print(f"  seqjax_* = the default dispatch ({kernel} kernel); seqjax_scan_* = the lax.scan kernel (CPU kernels off)",
+        flush=True)
 
   cases = {name: (fn, flax_params if name.startswith("flax") else w) for name, fn in fns.items()}
   gru_layer, gru_fns = _gru_functions(features)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from seqjax.config import ModelConfig
 from seqjax.nn import layers
 from seqjax.nn.mixers import compute_dtype, make_mixer
-from seqjax.ops.linear import flat_dot_general
+from seqjax.ops.dense.dot import flat_dot_general
 
 _REMAT_POLICIES = {
     "full": None,

@@ -24,10 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.ops import masks as masks_lib
-from seqjax.ops import positions as positions_ops
+from seqjax.ops.attention import masks as masks_lib
+from seqjax.ops.attention import positions as positions_ops
 from seqjax.ops.attention import get_attention
-from seqjax.ops.linear import flat_dot_general
+from seqjax.ops.dense.dot import flat_dot_general
 
 Dtype = Any
 

@@ -12,10 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.ops import mlp as mlp_ops
-from seqjax.ops import norms as norm_ops
-from seqjax.ops import positions as positions_ops
-from seqjax.ops.linear import flat_dot_general
+from seqjax.ops.attention import positions as positions_ops
+from seqjax.ops.dense import mlp as mlp_ops
+from seqjax.ops.dense import norms as norm_ops
+from seqjax.ops.dense.dot import flat_dot_general
 
 Dtype = Any
 
@@ -89,7 +89,7 @@ class _Kernel(nn.Module):
 class Mlp(nn.Module):
   """Position-wise MLP: D -> F -> D, plain (`act(x W1) W2`) or gated (`act(x Wg) * (x W1) W2`).
 
-  The plain MLP without active dropout is `seqjax.ops.mlp.mlp`: on a CPU one fused native kernel per pass (same
+  The plain MLP without active dropout is `seqjax.ops.dense.mlp.mlp`: on a CPU one fused C++ kernel per pass (same
   parameters `wi/kernel`, `wo/kernel`, same results to float32 rounding).
   """
 
@@ -123,7 +123,7 @@ class Mlp(nn.Module):
 
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis with parameters `scale` and `bias` [D], as `flax.linen.LayerNorm` (epsilon 1e-6,
-  statistics in float32); `seqjax.ops.norms.layer_norm`, so a native kernel per pass on a CPU."""
+  statistics in float32); `seqjax.ops.dense.norms.layer_norm`, so a C++ kernel per pass on a CPU."""
 
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32

@@ -24,7 +24,7 @@ from seqjax.config import ModelConfig
 from seqjax.nn.attention import MultiHeadAttention
 from seqjax.nn.recurrent import RecurrentMixer
 from seqjax.nn import ssm as ssm_blocks
-from seqjax.ops import masks
+from seqjax.ops.attention import masks
 
 MixerFactory = Callable[[ModelConfig], nn.Module]
 _MIXERS: dict[str, MixerFactory] = {}

@@ -1,12 +1,9 @@
-"""The native CPU flash-attention kernel: dispatch, coverage, errors, threads, transformations, sharding, build.
+"""The flash-attention CPU kernel (`seqjax.cpu_kernels.attention`): dispatch, coverage, errors, threads,
+transformations, sharding.
 
-Its numerics across masks, GQA, lengths and dtypes are tested against the reference in test_attention_blockwise.py
-(the "native" cases); here is what is particular to the native kernel.
+Its numerics across masks, GQA, lengths and dtypes are tested against the reference in
+tests/ops/attention/test_blockwise.py (the "native" cases); here is what is particular to the C++ kernel.
 """
-
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from seqjax.ops import attention, masks, native, positions
-from seqjax.ops.attention_native import canonical_mask, native_attention, native_supported
+from seqjax import cpu_kernels
+from seqjax.cpu_kernels.attention import canonical_mask, flash_attention, supports
+from seqjax.ops import attention, backend
+from seqjax.ops.attention import masks, positions
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable here: "
-                                f"{native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available("flash_attention"), reason=f"CPU kernel unavailable here: "
+                                f"{cpu_kernels.unavailable_reason('flash_attention')}")
 
 
 def _qkv(B, T, S, N, K, H, seed=0, dtype=jnp.float32):
@@ -37,12 +36,7 @@ def _hlo(fn, *args):
   return jax.jit(fn).lower(*args).as_text()
 
 
-def test_compiler_present_means_native_builds():
-  """CI machines have a C++ compiler: the kernels must then build (a silent fallback would hide a regression)."""
-  assert native.available(), native.unavailable_reason()
-
-
-def test_blockwise_dispatches_to_native_on_cpu_only_where_covered():
+def test_blockwise_dispatches_to_the_kernel_on_cpu_only_where_covered():
   q, k, v = _qkv(1, 16, 16, 2, 2, 8)
   covered = _hlo(lambda q, k, v: attention.blockwise_attention(q, k, v, causal=True), q, k, v)
   assert "seqjax_flash_attention_fwd" in covered
@@ -52,7 +46,8 @@ def test_blockwise_dispatches_to_native_on_cpu_only_where_covered():
   for kw in (dict(bias=alibi), dict(mask=masks.GlobalTokens(2)), dict(mask=masks.Causal(q_offset=jnp.int32(3)))):
     text = _hlo(lambda q, k, v: attention.blockwise_attention(q, k, v, **kw), q, k, v)
     assert "seqjax_flash_attention" not in text, kw
-  forced_off = _hlo(lambda q, k, v: attention.blockwise_attention(q, k, v, causal=True, native=False), q, k, v)
+  with backend.cpu_kernels_mode("off"):
+    forced_off = _hlo(lambda q, k, v: attention.blockwise_attention(q, k, v, causal=True), q, k, v)
   assert "seqjax_flash_attention" not in forced_off
 
 
@@ -67,20 +62,20 @@ def test_canonical_mask_intersects_bands_with_offsets():
 
 def test_uncovered_inputs_raise_clear_errors():
   q, k, v = _qkv(1, 8, 8, 2, 2, 8)
-  assert not native_supported(q, k, v, masks.PrefixLM(jnp.array([3])))
+  assert not supports(q, k, v, masks.PrefixLM(jnp.array([3])))
   with pytest.raises(ValueError, match="covers Causal"):
-    native_attention(q, k, v, mask=masks.PrefixLM(jnp.array([3])))
+    flash_attention(q, k, v, mask=masks.PrefixLM(jnp.array([3])))
   with pytest.raises(ValueError, match="covers Causal"):
-    attention.blockwise_attention(q, k, v, bias=positions.AlibiBias(positions.alibi_slopes(2)), native=True)
+    flash_attention(q, k, v, bias=positions.AlibiBias(positions.alibi_slopes(2)))
   with pytest.raises(ValueError, match="floating point"):
-    native_attention(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32))
+    flash_attention(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32))
 
 
 def test_many_threads_many_tiles_full_register_tiles_equal_reference():
   """H = 64 and 200-row tiles exercise the full register tiles, several work items per thread, GQA folding."""
   q, k, v = _qkv(2, 300, 260, 8, 2, 64, seed=1)
   mask = masks.Causal(q_offset=-40) & masks.KeyPadding(jnp.array([260, 201]))
-  out_n, grads_n = _value_and_grads(native_attention, q, k, v, mask=mask, block_q=50, block_kv=96)
+  out_n, grads_n = _value_and_grads(flash_attention, q, k, v, mask=mask, block_q=50, block_kv=96)
   out_r, grads_r = _value_and_grads(attention.reference_attention, q, k, v, mask=mask)
   np.testing.assert_allclose(out_n, out_r, atol=2e-5, rtol=2e-5)
   for gn, gr in zip(grads_n, grads_r):
@@ -90,7 +85,7 @@ def test_many_threads_many_tiles_full_register_tiles_equal_reference():
 def test_vmap_runs_each_element():
   q, k, v = _qkv(3, 24, 24, 2, 1, 16)
   qs, ks, vs = (x[:, None] for x in (q, k, v))  # vmap over the batch, each element is a batch of 1
-  out = jax.vmap(lambda q, k, v: native_attention(q, k, v, causal=True))(qs, ks, vs)[:, 0]
+  out = jax.vmap(lambda q, k, v: flash_attention(q, k, v, causal=True))(qs, ks, vs)[:, 0]
   np.testing.assert_allclose(out, attention.reference_attention(q, k, v, causal=True), atol=2e-5, rtol=2e-5)
 
 
@@ -110,24 +105,3 @@ def test_sharded_batch_equals_unsharded():
           put(q), put(k), put(v), put(ids))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
-
-
-def test_switch_off_with_environment_variable():
-  code = ("import jax, jax.numpy as jnp; from seqjax.ops import attention; q = jnp.ones((1, 8, 2, 8)); "
-          "print('seqjax_flash_attention' in jax.jit(lambda q: attention.blockwise_attention(q, q, q, causal=True))"
-          ".lower(q).as_text())")
-  env = dict(os.environ, SEQJAX_NATIVE="0", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-  assert out.stdout.strip() == "False"
-
-
-def test_library_is_cached_per_source_and_machine(tmp_path):
-  """A second process loads the cached library instead of compiling; a different cache dir builds anew."""
-  code = "from seqjax.ops import native; assert native.available(), native.unavailable_reason()"
-  env = dict(os.environ, SEQJAX_CACHE_DIR=str(tmp_path), SEQJAX_NATIVE="1", JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", code], env=env, check=True)
-  built = sorted(tmp_path.glob("libseqjax_native_*.so"))
-  assert len(built) == 1
-  stamp = built[0].stat().st_mtime_ns
-  subprocess.run([sys.executable, "-c", code], env=env, check=True)
-  assert built[0].stat().st_mtime_ns == stamp and not list(tmp_path.glob("*.tmp"))

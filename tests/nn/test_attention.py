@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from seqjax.nn.attention import MultiHeadAttention
-from seqjax.ops import attention, masks, positions
+from seqjax.ops import attention
+from seqjax.ops.attention import masks, positions
 
 D = 16
 

@@ -1,10 +1,9 @@
 """Blockwise attention == reference attention (forward and gradients) across masks, GQA, lengths and dtypes.
 
-Both tile programs are tested: "jax" (the JAX tiles that GPUs/TPUs run, `native=False`) and "native" (the C++
-kernel that `blockwise_attention` runs on a CPU, `native=True`) wherever the native kernel covers the mask/bias.
+Both tile programs are tested: "jax" (the JAX tiles that GPUs/TPUs run: `blockwise_attention` traced with the CPU
+kernels off) and "native" (the C++ kernel that `blockwise_attention` runs on a CPU, called through its binding
+`seqjax.cpu_kernels.attention.flash_attention`) wherever the C++ kernel covers the mask/bias.
 """
-
-import functools
 
 import chex
 import jax
@@ -12,8 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import attention, masks, native, positions
-from seqjax.ops.attention_blockwise import BLOCKWISE_BLOCK, make_plan, resolve_blocks
+from seqjax import cpu_kernels
+from seqjax.cpu_kernels.attention import flash_attention
+from seqjax.ops import attention, backend
+from seqjax.ops.attention import masks, positions
+from seqjax.ops.attention.blockwise import BLOCKWISE_BLOCK, make_plan, resolve_blocks
 
 B, N, H = 2, 4, 8
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
@@ -66,10 +68,17 @@ NATIVE_CASES = {"none", "causal", "window", "causal_segments", "key_padding_empt
 IMPLS = ["jax", "native"]
 
 
+def _jax_tiles(q, k, v, **kw):
+  with backend.cpu_kernels_mode("off"):  # read when traced: this function always traces the JAX tiles
+    return attention.blockwise_attention(q, k, v, **kw)
+
+
 def _impl(name):
-  if name == "native" and not native.available():
-    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
-  return functools.partial(attention.blockwise_attention, native=name == "native")
+  if name == "jax":
+    return _jax_tiles
+  if not cpu_kernels.available("flash_attention"):
+    pytest.skip(f"CPU kernel unavailable: {cpu_kernels.unavailable_reason('flash_attention')}")
+  return flash_attention
 
 
 def _run(fn, q, k, v, mask, bias, **kw):

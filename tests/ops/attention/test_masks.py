@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import masks
+from seqjax.ops.attention import masks
 
 T, S = 13, 11
 

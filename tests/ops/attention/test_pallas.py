@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import attention, masks, positions
+from seqjax.ops import attention
+from seqjax.ops.attention import masks, positions
 
 B, N, H = 2, 4, 8
 

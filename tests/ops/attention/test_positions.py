@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import positions
+from seqjax.ops.attention import positions
 
 
 def test_sinusoidal_values():

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import attention, masks, positions
+from seqjax.ops import attention
+from seqjax.ops.attention import masks, positions
 
 # One compilation per test instead of one per eager op (much cheaper on a shared CPU).
 reference = jax.jit(attention.reference_attention, static_argnames=("causal", "scale"))

@@ -1,4 +1,7 @@
-"""The MLP op: the fused native CPU kernel equals plain JAX (forward and gradients); the linen Mlp uses it."""
+"""The MLP op: validation, the JAX path where the CPU kernel does not apply, activations equal to Flax's.
+
+The fused CPU kernel against this JAX code, and the linen Mlp's use of it: tests/cpu_kernels/test_mlp.py.
+"""
 
 import flax.linen as nn
 import jax
@@ -6,12 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.nn.layers import Mlp
-from seqjax.ops import native
-from seqjax.ops.mlp import NATIVE_ACTIVATIONS, mlp, reference_mlp
-
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
-                                  f"{native.unavailable_reason()}")
+from seqjax.ops import backend
+from seqjax.ops.dense.mlp import ACTIVATIONS, mlp, reference_mlp
 
 
 def _operands(B, T, D, F, seed=0):
@@ -20,53 +19,27 @@ def _operands(B, T, D, F, seed=0):
           jax.random.normal(k2, (F, D)) / np.sqrt(F), jax.random.normal(kd, (B, T, D)))
 
 
-def _value_and_grads(fn, x, w1, w2, dy):
-  def run(x, w1, w2):
-    y, pullback = jax.vjp(fn, x, w1, w2)
-    return (y, *pullback(dy))
-  return jax.jit(run)(x, w1, w2)
-
-
-@needs_native
-@pytest.mark.parametrize("activation", sorted(NATIVE_ACTIVATIONS))
-@pytest.mark.parametrize("B,T,D,F", [(2, 37, 32, 48), (1, 300, 64, 256)])
-def test_native_equals_reference_forward_and_grads(activation, B, T, D, F):
-  """Ragged row blocks (74 and 300 rows), several threads' weight-gradient accumulators, every activation."""
-  x, w1, w2, dy = _operands(B, T, D, F)
-  fn = lambda x, w1, w2: mlp(x, w1, w2, activation, native=True)  # noqa: E731
-  assert "seqjax_mlp_fwd" in jax.jit(fn).lower(x, w1, w2).as_text()
-  got = _value_and_grads(fn, x, w1, w2, dy)
-  with jax.default_matmul_precision("highest"):
-    want = _value_and_grads(lambda x, w1, w2: reference_mlp(x, w1, w2, activation), x, w1, w2, dy)
-  for name, a, b in zip(("y", "dx", "dw1", "dw2"), got, want):
-    scale = float(jnp.max(jnp.abs(b)))
-    np.testing.assert_allclose(a, b, atol=2e-5 * scale, rtol=1e-4, err_msg=name)
-
-
 def test_falls_back_and_validates():
   x, w1, w2, _ = _operands(2, 5, 24, 40)  # D = 24: not a multiple of 16
   assert "seqjax_mlp" not in jax.jit(lambda x, w1, w2: mlp(x, w1, w2)).lower(x, w1, w2).as_text()
   np.testing.assert_allclose(mlp(x, w1, w2), reference_mlp(x, w1, w2), rtol=1e-6)
-  with pytest.raises(ValueError, match="multiples of 16"):
-    mlp(x, w1, w2, native=True)
   with pytest.raises(ValueError, match="unknown activation"):
     mlp(x, w1, w2, "tanh")
   with pytest.raises(ValueError, match="W2"):
     mlp(x, w1, w1)
 
 
-@needs_native
-def test_linen_mlp_keeps_its_parameters_and_uses_the_kernel():
-  """Same parameter tree and values as the DenseGeneral layers it replaces; native only without active dropout."""
-  x = jax.random.normal(jax.random.key(3), (2, 8, 32))
-  layer = Mlp(hidden=64, dropout=0.1)
-  params = layer.init(jax.random.key(0), x)
-  assert jax.tree.map(jnp.shape, nn.meta.unbox(params)) == {
-      "params": {"wi": {"kernel": (32, 64)}, "wo": {"kernel": (64, 32)}}}
-  p = nn.meta.unbox(params)["params"]
-  want = reference_mlp(x, p["wi"]["kernel"], p["wo"]["kernel"])
-  np.testing.assert_allclose(layer.apply(params, x), want, rtol=2e-5, atol=2e-5)
-  text = jax.jit(lambda v, x: layer.apply(v, x)).lower(params, x).as_text()
-  assert "seqjax_mlp_fwd" in text
-  train = jax.jit(lambda v, x: layer.apply(v, x, deterministic=False, rngs={"dropout": jax.random.key(1)}))
-  assert "seqjax_mlp_fwd" not in train.lower(params, x).as_text()  # dropout inside: the JAX path
+def test_cpu_kernels_off_runs_the_jax_code():
+  x, w1, w2, _ = _operands(2, 5, 32, 48)
+  with backend.cpu_kernels_mode("off"):
+    text = jax.jit(lambda x, w1, w2: mlp(x, w1, w2)).lower(x, w1, w2).as_text()
+  assert "seqjax_mlp" not in text and "seqjax_dense" not in text
+
+
+@pytest.mark.parametrize("name, flax_fn", [("gelu", nn.gelu), ("relu", nn.relu), ("silu", nn.silu)])
+def test_activations_equal_flax_linen(name, flax_fn):
+  """The activations are jax.nn's (no Flax in seqjax.ops) and equal flax.linen's bit for bit."""
+  x = jax.random.normal(jax.random.key(0), (4, 257)) * 4.0
+  np.testing.assert_array_equal(ACTIVATIONS[name](x), flax_fn(x))
+  np.testing.assert_array_equal(jax.grad(lambda x: ACTIVATIONS[name](x).sum())(x),
+                                jax.grad(lambda x: flax_fn(x).sum())(x))
