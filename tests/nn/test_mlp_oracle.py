@@ -1,8 +1,8 @@
 """The linen Mlp (plain kind) against float64 NumPy: forward and a hand-written backward, never via seqjax.ops.
 
-tests/ops/test_mlp.py checks the native CPU kernel against `reference_mlp`, which shares the activation table and
-the dot helper with the module; a wrong constant in the tanh-GELU or a wrong activation id passed to the kernel
-would be shared by both sides or hidden by them. Here the oracle is written from the definitions:
+tests/cpu_kernels/test_mlp.py checks the native CPU kernel against `reference_mlp`, which shares the activation
+table and the dot helper with the module; a wrong constant in the tanh-GELU or a wrong activation id passed to the
+kernel would be shared by both sides or hidden by them. Here the oracle is written from the definitions:
 
     y = act(x W1) W2,  gelu(h) = 0.5 h (1 + tanh(sqrt(2 / pi) (h + 0.044715 h^3)))  (flax's default approximation),
     relu(h) = max(h, 0),  silu(h) = h sigmoid(h),
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seqjax import cpu_kernels
 from seqjax.nn.layers import Mlp
-from seqjax.ops import native
 
 _C = np.sqrt(2.0 / np.pi)
 
@@ -63,10 +63,11 @@ def test_mlp_module_matches_numpy_forward_and_backward(activation):
   """Forward and the gradients w.r.t. x, wi and wo, at sizes where the native CPU kernel runs.
 
   Catches (each planted once; the affected activations failed, the others passed): the native kernel given the
-  wrong activation ids (gelu -> silu, relu -> silu, silu -> gelu; monkeypatched NATIVE_ACTIVATIONS), the native
-  backward's dW1 scaled by 0.5 and its dx by 0.9 (monkeypatched custom_vjp), the GELU derivative constant in
-  native/mlp.cc changed from 3 * 0.044715 to 2 * 0.044715 (a copy of the sources built into a scratch cache; only
-  dx/dW1 of gelu failed), the plain-JAX path's GELU switched to the exact erf form (with SEQJAX_NATIVE=0).
+  wrong activation ids (gelu -> silu, relu -> silu, silu -> gelu; monkeypatched seqjax.cpu_kernels.mlp.ACTIVATIONS),
+  the native backward's dW1 scaled by 0.5 and its dx by 0.9 (monkeypatched custom_vjp), the GELU derivative constant
+  in cpu_kernels/src/mlp.cc changed from 3 * 0.044715 to 2 * 0.044715 (a copy of the sources built into a scratch
+  cache; only dx/dW1 of gelu failed), the plain-JAX path's GELU switched to the exact erf form (with
+  SEQJAX_CPU_KERNELS=off).
   """
   B, T, D, F = 2, 37, 32, 48  # 74 rows: a ragged last row block
   rng = np.random.default_rng(0)
@@ -81,7 +82,7 @@ def test_mlp_module_matches_numpy_forward_and_backward(activation):
 
   forward = jax.jit(lambda p, x: layer.apply({"params": p}, x))
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  if native.available():  # the sizes were chosen so that the module takes the native kernel, forward and backward
+  if cpu_kernels.available("mlp"):  # the sizes were chosen so that the module takes the native kernel, both ways
     assert "seqjax_mlp_fwd" in forward.lower(params, jnp.asarray(x)).as_text()
     assert "seqjax_mlp_bwd" in grads.lower(params, jnp.asarray(x)).as_text()
   y = forward(params, jnp.asarray(x))

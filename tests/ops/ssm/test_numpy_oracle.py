@@ -4,7 +4,7 @@ The other SSM tests check the modes against each other (sequential = parallel = 
 all modes (how B is discretised, where a reset falls, whether D is added, how the initial state enters) would pass
 them. These oracles are loops over time written straight from the recurrences:
 
-* selective scan (Mamba S6), with seqjax's documented discretisation (`seqjax.ops.ssm_selective`): A by zero-order
+* selective scan (Mamba S6), with seqjax's documented discretisation (`seqjax.ops.ssm.selective`): A by zero-order
   hold, B by Euler (the Mamba reference code's convention, not ZOH for B):
       h_t = exp(delta_t A) * h_{t-1} + delta_t x_t B_t,     y_t = <h_t, C_t> + D x_t        (per channel)
 * SSD (Mamba-2), one scalar decay per head, B and C shared by the heads:
@@ -118,7 +118,7 @@ def _check_directional_derivatives(jax_loss, oracle_loss, inputs, seed, eps=1e-6
 def test_selective_scan_matches_numpy_oracle(mode):
   """Forward (y and final state) and every input's gradient, with D, resets and an initial state.
 
-  Catches (each planted once by monkeypatching seqjax.ops.ssm_selective; every mode failed): B discretised by ZOH
+  Catches (each planted once by monkeypatching seqjax.ops.ssm.selective; every mode failed): B discretised by ZOH
   instead of Euler, a missing D skip, no state reset at a segment change, a reset one step late, the initial state
   ignored; and (chunked only, as only it has a hand-written backward) its gradient of A scaled by 0.5.
   """
@@ -151,7 +151,7 @@ def test_selective_scan_matches_numpy_oracle(mode):
 def test_ssd_matches_numpy_oracle(mode):
   """Forward, final state and gradients of Mamba-2's SSD with D, resets and an initial state.
 
-  Catches (planted once each by monkeypatching seqjax.ops.ssm_ssd; both modes failed unless noted): no state reset,
+  Catches (planted once each by monkeypatching seqjax.ops.ssm.ssd; both modes failed unless noted): no state reset,
   a missing D skip, the initial state ignored, B by ZOH instead of Euler; chunked only: the intra-chunk decay
   computed from the wrong end, a reset mask that lets two segments of one chunk interact, the incoming state read
   out without its decay to each position.
