@@ -244,6 +244,7 @@ class SeqjaxRunner:
     from seqjax.train.optim import make_optimizer
     from seqjax.train.state import count_params, create_train_state
     from seqjax.train.step import jit_train_step, make_train_step
+    from seqjax.train.tasks.lm import lm_loss_sum
 
     self.jax, self.sharding = jax, sharding
     self.mesh = sharding.make_mesh(config.mesh)
@@ -252,7 +253,8 @@ class SeqjaxRunner:
     self.state, shardings = create_train_state(model, optimizer, seq_len=config.data.seq_len, seed=config.seed,
                                                mesh=self.mesh)
     self.params = count_params(self.state.params)
-    self.step_fn = jit_train_step(make_train_step(model, optimizer), shardings, sharding.batch_sharding(self.mesh))
+    self.step_fn = jit_train_step(make_train_step(lm_loss_sum(model), optimizer), shardings,
+                                  sharding.batch_sharding(self.mesh))
     B, T = config.train.batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (B, T + 1)).astype(np.int32)
     self.batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),

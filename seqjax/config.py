@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -279,15 +280,12 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Seq2SeqTaskConfig:
-  """The LSTM encoder-decoder task (config.task="seq2seq"): model, scheduled sampling, length curriculum.
+class Seq2SeqConfig:
+  """The LSTM encoder-decoder with additive attention: `seqjax.models.seq2seq_lstm.Seq2SeqLSTM(cfg)` takes it as
+  is (also the section `config.seq2seq`, whose task fields the model does not read). Validated here only."""
 
-  Its data come from config.data (name "numbers_to_words/<builder config>", data_dir, splits); the optimizer,
-  batch size, steps, mesh and checkpoints from the shared sections. See docs/recurrent.md.
-  """
-
-  max_digits: int = 0  # Keep only numbers of at most this many digits (0: all the dataset has).
-  # Seq2SeqLSTM (seqjax.models.seq2seq_lstm).
+  src_vocab: int = 0  # 0: the tokenizer's vocabulary size (set it only to pad the embedding table).
+  tgt_vocab: int = 0  # 0: the tokenizer's vocabulary size.
   embed_dim: int = 64
   hidden: int = 128
   encoder_layers: int = 1
@@ -295,6 +293,28 @@ class Seq2SeqTaskConfig:
   bidirectional_encoder: bool = True
   attention_dim: int = 128
   dropout: float = 0.0
+
+  def _check(self, prefix: str) -> None:
+    for name in ("embed_dim", "hidden", "encoder_layers", "decoder_layers", "attention_dim"):
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+    for name in ("src_vocab", "tgt_vocab"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", f"must be >= 0 (0: the tokenizer's), got {getattr(self, name)}")
+    if not 0.0 <= self.dropout < 1.0:
+      _fail(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqTaskConfig(Seq2SeqConfig):
+  """The seq2seq task (config.task="seq2seq"): the model's fields (`Seq2SeqConfig`), then how it is trained —
+  scheduled sampling, length curriculum — and evaluated.
+
+  Its data come from config.data (name "numbers_to_words/<builder config>", data_dir, splits); the optimizer,
+  batch size, steps, mesh and checkpoints from the shared sections. See docs/recurrent.md.
+  """
+
+  max_digits: int = 0  # Keep only numbers of at most this many digits (0: all the dataset has).
   # Scheduled sampling: the probability of feeding the gold previous token, a function of the step
   # (seqjax.train.schedules). Each schedule reads only its own parameters below.
   teacher_forcing: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "inverse_sigmoid"
@@ -313,15 +333,13 @@ class Seq2SeqTaskConfig:
   log_examples: int = 3  # Validation translations printed (and written to examples.jsonl) per evaluation.
 
   def _check(self, prefix: str) -> None:
-    for name in ("embed_dim", "hidden", "encoder_layers", "decoder_layers", "attention_dim", "curriculum_start",
-                 "curriculum_every"):
+    super()._check(prefix)
+    for name in ("curriculum_start", "curriculum_every"):
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
     for name in ("max_digits", "curriculum_end", "curriculum_warmup_steps", "decode_max_len", "log_examples"):
       if getattr(self, name) < 0:
         _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
-    if not 0.0 <= self.dropout < 1.0:
-      _fail(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
     if self.curriculum_end and self.curriculum_end < self.curriculum_start:
       _fail(f"{prefix}.curriculum_end", f"{self.curriculum_end} is below curriculum_start="
             f"{self.curriculum_start}; raise it, or set 0 for the longest training target")
@@ -347,7 +365,13 @@ class Seq2SeqTaskConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0
-  task: Literal["lm", "seq2seq"] = "lm"  # "seq2seq": the LSTM encoder-decoder of `seq2seq` (model.* unused).
+  # What is trained: a task of seqjax.train.tasks (the LM, or the LSTM encoder-decoder of `seq2seq`, for which
+  # model.* is unused). Adding one: the Task docstring in seqjax/train/task.py.
+  task: Literal["lm", "seq2seq"] = "lm"
+  # Native C++ CPU kernels: "auto" = where built and applicable; "off" = portable JAX everywhere; "on" = a kernel
+  # that fails to build is an error. Applied by seqjax.main before anything is built (seqjax.ops.backend); configs
+  # built from default_config_dict() take $SEQJAX_CPU_KERNELS as the default when it is set.
+  cpu_kernels: Literal["auto", "on", "off"] = "auto"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
@@ -362,8 +386,6 @@ class Config:
       if self.data.name.split("/")[0] != "numbers_to_words":
         _fail("data.name", f"task 'seq2seq' trains on 'numbers_to_words[/standard|/small]', got "
               f"{self.data.name!r}")
-      if self.train.on_nan == "rollback":
-        _fail("train.on_nan", "'rollback' is not supported by task 'seq2seq'; use 'stop' or 'skip'")
       return
     if self.data.seq_len > self.model.max_len:
       _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_len={self.model.max_len}; raise "
@@ -460,11 +482,40 @@ def with_vocab_size(config: Config, tokenizer_vocab_size: int) -> Config:
   return config
 
 
+def with_seq2seq_vocab_sizes(config: Config, src_vocab_size: int, tgt_vocab_size: int) -> Config:
+  """`config` with seq2seq.src_vocab / tgt_vocab taken from the source and target tokenizers where they are 0.
+
+  As for model.vocab_size, a size set by hand may pad the table but never be smaller than the tokenizer's
+  vocabulary (ConfigError naming the field).
+  """
+  sizes = {}
+  for name, tokenizer_size in (("src_vocab", src_vocab_size), ("tgt_vocab", tgt_vocab_size)):
+    set_size = getattr(config.seq2seq, name)
+    if set_size and set_size < tokenizer_size:
+      _fail(f"seq2seq.{name}", f"{set_size} is smaller than the tokenizer's vocabulary of {tokenizer_size} "
+            f"tokens; leave it at 0 to use the tokenizer's size")
+    sizes[name] = set_size or tokenizer_size
+  return dataclasses.replace(config, seq2seq=dataclasses.replace(config.seq2seq, **sizes))
+
+
 def to_dict(config: Config) -> dict[str, Any]:
   """A JSON-serialisable dict of a validated config (written into the workdir of every run)."""
   return dataclasses.asdict(config)
 
 
+CPU_KERNELS_ENV = "SEQJAX_CPU_KERNELS"  # = seqjax.ops.backend.ENV (not imported: validating a config stays light).
+
+
 def default_config_dict() -> ml_collections.ConfigDict:
-  """All fields at their defaults, as a ConfigDict that `configs/*.py` start from and override."""
-  return ml_collections.ConfigDict(to_dict(Config()))
+  """All fields at their defaults, as a ConfigDict that `configs/*.py` start from and override.
+
+  `cpu_kernels` defaults to $SEQJAX_CPU_KERNELS when it is set (the switch's environment variable), else "auto".
+  """
+  values = to_dict(Config())
+  env = os.environ.get(CPU_KERNELS_ENV)
+  if env is not None:
+    allowed = typing.get_args(typing.get_type_hints(Config)["cpu_kernels"])
+    if env not in allowed:
+      _fail("cpu_kernels", f"its default ${CPU_KERNELS_ENV}={env!r} is not one of {', '.join(allowed)}")
+    values["cpu_kernels"] = env
+  return ml_collections.ConfigDict(values)

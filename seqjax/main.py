@@ -45,12 +45,24 @@ def _user_error(message: str, status: int = EXIT_USER_ERROR) -> None:
   sys.exit(status)
 
 
+def _without_traceback(message: str) -> str:
+  """A flag error whose text embeds a traceback (an error raised in a config file's get_config): its first line
+  and the error's own message."""
+  head, sep, trace = message.partition("Traceback (most recent call last):")
+  if not sep:
+    return message
+  last = [line for line in trace.splitlines() if line.strip()][-1]
+  kind, colon, text = last.partition(": ")
+  return f"{head.strip()} {text if colon and kind.replace('.', '').isidentifier() else last}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose user errors (unknown config field, bad value, missing file) end in one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _user_error(f"{e}\nFields exist as in the config file; see `python -m seqjax.main --helpfull`.")
+    _user_error(f"{_without_traceback(str(e))}\nFields exist as in the config file; see `python -m seqjax.main "
+                f"--helpfull`.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     _user_error(f"bad --config override: {e}. Check the field's spelling and type against the config file.")
   return []
@@ -62,16 +74,20 @@ def run(mode: str, cfg_dict, workdir: str,
   Importable (tests and notebooks call it)."""
   config = from_config_dict(cfg_dict)  # config errors first, before joining (and waiting for) other processes
   distributed.initialize(multiprocess)
-  # Heavy imports only after validation. Each task module offers train / evaluate_checkpoint / generate.
-  if config.task == "seq2seq":
-    from seqjax.train import seq2seq as job  # pylint: disable=import-outside-toplevel
-  else:
-    from seqjax.train import loop as job  # pylint: disable=import-outside-toplevel
+  apply_cpu_kernels(config.cpu_kernels)
+  # Heavy imports only after validation. One loop for every task (config.task).
+  from seqjax.train import loop  # pylint: disable=import-outside-toplevel
   if mode == "train":
-    return job.train(config, workdir)
+    return loop.train(config, workdir)
   if mode == "eval":
-    return job.evaluate_checkpoint(config, workdir)
-  return job.generate(config, workdir)
+    return loop.evaluate_checkpoint(config, workdir)
+  return loop.generate(config, workdir)
+
+
+def apply_cpu_kernels(mode: str) -> None:
+  """Sets config.cpu_kernels ("auto" | "on" | "off") for every op built or traced afterwards."""
+  from seqjax.ops.backend import set_cpu_kernels  # pylint: disable=import-outside-toplevel
+  set_cpu_kernels(mode)
 
 
 def _exit_status(error: Exception) -> int | None:
@@ -81,8 +97,10 @@ def _exit_status(error: Exception) -> int | None:
   # Heavy modules are imported only here: a config error above must not wait for them.
   from seqjax.data.pipeline import DataUnavailableError  # pylint: disable=import-outside-toplevel
   from seqjax.train.checkpoint import CheckpointRestoreError  # pylint: disable=import-outside-toplevel
-  from seqjax.train.loop import NonFiniteError  # pylint: disable=import-outside-toplevel
+  from seqjax.train.nonfinite import NonFiniteError  # pylint: disable=import-outside-toplevel
   if isinstance(error, (DataUnavailableError, CheckpointRestoreError)):
+    return EXIT_USER_ERROR
+  if type(error).__name__ == "CpuKernelBuildError":  # cpu_kernels="on" without a working C++ toolchain.
     return EXIT_USER_ERROR
   if isinstance(error, NonFiniteError):
     return EXIT_NONFINITE

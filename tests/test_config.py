@@ -25,14 +25,45 @@ def test_shipped_configs_validate(arg):
   assert config.data.name == "python_source"
 
 
-def test_defaults_roundtrip():
+def test_defaults_roundtrip(monkeypatch):
+  monkeypatch.delenv("SEQJAX_CPU_KERNELS", raising=False)
   assert from_config_dict(default_config_dict()) == Config()
 
 
 def test_config_is_frozen():
   config = Config()
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'seed'"):
     config.seed = 3  # type: ignore[misc]
+  with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'num_steps'"):
+    config.train.num_steps = 3  # type: ignore[misc]
+
+
+def test_cpu_kernels_is_a_top_level_choice_defaulting_to_the_environment(monkeypatch):
+  monkeypatch.delenv("SEQJAX_CPU_KERNELS", raising=False)
+  assert Config().cpu_kernels == "auto" and from_config_dict(default_config_dict()).cpu_kernels == "auto"
+  cfg = default_config_dict().to_dict()
+  cfg["cpu_kernels"] = "off"
+  assert from_config_dict(cfg).cpu_kernels == "off"
+  cfg["cpu_kernels"] = "maybe"
+  with pytest.raises(ConfigError, match=r"config\.cpu_kernels: got 'maybe'; allowed: 'auto', 'on', 'off'"):
+    from_config_dict(cfg)
+  monkeypatch.setenv("SEQJAX_CPU_KERNELS", "off")  # The switch's variable is the field's default...
+  assert from_config_dict(load_config("lm_pysrc", "smoke")).cpu_kernels == "off"
+  monkeypatch.setenv("SEQJAX_CPU_KERNELS", "sometimes")  # ...and checked as such.
+  with pytest.raises(ConfigError, match=r"config\.cpu_kernels: its default \$SEQJAX_CPU_KERNELS='sometimes' is "
+                                        r"not one of auto, on, off"):
+    default_config_dict()
+
+
+def test_main_applies_cpu_kernels():
+  from seqjax import main  # pylint: disable=import-outside-toplevel
+  from seqjax.ops import backend  # pylint: disable=import-outside-toplevel
+  before = backend.get_cpu_kernels()
+  try:
+    main.apply_cpu_kernels("off")
+    assert backend.get_cpu_kernels() == "off"
+  finally:
+    backend.set_cpu_kernels(before)
 
 
 @pytest.mark.parametrize("path, value, expected", [

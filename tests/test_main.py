@@ -1,7 +1,12 @@
-"""The command line end to end on the smoke variant: train, resume, eval, generate, and user errors."""
+"""The command line end to end on the smoke variants: train, resume, eval, generate, and user errors.
+
+Each test that writes to a workdir gets its own (a copy of the shared smoke run where it continues it), so no test
+sees another's steps, whatever the order or the xdist worker.
+"""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,53 +18,77 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  env.pop("SEQJAX_FAULTS", None)
+  env.pop("SEQJAX_CPU_KERNELS", None)  # The config's cpu_kernels decides (default "auto").
   return subprocess.run([sys.executable, "-m", "seqjax.main", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)
 
 
+def _common(workdir, data_dir):
+  return ["--config=configs/lm_pysrc.py:smoke", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          "--config.data.name=python_source/small"]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+  """The LM smoke run (20 steps), never modified by a test: (workdir, data_dir)."""
   tmp = tmp_path_factory.mktemp("smoke")
   workdir, data_dir = str(tmp / "work"), str(tmp / "tfds")
-  common = ["--config=configs/lm_pysrc.py:smoke", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            "--config.data.name=python_source/small"]
-  proc = _run(*common)
+  proc = _run(*_common(workdir, data_dir))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return common, workdir, proc
+  return workdir, data_dir
+
+
+def _steps(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [r["step"] for r in map(json.loads, f) if r["split"] == split]
 
 
 def test_train_writes_everything(smoke_run):
-  _, workdir, _ = smoke_run
+  workdir, _ = smoke_run
   final = json.load(open(os.path.join(workdir, "final_metrics.json")))
   assert final["step"] == 20
-  assert {"loss", "bits_per_byte", "perplexity", "accuracy"} <= set(final)
+  assert {"loss", "bits_per_byte", "perplexity", "accuracy", "state_sha256"} <= set(final)
   assert 0 < final["bits_per_byte"] < 9
   assert os.path.exists(os.path.join(workdir, "curves.png"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert {r["split"] for r in records} == {"train", "eval"}
+  assert _steps(workdir, "train") == [5, 10, 15, 20] and _steps(workdir, "eval") == [10, 20]
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps == [10, 20]
 
 
 def test_eval_and_generate_from_checkpoint(smoke_run):
-  common, _, _ = smoke_run
-  proc = _run(*common, "--mode=eval")
+  workdir, data_dir = smoke_run
+  proc = _run(*_common(workdir, data_dir), "--mode=eval")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout)["step"] == 20
-  proc = _run(*common, "--mode=generate", "--config.sample.prompt=import ", "--config.sample.num_tokens=16")
+  proc = _run(*_common(workdir, data_dir), "--mode=generate", "--config.sample.prompt=import ",
+              "--config.sample.num_tokens=16")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "--- sample 0 ---\nimport " in proc.stdout
 
 
-def test_longer_run_resumes_from_the_workdir(smoke_run):
-  common, workdir, _ = smoke_run
-  proc = _run(*common, "--config.train.num_steps=30")
+def test_longer_run_resumes_from_the_workdir(smoke_run, tmp_path):
+  workdir = shutil.copytree(smoke_run[0], str(tmp_path / "longer"))
+  # Longer, and with the portable JAX ops: cpu_kernels changes how, not what, so the run continues.
+  proc = _run(*_common(workdir, smoke_run[1]), "--config.train.num_steps=30", "--config.cpu_kernels=off")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from the checkpoint at step 20" in proc.stderr
+  with open(os.path.join(workdir, "config_changes.jsonl"), encoding="utf-8") as f:
+    assert set(json.loads(f.readline())["changed"]) == {"train.num_steps", "cpu_kernels"}
   assert json.load(open(os.path.join(workdir, "final_metrics.json")))["step"] == 30
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  train_steps = [r["step"] for r in records if r["split"] == "train"]
-  assert train_steps == sorted(set(train_steps)), "resumed run repeated steps"
+  assert _steps(workdir, "train") == [5, 10, 15, 20, 25, 30], "the resumed run repeated or lost steps"
+
+
+def test_seq2seq_smoke_trains_with_rollback(tmp_path):
+  """The seq2seq task runs through the same loop with every on_nan mode (rollback too)."""
+  workdir = str(tmp_path / "s2s")
+  proc = _run("--config=configs/seq2seq_numbers.py:smoke", f"--workdir={workdir}",
+              f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.on_nan=rollback")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+  assert final["step"] == 12 and final["skipped_steps"] == 0
+  assert {"exact_match", "bleu", "rouge_l", "teacher_forcing_prob", "max_target_length"} <= set(final)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -72,3 +101,18 @@ def test_user_errors_are_one_line(tmp_path, override, message):
   assert proc.returncode == 2
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config, env, message", [
+    ("configs/lm_pysrc.py:nope", {}, "Error whilst parsing config file: unknown variant 'nope' of configs/lm_pysrc.py"),
+    ("configs/lm_pysrc.py:smoke", {"SEQJAX_CPU_KERNELS": "sometimes"},
+     "config.cpu_kernels: its default $SEQJAX_CPU_KERNELS='sometimes' is not one of auto, on, off"),
+], ids=["unknown_variant", "bad_cpu_kernels_env"])
+def test_errors_in_a_config_file_are_one_line(tmp_path, config, env, message, monkeypatch):
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  proc = subprocess.run([sys.executable, "-m", "seqjax.main", f"--config={config}", f"--workdir={tmp_path}"],
+                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=60, check=False)
+  assert proc.returncode == 2
+  assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

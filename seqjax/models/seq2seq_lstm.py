@@ -13,12 +13,14 @@ model's own previous argmax prediction. The per-step coin flips come from an exp
 probability 1 the model is exactly teacher forced. Greedy decoding is the same step loop with
 probability 0 from a BOS token, jitted, with an EOS stop mask.
 
+The model takes `seqjax.config.Seq2SeqConfig` (validated with the run's config, vocabulary sizes resolved from
+the tokenizer) as is.
+
 Dimension legend: B batch, S source length, T target length, D embedding width, H hidden width,
 E memory width (H, or 2H when bidirectional), V vocabulary.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -26,31 +28,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from seqjax.config import Seq2SeqConfig
 from seqjax.nn.additive_attention import AdditiveAttention, length_mask
 from seqjax.nn.recurrent import Recurrent
 
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig:
-  src_vocab: int
-  tgt_vocab: int
-  embed_dim: int = 64
-  hidden: int = 128
-  encoder_layers: int = 1
-  decoder_layers: int = 1
-  bidirectional_encoder: bool = True
-  attention_dim: int = 128
-  dropout: float = 0.0
-
-  def __post_init__(self):
-    for name in ("src_vocab", "tgt_vocab", "embed_dim", "hidden", "encoder_layers",
-                 "decoder_layers", "attention_dim"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"Seq2SeqConfig.{name} must be >= 1, got {getattr(self, name)}.")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout}.")
+def _check_vocab(cfg: Seq2SeqConfig) -> None:
+  if cfg.src_vocab <= 0 or cfg.tgt_vocab <= 0:
+    raise ValueError(f"Seq2SeqLSTM needs the vocabulary sizes, got src_vocab={cfg.src_vocab}, tgt_vocab="
+                     f"{cfg.tgt_vocab} (0 means 'the tokenizer's': resolve them with "
+                     f"seqjax.config.with_seq2seq_vocab_sizes)")
 
 
 class _DecoderStep(nn.Module):
@@ -90,6 +79,7 @@ class Seq2SeqLSTM(nn.Module):
 
   def setup(self):
     cfg = self.cfg
+    _check_vocab(cfg)
     self.src_embed = nn.Embed(cfg.src_vocab, cfg.embed_dim, name="src_embed")
     self.encoder = Recurrent(hidden=cfg.hidden, cell="lstm", num_layers=cfg.encoder_layers,
                              bidirectional=cfg.bidirectional_encoder, merge="concat",

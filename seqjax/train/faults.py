@@ -1,6 +1,7 @@
 """Fault injection for reliability tests and drills, switched on by one environment variable.
 
-  SEQJAX_FAULTS="nan_at=6,12;slow_save=8:30;slow_eval=5" python -m seqjax.main --config=... --workdir=...
+  SEQJAX_FAULTS="nan_at=6,12;slow_save=8:30;slow_eval=5;slow_step=0.1" python -m seqjax.main --config=... \
+      --workdir=...
 
 Specs (separated by ";"):
   nan_at=K[,K2...]   the batch drawn for step K gets NaN weights, so that step's loss and gradients are NaN
@@ -8,6 +9,8 @@ Specs (separated by ";"):
   slow_save=S:SECS   every checkpoint saved at step >= S takes SECS seconds longer to commit *in the background*
                      (training continues meanwhile; the save stays an `*.orbax-checkpoint-tmp*` directory).
   slow_eval=SECS     every evaluation sleeps SECS seconds first (a wide window to kill a run mid-evaluation).
+  slow_step=SECS     every step sleeps SECS seconds before drawing its batch (a run of tiny, fast steps then
+                     lasts long enough to be killed or preempted mid-run).
 
 Nothing here runs unless the variable is set; the trainer logs a warning naming the active faults.
 """
@@ -31,10 +34,11 @@ class Faults:
   slow_save_from: int = 0
   slow_save_secs: float = 0.0
   slow_eval_secs: float = 0.0
+  slow_step_secs: float = 0.0
 
   @property
   def active(self) -> bool:
-    return bool(self.nan_steps or self.slow_save_secs or self.slow_eval_secs)
+    return bool(self.nan_steps or self.slow_save_secs or self.slow_eval_secs or self.slow_step_secs)
 
   def poison(self, step: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The batch for `step`, with NaN weights if a NaN is injected at that step (a copy; the input is kept)."""
@@ -54,6 +58,10 @@ class Faults:
     if self.slow_eval_secs > 0:
       time.sleep(self.slow_eval_secs)
 
+  def before_step(self) -> None:
+    if self.slow_step_secs > 0:
+      time.sleep(self.slow_step_secs)
+
 
 def parse(spec: str) -> Faults:
   """Parses a SEQJAX_FAULTS spec (see the module docstring). Raises ValueError naming the bad part."""
@@ -70,8 +78,10 @@ def parse(spec: str) -> Faults:
         fields["slow_save_from"], fields["slow_save_secs"] = int(start), float(secs)
       elif key == "slow_eval":
         fields["slow_eval_secs"] = float(value)
+      elif key == "slow_step":
+        fields["slow_step_secs"] = float(value)
       else:
-        raise ValueError("unknown fault; known: nan_at, slow_save, slow_eval")
+        raise ValueError("unknown fault; known: nan_at, slow_save, slow_eval, slow_step")
     except ValueError as e:
       raise ValueError(f"{ENV_VAR}: cannot parse {part!r} ({e}); e.g. {ENV_VAR}='nan_at=6;slow_save=8:30'") from e
   return Faults(**fields)

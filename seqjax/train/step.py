@@ -1,18 +1,20 @@
-"""The jitted train and eval steps: pure functions of (state, batch).
+"""The jitted train step: a pure function of (state, batch), the same for every task.
 
-A batch is a dict of [B, T] arrays from `seqjax.data.pipeline`: inputs, targets, segment_ids, positions, weights
-(1 on real targets) and target_bytes (UTF-8 bytes each target stands for).
+A task (seqjax.train.task) gives the step its loss as a function
 
-The loss is the weighted token mean of the cross-entropy. Gradient accumulation splits the batch into
-`grad_accum_steps` micro-batches, sums loss and gradients (float32) over them and divides once by the total
-weight, so it is exactly the full-batch gradient up to summation order.
+    loss_sum(params, batch, rng, deterministic) -> (sum, weight)     # float32 scalars
+
+the weighted sum of its per-example (or per-token) losses and the total weight; the step trains on their ratio,
+the weighted mean. `rng` is the step's key, fold_in(state.rng, state.step) (dropout, scheduled sampling, ...);
+`deterministic` is False in training. Gradient accumulation splits every leaf of the batch along its first axis
+into `grad_accum_steps` micro-batches, sums loss, weight and gradients (float32) over them and divides once by the
+total weight, so it is exactly the full-batch gradient up to summation order.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,19 +23,7 @@ from seqjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
-  return {"segment_ids": batch.get("segment_ids"), "positions": batch.get("positions")}
-
-
-def token_losses(model: nn.Module, params: Any, batch: Batch, *, rng: jax.Array | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross-entropy [B, T] (float32) and the logits [B, T, V]."""
-  rngs = None if deterministic else {"dropout": rng}
-  logits_BTV = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch),
-                           deterministic=deterministic, rngs=rngs)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]), logits_BTV
+LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, jax.Array]]
 
 
 def _micro_batches(batch: Batch, n: int) -> Batch:
@@ -43,10 +33,11 @@ def _micro_batches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    dropout: bool = False, on_nan: Literal["stop", "skip", "rollback"] = "stop"
+def make_train_step(loss_sum: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
+                    on_nan: Literal["stop", "skip", "rollback"] = "stop"
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Returns `step(state, batch) -> (state, metrics)` (not yet jitted; see `jit_train_step`).
+  """Returns `step(state, batch) -> (state, metrics)` (not yet jitted; see `jit_train_step`) minimising the
+  weighted mean of `loss_sum` (see the module docstring) with `optimizer`.
 
   Non-finite loss or gradients are detected inside the step, at no extra host sync: the update is then dropped
   (params and optimizer state keep their old values), `state.step` still advances and `state.skipped_steps`
@@ -60,12 +51,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
   if on_nan not in ("stop", "skip", "rollback"):
     raise ValueError(f"on_nan must be 'stop', 'skip' or 'rollback', got {on_nan!r}")
 
-  def loss_sum(params, batch, rng):
-    losses, _ = token_losses(model, params, batch, rng=rng, deterministic=not dropout)
-    w = batch["weights"].astype(jnp.float32)
-    return jnp.sum(losses * w), jnp.sum(w)
+  def train_loss(params, batch, rng):
+    total, weight = loss_sum(params, batch, rng, False)
+    return total.astype(jnp.float32), weight.astype(jnp.float32)
 
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  grad_fn = jax.value_and_grad(train_loss, has_aux=True)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -132,17 +122,3 @@ def jit_train_step(step: Callable, state_shardings: Any, batch_sharding: Any) ->
   """Jits with the state's shardings pinned and its buffers donated (updated in place)."""
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                  donate_argnums=(0,))
-
-
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
-  """`eval_step(params, batch)` -> sums over the batch: loss, weight, target bytes and correct predictions."""
-
-  def eval_step(params: Any, batch: Batch) -> Metrics:
-    losses, logits = token_losses(model, params, batch)
-    w = batch["weights"].astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(losses * w), "weight": jnp.sum(w),
-            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * w),
-            "correct": jnp.sum(correct * w)}
-
-  return eval_step

@@ -5,10 +5,11 @@ import numpy as np
 import optax
 import pytest
 
+from seqjax.config import Seq2SeqConfig
 from seqjax.models import seq2seq_lstm as s2s
 from seqjax.nn.additive_attention import AdditiveAttention
 
-CFG = s2s.Seq2SeqConfig(src_vocab=13, tgt_vocab=11, embed_dim=8, hidden=16, attention_dim=12,
+CFG = Seq2SeqConfig(src_vocab=13, tgt_vocab=11, embed_dim=8, hidden=16, attention_dim=12,
                         decoder_layers=2)
 SRC = jnp.array([[3, 4, 5, 6], [7, 8, 0, 0], [9, 0, 0, 0]])
 SRC_LEN = jnp.array([4, 2, 1])
@@ -87,7 +88,7 @@ def test_loss_ignores_padding(model_and_params):
 
 
 def test_training_with_scheduled_sampling_reduces_loss():
-  cfg = s2s.Seq2SeqConfig(src_vocab=13, tgt_vocab=11, embed_dim=8, hidden=16, attention_dim=8,
+  cfg = Seq2SeqConfig(src_vocab=13, tgt_vocab=11, embed_dim=8, hidden=16, attention_dim=8,
                           bidirectional_encoder=False)
   model = s2s.Seq2SeqLSTM(cfg)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), SRC, SRC_LEN, TGT_IN)

@@ -20,21 +20,33 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = 600.0  # Seconds any one process may take (a loaded 2-core machine is slow).
 
-# The run every fault test uses: 16 steps, a checkpoint every 4 (all kept), evaluations at 8 and 16, the loss of
-# every step in metrics.jsonl.
+# The run every fault test uses, for each task: 16 steps, a checkpoint every 4 (all kept), evaluations at 8 and 16,
+# the loss of every step in metrics.jsonl. Sizes are pinned (the tests name some shapes) so that retuning a smoke
+# variant does not break them.
 NUM_STEPS = 16
 CHECKPOINT_EVERY = 4
+TASKS = ("lm", "seq2seq")
+
+_COMMON = [f"--config.train.num_steps={NUM_STEPS}", f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
+           "--config.train.eval_every=8", "--config.train.keep_checkpoints=10", "--config.train.log_every=1"]
+_TASK_ARGS = {
+    "lm": ["--config=configs/lm_pysrc.py:smoke", "--config.data.name=python_source/small",
+           "--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.attention.num_heads=2",
+           "--config.model.mlp_dim=128", "--config.model.max_len=64", "--config.data.seq_len=64",
+           "--config.train.batch_size=8", "--config.sample.num_tokens=32"],
+    # One curriculum length (one train-step program: compiling is most of such a run) and one evaluation batch.
+    "seq2seq": ["--config=configs/seq2seq_numbers.py:smoke", "--config.data.name=numbers_to_words/small",
+                "--config.seq2seq.max_digits=3", "--config.seq2seq.embed_dim=16", "--config.seq2seq.hidden=32",
+                "--config.seq2seq.attention_dim=16", "--config.seq2seq.curriculum_warmup_steps=0",
+                "--config.seq2seq.decode_max_len=32", "--config.train.batch_size=16",
+                "--config.train.eval_batches=1"],
+}
+# Seq2seq smoke steps take milliseconds: slowed down, its runs last long enough to be killed or preempted mid-run.
+MID_RUN_FAULTS = {"lm": "", "seq2seq": "slow_step=0.15"}
 
 
-def base_args(workdir: str, data_dir: str) -> list[str]:
-  return ["--config=configs/lm_pysrc.py:smoke", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.data.name=python_source/small", f"--config.train.num_steps={NUM_STEPS}",
-          f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", "--config.train.eval_every=8",
-          "--config.train.keep_checkpoints=10", "--config.train.log_every=1",
-          # Pinned (the tests name these shapes) so that retuning the smoke variant does not break them.
-          "--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.attention.num_heads=2",
-          "--config.model.mlp_dim=128", "--config.model.max_len=64", "--config.data.seq_len=64",
-          "--config.train.batch_size=8", "--config.sample.num_tokens=32"]
+def base_args(workdir: str, data_dir: str, task: str = "lm") -> list[str]:
+  return [*_TASK_ARGS[task], f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *_COMMON]
 
 
 def _env(faults: str = "", devices: int = 1) -> dict[str, str]:

@@ -12,6 +12,7 @@ from seqjax.train.faults import DelayedCommit
 from seqjax.train.optim import make_optimizer
 from seqjax.train.state import abstract_train_state, create_train_state
 from seqjax.train.step import jit_train_step, make_train_step
+from seqjax.train.tasks.lm import lm_loss_sum
 from tests.train.helpers import synthetic_batch, tiny_config
 
 
@@ -21,7 +22,7 @@ def test_async_save_is_not_corrupted_by_donated_buffers(tmp_path):
   model = DecoderLM(config.model)
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   state, shardings = create_train_state(model, optimizer, seq_len=config.data.seq_len, seed=0, mesh=mesh)
-  step = jit_train_step(make_train_step(model, optimizer), shardings, sharding.batch_sharding(mesh))
+  step = jit_train_step(make_train_step(lm_loss_sum(model), optimizer), shardings, sharding.batch_sharding(mesh))
   before = state
   state, _ = step(state, sharding.put_batch(synthetic_batch(seed=0), mesh))
   assert jax.tree.leaves(before.params)[0].is_deleted(), "the step should donate (else this test proves nothing)"

@@ -1,11 +1,14 @@
 """Fault injection on real training processes: each fault, then a resume, compared with an uninterrupted run.
 
-Every test runs `python -m seqjax.main` (smoke config, 16 steps, a checkpoint every 4, the loss of every step
+Every test runs `python -m seqjax.main` (a smoke config, 16 steps, a checkpoint every 4, the loss of every step
 logged) in subprocesses and compares bitwise — the final state's SHA-256 (params, optimizer state, step, rng) and
-every per-step loss — against one reference run shared by all tests (and all xdist workers, through a file lock).
-The fault table with outcomes is in docs/reliability.md; the long soak is tests/train/test_fault_soak.py.
+every per-step loss — against one reference run per task shared by all tests (and all xdist workers, through a
+file lock). The faults every task must survive (kill -9 and SIGTERM mid-run, a NaN rolled back, time-based saves)
+are parametrised over the tasks of the one training loop (`fault_harness.TASKS`); the others run on the LM. The
+fault table with outcomes is in docs/reliability.md; the long soak is tests/train/test_fault_soak.py.
 """
 
+import json
 import os
 import random
 import signal
@@ -29,16 +32,27 @@ def data_dir(shared_dir):
 
 
 @pytest.fixture(scope="session")
-def reference(shared_dir, data_dir):
-  """The uninterrupted run (computed once per test session, whichever worker gets here first)."""
-  workdir = str(shared_dir / "fault_reference")
-  with fh.file_lock(str(shared_dir / "fault_reference.lock")):
-    if not os.path.exists(os.path.join(workdir, "final_metrics.json")):
-      proc = fh.run(fh.base_args(workdir, data_dir))
-      assert proc.returncode == 0, proc.stderr[-3000:]
-  assert fh.checkpoint_steps(workdir) == [4, 8, 12, 16]
-  assert sorted(fh.train_losses(workdir)) == list(range(1, fh.NUM_STEPS + 1))
-  return workdir
+def references(shared_dir, data_dir):
+  """task -> the workdir of its uninterrupted run (computed once per test session, by whichever worker asks
+  first)."""
+
+  def reference_of(task: str) -> str:
+    workdir = str(shared_dir / f"fault_reference_{task}")
+    with fh.file_lock(str(shared_dir / f"fault_reference_{task}.lock")):
+      if not os.path.exists(os.path.join(workdir, "final_metrics.json")):
+        proc = fh.run(fh.base_args(workdir, data_dir, task))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert fh.checkpoint_steps(workdir) == [4, 8, 12, 16]
+    assert sorted(fh.train_losses(workdir)) == list(range(1, fh.NUM_STEPS + 1))
+    return workdir
+
+  return reference_of
+
+
+@pytest.fixture(scope="session")
+def reference(references):
+  """The LM's uninterrupted run."""
+  return references("lm")
 
 
 def test_same_seed_is_bitwise_identical(reference, data_dir, tmp_path):
@@ -48,16 +62,20 @@ def test_same_seed_is_bitwise_identical(reference, data_dir, tmp_path):
   fh.assert_same_run(workdir, reference)
 
 
-def test_sigkill_at_a_random_step_then_resume(reference, data_dir, tmp_path):
-  kill_after = random.Random().randint(2, 12)
+@pytest.mark.parametrize("task", fh.TASKS)
+def test_sigkill_at_a_random_step_then_resume(references, data_dir, tmp_path, task):
+  reference = references(task)
+  # Seeded: the same step on every run of the test (lm: 7, seq2seq: 6); KILL_SEED=N in the environment draws others.
+  kill_after = random.Random(f"{os.environ.get('KILL_SEED', '0')}/{task}").randint(2, 12)
   workdir = str(tmp_path / "killed")
-  proc = fh.Proc(fh.base_args(workdir, data_dir), workdir)
+  proc = fh.Proc(fh.base_args(workdir, data_dir, task), workdir, faults=fh.MID_RUN_FAULTS[task])
   proc.wait_for(lambda: fh.last_train_step(workdir) >= kill_after, f"step {kill_after}")
   proc.kill()
   reached = fh.last_train_step(workdir)
+  assert reached < fh.NUM_STEPS, f"the run finished before the kill after step {kill_after}"
   saved = fh.checkpoint_steps(workdir)
   assert not saved or max(saved) <= reached + 1, (saved, reached)  # Nothing beyond what was computed.
-  resumed = fh.run(fh.base_args(workdir, data_dir))
+  resumed = fh.run(fh.base_args(workdir, data_dir, task))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   # Only the steps since the newest finalized checkpoint are lost (under load the step-4 save may still have been
   # in flight: then it is not a checkpoint, and the run restarts from the beginning).
@@ -98,9 +116,11 @@ def test_sigkill_during_an_evaluation_then_resume(reference, data_dir, tmp_path)
   fh.assert_same_run(workdir, reference)
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_0(reference, data_dir, tmp_path):
+@pytest.mark.parametrize("task", fh.TASKS)
+def test_sigterm_finishes_the_step_saves_and_exits_0(references, data_dir, tmp_path, task):
+  reference = references(task)
   workdir = str(tmp_path / "preempted")
-  proc = fh.Proc(fh.base_args(workdir, data_dir), workdir)
+  proc = fh.Proc(fh.base_args(workdir, data_dir, task), workdir, faults=fh.MID_RUN_FAULTS[task])
   proc.wait_for(lambda: fh.last_train_step(workdir) >= 5, "step 5")
   proc.signal(signal.SIGTERM)
   assert proc.wait() == 0, proc.stderr()[-3000:]
@@ -108,10 +128,24 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(reference, data_dir, tmp_pa
   assert 5 <= stopped < fh.NUM_STEPS, "expected a preemption save before the end"
   assert stopped == fh.last_train_step(workdir), "the preemption save must hold the last finished step"
   assert not fh.unfinished_saves(workdir), "the save must be complete before exiting"
-  resumed = fh.run(fh.base_args(workdir, data_dir))
+  resumed = fh.run(fh.base_args(workdir, data_dir, task))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from the checkpoint at step {stopped}" in resumed.stderr
   fh.assert_same_run(workdir, reference)
+
+
+@pytest.mark.parametrize("task", fh.TASKS)
+def test_time_based_checkpoints(references, data_dir, tmp_path, task):
+  """train.checkpoint_every_secs saves by wall time (here: none by step count but the last); saving never changes
+  the state, so the run is still bitwise the reference."""
+  workdir = str(tmp_path / "timed")
+  proc = fh.run(fh.base_args(workdir, data_dir, task) + ["--config.train.checkpoint_every=1000",
+                                                         "--config.train.checkpoint_every_secs=0.05"],
+                faults=fh.MID_RUN_FAULTS[task])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = fh.checkpoint_steps(workdir)
+  assert len([s for s in saved if s < fh.NUM_STEPS]) >= 3, saved
+  fh.assert_same_run(workdir, references(task))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,7 +169,7 @@ def _remove_data_item(step_dir: str) -> None:
 def _replace_with_other_config(step_dir: str) -> None:
   """Writes, as this step, the checkpoint of a model with d_model=32 instead of 64."""
   import shutil  # pylint: disable=import-outside-toplevel
-  from seqjax.config import from_config_dict  # pylint: disable=import-outside-toplevel
+  from seqjax.config import from_config_dict, with_vocab_size  # pylint: disable=import-outside-toplevel
   from seqjax.models.lm import DecoderLM  # pylint: disable=import-outside-toplevel
   from seqjax.train import sharding  # pylint: disable=import-outside-toplevel
   from seqjax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
@@ -145,7 +179,7 @@ def _replace_with_other_config(step_dir: str) -> None:
 
   cfg = configs.lm_pysrc.get_config("smoke")
   cfg.model.d_model = 32
-  config = from_config_dict(cfg)
+  config = with_vocab_size(from_config_dict(cfg), 259)  # The byte tokenizer's.
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model = DecoderLM(config.model)
   optimizer = make_optimizer(config.optim, config.train.num_steps)
@@ -219,7 +253,6 @@ def test_nan_stop_writes_a_report_and_resumes_exactly(reference, data_dir, tmp_p
   assert proc.returncode == 3, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert f"non-finite loss or gradients at step {NAN_STEP}" in proc.stderr
-  import json  # pylint: disable=import-outside-toplevel
   report = json.load(open(os.path.join(workdir, "nonfinite_report.json"), encoding="utf-8"))
   assert report["step"] == NAN_STEP and report["loss"] == "nan" and report["last_checkpoint"] == 4
   assert "layer_0/mlp/wi/kernel" in report["nonfinite_gradients"]
@@ -240,14 +273,25 @@ def test_nan_stop_writes_a_report_and_resumes_exactly(reference, data_dir, tmp_p
 
 
 @pytest.fixture(scope="module")
-def nan_skip_run(reference, data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("nan") / "skip")
-  proc = fh.run(fh.base_args(workdir, data_dir) + ["--config.train.on_nan=skip"], faults=f"nan_at={NAN_STEP}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+def nan_skip_runs(references, data_dir, tmp_path_factory):
+  """task -> the workdir of a run with a NaN at step NAN_STEP and on_nan="skip" (computed once per module)."""
+  runs = {}
+
+  def skip_run_of(task: str) -> str:
+    if task not in runs:
+      references(task)  # Built first: the runs share the data directory.
+      workdir = str(tmp_path_factory.mktemp("nan") / f"skip_{task}")
+      proc = fh.run(fh.base_args(workdir, data_dir, task) + ["--config.train.on_nan=skip"],
+                    faults=f"nan_at={NAN_STEP}")
+      assert proc.returncode == 0, proc.stderr[-3000:]
+      runs[task] = workdir
+    return runs[task]
+
+  return skip_run_of
 
 
-def test_nan_skip_drops_the_update_and_counts_it(reference, nan_skip_run):
+def test_nan_skip_drops_the_update_and_counts_it(reference, nan_skip_runs):
+  nan_skip_run = nan_skip_runs("lm")
   assert fh.final(nan_skip_run)["skipped_steps"] == 1
   losses, ref = fh.train_losses(nan_skip_run), fh.train_losses(reference)
   assert [losses[s] for s in range(1, NAN_STEP)] == [ref[s] for s in range(1, NAN_STEP)]
@@ -255,14 +299,18 @@ def test_nan_skip_drops_the_update_and_counts_it(reference, nan_skip_run):
   assert all(np.isfinite(losses[s]) for s in range(NAN_STEP + 1, fh.NUM_STEPS + 1))
 
 
-def test_nan_rollback_reloads_and_skips_the_batch(data_dir, nan_skip_run, tmp_path):
+@pytest.mark.parametrize("task", fh.TASKS)
+def test_nan_rollback_reloads_and_skips_the_batch(references, data_dir, nan_skip_runs, tmp_path, task):
   workdir = str(tmp_path / "nan_rollback")
-  proc = fh.run(fh.base_args(workdir, data_dir) + ["--config.train.on_nan=rollback"], faults=f"nan_at={NAN_STEP}")
+  proc = fh.run(fh.base_args(workdir, data_dir, task) + ["--config.train.on_nan=rollback"],
+                faults=f"nan_at={NAN_STEP}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"step {NAN_STEP}: non-finite loss or gradients; rolled back to the checkpoint at step 4" in proc.stderr
   assert fh.final(workdir)["skipped_steps"] == 1
+  ref = fh.train_losses(references(task))
+  assert [fh.train_losses(workdir)[s] for s in range(1, NAN_STEP)] == [ref[s] for s in range(1, NAN_STEP)]
   # Reloading step 4, replaying 5 and skipping step 6's batch is exactly what dropping step 6's update does.
-  fh.assert_same_run(workdir, nan_skip_run)
+  fh.assert_same_run(workdir, nan_skip_runs(task))
   assert sorted(fh.train_losses(workdir)) == list(range(1, fh.NUM_STEPS + 1)), "replayed steps logged twice"
 
 

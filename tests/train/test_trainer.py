@@ -10,6 +10,7 @@ from seqjax.train.checkpoint import Checkpointer
 from seqjax.train.optim import make_optimizer
 from seqjax.train.state import abstract_train_state, create_train_state
 from seqjax.train.step import jit_train_step, make_train_step
+from seqjax.train.tasks.lm import lm_loss_sum
 from tests.train.helpers import synthetic_batch, tiny_config
 
 
@@ -18,8 +19,9 @@ def _setup(config, devices=None, **step_kwargs):
   model = DecoderLM(config.model)
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   state, shardings = create_train_state(model, optimizer, seq_len=config.data.seq_len, seed=config.seed, mesh=mesh)
-  step = jit_train_step(make_train_step(model, optimizer, grad_accum_steps=config.train.grad_accum_steps,
-                                        **step_kwargs), shardings, sharding.batch_sharding(mesh))
+  step = jit_train_step(make_train_step(lm_loss_sum(model), optimizer,
+                                        grad_accum_steps=config.train.grad_accum_steps, **step_kwargs),
+                        shardings, sharding.batch_sharding(mesh))
   return mesh, model, optimizer, state, shardings, step
 
 
@@ -115,3 +117,30 @@ def test_skip_mode_drops_nonfinite_updates():
 def test_mesh_errors_are_clear():
   with pytest.raises(ValueError, match="need 16 devices but 8 are available"):
     sharding.make_mesh(tiny_config(mesh={"data": 4, "fsdp": 4}).mesh)
+
+
+def test_loop_compiles_each_step_once_also_across_a_rollback(tmp_path, monkeypatch):
+  """The LM through loop.train, in-process: a NaN at step 5 is rolled back (reload step 4, skip 5's batch), and the
+  train and eval steps are each traced once in the whole run (chex.assert_max_traces via `wrap_jitted`)."""
+  import chex  # pylint: disable=import-outside-toplevel
+  from seqjax.config import default_config_dict, from_config_dict  # pylint: disable=import-outside-toplevel
+  from seqjax.train import loop  # pylint: disable=import-outside-toplevel
+
+  cfg = default_config_dict().to_dict()
+  cfg["model"].update(d_model=32, num_layers=1, mlp_dim=64, max_len=32)
+  cfg["model"]["attention"].update(num_heads=2)
+  cfg["data"].update(name="python_source/small", data_dir=str(tmp_path / "tfds"), seq_len=32)
+  cfg["sample"].update(num_tokens=8)
+  cfg["train"].update(batch_size=8, num_steps=8, eval_every=4, eval_batches=1, checkpoint_every=2, log_every=1,
+                      on_nan="rollback")
+  monkeypatch.setenv("SEQJAX_FAULTS", "nan_at=5")
+  wrapped = []
+
+  def guard(name, fn):
+    wrapped.append(name)
+    return chex.assert_max_traces(fn, n=1)
+
+  chex.clear_trace_counter()
+  final = loop.train(from_config_dict(cfg), str(tmp_path / "work"), wrap_jitted=guard)
+  assert sorted(wrapped) == ["eval_step", "train_step"]
+  assert final["step"] == 8 and final["skipped_steps"] == 1

@@ -1,0 +1,141 @@
+"""The language-model task (config.task="lm"): a decoder-only LM (`seqjax.models.lm.DecoderLM`) over packed
+documents from the grain pipeline (`seqjax.data.pipeline.make_lm_data`).
+
+Batches are [B, T] arrays: inputs, targets, segment_ids, positions, weights (1 on real targets), target_bytes
+(UTF-8 bytes each target stands for). The loss is the weighted token cross-entropy; evaluation reports loss,
+perplexity, bits per byte and accuracy (`seqjax.evals.lm_metrics.summarize`); generation samples continuations of
+`config.sample.prompt`. The data position is the grain iterator's state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from seqjax import config as config_lib
+from seqjax.config import Config, ConfigError
+from seqjax.data.pipeline import make_lm_data
+from seqjax.data.tokenizer import ByteTokenizer
+from seqjax.decode.sampling import sample_tokens
+from seqjax.evals.lm_metrics import summarize
+from seqjax.models.lm import DecoderLM
+from seqjax.train import sharding
+from seqjax.train.state import token_init
+from seqjax.train.step import LossFn
+from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, Task
+
+
+def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.Array | None = None,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy [B, T] (float32) and the logits [B, T, V] of a model applied to batch["inputs"]."""
+  rngs = None if deterministic else {"dropout": rng}
+  logits_BTV = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                           positions=batch.get("positions"), deterministic=deterministic, rngs=rngs)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]), logits_BTV
+
+
+def lm_loss_sum(model: nn.Module) -> LossFn:
+  """`loss_sum(params, batch, rng, deterministic) -> (sum, weight)`: the weighted token cross-entropy of `model`
+  (what `seqjax.train.step.make_train_step` takes)."""
+
+  def loss_sum(params, batch, rng, deterministic):
+    losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic)
+    w_BT = batch["weights"].astype(jnp.float32)
+    return jnp.sum(losses_BT * w_BT), jnp.sum(w_BT)
+
+  return loss_sum
+
+
+def lm_eval_sums(model: nn.Module, params: Any, batch: DeviceBatch) -> dict[str, jax.Array]:
+  """Sums over the batch: loss, weight, target bytes and correct next-token predictions."""
+  losses_BT, logits_BTV = token_losses(model, params, batch)
+  w_BT = batch["weights"].astype(jnp.float32)
+  correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
+  return {"loss_sum": jnp.sum(losses_BT * w_BT), "weight": jnp.sum(w_BT),
+          "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * w_BT),
+          "correct": jnp.sum(correct_BT * w_BT)}
+
+
+def _check_registered(config: Config) -> None:
+  from seqjax.nn.mixers import available_mixers  # pylint: disable=import-outside-toplevel
+  from seqjax.ops.attention import available_attentions  # pylint: disable=import-outside-toplevel
+  for name in config.model.mixer_pattern:
+    if name not in available_mixers():
+      raise ConfigError(f"config.model.mixer: unknown mixer {name!r}; registered: {', '.join(available_mixers())}")
+  if config.model.attention.implementation not in available_attentions():
+    raise ConfigError(f"config.model.attention.implementation: unknown implementation "
+                      f"{config.model.attention.implementation!r}; registered: "
+                      f"{', '.join(available_attentions())}")
+
+
+class LMTask(Task):
+  """Byte-level language modelling (see the module docstring)."""
+
+  name = "lm"
+
+  def __init__(self, config: Config, mesh: jax.sharding.Mesh):
+    _check_registered(config)
+    try:
+      self.data = make_lm_data(name=config.data.name, data_dir=config.data.data_dir or None,
+                               seq_len=config.data.seq_len, batch_size=config.train.batch_size, seed=config.seed,
+                               text_key=config.data.text_key, train_split=config.data.train_split,
+                               eval_split=config.data.eval_split, num_workers=config.data.num_workers)
+    except ValueError as e:  # Unknown dataset/split/feature, an empty split, one too short for a batch.
+      raise ConfigError(f"config.data ({config.data.name!r}, train.batch_size={config.train.batch_size}, "
+                        f"data.seq_len={config.data.seq_len}): {e}") from e
+    super().__init__(config_lib.with_vocab_size(config, self.data.vocab_size), mesh)
+    self.model = DecoderLM(self.config.model)
+    self._init = token_init(self.model, self.config.data.seq_len)
+    self._loss_sum = lm_loss_sum(self.model)
+
+  @classmethod
+  def check_generate(cls, config: Config) -> None:
+    sc = config.sample
+    prompt = ByteTokenizer().encode(sc.prompt, add_bos=True)
+    if len(prompt) + sc.num_tokens > config.model.max_len:
+      raise ConfigError(f"config.sample.prompt: {len(prompt)} tokens plus sample.num_tokens={sc.num_tokens} "
+                        f"exceed the model's context model.max_len={config.model.max_len}; shorten the prompt or "
+                        f"lower sample.num_tokens")
+
+  def init_params(self, rng: jax.Array) -> Any:
+    return self._init(rng)
+
+  def train_stream(self, step: int, position: Any | None) -> DataStream:
+    del step  # The grain iterator's own state says where it is.
+    stream = self.data.train_iterator()
+    if position is not None:
+      stream.set_state(position)
+    return stream
+
+  def loss_sum(self, params, batch, rng, deterministic):
+    return self._loss_sum(params, batch, rng, deterministic)
+
+  def eval_sums(self, params, batch):
+    return lm_eval_sums(self.model, params, batch)
+
+  def evaluate(self, params: Any, eval_step: EvalStep, max_batches: int | None) -> Evaluation:
+    totals: dict[str, float] = {}
+    for batch in self.data.eval_batches(max_batches=max_batches):
+      sums = jax.device_get(eval_step(params, sharding.put_batch(batch, self.mesh)))
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    metrics = summarize(totals)
+    return Evaluation(metrics, f"validation loss {metrics['loss']:.4f}, bits/byte "
+                               f"{metrics.get('bits_per_byte', float('nan')):.4f}")
+
+  def generate(self, params: Any) -> list[str]:
+    sc, tokenizer = self.config.sample, self.data.tokenizer
+    prompt = np.asarray(tokenizer.encode(sc.prompt, add_bos=True), np.int32)
+    prompts = jnp.asarray(np.tile(prompt[None], (sc.num_samples, 1)))
+    out = sample_tokens(self.model, params, prompts, num_tokens=sc.num_tokens, max_len=self.config.model.max_len,
+                        rng=jax.random.PRNGKey(self.config.seed), temperature=sc.temperature, top_k=sc.top_k)
+    return [tokenizer.decode(np.asarray(row)) for row in jax.device_get(out)]
+
+  @property
+  def throughput(self) -> tuple[str, float]:
+    return "tokens_per_sec", float(self.config.train.batch_size * self.config.data.seq_len)
