@@ -65,8 +65,17 @@ def test_builder_is_deterministic(small_splits, tmp_path):
   assert numbers.load_pairs(builder, "test") == small_splits["test"]
 
 
-def test_split_of_is_a_function_of_the_number():
-  assert all(numbers.split_of(n) == numbers.split_of(n) for n in range(100))
+def test_split_of_fixed_assignments():
+  """The split of each of 0..99, built by hand from the documented hash: bucket = ((n * 2654435761 + 97) mod 2^32)
+  * 100 // 2^32; buckets 0-89 train, 90-94 validation, 95-99 test. E.g. n = 8: 8 * 2654435761 + 97 = 21235486185
+  = 4 * 2^32 + 4055617001, and 4055617001 * 100 // 2^32 = 94: validation. n = 21 gives 97: test.
+
+  Catches (planted by monkeypatching numbers._SPLIT_FRACTIONS / split_of): validation and test swapped, another
+  hash multiplier (2246822519) — each silently moves numbers between the splits of every built dataset, and the
+  test this replaces (split_of(n) == split_of(n)) passed both."""
+  validation, test = {8, 29, 50, 63, 84, 97}, {21, 42, 55, 76}
+  expected = ["validation" if n in validation else "test" if n in test else "train" for n in range(100)]
+  assert [numbers.split_of(n) for n in range(100)] == expected
   counts = {s: 0 for s in ("train", "validation", "test")}
   for n in range(10000):
     counts[numbers.split_of(n)] += 1

@@ -1,4 +1,5 @@
 """Tests for the `python_source` TFDS builder: determinism, split disjointness, content."""
+import hashlib
 import pathlib
 
 import pytest
@@ -87,7 +88,19 @@ def test_small_config_is_a_fixed_small_subset(tmp_path):
     assert len(rows) == sizes[split]
     for path, text in rows:
       assert path in full[split] and len(text) <= 32 * 1024
-  assert python_source.files_by_split("small") == python_source.files_by_split("small")
+  # The subset by its definition, written here with python_source's file listing only: per split (sha256 bucket of
+  # the path), the first files in (hash, path) order that are at most 32 KiB, listed sorted by path. (Catches, when
+  # planted in files_by_split: the files taken in path order, a 320 KiB cap; the self-comparison it replaces did not.)
+  root = python_source.stdlib_dir()
+  listing = python_source.list_source_files(root)
+  key = lambda rel: (int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big"), rel)  # noqa: E731
+  bounds = {"train": (0, 90), "validation": (90, 95), "test": (95, 100)}
+  small = python_source.files_by_split("small")
+  for split, (lo, hi) in bounds.items():
+    eligible = sorted((rel for rel in listing
+                       if lo <= key(rel)[0] % 100 < hi and (root / rel).stat().st_size <= 32 * 1024), key=key)
+    assert small[split] == sorted(eligible[:sizes[split]]), split
+    assert sorted(path for path, _ in read_split(tmp_path, "small", split)) == small[split], split
 
 
 def test_unknown_config_raises():
