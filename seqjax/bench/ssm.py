@@ -163,7 +163,7 @@ def bench_decode(contexts: Sequence[int], repeats: int, log) -> list[dict]:
   for name, block in blocks.items():
     x = jax.random.normal(jax.random.PRNGKey(2), (BATCH, max(contexts) + 1, WIDTH // 2))
     params = block.init(jax.random.PRNGKey(3), x[:, :8])
-    prefill = jax.jit(functools.partial(block.apply, method=block.prefill))
+    prefill = jax.jit(functools.partial(block.apply, return_state=True))
     step = jax.jit(functools.partial(block.apply, method=block.step))
     cases = {}
     for context in contexts:  # the state after each prefill; the contexts are then timed round-robin

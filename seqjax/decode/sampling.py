@@ -1,7 +1,8 @@
-"""Autoregressive sampling from a decoder LM: greedy, temperature and top-k, jitted as one `lax.fori_loop`.
+"""Autoregressive sampling from a decoder LM: greedy, temperature and top-k, jitted as one program.
 
-This sampler recomputes the forward over a fixed [B, max_len] buffer at every step (no cache): simple, exact for
-every mixer, and cheap at the context lengths it is used for (CLI samples). Cached decoding lives beside it.
+The prompt is prefilled once (`DecoderLM.prefill`, the parallel forward that also returns every layer's state),
+then each new token is one cached `DecoderLM.step` inside a `lax.fori_loop`: the cost per token is one token's
+work against the cache, not a forward over the whole buffer. Any mixer works (seqjax.nn.contract).
 """
 
 from __future__ import annotations
@@ -39,21 +40,28 @@ def sample_tokens(model: nn.Module, params: Any, prompt_BP: jax.Array, *, num_to
 
 
 def _sample_impl(model, params, prompt_BP, rng, *, num_tokens, max_len, temperature, top_k):
-  b, p = prompt_BP.shape
-  buf_BT = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(prompt_BP)
+  del max_len  # checked by sample_tokens; the cache holds the model's context
+  variables = {"params": params}
+
+  def pick(logits_BV, rng):
+    if temperature == 0:
+      return jnp.argmax(logits_BV, -1).astype(jnp.int32), rng
+    rng, sub = jax.random.split(rng)
+    logits_BV = filter_logits(logits_BV, temperature=temperature, top_k=top_k)
+    return jax.random.categorical(sub, logits_BV).astype(jnp.int32), rng
+
+  logits_BPV, cache = model.apply(variables, prompt_BP, method="prefill")
+  first_B, rng = pick(logits_BPV[:, -1], rng)
+  new_BN = jnp.zeros((prompt_BP.shape[0], num_tokens), jnp.int32).at[:, 0].set(first_B)
 
   def body(i, carry):
-    buf_BT, rng = carry
-    logits_BV = model.apply({"params": params}, buf_BT)[:, i - 1]
-    if temperature == 0:
-      nxt_B = jnp.argmax(logits_BV, -1)
-    else:
-      rng, sub = jax.random.split(rng)
-      nxt_B = jax.random.categorical(sub, filter_logits(logits_BV, temperature=temperature, top_k=top_k))
-    return buf_BT.at[:, i].set(nxt_B.astype(jnp.int32)), rng
+    new_BN, cache, rng = carry
+    logits_BV, cache = model.apply(variables, new_BN[:, i - 1], cache, method="step")
+    nxt_B, rng = pick(logits_BV, rng)
+    return new_BN.at[:, i].set(nxt_B), cache, rng
 
-  buf_BT, _ = jax.lax.fori_loop(p, p + num_tokens, body, (buf_BT, rng))
-  return buf_BT[:, :p + num_tokens]
+  new_BN, _, _ = jax.lax.fori_loop(1, num_tokens, body, (new_BN, cache, rng))
+  return jnp.concatenate([prompt_BP.astype(jnp.int32), new_BN], axis=1)
 
 
 _sample = jax.jit(_sample_impl, static_argnames=("model", "num_tokens", "max_len", "temperature", "top_k"))

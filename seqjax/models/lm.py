@@ -1,10 +1,29 @@
-"""A decoder-only language model over any stack of registered mixers.
+"""A decoder-only language model over any stack of registered mixers, with cached decoding.
 
     tokens[B, T] -> embed (+ learned / sinusoidal positions) -> num_layers x Block -> norm -> logits[B, T, V]
 
 Each Block is `x + mixer(norm(x))`, `x + mlp(norm(x))` (pre-norm) or `norm(x + mixer(x))`, `norm(x + mlp(x))`
 (post-norm). With `scan_layers` the blocks are one `nn.scan` (one compiled body, parameters stacked on a leading
 "layers" axis); with `remat` each block's activations are recomputed in the backward pass.
+
+Decoding (every method through `model.apply(variables, ..., method=...)`, each jittable with the cache as an
+ordinary argument):
+
+    logits_BTV = model.apply(v, tokens_BT, segment_ids=..., positions=...)             # training / scoring
+    logits_BTV, cache = model.apply(v, tokens_BT, lengths=lengths_B, method="prefill")  # ragged prompts
+    logits_BV, cache = model.apply(v, tokens_B, cache, method="step")                   # one token per row
+    cache = model.init_cache(batch_size, max_len=None)                                 # before any token
+
+`prefill` runs the parallel forward over right-padded prompts (row b's prompt is tokens[b, :lengths[b]]; lengths
+None: all T) and returns each row's cache after its last prompt token; the logits of row b's next token are
+`logits_BTV[b, lengths[b] - 1]`. `step` feeds one token per row and returns the logits of the next one: prefill
+of T tokens then k steps gives the parallel forward's logits over T + k (tests/nn/test_mixer_contract.py).
+
+The cache is a plain dict `{"position": int32 [B], "layers": ...}`: `position` is each row's next position (the
+learned / sinusoidal embeddings read it), `layers` one mixer state per layer (`seqjax.nn.contract`), a tuple over
+the layers, or with `scan_layers` one state whose leaves are stacked on a leading layers axis [num_layers, B, ...].
+Attention caches hold `model.max_len` tokens (`attention.window` with a sliding window); `init_cache` needs no
+parameters and may size them differently with `max_len`.
 """
 
 from __future__ import annotations
@@ -14,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.config import ModelConfig
-from seqjax.nn import layers
+from seqjax.nn import contract, layers
 from seqjax.nn.mixers import compute_dtype, make_mixer
 from seqjax.ops.dense.dot import flat_dot_general
 
@@ -24,13 +43,21 @@ _REMAT_POLICIES = {
 }
 
 
+_MODES = ("parallel", "prefill", "step")
+
+
 class Block(nn.Module):
+  """One (mixer, MLP) block. `mode`: "parallel" (x -> x), "prefill" (x -> (x, state)) or "step" (x [B, 1, D] and
+  the mixer's state -> (x, state))."""
+
   cfg: ModelConfig
   mixer: str
   deterministic: bool = True
+  mode: str = "parallel"
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None):
+  def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               state: contract.State = None):
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)  # noqa: E731
@@ -39,8 +66,19 @@ class Block(nn.Module):
                      name="mlp")
     norm1 = layers.make_norm(cfg.norm, dtype, "norm_mixer")
     norm2 = None if mlp is None else layers.make_norm(cfg.norm, dtype, "norm_mlp")
-    mix = lambda y: mixer(y, segment_ids=segment_ids, positions=positions,  # noqa: E731
-                          deterministic=self.deterministic)
+    new_state = None
+
+    def mix(y_BTD):
+      nonlocal new_state
+      if self.mode == "parallel":
+        return mixer(y_BTD, segment_ids=segment_ids, positions=positions, deterministic=self.deterministic)
+      if self.mode == "prefill":
+        y_BTD, new_state = mixer(y_BTD, segment_ids=segment_ids, positions=positions,
+                                 deterministic=self.deterministic, return_state=True)
+        return y_BTD
+      y_BD, new_state = mixer.step(y_BTD[:, 0], state, deterministic=self.deterministic)
+      return y_BD[:, None]
+
     if cfg.norm_position == "pre":
       x_BTD = x_BTD + drop(mix(norm1(x_BTD)))
       if mlp is not None:
@@ -49,25 +87,67 @@ class Block(nn.Module):
       x_BTD = norm1(x_BTD + drop(mix(x_BTD)))
       if mlp is not None:
         x_BTD = norm2(x_BTD + drop(mlp(x_BTD, deterministic=self.deterministic)))
-    return x_BTD
+    return x_BTD if self.mode == "parallel" else (x_BTD, new_state)
 
 
 class _ScannedBlock(Block):
-  """`Block` with the (carry, broadcast...) -> (carry, None) signature `nn.scan` wants."""
+  """`Block` with the (carry, xs...) -> (carry, ys) signature `nn.scan` wants: parallel and prefill broadcast
+  (segment_ids, positions) and emit nothing / the state; step scans over the stacked states."""
 
-  def __call__(self, x_BTD, segment_ids, positions):  # pylint: disable=arguments-differ
-    return super().__call__(x_BTD, segment_ids, positions), None
+  def __call__(self, x_BTD, *args):  # pylint: disable=arguments-differ
+    if self.mode == "step":
+      return super().__call__(x_BTD, state=args[0])
+    out = super().__call__(x_BTD, *args)
+    return (out, None) if self.mode == "parallel" else out
 
 
 class DecoderLM(nn.Module):
-  """Decoder-only LM. `__call__` returns float32 logits [B, T, V]."""
+  """Decoder-only LM. `__call__` returns float32 logits [B, T, V]; `prefill` / `step` / `init_cache` decode (see the
+  module docstring)."""
 
   cfg: ModelConfig
 
-  @nn.compact
   def __call__(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    return self._forward(tokens_BT, segment_ids, positions, None, deterministic=deterministic, mode="parallel")
+
+  def prefill(self, tokens_BT: jax.Array, *, lengths: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Right-padded prompts tokens [B, T] (row b's are the first lengths[b]; None: all T) -> (float32 logits
+    [B, T, V], the cache after each row's last prompt token)."""
+    batch, length = tokens_BT.shape
+    if lengths is None:
+      segment_ids, lengths = None, jnp.full((batch,), length, jnp.int32)
+    else:
+      lengths = jnp.asarray(lengths, jnp.int32)
+      segment_ids = (jnp.arange(length, dtype=jnp.int32)[None] < lengths[:, None]).astype(jnp.int32)
+    logits_BTV, states = self._forward(tokens_BT, segment_ids, None, None, deterministic=True, mode="prefill")
+    return logits_BTV, {"position": lengths, "layers": states}
+
+  def step(self, tokens_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """One token per row [B] and the cache -> (float32 logits [B, V] of the next token, the new cache)."""
+    position_B = cache["position"]
+    logits_B1V, states = self._forward(tokens_B[:, None], None, position_B[:, None], cache["layers"],
+                                       deterministic=True, mode="step")
+    return logits_B1V[:, 0], {"position": position_B + 1, "layers": states}
+
+  @nn.nowrap
+  def init_cache(self, batch_size: int, max_len: int | None = None) -> dict:
+    """The cache before any token: zero states, attention caches of `max_len` (default model.max_len) slots.
+    Needs no parameters: `model.init_cache(batch_size)` works on the unbound model."""
     cfg = self.cfg
+    max_len = max_len or cfg.max_len
+    states = tuple(make_mixer(name, cfg).init_state(batch_size, max_len, compute_dtype(cfg))
+                   for name in cfg.layer_mixers())
+    if cfg.scan_layers:
+      states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    return {"position": jnp.zeros((batch_size,), jnp.int32), "layers": states}
+
+  @nn.compact
+  def _forward(self, tokens_BT, segment_ids, positions, states, *, deterministic, mode):
+    """The stack in one of the Block modes; returns logits, or (logits, layer states) unless mode is parallel."""
+    cfg = self.cfg
+    if mode not in _MODES:
+      raise ValueError(f"DecoderLM: mode must be one of {_MODES}, got {mode!r}")
     if cfg.vocab_size <= 0:
       raise ValueError("DecoderLM: model.vocab_size is 0 (\"the tokenizer's\"); resolve it first with "
                        "seqjax.config.with_vocab_size(config, tokenizer.vocab_size)")
@@ -83,16 +163,27 @@ class DecoderLM(nn.Module):
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
 
     block_cls = _ScannedBlock if cfg.scan_layers else Block
-    if cfg.remat != "none":
+    if cfg.remat != "none" and mode == "parallel":
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
+      in_axes = (0,) if mode == "step" else (nn.broadcast, nn.broadcast)
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, _ = stack(cfg, cfg.layer_mixers()[0], deterministic, name="layers")(x_BTD, segment_ids, positions)
+                      in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      block = stack(cfg, cfg.layer_mixers()[0], deterministic, mode, name="layers")
+      x_BTD, states = block(x_BTD, states) if mode == "step" else block(x_BTD, segment_ids, positions)
     else:
+      new_states = []
       for i, mixer in enumerate(cfg.layer_mixers()):
-        x_BTD = block_cls(cfg, mixer, deterministic, name=f"layer_{i}")(x_BTD, segment_ids, positions)
+        block = block_cls(cfg, mixer, deterministic, mode, name=f"layer_{i}")
+        if mode == "parallel":
+          x_BTD = block(x_BTD, segment_ids, positions)
+        elif mode == "prefill":
+          x_BTD, state = block(x_BTD, segment_ids, positions)
+          new_states.append(state)
+        else:
+          x_BTD, state = block(x_BTD, state=states[i])
+          new_states.append(state)
+      states = tuple(new_states)
 
     x_BTD = layers.make_norm(cfg.norm, dtype, "final_norm")(x_BTD) if cfg.norm_position == "pre" else x_BTD
     if cfg.tie_embeddings:
@@ -102,4 +193,5 @@ class DecoderLM(nn.Module):
                                    dot_general=flat_dot_general,
                                    kernel_init=nn.with_logical_partitioning(layers.dense_init(),
                                                                             ("embed", "vocab")))(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    return logits_BTV if mode == "parallel" else (logits_BTV, states)

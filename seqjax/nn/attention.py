@@ -1,24 +1,29 @@
-"""Multi-head attention as a thin linen module over the registered attention kernels.
+"""Multi-head attention as a thin linen module over the registered attention kernels, and its KV cache.
 
-Legend: B batch, T query length, S key length, D width, N query heads, K kv heads, H head dim.
+Legend: B batch, T query length, S key length (cache slots), D width, N query heads, K kv heads, H head dim.
 
     x_q [B, T, D], x_kv [B, S, D] -> q [B, T, N, H], k, v [B, S, K, H] -> kernel -> out [B, T, D]
 
 Self-attention when `x_kv` is None, cross-attention otherwise; grouped-query attention when K < N (K = 1 is
 multi-query). The kernel is chosen by name from the registry in `seqjax.ops.attention` (`implementation=`).
 
-KV cache (`decode=True`, self-attention): the module keeps a mutable "cache" collection with `cached_key`,
-`cached_value` [B, S_max, K, H] and `cache_index` (int32). `init` with a full-length input sizes the cache
-(S_max = that length); each `apply(..., mutable=["cache"])` then appends its T new keys at `cache_index` and
-attends over the cache. The `mask` argument is given as for a plain forward over the new tokens: its position
-masks are shifted so the new queries sit at positions `cache_index + i` (mask=None means causal), keys past the
-filled part of the cache are masked out, and data masks (segment ids) must be given in cache coordinates
-(kv arrays of length S_max). RoPE positions default to `cache_index + arange(T)`.
+Decoding uses an explicit cache, a `KVCache` pytree (no flax collections):
+
+    out_BTD, (k_BTKH, v_BTKH) = mha(x_BTD, mask=..., return_kv=True)       # parallel form + its keys/values
+    cache = KVCache.from_sequence(k_BTKH, v_BTKH, lengths_B, next_positions_B, size)
+    out_B1D, cache = mha(x_B1D, cache=cache)                                # one token per row
+
+The cache is a ring of S slots: token number a of a row lives in slot a % S, so a cache of S = window slots is a
+causal sliding window of that many keys, and S = max_len a full cache. Keys are stored after RoPE, in the compute
+dtype, at K kv heads (grouped-query caches stay small). `index` [B] counts the tokens a row has seen and
+`position` [B] is its next token's position, so rows may be at different places (ragged prompts). A stepped
+token sees the keys of its own document only (those at most `position` tokens back); ALiBi's bias is
+`-slope * distance` in tokens, as in the parallel form.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,6 +35,68 @@ from seqjax.ops.attention import get_attention
 from seqjax.ops.dense.dot import flat_dot_general
 
 Dtype = Any
+
+
+class KVCache(NamedTuple):
+  """The keys and values of the tokens a row has seen, in a ring of S slots (see the module docstring).
+
+  Attributes:
+    key, value: [B, S, K, H] in the compute dtype; token number a of row b is in slot a % S (zeros where empty).
+    index: int32 [B], tokens seen so far (the number of the next token).
+    position: int32 [B], the next token's position in its document (RoPE; it bounds what the token sees).
+  """
+
+  key: jax.Array
+  value: jax.Array
+  index: jax.Array
+  position: jax.Array
+
+  @classmethod
+  def empty(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int, dtype: Dtype) -> "KVCache":
+    zeros = jnp.zeros((batch_size, size, num_kv_heads, head_dim), dtype)
+    counter = jnp.zeros((batch_size,), jnp.int32)
+    return cls(zeros, zeros, counter, counter)
+
+  @classmethod
+  def from_sequence(cls, k_BTKH: jax.Array, v_BTKH: jax.Array, lengths_B: jax.Array, next_positions_B: jax.Array,
+                    size: int) -> "KVCache":
+    """The cache after the first lengths[b] tokens of each row of k, v [B, T, K, H]: the last `size` of them in
+    their slots, zeros elsewhere (so the cache does not depend on what follows lengths[b])."""
+    length = k_BTKH.shape[1]
+    last_B1 = (lengths_B - 1)[:, None]
+    token_BS = last_B1 - jnp.mod(last_B1 - jnp.arange(size, dtype=jnp.int32)[None], size)  # token in each slot
+    valid_BS11 = (token_BS >= 0)[..., None, None]
+    source_BS11 = jnp.clip(token_BS, 0, length - 1)[..., None, None]
+
+    def gather(x_BTKH):
+      return jnp.where(valid_BS11, jnp.take_along_axis(x_BTKH, source_BS11, axis=1), 0).astype(x_BTKH.dtype)
+
+    return cls(gather(k_BTKH), gather(v_BTKH), lengths_B.astype(jnp.int32), next_positions_B.astype(jnp.int32))
+
+  def append(self, k_BKH: jax.Array, v_BKH: jax.Array) -> "KVCache":
+    """The cache with one more token per row (written into slot index % S)."""
+    rows_B = jnp.arange(self.key.shape[0])
+    slot_B = jnp.mod(self.index, self.key.shape[1])
+    return KVCache(self.key.at[rows_B, slot_B].set(k_BKH.astype(self.key.dtype)),
+                   self.value.at[rows_B, slot_B].set(v_BKH.astype(self.value.dtype)),
+                   self.index + 1, self.position + 1)
+
+
+class _VisibleSlots(masks_lib.Mask):
+  """A data mask over cache slots: query rows see key slot j of row b where visible[b, j] (any query row)."""
+
+  _arrays = ("visible_BS",)
+
+  def __init__(self, visible_BS: jax.Array):
+    self.visible_BS = visible_BS
+
+  def block(self, q_idx, kv_idx):
+    visible_BS = jnp.take(self.visible_BS, jnp.asarray(kv_idx, jnp.int32), axis=1, mode="clip")
+    return visible_BS[:, None, None, :] & jnp.ones((1, 1, jnp.shape(q_idx)[0], 1), bool)
+
+  def check(self, batch, q_len, kv_len):
+    if tuple(self.visible_BS.shape) != (batch, kv_len):
+      raise ValueError(f"_VisibleSlots: expected [B, S] = {(batch, kv_len)}, got {self.visible_BS.shape}")
 
 
 class MultiHeadAttention(nn.Module):
@@ -46,7 +113,6 @@ class MultiHeadAttention(nn.Module):
     use_bias: biases on the four projections.
     dropout_rate: dropout on the attention output (before the output projection).
     dtype / param_dtype: computation and parameter dtypes.
-    decode: keep a KV cache (see the module docstring).
     kernel_init: initialiser of the projection kernels.
     out_features: output width; None means the input width D.
   """
@@ -64,7 +130,6 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  decode: bool = False
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   out_features: int | None = None
 
@@ -78,8 +143,15 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x_q_BTD: jax.Array, x_kv_BSD: jax.Array | None = None, *,
                mask: masks_lib.Mask | None = None, q_positions: jax.Array | None = None,
-               kv_positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    """Attention of x_q [B, T, D] over x_kv [B, S, D] (default x_q); returns [B, T, out_features or D]."""
+               kv_positions: jax.Array | None = None, deterministic: bool = True, return_kv: bool = False,
+               cache: KVCache | None = None):
+    """Attention of x_q [B, T, D] over x_kv [B, S, D] (default x_q); returns [B, T, out_features or D].
+
+    `return_kv=True` (self-attention) also returns the keys (after RoPE) and values [B, T, K, H] for
+    `KVCache.from_sequence`. With a `cache`, x_q is one new token per row [B, 1, D]: it is appended to the cache
+    and attends over it; returns (out [B, 1, out_features or D], the new cache). `mask` and the positions are
+    then not used: the cache carries them.
+    """
     N = self.num_heads
     K = self.num_kv_heads or N
     if N <= 0 or K <= 0 or N % K:
@@ -88,9 +160,11 @@ class MultiHeadAttention(nn.Module):
     if x_q_BTD.ndim != 3:
       raise ValueError(f"MultiHeadAttention: expected x_q of shape [B, T, D], got {x_q_BTD.shape}")
     self_attention = x_kv_BSD is None
-    if self.decode and not self_attention:
-      raise ValueError("MultiHeadAttention: decode=True keeps a cache of self-attention keys; for cross-attention "
-                       "compute the keys once and call with decode=False")
+    if (cache is not None or return_kv) and not self_attention:
+      raise ValueError("MultiHeadAttention: a KV cache (cache=, return_kv=True) holds self-attention keys; for "
+                       "cross-attention compute the keys once and call without it")
+    if cache is not None and x_q_BTD.shape[1] != 1:
+      raise ValueError(f"MultiHeadAttention: with a cache, give one token per row [B, 1, D], got {x_q_BTD.shape}")
     x_kv_BSD = x_q_BTD if self_attention else x_kv_BSD
     if x_kv_BSD.ndim != 3 or x_kv_BSD.shape[0] != x_q_BTD.shape[0]:
       raise ValueError(f"MultiHeadAttention: expected x_kv of shape [B, S, D'] with B={x_q_BTD.shape[0]}, got "
@@ -99,7 +173,7 @@ class MultiHeadAttention(nn.Module):
     H = self.head_dim or D // N
     if H <= 0 or (self.rope and H % 2):
       raise ValueError(f"MultiHeadAttention: head_dim={H} must be positive (and even with rope=True)")
-    B, T = x_q_BTD.shape[:2]
+    T = x_q_BTD.shape[1]
 
     q_BTNH = self._dense((N, H), -1, ("embed", "heads", "head_dim"), "query")(x_q_BTD)
     k_BSKH = self._dense((K, H), -1, ("embed", "kv", "head_dim"), "key")(x_kv_BSD)
@@ -109,47 +183,45 @@ class MultiHeadAttention(nn.Module):
                                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)))
       q_BTNH, k_BSKH = norm("query_norm")(q_BTNH), norm("key_norm")(k_BSKH)
 
-    # Where the new tokens sit: at cache_index when decoding from a filled cache, else at 0.
-    cache_ready = self.decode and self.has_variable("cache", "cached_key")
-    offset = self.get_variable("cache", "cache_index") if cache_ready else 0
+    if cache is not None:  # one step: this token's position comes from the cache
+      q_positions = kv_positions = cache.position[:, None]
     if self.rope:
       if q_positions is None:
-        q_positions = offset + jnp.arange(T, dtype=jnp.int32)[None]
+        q_positions = jnp.arange(T, dtype=jnp.int32)[None]
       if kv_positions is None:
         kv_positions = (q_positions if self_attention else
                         jnp.arange(x_kv_BSD.shape[1], dtype=jnp.int32)[None])
       q_BTNH = positions_ops.apply_rope(q_BTNH, q_positions, base=self.rope_base, scaling=self.rope_scaling)
       k_BSKH = positions_ops.apply_rope(k_BSKH, kv_positions, base=self.rope_base, scaling=self.rope_scaling)
 
-    bias = positions_ops.AlibiBias(positions_ops.alibi_slopes(N)) if self.alibi else None
-    if self.decode:
-      k_BSKH, v_BSKH, mask, bias = self._update_cache(k_BSKH, v_BSKH, mask, bias)
-
-    out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
+    if cache is None:
+      bias = positions_ops.AlibiBias(positions_ops.alibi_slopes(N)) if self.alibi else None
+      out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
+    else:
+      out_BTNH, cache = self._attend_cache(q_BTNH, k_BSKH, v_BSKH, cache)
     out_BTNH = nn.Dropout(self.dropout_rate)(out_BTNH, deterministic=deterministic)
     out_features = self.out_features or D
-    return self._dense(out_features, (-2, -1), ("heads", "head_dim", "embed"), "out")(out_BTNH)
+    out_BTD = self._dense(out_features, (-2, -1), ("heads", "head_dim", "embed"), "out")(out_BTNH)
+    if cache is not None:
+      return out_BTD, cache
+    return (out_BTD, (k_BSKH, v_BSKH)) if return_kv else out_BTD
 
-  def _update_cache(self, k_BTKH, v_BTKH, mask, bias):
-    """Writes the new keys/values into the cache; returns (keys, values, mask, bias) to attend with."""
-    initialised = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
-    cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    if not initialised:  # `init`: size the cache from this input and attend as a plain forward.
-      return k_BTKH, v_BTKH, mask, bias
-    B, T = k_BTKH.shape[:2]
-    max_len = cached_key.value.shape[1]
-    if T > max_len:
-      raise ValueError(f"MultiHeadAttention(decode=True): {T} new tokens do not fit a cache of length {max_len}")
-    index = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BTKH.astype(cached_key.value.dtype),
-                                                    (0, index, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BTKH.astype(cached_value.value.dtype),
-                                                      (0, index, 0, 0))
-    cache_index.value = index + T
-    mask = masks_lib.Causal() if mask is None else mask
-    filled = masks_lib.KeyPadding(jnp.full((B,), index + T, jnp.int32))
-    mask = mask.shift(q_offset=index) & filled
-    bias = None if bias is None else bias.shift(q_offset=index)
-    return cached_key.value, cached_value.value, mask, bias
+  def _attend_cache(self, q_B1NH, k_B1KH, v_B1KH, cache: KVCache):
+    """Appends one token per row to the cache and attends over it: (out [B, 1, N, H], new cache).
+
+    Slot j holds the token `distance[b, j]` tokens back (0: the new one). It is visible when that token exists
+    (distance <= index) and belongs to this document (distance <= position). The reference kernel: for one query
+    it materialises only [B, N, 1, S].
+    """
+    index_B1, position_B1 = cache.index[:, None], cache.position[:, None]
+    cache = cache.append(k_B1KH[:, 0], v_B1KH[:, 0])
+    size = cache.key.shape[1]
+    distance_BS = jnp.mod(index_B1 - jnp.arange(size, dtype=jnp.int32)[None], size)
+    visible_BS = (distance_BS <= index_B1) & (distance_BS <= position_B1)
+    bias = None
+    if self.alibi:
+      slopes_N = positions_ops.alibi_slopes(self.num_heads)
+      bias = -slopes_N[None, :, None, None] * distance_BS[:, None, None, :].astype(jnp.float32)
+    reference = get_attention("reference")
+    out_B1NH = reference(q_B1NH, cache.key, cache.value, mask=_VisibleSlots(visible_BS), bias=bias)
+    return out_B1NH, cache

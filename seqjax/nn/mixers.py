@@ -1,39 +1,62 @@
 """The mixer registry: every sequence mixer the LM can stack, selected by name from `config.model.mixer`.
 
 A mixer maps x[B, T, D] to y[B, T, D] along the sequence. A registered factory takes the validated
-`ModelConfig` and returns a linen module called as
+`ModelConfig` and returns a linen module that implements the mixer contract of `seqjax.nn.contract`:
 
-    mixer(x_BTD, segment_ids=seg_BT, positions=pos_BT, deterministic=bool) -> y_BTD
+    y_BTD = mixer(x_BTD, *, segment_ids=None, positions=None, deterministic=True)
+    y_BTD, state = mixer(x_BTD, ..., return_state=True)            # the state after each row's last real token
+    state = mixer.init_state(batch_size, max_len, dtype=None)
+    y_BD, state = mixer.step(x_BD, state, *, deterministic=True)
 
-where `segment_ids` (int32, 0 = padding) separate packed documents — no information may flow between them —
-and `positions` restart at 0 at every document. Register a new one with
+where `segment_ids` (int32, 0 = padding) separate packed documents — no information may flow between them — and
+`positions` restart at 0 at every document. Register a new one with
 
     @register_mixer("my_mixer")
     def _make(cfg: ModelConfig) -> nn.Module: ...
+
+Registration builds the module from a default `ModelConfig` and rejects it, naming what is missing, if it does not
+implement the contract; tests/nn/test_mixer_contract.py then checks every registered mixer's modes against each
+other.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from seqjax.config import ModelConfig
-from seqjax.nn.attention import MultiHeadAttention
+from seqjax.nn import contract
+from seqjax.nn.attention import KVCache, MultiHeadAttention
 from seqjax.nn.recurrent import RecurrentMixer
 from seqjax.nn import ssm as ssm_blocks
 from seqjax.ops.attention import masks
 
 MixerFactory = Callable[[ModelConfig], nn.Module]
 _MIXERS: dict[str, MixerFactory] = {}
+_CONTRACT_CHECK_CONFIG = ModelConfig(d_model=32, num_layers=1, mlp_dim=32, vocab_size=8, max_len=16)
 
 
 def register_mixer(name: str) -> Callable[[MixerFactory], MixerFactory]:
+  """Decorator: registers `factory(cfg) -> module` under `name`.
+
+  Raises ValueError if the name is taken, or if the module the factory builds from a default `ModelConfig` does
+  not implement the mixer contract (`seqjax.nn.contract`); the message names the mixer and what is missing.
+  """
   def wrap(factory: MixerFactory) -> MixerFactory:
     if name in _MIXERS:
       raise ValueError(f"mixer {name!r} is already registered")
+    try:
+      module = factory(_CONTRACT_CHECK_CONFIG)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"mixer {name!r}: its factory failed on a default ModelConfig ({type(e).__name__}: {e})") from e
+    problems = (["the factory must return a flax.linen.Module, got " + type(module).__name__]
+                if not isinstance(module, nn.Module) else contract.contract_problems(module))
+    if problems:
+      raise ValueError(f"mixer {name!r} ({type(module).__name__}) does not implement the mixer contract of "
+                       f"seqjax.nn.contract: " + "; ".join(problems))
     _MIXERS[name] = factory
     return factory
   return wrap
@@ -54,26 +77,50 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 class AttentionMixer(nn.Module):
-  """Causal self-attention restricted to each packed document (and to a sliding window if `attention.window`)."""
+  """Causal self-attention restricted to each packed document (and to a sliding window if `attention.window`).
+
+  State: a `KVCache` of `max_len` slots, or of `attention.window` slots (a ring buffer: memory is the window, not
+  the context) when the window is set.
+  """
 
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+  def setup(self):
     cfg = self.cfg
-    window = cfg.attention.window
-    mask = masks.SlidingWindow(window - 1, 0) if window else masks.Causal()
-    if segment_ids is not None:
-      mask = mask & masks.SegmentIds(segment_ids, segment_ids)
-    attention = MultiHeadAttention(
+    self.attention = MultiHeadAttention(
         num_heads=cfg.attention.num_heads, num_kv_heads=cfg.resolved_num_kv_heads,
         head_dim=cfg.resolved_head_dim, implementation=cfg.attention.implementation,
         rope=cfg.positions == "rope", rope_base=cfg.attention.rope_base, alibi=cfg.positions == "alibi",
-        qk_norm=cfg.attention.qk_norm, dropout_rate=cfg.dropout,
-        dtype=compute_dtype(cfg), name="attention")
-    return attention(x_BTD, mask=mask, q_positions=positions, kv_positions=positions,
-                     deterministic=deterministic)
+        qk_norm=cfg.attention.qk_norm, dropout_rate=cfg.dropout, dtype=compute_dtype(cfg))
+
+  def cache_size(self, max_len: int) -> int:
+    window = self.cfg.attention.window
+    return min(window, max_len) if window else max_len
+
+  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, deterministic: bool = True, return_state: bool = False):
+    window = self.cfg.attention.window
+    mask = masks.SlidingWindow(window - 1, 0) if window else masks.Causal()
+    if segment_ids is not None:
+      mask = mask & masks.SegmentIds(segment_ids, segment_ids)
+    out = self.attention(x_BTD, mask=mask, q_positions=positions, kv_positions=positions,
+                         deterministic=deterministic, return_kv=return_state)
+    if not return_state:
+      return out
+    y_BTD, (k_BTKH, v_BTKH) = out
+    lengths_B = contract.last_token_lengths(segment_ids, *x_BTD.shape[:2])
+    state = KVCache.from_sequence(k_BTKH, v_BTKH, lengths_B, contract.next_positions(positions, lengths_B),
+                                  self.cache_size(self.cfg.max_len))
+    return y_BTD, state
+
+  def init_state(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
+    cfg = self.cfg
+    return KVCache.empty(batch_size, self.cache_size(max_len), cfg.resolved_num_kv_heads, cfg.resolved_head_dim,
+                         dtype or compute_dtype(cfg))
+
+  def step(self, x_BD: jax.Array, state: KVCache, *, deterministic: bool = True) -> tuple[jax.Array, KVCache]:
+    y_B1D, state = self.attention(x_BD[:, None], cache=state, deterministic=deterministic)
+    return y_B1D[:, 0], state
 
 
 @register_mixer("attention")

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.nn import contract
 from seqjax.ops import recurrent as ops
 
 Array = jax.Array
@@ -233,7 +234,8 @@ class RNN(Recurrent):
 class RecurrentMixer(nn.Module):
   """A recurrent sequence mixer for the LM: x [B, T, D] -> one recurrent layer of width
   `hidden` (default D) -> a Dense back to D. Packed documents are kept apart by resetting the
-  state where `segment_ids` changes. `step` on one token equals the full forward."""
+  state where `segment_ids` changes. Implements the mixer contract (`seqjax.nn.contract`); the
+  state is (h, c) for the LSTM, (h,) otherwise, each [B, hidden] float32."""
 
   d_model: int
   hidden: int | None = None
@@ -246,25 +248,35 @@ class RecurrentMixer(nn.Module):
                                   param_dtype=self.param_dtype, name="rnn")
     self.out = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, name="out")
 
-  def init_state(self, batch_size: int) -> State:
-    """Zero state: (h, c) for the LSTM, (h,) otherwise, each [B, hidden] float32. Works on an
-    unbound module (no params needed)."""
+  def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None) -> State:
+    """Zero state: (h, c) for the LSTM, (h,) otherwise, each [B, hidden] float32 (`max_len` and
+    `dtype` do not change it). Works on an unbound module (no params needed)."""
+    del max_len, dtype
     n = 2 if self.cell == "lstm" else 1
     return tuple(jnp.zeros((batch_size, self.hidden or self.d_model), jnp.float32)
                  for _ in range(n))
 
   def __call__(self, x_BTD: Array, *, segment_ids: Array | None = None,
-               positions: Array | None = None, deterministic: bool = True) -> Array:
-    """x [B, T, D] -> y [B, T, D]; `positions` and `deterministic` are accepted and unused."""
+               positions: Array | None = None, deterministic: bool = True,
+               return_state: bool = False) -> Array | tuple[Array, State]:
+    """x [B, T, D] -> y [B, T, D] (and, with `return_state`, the state after each row's last
+    real token); `positions` and `deterministic` are accepted and unused."""
     del positions, deterministic
     if x_BTD.ndim != 3 or x_BTD.shape[-1] != self.d_model:
       raise ValueError(f"{type(self).__name__} expects x [B, T, {self.d_model}], "
                        f"got {x_BTD.shape}.")
-    ys_BTH, _ = self.rnn(x_BTD.astype(self.dtype), segment_ids=segment_ids)
-    return self.out(ys_BTH.astype(self.dtype))
+    if not return_state:
+      ys_BTH, _ = self.rnn(x_BTD.astype(self.dtype), segment_ids=segment_ids)
+      return self.out(ys_BTH.astype(self.dtype))
+    x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
+    ys_BTH, state = self.rnn(x_BTD.astype(self.dtype), segment_ids=segment_ids)
+    y_BTD = contract.restore(self.out(ys_BTH.astype(self.dtype)), lengths_B)
+    state = contract.where_rows(lengths_B > 0, state, self.init_state(x_BTD.shape[0]))
+    return y_BTD, state
 
-  def step(self, x_BD: Array, state: State) -> tuple[Array, State]:
+  def step(self, x_BD: Array, state: State, *, deterministic: bool = True) -> tuple[Array, State]:
     """One token: x [B, D], state -> (y [B, D], new state)."""
+    del deterministic
     y_BH, state = self.rnn.step(x_BD.astype(self.dtype), state)
     return self.out(y_BH.astype(self.dtype)), state
 

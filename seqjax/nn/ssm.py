@@ -1,16 +1,20 @@
 """State-space mixers: S4D, S5, Mamba and Mamba-2 blocks (linen), thin wrappers over `seqjax.ops.ssm`.
 
-Every class here is a sequence mixer with one interface (the LM registers them as "s4d", "s5", "mamba", "mamba2"):
+Every class here implements the mixer contract of `seqjax.nn.contract` (the LM registers them as "s4d", "s5",
+"mamba", "mamba2"):
 
-    y_BTD = mixer(x_BTD, *, segment_ids=None, positions=None, deterministic=True)   # training / prefill
-    state = mixer.init_state(batch_size)                                           # zeros
-    y_BTD, state = mixer.prefill(x_BTD)                                             # full forward + its state
+    y_BTD = mixer(x_BTD, *, segment_ids=None, positions=None, deterministic=True)   # training
+    y_BTD, state = mixer(x_BTD, segment_ids=..., return_state=True)                 # prefill: + the state after
+                                                                                    # each row's last real token
+    state = mixer.init_state(batch_size, max_len, dtype=None)                       # zeros
     y_BD, state = mixer.step(x_BD, state)                                           # one decoding step
 
 (call the methods through `module.apply(params, ..., method=...)`). `segment_ids` [B, T] resets the state where the id
-changes (packed documents never see each other); `positions` and `deterministic` are accepted for interface
-compatibility and unused (no dropout, no position encoding: the recurrence is the position information). States are
+changes (packed documents never see each other; id 0 is padding); `positions` and `deterministic` are accepted for
+the contract and unused (no dropout, no position encoding: the recurrence is the position information). States are
 float32 (complex64 for S4D/S5) whatever the compute dtype, so step-by-step decoding equals the full forward.
+With `return_state` and segment ids, rows are rotated so that each one's last real token comes last
+(`contract.right_align`): the scan's final state is then each row's own, whatever its padding.
 
 Legend: B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim, K conv width.
 """
@@ -24,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.nn import contract
 from seqjax.nn.layers import dense_init
 from seqjax.ops import ssm as ssm_ops
 
@@ -86,13 +91,19 @@ def causal_depthwise_conv(x_BTE: jax.Array, kernel_KE: jax.Array, bias_E: jax.Ar
 def _conv_step(x_BE, window_BKE, kernel_KE, bias_E):
   """One step of the causal conv from its state (the previous K - 1 inputs): (y [B, E], new state)."""
   full_BKE = jnp.concatenate([window_BKE.astype(x_BE.dtype), x_BE[:, None]], axis=1)
-  return jnp.einsum("bke,ke->be", full_BKE, kernel_KE) + bias_E, full_BKE[:, 1:]
+  return jnp.einsum("bke,ke->be", full_BKE, kernel_KE) + bias_E, full_BKE[:, 1:].astype(window_BKE.dtype)
 
 
-def _conv_tail(x_BTE: jax.Array, width: int) -> jax.Array:
-  """The conv state after a prefill: the last K - 1 inputs, left-padded with zeros for short prompts."""
+def _conv_tail(x_BTE: jax.Array, width: int, segment_ids: jax.Array | None = None) -> jax.Array:
+  """The conv state after the last position: the last K - 1 inputs, zeros before the sequence start and, with
+  segment ids, for inputs of another segment than the last position's."""
   x_pad = jnp.pad(x_BTE, ((0, 0), (width - 1, 0), (0, 0)))
-  return x_pad[:, x_pad.shape[1] - (width - 1):]
+  tail_BKE = x_pad[:, x_pad.shape[1] - (width - 1):]
+  if segment_ids is not None:
+    seg_pad = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
+    same_BK = seg_pad[:, seg_pad.shape[1] - (width - 1):] == segment_ids[:, -1:]
+    tail_BKE = jnp.where(same_BK[..., None], tail_BKE, 0).astype(tail_BKE.dtype)
+  return tail_BKE
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,10 +149,16 @@ class S4D(nn.Module):
   def _read_out(self, y):
     return self.out_proj(nn.gelu(y).astype(self.dtype))
 
-  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True, return_state=False):
     del positions, deterministic
     _check_segment_ids(segment_ids, x_BTD)
     dA_DP, dB_DP, C_DP = self._operands()
+    if return_state:
+      x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
+      y_BTD, h_BDP = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
+                                           segment_ids=segment_ids, return_final_state=True)
+      h_BDP = contract.where_rows(lengths_B > 0, h_BDP, self.init_state(x_BTD.shape[0]))
+      return contract.restore(self._read_out(y_BTD), lengths_B), h_BDP
     if segment_ids is None:
       y_BTD = ssm_ops.s4d_conv(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip)
     else:
@@ -149,16 +166,12 @@ class S4D(nn.Module):
                                     segment_ids=segment_ids)
     return self._read_out(y_BTD)
 
-  def init_state(self, batch_size: int):
+  def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
+    del max_len, dtype
     return jnp.zeros((batch_size, self.d_model, self.d_state), jnp.complex64)
 
-  def prefill(self, x_BTD):
-    dA_DP, dB_DP, C_DP = self._operands()
-    y_BTD, h_BDP = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
-                                         return_final_state=True)
-    return self._read_out(y_BTD), h_BDP
-
-  def step(self, x_BD, state):
+  def step(self, x_BD, state, *, deterministic=True):
+    del deterministic
     dA_DP, dB_DP, C_DP = self._operands()
     y_BD, state = ssm_ops.s4d_step(x_BD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip, state)
     return self._read_out(y_BD), state
@@ -201,21 +214,24 @@ class S5(nn.Module):
   def _read_out(self, y):
     return self.out_proj(nn.gelu(y).astype(self.dtype))
 
-  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True, return_state=False):
     del positions, deterministic
     _check_segment_ids(segment_ids, x_BTD)
+    if return_state:
+      x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
+      y_BTD, h_BP = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip,
+                                    segment_ids=segment_ids, return_final_state=True)
+      h_BP = contract.where_rows(lengths_B > 0, h_BP, self.init_state(x_BTD.shape[0]))
+      return contract.restore(self._read_out(y_BTD), lengths_B), h_BP
     y_BTD = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip, segment_ids=segment_ids)
     return self._read_out(y_BTD)
 
-  def init_state(self, batch_size: int):
+  def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
+    del max_len, dtype
     return jnp.zeros((batch_size, self.d_state), jnp.complex64)
 
-  def prefill(self, x_BTD):
-    y_BTD, h_BP = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip,
-                                  return_final_state=True)
-    return self._read_out(y_BTD), h_BP
-
-  def step(self, x_BD, state):
+  def step(self, x_BD, state, *, deterministic=True):
+    del deterministic
     y_BD, state = ssm_ops.s5_step(x_BD.astype(jnp.float32), *self._operands(), self.skip, state)
     return self._read_out(y_BD), state
 
@@ -285,6 +301,8 @@ class Mamba(nn.Module):
 
   def _forward(self, x_BTD, segment_ids, return_state):
     _check_segment_ids(segment_ids, x_BTD)
+    if return_state:
+      x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
     xz_BTF = self.in_proj(x_BTD.astype(self.dtype))
     x_BTE, z_BTE = jnp.split(xz_BTF, 2, axis=-1)
     x_conv = causal_depthwise_conv(x_BTE, *self._conv_params(), segment_ids)
@@ -295,21 +313,22 @@ class Mamba(nn.Module):
     y_BTE, h_BEP = out if return_state else (out, None)
     y_BTD = self.out_proj(y_BTE * nn.silu(z_BTE))
     if return_state:
-      return y_BTD, {"conv": _conv_tail(x_BTE, self.d_conv), "ssm": h_BEP}
+      state = {"conv": _conv_tail(x_BTE, self.d_conv, segment_ids), "ssm": h_BEP}
+      state = contract.where_rows(lengths_B > 0, state, self.init_state(x_BTD.shape[0], dtype=x_BTE.dtype))
+      return contract.restore(y_BTD, lengths_B), state
     return y_BTD
 
-  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True, return_state=False):
     del positions, deterministic
-    return self._forward(x_BTD, segment_ids, return_state=False)
+    return self._forward(x_BTD, segment_ids, return_state)
 
-  def init_state(self, batch_size: int):
-    return {"conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), self.dtype),
+  def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
+    del max_len
+    return {"conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), dtype or self.dtype),
             "ssm": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32)}
 
-  def prefill(self, x_BTD):
-    return self._forward(x_BTD, None, return_state=True)
-
-  def step(self, x_BD, state):
+  def step(self, x_BD, state, *, deterministic=True):
+    del deterministic
     x_BE, z_BE = jnp.split(self.in_proj(x_BD.astype(self.dtype)), 2, axis=-1)
     x_conv, conv_state = _conv_step(x_BE, state["conv"], *self._conv_params())
     u_BE, delta_BE, B_BP, C_BP = self._ssm_inputs(x_conv)
@@ -386,6 +405,8 @@ class Mamba2(nn.Module):
 
   def _forward(self, x_BTD, segment_ids, return_state):
     _check_segment_ids(segment_ids, x_BTD)
+    if return_state:
+      x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
     z_BTE, xbc_BTF, dt_BTN = self._split(self.in_proj(x_BTD.astype(self.dtype)))
     xbc_conv = causal_depthwise_conv(xbc_BTF, *self._conv_params(), segment_ids)
     x_BTNH, dt_BTN, B_BTP, C_BTP = self._ssd_inputs(xbc_conv, dt_BTN)
@@ -394,21 +415,22 @@ class Mamba2(nn.Module):
     y_BTNH, h_BNHP = out if return_state else (out, None)
     y_BTD = self._gated_out(y_BTNH, z_BTE)
     if return_state:
-      return y_BTD, {"conv": _conv_tail(xbc_BTF, self.d_conv), "ssm": h_BNHP}
+      state = {"conv": _conv_tail(xbc_BTF, self.d_conv, segment_ids), "ssm": h_BNHP}
+      state = contract.where_rows(lengths_B > 0, state, self.init_state(x_BTD.shape[0], dtype=xbc_BTF.dtype))
+      return contract.restore(y_BTD, lengths_B), state
     return y_BTD
 
-  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True):
+  def __call__(self, x_BTD, *, segment_ids=None, positions=None, deterministic=True, return_state=False):
     del positions, deterministic
-    return self._forward(x_BTD, segment_ids, return_state=False)
+    return self._forward(x_BTD, segment_ids, return_state)
 
-  def init_state(self, batch_size: int):
-    return {"conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner + 2 * self.d_state), self.dtype),
+  def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
+    del max_len
+    return {"conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner + 2 * self.d_state), dtype or self.dtype),
             "ssm": jnp.zeros((batch_size, self.num_heads, self.head_dim, self.d_state), jnp.float32)}
 
-  def prefill(self, x_BTD):
-    return self._forward(x_BTD, None, return_state=True)
-
-  def step(self, x_BD, state):
+  def step(self, x_BD, state, *, deterministic=True):
+    del deterministic
     z_BE, xbc_BF, dt_BN = self._split(self.in_proj(x_BD.astype(self.dtype)))
     xbc_conv, conv_state = _conv_step(xbc_BF, state["conv"], *self._conv_params())
     x_BNH, dt_BN, B_BP, C_BP = self._ssd_inputs(xbc_conv, dt_BN)

@@ -1,4 +1,4 @@
-"""The uncached sampler: greedy = argmax of the full forward, top-k=1 = greedy, context errors."""
+"""The cached sampler (prefill + steps): greedy = argmax of the full forward, top-k=1 = greedy, context errors."""
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,17 @@ def test_greedy_follows_the_argmax_of_the_full_forward(lm):
   np.testing.assert_array_equal(out[:, :3], prompt)
   logits = model.apply({"params": params}, out)
   np.testing.assert_array_equal(np.asarray(out[:, 3:]), np.asarray(jnp.argmax(logits[:, 2:-1], -1)))
+
+
+def test_greedy_with_a_hybrid_of_mixers():
+  config = tiny_config(model={"mixer": "gru,attention", "num_layers": 2})
+  model = DecoderLM(config.model)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  prompt = jnp.asarray([[1, 40, 50, 7]], jnp.int32)
+  out = sample_tokens(model, params, prompt, num_tokens=5, max_len=config.model.max_len, rng=jax.random.PRNGKey(0),
+                      temperature=0.0)
+  logits = model.apply({"params": params}, out)
+  np.testing.assert_array_equal(np.asarray(out[:, 4:]), np.asarray(jnp.argmax(logits[:, 3:-1], -1)))
 
 
 def test_top_k_one_is_greedy_and_sampling_is_seeded(lm):

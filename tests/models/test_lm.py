@@ -116,3 +116,23 @@ def test_ssm_and_hybrid_mixers_are_causal_and_packed(mixer):
   np.testing.assert_allclose(np.asarray(out[:, :3]), np.asarray(base[:, :3]), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(out[:, 8:]), np.asarray(base[:, 8:]), rtol=1e-6, atol=1e-6)
   assert not np.allclose(out[:, 3:8], base[:, 3:8])
+
+
+def test_decoding_in_bfloat16_keeps_the_cache_dtypes():
+  """Compute in bfloat16: KV cache and conv window in bfloat16, recurrent states in float32, one structure and dtype
+  per leaf from `init_cache`, `prefill` and `step` (so one compiled step serves them all). Shapes only: nothing is
+  compiled."""
+  config = tiny_config(model={"mixer": "attention,mamba,gru", "num_layers": 3, "dtype": "bfloat16",
+                              "ssm": {"state": 4, "head_dim": 16}})
+  model = DecoderLM(config.model)
+  tokens = jax.ShapeDtypeStruct((2, 9), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(1), tokens)
+  logits, prefilled = jax.eval_shape(lambda v, t: model.apply(v, t, method="prefill"), variables, tokens)
+  stepped_logits, stepped = jax.eval_shape(lambda v, c: model.apply(v, jnp.zeros((2,), jnp.int32), c, method="step"),
+                                           variables, prefilled)
+  layout = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
+  assert layout(model.init_cache(2)) == layout(prefilled) == layout(stepped)
+  assert logits.dtype == stepped_logits.dtype == jnp.float32 and stepped_logits.shape == (2, 259)
+  attention, mamba, gru = prefilled["layers"]
+  assert attention.key.dtype == attention.value.dtype == jnp.bfloat16 and mamba["conv"].dtype == jnp.bfloat16
+  assert mamba["ssm"].dtype == gru[0].dtype == jnp.float32

@@ -1,4 +1,5 @@
-"""MultiHeadAttention: parameters and logical axes, math against the kernel, GQA, cross-attention, KV cache."""
+"""MultiHeadAttention: parameters and logical axes, math against the kernel, GQA, cross-attention, KV cache
+(full and ring buffer)."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.nn.attention import MultiHeadAttention
+from seqjax.nn.attention import KVCache, MultiHeadAttention
 from seqjax.ops import attention
 from seqjax.ops.attention import masks, positions
 
@@ -63,35 +64,54 @@ def test_causal_by_gradients_through_module():
   assert np.abs(np.asarray(grad[0, :t + 1])).max() > 0.0
 
 
-@pytest.mark.parametrize("implementation,rope,alibi", [("blockwise", True, False), ("reference", False, True)])
-def test_prefill_then_decode_equals_full_forward(implementation, rope, alibi):
+@pytest.mark.parametrize("implementation,rope,alibi,window", [("blockwise", True, False, 0),
+                                                             ("reference", False, True, 0),
+                                                             ("reference", True, True, 3)])
+def test_prefill_then_cached_steps_equal_full_forward(implementation, rope, alibi, window):
+  """return_kv + KVCache.from_sequence + one cached step per token = the full forward; a cache of `window` slots
+  (a ring buffer, smaller than the sequence) = the sliding-window forward."""
   if implementation not in attention.available_attentions():
     pytest.skip(f"{implementation} not registered")
   T, prefill = 9, 4
   mod = MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=8, implementation=implementation, rope=rope,
                            alibi=alibi, qk_norm=True)
+  mask = masks.SlidingWindow(window - 1, 0) if window else masks.Causal()
   x = _x(T=T)
   params = mod.init(jax.random.key(0), x)["params"]
-  full = mod.apply({"params": params}, x, mask=masks.Causal())
+  full = mod.apply({"params": params}, x, mask=mask)
 
-  decoder = mod.clone(decode=True)
-  cache = decoder.init(jax.random.key(0), x)["cache"]  # sizes the cache to T
-  assert cache["cached_key"].shape == (2, T, 2, 8)
-
-  @jax.jit
-  def step(cache, x_chunk):
-    out, updated = decoder.apply({"params": params, "cache": cache}, x_chunk, mask=masks.Causal(),
-                                 mutable=["cache"])
-    return out, updated["cache"]
-
-  outs = []
-  out, cache = step(cache, x[:, :prefill])
-  outs.append(out)
+  out, (k, v) = mod.apply({"params": params}, x[:, :prefill], mask=mask, return_kv=True)
+  lengths = jnp.full((2,), prefill, jnp.int32)
+  cache = KVCache.from_sequence(k, v, lengths, lengths, size=window or T)
+  assert cache.key.shape == (2, window or T, 2, 8)
+  step = jax.jit(lambda cache, x_t: mod.apply({"params": params}, x_t, cache=cache))
+  outs = [out]
   for t in range(prefill, T):
     out, cache = step(cache, x[:, t:t + 1])
     outs.append(out)
-  assert int(cache["cache_index"]) == T
+  np.testing.assert_array_equal(cache.index, [T, T])
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=2e-5, atol=2e-5)
+
+
+def test_kv_cache_ring_slots():
+  k = jnp.arange(1, 6, dtype=jnp.float32).reshape(1, 5, 1, 1) * jnp.ones((2, 1, 1, 1))
+  cache = KVCache.from_sequence(k, k, jnp.asarray([5, 2]), jnp.asarray([5, 2]), size=3)
+  # Row 0 saw tokens 1..5: token a sits in slot a % 3 (numbering from 0); row 1 saw two tokens, slot 2 is empty.
+  np.testing.assert_array_equal(cache.key[..., 0, 0], [[4, 5, 3], [1, 2, 0]])
+  cache = cache.append(jnp.full((2, 1, 1), 9.0), jnp.full((2, 1, 1), 9.0))
+  np.testing.assert_array_equal(cache.key[..., 0, 0], [[4, 5, 9], [1, 2, 9]])
+  np.testing.assert_array_equal(cache.index, [6, 3])
+
+
+def test_cache_misuse_raises():
+  mod = MultiHeadAttention(num_heads=2, head_dim=4, implementation="reference")
+  x = _x(T=3)
+  variables = mod.init(jax.random.key(0), x)
+  cache = KVCache.empty(2, 4, 2, 4, jnp.float32)
+  with pytest.raises(ValueError, match="one token per row"):
+    mod.apply(variables, x, cache=cache)
+  with pytest.raises(ValueError, match="self-attention"):
+    mod.apply(variables, x[:, :1], x, cache=cache)
 
 
 def test_bad_configuration_raises():

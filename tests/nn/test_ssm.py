@@ -32,17 +32,18 @@ def _close(a, b, what="", atol=3e-5):
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_decode_equals_full_forward(name):
-  """init_state + step for every token, and prefill(prompt) + steps, both equal the full forward."""
+  """init_state + step for every token, and prefill(prompt) (return_state=True) + steps, both equal the full
+  forward."""
   module, params, x = _init(name)
   y_full = jax.jit(module.apply)(params, x)
   assert y_full.shape == x.shape
   step = jax.jit(functools.partial(module.apply, method=module.step))
-  state = jax.jit(functools.partial(module.apply, method=module.init_state), static_argnums=1)(params, 2)
+  state = jax.jit(functools.partial(module.apply, method=module.init_state), static_argnums=(1, 2))(params, 2, 16)
   for t in range(x.shape[1]):
     y_t, state = step(params, x[:, t], state)
     _close(y_t, y_full[:, t], f"{name} step {t}")
   prompt = 6
-  y_pre, state = jax.jit(functools.partial(module.apply, method=module.prefill))(params, x[:, :prompt])
+  y_pre, state = jax.jit(functools.partial(module.apply, return_state=True))(params, x[:, :prompt])
   _close(y_pre, y_full[:, :prompt], f"{name} prefill")
   for t in range(prompt, x.shape[1]):
     y_t, state = step(params, x[:, t], state)
