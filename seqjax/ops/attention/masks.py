@@ -13,9 +13,9 @@ Legend: B batch, T query length, S key length. A mask answers two questions:
 Positions and offsets (KV caches, chunked attention). Position-based masks (`Causal`, `SlidingWindow`,
 `PrefixLM`, `GlobalTokens`) compare *positions*: query row i sits at position `q_offset + i`, key row j at
 `kv_offset + j`. Offsets default to 0 and may be Python ints (static: tile skipping is decided at trace time) or
-int scalar arrays (traced: e.g. a decoding step at `cache_index`; tiles are then tested at run time). `shift(...)`
-returns the same mask with offsets moved, which is how `MultiHeadAttention(decode=True)` places a chunk of new
-queries after the cached keys. Data masks (`SegmentIds`, `KeyPadding`) index their arrays by array rows.
+int scalar arrays (traced: e.g. a chunk of queries placed after keys already seen; tiles are then tested at run
+time). `shift(...)` returns the same mask with offsets moved. Data masks (`SegmentIds`, `KeyPadding`) index their
+arrays by array rows.
 
 Padding convention: in `SegmentIds`, id 0 marks padding (as produced by `seqjax.data` packing) — a padding query
 sees no key and a padding key is seen by no query; rows with no visible key come out as 0 from every kernel.
