@@ -40,6 +40,9 @@ Dtype = Any
 class KVCache(NamedTuple):
   """The keys and values of the tokens a row has seen, in a ring of S slots (see the module docstring).
 
+  A full-attention cache (S = the context) that is stepped past S tokens keeps the last S: it turns into a sliding
+  window. Callers keep prompt + new tokens within the context (`seqjax.decode.sampling` checks it).
+
   Attributes:
     key, value: [B, S, K, H] in the compute dtype; token number a of row b is in slot a % S (zeros where empty).
     index: int32 [B], tokens seen so far (the number of the next token).

@@ -100,6 +100,9 @@ class AttentionMixer(nn.Module):
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True, return_state: bool = False):
     window = self.cfg.attention.window
+    if return_state and not window and x_BTD.shape[1] > self.cfg.max_len:
+      raise ValueError(f"AttentionMixer: a prompt of {x_BTD.shape[1]} tokens does not fit the KV cache of "
+                       f"model.max_len={self.cfg.max_len} tokens; shorten it or raise model.max_len")
     mask = masks.SlidingWindow(window - 1, 0) if window else masks.Causal()
     if segment_ids is not None:
       mask = mask & masks.SegmentIds(segment_ids, segment_ids)

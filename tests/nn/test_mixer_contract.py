@@ -212,3 +212,14 @@ def test_init_cache_needs_no_parameters_and_matches_the_layout():
   assert [s.shape for s in lstm] == [(3, D), (3, D)]
   windowed = DecoderLM(MODEL_CASES["attention_window_alibi_mqa"]).init_cache(2)
   assert windowed["layers"][0].key.shape == (2, 4, 1, 8)  # a ring of `window` slots, one kv head
+
+
+def test_prompt_longer_than_the_kv_cache_is_a_clear_error():
+  cfg = MODEL_CASES["attention"]
+  model = DecoderLM(cfg)
+  tokens = jax.ShapeDtypeStruct((1, cfg.max_len + 1), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+  with pytest.raises(ValueError, match="17 tokens does not fit the KV cache of model.max_len=16"):
+    jax.eval_shape(lambda v, t: model.apply(v, t, method="prefill"), variables, tokens)
+  windowed = DecoderLM(dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, window=4)))
+  jax.eval_shape(lambda v, t: windowed.apply(v, t, method="prefill"), variables, tokens)  # a ring of 4 keys: fine
