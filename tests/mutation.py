@@ -1,0 +1,221 @@
+r"""The mutation probe: small deliberate bugs, each of which a named part of the suite must catch.
+
+    python -m tests.mutation                   # every mutant, two at a time; a table; exit 1 if one survives
+    python -m tests.mutation --list            # the mutants and the tests meant to catch them
+    python -m tests.mutation --only NAME,NAME  # some of them
+    python -m tests.mutation --check_clean     # also run each mutant's tests on the unmutated copy (must pass)
+
+Each mutant copies the repository's files (tracked and new, not ignored) into a temporary directory, replaces
+one snippet of one file there — the snippet must occur exactly once, so a moved or edited line makes the probe
+fail loudly instead of testing nothing — and runs the mutant's tests in that copy with pytest. The mutant is
+*caught* when those tests fail. The working tree is never touched.
+
+When a real bug is found, add it here as a mutant together with the test that now catches it. `make mutation`
+runs the whole list (slow: one pytest process per mutant); `tests/test_mutation.py` checks on every `make test`
+that each snippet still occurs exactly once and each named test file exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  description: str
+  path: str  # Relative to the repository root.
+  old: str  # Must occur exactly once in `path`.
+  new: str
+  tests: tuple[str, ...]  # pytest node ids or files, relative to the root.
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # Training: the numbers a step reports and the update it makes.
+    Mutant("accumulated_gradient_scaled", "gradient accumulation divides the micro-batch gradients once more",
+           "seqjax/train/step.py", "jax.tree.map(jnp.add, acc_g, g)",
+           "jax.tree.map(lambda a, b: a + b / grad_accum_steps, acc_g, g)",
+           ("tests/train/test_step.py::test_grad_accumulation_one_sgd_step_equals_full_batch",)),
+    Mutant("grad_norm_unnormalised", "the logged grad_norm is taken before dividing by the token weight",
+           "seqjax/train/step.py", "grad_norm = optax.tree.norm(grads)", "grad_norm = optax.tree.norm(grads) * denom",
+           ("tests/train/test_step.py::test_grad_norm_and_update_match_an_independent_loss",)),
+    Mutant("weight_decay_on_every_leaf", "decoupled weight decay also on biases and norm scales",
+           "seqjax/train/optim.py", "p.ndim >= 2", "p.ndim >= 0", ("tests/train/test_optim.py",)),
+    Mutant("no_gradient_clipping", "global-norm clipping left out of the optimizer chain",
+           "seqjax/train/optim.py", "parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))", "pass",
+           ("tests/train/test_optim.py",)),
+    Mutant("warmup_half_as_long", "the warm-up ends at half the configured steps",
+           "seqjax/train/optim.py", "warmup_steps=warmup,", "warmup_steps=warmup // 2,",
+           ("tests/train/test_optim.py",)),
+    # Evaluation.
+    Mutant("bits_per_byte_log_base", "bits per byte computed with log base 10 instead of 2",
+           "seqjax/evals/lm_metrics.py", "/ math.log(2) /", "/ math.log(10) /", ("tests/evals/test_lm_metrics.py",)),
+    Mutant("accuracy_counts_padding", "accuracy ignores the target weights",
+           "seqjax/train/tasks/lm.py", "correct_BT = (jnp.argmax(logits_BTV, -1) == batch[\"targets\"]).astype(jnp.float32)",
+           "correct_BT = (jnp.argmax(logits_BTV, -1) == batch[\"targets\"]).astype(jnp.float32) + "
+           "(1.0 - batch[\"weights\"].astype(jnp.float32))",
+           ("tests/evals/test_lm_metrics.py",)),
+    Mutant("bleu_swapped_arguments", "corpus BLEU with hypotheses and references swapped",
+           "seqjax/evals/text_metrics.py", "sacrebleu.corpus_bleu(list(hyps), [list(refs)], **kwargs)",
+           "sacrebleu.corpus_bleu(list(refs), [list(hyps)], **kwargs)",
+           ("tests/evals/test_text_metrics_by_hand.py",)),
+    # Attention: positions and masks.
+    Mutant("rope_sign_flip", "RoPE rotates the second half by -sin",
+           "seqjax/ops/attention/positions.py", "x2 * cos + x1 * sin", "x2 * cos - x1 * sin",
+           ("tests/ops/attention/test_positions.py",)),
+    Mutant("causal_mask_off_by_one", "a query sees the next key too",
+           "seqjax/ops/attention/masks.py", "return (kv_pos <= q_pos)[None, None]",
+           "return (kv_pos <= q_pos + 1)[None, None]", ("tests/ops/attention/test_masks.py",)),
+    Mutant("window_off_by_one", "a sliding window one key wider on the left",
+           "seqjax/ops/attention/masks.py", "visible &= d >= -self.left", "visible &= d >= -self.left - 1",
+           ("tests/ops/attention/test_masks.py",)),
+    Mutant("lm_ignores_positions", "the LM's learned positions ignore the given (restarting) positions",
+           "seqjax/models/lm.py", "name=\"pos_embed\")(positions)",
+           "name=\"pos_embed\")(jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))",
+           ("tests/models/test_packing.py",)),
+    Mutant("kv_cache_position_stuck", "a decoding step does not advance the cached token position",
+           "seqjax/nn/attention.py", "self.index + 1, self.position + 1)", "self.index + 1, self.position)",
+           ("tests/nn/test_mixer_contract.py",)),
+    # State-space models.
+    Mutant("selective_scan_no_skip", "the selective scan drops its D skip term",
+           "seqjax/ops/ssm/selective.py", "y_BLE = y_BLE + D.astype(f32) * x_BLE", "y_BLE = y_BLE",
+           ("tests/ops/ssm/test_numpy_oracle.py",)),
+    Mutant("ssd_no_skip", "SSD drops its per-head D skip term",
+           "seqjax/ops/ssm/ssd.py", "y_BLNH = y_BLNH + D.astype(f32)[:, None] * x_BLNH", "y_BLNH = y_BLNH",
+           ("tests/ops/ssm/test_numpy_oracle.py",)),
+    Mutant("segment_resets_ignored", "packed documents do not reset the scan state",
+           "seqjax/ops/ssm/_common.py", "~changed_BL], axis=1)", "jnp.ones_like(changed_BL)], axis=1)",
+           ("tests/ops/ssm/test_numpy_oracle.py",)),
+    Mutant("zoh_is_euler", "zero-order hold discretises A to first order",
+           "seqjax/ops/ssm/s4.py", "dA = jnp.exp(dtA)", "dA = 1.0 + dtA",
+           ("tests/ops/ssm/test_numpy_oracle.py::test_discretize_matches_closed_form",)),
+    Mutant("mamba_gate_dropped", "the Mamba block drops its SiLU(z) gate",
+           "seqjax/nn/ssm.py", "y_BTD = self.out_proj(y_BTE * nn.silu(z_BTE))", "y_BTD = self.out_proj(y_BTE)",
+           ("tests/nn/test_ssm_block_oracle.py",)),
+    # Recurrences and dense ops.
+    Mutant("lstm_forget_gate_dropped", "the LSTM cell keeps its whole cell state",
+           "seqjax/ops/recurrent/cells.py", "jax.nn.sigmoid(f_BH) * c_BH", "c_BH",
+           ("tests/ops/recurrent/test_recurrent.py",)),
+    Mutant("gru_reset_dropped", "the GRU candidate ignores the reset gate",
+           "seqjax/ops/recurrent/cells.py", "jnp.tanh(xn_BH + r_BH * hn_BH)", "jnp.tanh(xn_BH + hn_BH)",
+           ("tests/ops/recurrent/test_recurrent.py",)),
+    Mutant("gelu_exact", "the MLP's gelu is the erf form instead of the tanh approximation",
+           "seqjax/ops/dense/mlp.py", "functools.partial(jax.nn.gelu, approximate=True)",
+           "functools.partial(jax.nn.gelu, approximate=False)", ("tests/nn/test_mlp_oracle.py",)),
+)
+
+
+def repo_files(root: Path = ROOT) -> list[str]:
+  """Tracked and untracked-but-not-ignored files (what a clean clone plus the uncommitted work holds)."""
+  out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
+                       capture_output=True).stdout.decode()
+  return [p for p in out.split("\0") if p and (root / p).is_file()]
+
+
+def check_mutant(m: Mutant, root: Path = ROOT) -> list[str]:
+  """Problems that make a mutant unusable (the snippet is gone or ambiguous, a test file is missing)."""
+  problems = []
+  target = root / m.path
+  if not target.is_file():
+    return [f"{m.name}: {m.path} does not exist"]
+  count = target.read_text().count(m.old)
+  if count != 1:
+    problems.append(f"{m.name}: the snippet occurs {count} times in {m.path} (must be exactly once): {m.old!r}")
+  if m.old == m.new:
+    problems.append(f"{m.name}: the replacement equals the snippet")
+  for t in m.tests:
+    if not (root / t.split("::")[0]).is_file():
+      problems.append(f"{m.name}: test file {t.split('::')[0]} does not exist")
+  return problems
+
+
+def _copy_tree(dest: Path) -> None:
+  for rel in repo_files():
+    target = dest / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / rel, target)
+
+
+def _pytest(cwd: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+  env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONDONTWRITEBYTECODE": "1", "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly",
+         "-m", "not slow", *tests]
+  try:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return -1, f"timed out after {timeout:.0f} s"
+  lines = [line for line in proc.stdout.splitlines() if line.strip()]
+  return proc.returncode, lines[-1] if lines else proc.stderr.strip()[-300:]
+
+
+def run_mutant(m: Mutant, *, check_clean: bool = False, timeout: float = 900.0) -> dict:
+  """Runs one mutant in a fresh copy -> {"name", "caught", "summary", "seconds", "clean"}."""
+  began = time.perf_counter()
+  problems = check_mutant(m)
+  if problems:
+    return {"name": m.name, "caught": False, "summary": "; ".join(problems), "seconds": 0.0, "clean": None}
+  with tempfile.TemporaryDirectory(prefix=f"seqjax-mutant-{m.name}-") as tmp:
+    work = Path(tmp)
+    _copy_tree(work)
+    clean = None
+    if check_clean:
+      code, summary = _pytest(work, m.tests, timeout)
+      clean = code == 0
+      if not clean:
+        return {"name": m.name, "caught": False, "summary": f"unmutated tests fail: {summary}",
+                "seconds": time.perf_counter() - began, "clean": False}
+    target = work / m.path
+    target.write_text(target.read_text().replace(m.old, m.new))
+    code, summary = _pytest(work, m.tests, timeout)
+  # Exit code 1 = tests failed (caught). 0 = survived. Anything else (collection/usage errors, timeouts) is
+  # reported as caught only if pytest ran and failed; an import error also counts as caught, since the suite
+  # would go red, but the summary shows it.
+  return {"name": m.name, "caught": code not in (0, 5), "summary": summary,
+          "seconds": time.perf_counter() - began, "clean": clean}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+  parser.add_argument("--only", default="", help="comma-separated mutant names")
+  parser.add_argument("--jobs", type=int, default=2, help="mutants run at once")
+  parser.add_argument("--check_clean", action="store_true", help="first run each mutant's tests unmutated")
+  parser.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
+  args = parser.parse_args(argv)
+  chosen = list(MUTANTS)
+  if args.only:
+    names = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = names - {m.name for m in MUTANTS}
+    if unknown:
+      parser.error(f"unknown mutants {sorted(unknown)}; --list shows them")
+    chosen = [m for m in MUTANTS if m.name in names]
+  if args.list:
+    for m in chosen:
+      print(f"{m.name:28s} {m.path}: {m.description}\n{'':28s} caught by: {', '.join(m.tests)}")
+    return 0
+  print(f"running {len(chosen)} mutants, {args.jobs} at a time")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+    results = list(pool.map(lambda m: run_mutant(m, check_clean=args.check_clean, timeout=args.timeout), chosen))
+  width = max((len(r["name"]) for r in results), default=10)
+  for r in results:
+    mark = "caught  " if r["caught"] else "SURVIVED"
+    print(f"{r['name']:{width}s}  {mark}  {r['seconds']:6.1f} s  {r['summary']}")
+  survived = [r["name"] for r in results if not r["caught"]]
+  print(f"{len(results) - len(survived)} of {len(results)} mutants caught" +
+        (f"; survived: {', '.join(survived)}" if survived else ""))
+  return 1 if survived else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
