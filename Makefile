@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints.txt
 CONSTRAINT_ARGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: demo test test-slow bench env constraints clean
+.PHONY: demo test test-slow mutation bench env constraints clean
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "seqjax needs Python 3.11 or newer; run make PYTHON=python3.11"'
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow $(PYTEST_ARGS)
+
+# The deliberate bugs of tests/mutation.py, each run against the tests meant to catch it (slow).
+mutation: $(STAMP)
+	$(PY) -m tests.mutation
 
 bench: $(STAMP)
 	$(PY) -m seqjax.bench attention
