@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import flax.linen as nn
 import jax
@@ -82,11 +82,11 @@ class Task(abc.ABC):
   """One thing the loop can train, evaluate and generate with (see the module docstring for the contract)."""
 
   name: ClassVar[str]
+  model: nn.Module  # Set by the subclass's constructor.
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
     self.config = config
     self.mesh = mesh
-    self.model: nn.Module
 
   # -- Before anything is built ----------------------------------------------------------------------------------
 
@@ -149,10 +149,3 @@ class Task(abc.ABC):
     """A few words about the data, logged when a run starts (e.g. "49001 training pairs")."""
     return ""
 
-
-def batches_of(iterator: Iterator[HostBatch], limit: int | None) -> Iterator[HostBatch]:
-  """At most `limit` items of `iterator` (all if None)."""
-  for i, item in enumerate(iterator):
-    if limit is not None and i >= limit:
-      return
-    yield item

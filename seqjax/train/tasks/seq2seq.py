@@ -16,6 +16,7 @@ translates the numbers of `config.sample.prompt`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -35,7 +36,7 @@ from seqjax.evals.text_metrics import text_metrics
 from seqjax.models.seq2seq_lstm import Seq2SeqLSTM, make_greedy_fn
 from seqjax.train import sharding
 from seqjax.train.schedules import LengthCurriculum, make_teacher_forcing_schedule
-from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, HostBatch, Task, batches_of
+from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, HostBatch, Task
 
 # What the device sees of a host batch (the loss reads these; tgt_lengths is folded into weights).
 _DEVICE_KEYS = ("src", "src_lengths", "tgt_in", "tgt_out", "weights")
@@ -188,7 +189,7 @@ class Seq2SeqTask(Task):
     bs = self.config.train.batch_size
     totals: dict[str, float] = {}
     hyps, refs, srcs = [], [], []
-    for i, batch in enumerate(batches_of(numbers.eval_batches(self.eval_pairs, bs), max_batches)):
+    for i, batch in enumerate(itertools.islice(numbers.eval_batches(self.eval_pairs, bs), max_batches)):
       n = int(batch.pop("num_valid"))
       batch = with_weights(batch, num_valid=n)
       sums = jax.device_get(eval_step(params, self._put(batch)))
