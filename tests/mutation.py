@@ -61,10 +61,8 @@ MUTANTS: tuple[Mutant, ...] = (
     # Evaluation.
     Mutant("bits_per_byte_log_base", "bits per byte computed with log base 10 instead of 2",
            "seqjax/evals/lm_metrics.py", "/ math.log(2) /", "/ math.log(10) /", ("tests/evals/test_lm_metrics.py",)),
-    Mutant("accuracy_counts_padding", "accuracy ignores the target weights",
-           "seqjax/train/tasks/lm.py", "correct_BT = (jnp.argmax(logits_BTV, -1) == batch[\"targets\"]).astype(jnp.float32)",
-           "correct_BT = (jnp.argmax(logits_BTV, -1) == batch[\"targets\"]).astype(jnp.float32) + "
-           "(1.0 - batch[\"weights\"].astype(jnp.float32))",
+    Mutant("accuracy_counts_padding", "accuracy counts predictions on padding (the weights are dropped)",
+           "seqjax/train/tasks/lm.py", "\"correct\": jnp.sum(correct_BT * w_BT)}", "\"correct\": jnp.sum(correct_BT)}",
            ("tests/evals/test_lm_metrics.py",)),
     Mutant("bleu_swapped_arguments", "corpus BLEU with hypotheses and references swapped",
            "seqjax/evals/text_metrics.py", "sacrebleu.corpus_bleu(list(hyps), [list(refs)], **kwargs)",
@@ -112,7 +110,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/ops/recurrent/test_recurrent.py",)),
     Mutant("gelu_exact", "the MLP's gelu is the erf form instead of the tanh approximation",
            "seqjax/ops/dense/mlp.py", "functools.partial(jax.nn.gelu, approximate=True)",
-           "functools.partial(jax.nn.gelu, approximate=False)", ("tests/nn/test_mlp_oracle.py",)),
+           "functools.partial(jax.nn.gelu, approximate=False)",
+           ("tests/ops/dense/test_mlp.py", "tests/nn/test_mlp_oracle.py")),
 )
 
 
