@@ -1,7 +1,7 @@
 """The recurrences of `seqjax.ops.recurrent` as a CPU kernel (C++, XLA FFI): what `lstm`, `gru` and `rnn` run on a
 CPU (op family "recurrent").
 
-A JAX program cannot run a small recurrence well on a CPU: every step of a `lax.scan` is a [B, H] x [H, GH] matmul
+A JAX program cannot run a small recurrence well on a CPU: every step of a `lax.scan` is a [B, R] x [R, Z*R] matmul
 plus a few fusions, each dispatched by XLA as its own thunk, on one core or split over the intra-op pool with a
 hand-off per fusion. `src/recurrent.cc` runs the whole pass in one call per direction:
 
@@ -46,41 +46,42 @@ def supports(cell: str, x: jax.Array, w_ih: jax.Array, w_hh: jax.Array) -> bool:
           and w_hh.ndim == 2 and w_hh.shape[1] % 16 == 0 and w_hh.shape[1] > 0)
 
 
-def _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save):
+def _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, states0, keep_TB, reset_TB, save):
+  # states0: the initial (h[, c]) stacked, [1 or 2, B, R] float32.
   """save: 0 nothing, 1 the states entering each step and the activations, 2 the states only (remat)."""
   t, b, _ = x_TBI.shape
   h = w_hh.shape[1]
-  s = state0_SBH.shape[0]
+  s = states0.shape[0]
   f32 = jnp.float32
   out_types = (jax.ShapeDtypeStruct((t, b, h), f32), jax.ShapeDtypeStruct((s, b, h), f32),
                jax.ShapeDtypeStruct((s, t, b, h) if save else (0,), f32),
                jax.ShapeDtypeStruct((t, b, _AUX[cell] * h) if save == 1 else (0,), f32))
   return jax.ffi.ffi_call("seqjax_rnn_fwd", out_types, vmap_method="sequential")(
-      x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, cell=np.int64(CELLS[cell]), save=np.int64(save))
+      x_TBI, w_ih, w_hh, b_ih, b_hh, states0, keep_TB, reset_TB, cell=np.int64(CELLS[cell]), save=np.int64(save))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrence(cell, remat, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
-  ys, state_T, _, _ = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB, save=0)
-  return ys, state_T
+def _recurrence(cell, remat, x_TBI, states0, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
+  ys, final_state, _, _ = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, states0, keep_TB, reset_TB, save=0)
+  return ys, final_state
 
 
-def _recurrence_fwd(cell, remat, x_TBI, state0_SBH, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
-  ys, state_T, states_in, aux = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, state0_SBH, keep_TB, reset_TB,
+def _recurrence_fwd(cell, remat, x_TBI, states0, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB):
+  ys, final_state, states_in, aux = _forward_call(cell, x_TBI, w_ih, w_hh, b_ih, b_hh, states0, keep_TB, reset_TB,
                                               save=2 if remat else 1)
-  return (ys, state_T), (x_TBI, w_ih, w_hh, b_ih, b_hh, states_in, aux, keep_TB, reset_TB)
+  return (ys, final_state), (x_TBI, w_ih, w_hh, b_ih, b_hh, states_in, aux, keep_TB, reset_TB)
 
 
 def _recurrence_bwd(cell, remat, residuals, cotangents):
   x_TBI, w_ih, w_hh, b_ih, b_hh, states_in, aux, keep_TB, reset_TB = residuals
-  dys, dstate_T = cotangents
+  dys, dfinal_state = cotangents
   f32 = jnp.float32
   gh = w_hh.shape[0]
-  out_types = (jax.ShapeDtypeStruct(x_TBI.shape, f32), jax.ShapeDtypeStruct(dstate_T.shape, f32),
+  out_types = (jax.ShapeDtypeStruct(x_TBI.shape, f32), jax.ShapeDtypeStruct(dfinal_state.shape, f32),
                jax.ShapeDtypeStruct(w_ih.shape, f32), jax.ShapeDtypeStruct(w_hh.shape, f32),
                jax.ShapeDtypeStruct((gh,), f32), jax.ShapeDtypeStruct((gh,), f32))
   dx, dstate0, dw_ih, dw_hh, db_ih, db_hh = jax.ffi.ffi_call("seqjax_rnn_bwd", out_types, vmap_method="sequential")(
-      x_TBI, w_ih, w_hh, b_ih, b_hh, aux, states_in, keep_TB, reset_TB, dys.astype(f32), dstate_T.astype(f32),
+      x_TBI, w_ih, w_hh, b_ih, b_hh, aux, states_in, keep_TB, reset_TB, dys.astype(f32), dfinal_state.astype(f32),
       cell=np.int64(CELLS[cell]), remat=np.int64(remat))
   return dx, dstate0, dw_ih, db_ih, dw_hh, db_hh, None, None
 
@@ -91,7 +92,7 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 def recurrence(cell: str, x_TBI: jax.Array, states: tuple[jax.Array, ...], w_ih: jax.Array,
                       b_ih: jax.Array, w_hh: jax.Array, b_hh: jax.Array, keep_TB: jax.Array | None,
                       reset_TB: jax.Array | None, remat: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  """Time-major recurrence with the CPU kernel: x [T, B, I], states ([B, H], ...) float32 -> (ys [T, B, H]
+  """Time-major recurrence with the CPU kernel: x [T, B, I], states ([B, R], ...) float32 -> (ys [T, B, R]
   float32, final states). `cell` in CELLS; `keep_TB` / `reset_TB`: bool masks or None (all kept, no resets).
   `remat`: save only the states for the backward, which recomputes each step's activations."""
   if not supports(cell, x_TBI, w_ih, w_hh):
@@ -106,6 +107,6 @@ def recurrence(cell: str, x_TBI: jax.Array, states: tuple[jax.Array, ...], w_ih:
   pad = -i % 16
   x_TBI = jnp.pad(x_TBI.astype(jnp.float32), ((0, 0), (0, 0), (0, pad)))
   w_ih = jnp.pad(w_ih, ((0, 0), (0, pad)))
-  ys, state_T = _recurrence(cell, bool(remat), x_TBI, jnp.stack(states), w_ih, b_ih.astype(jnp.float32), w_hh,
+  ys, final_state = _recurrence(cell, bool(remat), x_TBI, jnp.stack(states), w_ih, b_ih.astype(jnp.float32), w_hh,
                             b_hh.astype(jnp.float32), keep, reset)
-  return ys, tuple(state_T)
+  return ys, tuple(final_state)

@@ -16,8 +16,8 @@ probability 0 from a BOS token, jitted, with an EOS stop mask.
 The model takes `seqjax.config.Seq2SeqConfig` (validated with the run's config, vocabulary sizes resolved from
 the tokenizer) as is.
 
-Dimension legend: B batch, S source length, T target length, D embedding width, H hidden width,
-E memory width (H, or 2H when bidirectional), V vocabulary.
+Dimension legend (docs/ARCHITECTURE.md): B batch, S source length, T target length, D embedding width, R recurrent
+state width, U memory width (R, or 2R when bidirectional), F attention (score MLP) width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -57,17 +57,17 @@ class _DecoderStep(nn.Module):
     self.readout = nn.Dense(cfg.tgt_vocab, name="readout")
     self.drop = nn.Dropout(cfg.dropout)
 
-  def __call__(self, carry, xs, memory_BSE, keys_BSF, mask_BS, deterministic: bool):
+  def __call__(self, carry, xs, memory_BSU, keys_BSF, mask_BS, deterministic: bool):
     states, prev_pred_B = carry
     gold_B, use_gold_B = xs
     token_B = jnp.where(use_gold_B, gold_B, prev_pred_B)
-    query_BH = states[-1][0]  # top layer's h before the step
-    context_BE, weights_BS = self.attention(query_BH, memory_BSE, keys_BSF, mask_BS)
+    query_BR = states[-1][0]  # top layer's h before the step
+    context_BU, weights_BS = self.attention(query_BR, memory_BSU, keys_BSF, mask_BS)
     emb_BD = self.drop(self.embed(token_B), deterministic=deterministic)
-    h_BH, states = self.rnn.step(jnp.concatenate([emb_BD, context_BE], -1), states,
+    h_BR, states = self.rnn.step(jnp.concatenate([emb_BD, context_BU], -1), states,
                                  deterministic=deterministic)
-    out_BH = jnp.tanh(self.combine(jnp.concatenate([h_BH, context_BE], -1)))
-    logits_BV = self.readout(self.drop(out_BH, deterministic=deterministic))
+    out_BR = jnp.tanh(self.combine(jnp.concatenate([h_BR, context_BU], -1)))
+    logits_BV = self.readout(self.drop(out_BR, deterministic=deterministic))
     pred_B = jnp.argmax(logits_BV, axis=-1).astype(prev_pred_B.dtype)
     return (states, pred_B), (logits_BV.astype(jnp.float32), weights_BS)
 
@@ -92,29 +92,29 @@ class Seq2SeqLSTM(nn.Module):
             cfg, name="decoder")
 
   def encode(self, src_BS: Array, src_lengths_B: Array, *, deterministic: bool = True):
-    """Source tokens [B, S] -> (memory [B, S, E], keys [B, S, F], mask [B, S], decoder states)."""
+    """Source tokens [B, S] -> (memory [B, S, U], keys [B, S, F], mask [B, S], decoder states)."""
     if src_BS.ndim != 2 or src_lengths_B.shape != src_BS.shape[:1]:
       raise ValueError(f"expected src [B, S] and src_lengths [B], got {src_BS.shape} and "
                        f"{src_lengths_B.shape}.")
     cfg = self.cfg
     mask_BS = length_mask(src_lengths_B, src_BS.shape[1])
-    memory_BSE, finals = self.encoder(self.src_embed(src_BS), lengths=src_lengths_B,
+    memory_BSU, finals = self.encoder(self.src_embed(src_BS), lengths=src_lengths_B,
                                       deterministic=deterministic)
     # Decoder initial state: h = tanh(W [final h of the top encoder layer (both directions)]).
     ndir = 2 if cfg.bidirectional_encoder else 1
     top = [finals[-ndir + k][0] for k in range(ndir)]
-    h0_BH = jnp.tanh(self.bridge(jnp.concatenate(top, -1)))
-    states = [(h0_BH, jnp.zeros_like(h0_BH)) for _ in range(cfg.decoder_layers)]
+    h0_BR = jnp.tanh(self.bridge(jnp.concatenate(top, -1)))
+    states = [(h0_BR, jnp.zeros_like(h0_BR)) for _ in range(cfg.decoder_layers)]
     # The key projection of additive attention is step-independent: computed once here and
     # broadcast into the scanned decoder step (whose attention then only projects its query).
-    keys_BSF = self.attention_keys(memory_BSE)
-    return memory_BSE, keys_BSF, mask_BS, states
+    keys_BSF = self.attention_keys(memory_BSU)
+    return memory_BSU, keys_BSF, mask_BS, states
 
-  def _decode(self, memory_BSE, keys_BSF, mask_BS, states, gold_BT, use_gold_BT, deterministic):
+  def _decode(self, memory_BSU, keys_BSF, mask_BS, states, gold_BT, use_gold_BT, deterministic):
     b = gold_BT.shape[0]
     prev_pred_B = jnp.zeros((b,), gold_BT.dtype)
     (_, _), (logits_BTV, weights_BTS) = self.decoder(
-        (states, prev_pred_B), (gold_BT, use_gold_BT), memory_BSE, keys_BSF, mask_BS,
+        (states, prev_pred_B), (gold_BT, use_gold_BT), memory_BSU, keys_BSF, mask_BS,
         deterministic)
     return logits_BTV, weights_BTS
 
@@ -130,21 +130,21 @@ class Seq2SeqLSTM(nn.Module):
     if tgt_in_BT.ndim != 2 or tgt_in_BT.shape[0] != src_BS.shape[0]:
       raise ValueError(f"expected tgt_in [B, T] with the batch of src {src_BS.shape}, got "
                        f"{tgt_in_BT.shape}.")
-    memory_BSE, keys_BSF, mask_BS, states = self.encode(src_BS, src_lengths_B,
+    memory_BSU, keys_BSF, mask_BS, states = self.encode(src_BS, src_lengths_B,
                                                         deterministic=deterministic)
     use_gold_BT = scheduled_sampling_mask(sampling_rng, tgt_in_BT.shape, teacher_forcing_prob)
-    logits_BTV, _ = self._decode(memory_BSE, keys_BSF, mask_BS, states, tgt_in_BT, use_gold_BT,
+    logits_BTV, _ = self._decode(memory_BSU, keys_BSF, mask_BS, states, tgt_in_BT, use_gold_BT,
                                  deterministic)
     return logits_BTV
 
   def greedy(self, src_BS: Array, src_lengths_B: Array, *, max_len: int, bos_id: int,
              eos_id: int, pad_id: int = 0) -> tuple[Array, Array]:
     """Greedy decoding: -> (tokens [B, max_len] with pad after EOS, lengths [B] incl. EOS)."""
-    memory_BSE, keys_BSF, mask_BS, states = self.encode(src_BS, src_lengths_B)
+    memory_BSU, keys_BSF, mask_BS, states = self.encode(src_BS, src_lengths_B)
     b = src_BS.shape[0]
     gold_BT = jnp.full((b, max_len), bos_id, jnp.int32)
     use_gold_BT = jnp.zeros((b, max_len), bool).at[:, 0].set(True)
-    logits_BTV, _ = self._decode(memory_BSE, keys_BSF, mask_BS, states, gold_BT, use_gold_BT,
+    logits_BTV, _ = self._decode(memory_BSU, keys_BSF, mask_BS, states, gold_BT, use_gold_BT,
                                  True)
     tokens_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
     return stop_at_eos(tokens_BT, eos_id, pad_id)

@@ -7,7 +7,8 @@ The key projection W_k m does not depend on the decoder step, so `keys` computes
 sequence and every decoder step (`__call__`) only projects its query. Padded source positions
 (`mask` False) get zero weight. Scores and the softmax are float32.
 
-Dimension legend: B batch, S source length, E memory width, Q query width, F attention width.
+Dimension legend (docs/ARCHITECTURE.md): B batch, S source length, U memory width, R query width (the decoder's
+recurrent state), F attention width (the hidden width of the score MLP).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ Array = jax.Array
 class AdditiveAttention(nn.Module):
   """Additive attention with `features` (F) hidden units.
 
-  Use: `keys_BSF = attn.keys(memory_BSE)` once, then per step
-  `context_BE, weights_BS = attn(query_BQ, memory_BSE, keys_BSF, mask_BS)`.
+  Use: `keys_BSF = attn.keys(memory_BSU)` once, then per step
+  `context_BU, weights_BS = attn(query_BR, memory_BSU, keys_BSF, mask_BS)`.
   """
 
   features: int
@@ -39,23 +40,23 @@ class AdditiveAttention(nn.Module):
     self.v = self.param("v", nn.initializers.normal(self.features ** -0.5), (self.features,),
                         self.param_dtype)
 
-  def keys(self, memory_BSE: Array) -> Array:
-    """Pre-computes W_k m + bias: [B, S, E] -> [B, S, F]."""
-    if memory_BSE.ndim != 3:
-      raise ValueError(f"memory must be [B, S, E], got shape {memory_BSE.shape}.")
-    return self.key_proj(memory_BSE)
+  def keys(self, memory_BSU: Array) -> Array:
+    """Pre-computes W_k m + bias: [B, S, U] -> [B, S, F]."""
+    if memory_BSU.ndim != 3:
+      raise ValueError(f"memory must be [B, S, U], got shape {memory_BSU.shape}.")
+    return self.key_proj(memory_BSU)
 
-  def __call__(self, query_BQ: Array, memory_BSE: Array, keys_BSF: Array | None = None,
+  def __call__(self, query_BR: Array, memory_BSU: Array, keys_BSF: Array | None = None,
                mask_BS: Array | None = None) -> tuple[Array, Array]:
-    """One decoder step: query [B, Q] -> (context [B, E] in memory dtype, weights [B, S] f32)."""
-    if query_BQ.ndim != 2 or memory_BSE.ndim != 3 or query_BQ.shape[0] != memory_BSE.shape[0]:
-      raise ValueError(f"expected query [B, Q] and memory [B, S, E] with the same B, got "
-                       f"{query_BQ.shape} and {memory_BSE.shape}.")
+    """One decoder step: query [B, R] -> (context [B, U] in memory dtype, weights [B, S] f32)."""
+    if query_BR.ndim != 2 or memory_BSU.ndim != 3 or query_BR.shape[0] != memory_BSU.shape[0]:
+      raise ValueError(f"expected query [B, R] and memory [B, S, U] with the same B, got "
+                       f"{query_BR.shape} and {memory_BSU.shape}.")
     if keys_BSF is None:
-      keys_BSF = self.keys(memory_BSE)
-    if mask_BS is not None and mask_BS.shape != memory_BSE.shape[:2]:
-      raise ValueError(f"mask must be [B, S] = {memory_BSE.shape[:2]}, got {mask_BS.shape}.")
-    q_BF = self.query_proj(query_BQ)
+      keys_BSF = self.keys(memory_BSU)
+    if mask_BS is not None and mask_BS.shape != memory_BSU.shape[:2]:
+      raise ValueError(f"mask must be [B, S] = {memory_BSU.shape[:2]}, got {mask_BS.shape}.")
+    q_BF = self.query_proj(query_BR)
     hidden_BSF = jnp.tanh((keys_BSF + q_BF[:, None, :]).astype(jnp.float32))
     scores_BS = jnp.einsum("bsf,f->bs", hidden_BSF, self.v.astype(jnp.float32))
     if mask_BS is not None:
@@ -63,8 +64,8 @@ class AdditiveAttention(nn.Module):
     weights_BS = jax.nn.softmax(scores_BS, axis=-1)
     if mask_BS is not None:  # an all-padding row attends to nothing instead of uniformly
       weights_BS = jnp.where(mask_BS, weights_BS, 0.0)
-    context_BE = jnp.einsum("bs,bse->be", weights_BS, memory_BSE.astype(jnp.float32))
-    return context_BE.astype(memory_BSE.dtype), weights_BS
+    context_BU = jnp.einsum("bs,bse->be", weights_BS, memory_BSU.astype(jnp.float32))
+    return context_BU.astype(memory_BSU.dtype), weights_BS
 
 
 def length_mask(lengths_B: Array, max_len: int) -> Array:

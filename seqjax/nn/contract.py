@@ -1,7 +1,7 @@
 """The mixer contract: the one interface every sequence mixer registered in `seqjax.nn.mixers` implements.
 
-Legend: B batch, T length, D model width (and, in the states below, K kv heads, H head dim, S cache slots,
-E expanded width, P state size, N heads).
+Legend (the one of docs/ARCHITECTURE.md): B batch, T length, D model width (and, in the states below, K kv heads,
+H head dim, S cache slots, R recurrent state width, E expanded width, P state size, N heads, W conv width).
 
 A mixer maps x[B, T, D] to y[B, T, D] along the sequence and carries a **state** from token to token. It has
 three methods, each called through `module.apply(variables, ..., method=...)`:
@@ -32,12 +32,12 @@ mixer, against the parallel form):
 
     attention        KVCache(key [B, S, K, H], value [B, S, K, H] compute dtype, index int32 [B], position int32 [B])
                      S = max_len, or the window when model.attention.window > 0 (a ring buffer)
-    lstm             (h [B, H], c [B, H]) float32
-    gru, rnn         (h [B, H],) float32
+    lstm             (h [B, R], c [B, R]) float32
+    gru, rnn         (h [B, R],) float32
     s4d              h complex64 [B, D, P]
     s5               h complex64 [B, P]
-    mamba            {"conv": [B, conv - 1, E] compute dtype, "ssm": float32 [B, E, P]}
-    mamba2           {"conv": [B, conv - 1, E + 2P] compute dtype, "ssm": float32 [B, N, H, P]}
+    mamba            {"conv": [B, W - 1, E] compute dtype, "ssm": float32 [B, E, P]}
+    mamba2           {"conv": [B, W - 1, E + 2P] compute dtype, "ssm": float32 [B, N, H, P]}
 
 `register_mixer` checks a new mixer's module against this contract (`contract_problems`) when it is registered.
 """

@@ -4,7 +4,8 @@ Thin wrappers over `seqjax.ops.recurrent`: they own the parameters (PyTorch layo
 port both ways) and call the ops. Every layer has a full-sequence `__call__` and a one-token `step`
 with an explicit state, and the two agree.
 
-Dimension legend: B batch, T length, I input width, H hidden width, D model width, G gates.
+Dimension legend (docs/ARCHITECTURE.md): B batch, T length, I input width, R recurrent state width, D model width,
+Z gates per cell.
 
 Initialisation: input weights LeCun-normal per gate, recurrent weights orthogonal per gate block,
 biases zero except the LSTM forget gate, whose input bias is 1.
@@ -30,7 +31,7 @@ _MERGES = ("concat", "sum")
 
 
 def _per_gate(init, gates: int):
-  """Initialise a [G*H, X] matrix block by block (e.g. one orthogonal matrix per gate)."""
+  """Initialise a [Z*R, I or R] matrix block by block (e.g. one orthogonal matrix per gate)."""
 
   def f(key, shape, dtype=jnp.float32):
     rows, cols = shape
@@ -60,7 +61,7 @@ def _check_cell(cell: str, nonlinearity: str):
 
 
 class RecurrentDirection(nn.Module):
-  """One recurrent layer in one direction. Params: w_ih [G*H, I], w_hh [G*H, H], b_ih, b_hh."""
+  """One recurrent layer in one direction. Params: w_ih [Z*R, I], w_hh [Z*R, R], b_ih, b_hh."""
 
   hidden: int
   cell: str = "lstm"
@@ -89,7 +90,7 @@ class RecurrentDirection(nn.Module):
 
   def __call__(self, x_BTI: Array, state: State | None = None, *, lengths: Array | None = None,
                segment_ids: Array | None = None) -> tuple[Array, State]:
-    """x [B, T, I] -> (ys [B, T, H], final state). The state defaults to zeros."""
+    """x [B, T, I] -> (ys [B, T, R], final state). The state defaults to zeros."""
     w = self.weights(x_BTI.shape[-1])
     state = self.init_state(x_BTI.shape[0]) if state is None else tuple(state)
     kw = dict(lengths=lengths, reverse=self.reverse, segment_ids=segment_ids, unroll=self.unroll,
@@ -104,7 +105,7 @@ class RecurrentDirection(nn.Module):
     return ys, (h,)
 
   def step(self, x_BI: Array, state: State) -> tuple[Array, State]:
-    """One token: x [B, I], state -> (y [B, H] float32, new state)."""
+    """One token: x [B, I], state -> (y [B, R] float32, new state)."""
     if self.reverse:
       raise ValueError("a reverse-direction layer cannot be stepped token by token.")
     w = self.weights(x_BI.shape[-1])
@@ -122,11 +123,11 @@ class Recurrent(nn.Module):
   """Stacked (optionally bidirectional) recurrent layers with dropout between layers.
 
   Attributes:
-    hidden: H, the state width of each direction.
+    hidden: R, the state width of each direction.
     cell: "lstm", "gru" or "rnn".
     num_layers: stacked layers; layer l+1 reads layer l's (merged) outputs.
     bidirectional: add a reverse-direction layer at every level.
-    merge: "concat" ([B, T, 2H]) or "sum" ([B, T, H]) of the two directions.
+    merge: "concat" ([B, T, 2R]) or "sum" ([B, T, R]) of the two directions.
     dropout: rate applied to the outputs of every layer except the last (needs a "dropout" rng).
   """
 
@@ -187,36 +188,36 @@ class Recurrent(nn.Module):
     if len(state) != self.num_layers * self.num_directions:
       raise ValueError(f"expected {self.num_layers * self.num_directions} states (layers x "
                        f"directions), got {len(state)}.")
-    h_BTF = x_BTI.astype(self.dtype)
+    h_BTI = x_BTI.astype(self.dtype)
     finals = []
     for l in range(self.num_layers):
       kw = dict(lengths=lengths, segment_ids=segment_ids)
-      ys, st = self.forward_layers[l](h_BTF, state[l * self.num_directions], **kw)
+      ys, st = self.forward_layers[l](h_BTI, state[l * self.num_directions], **kw)
       finals.append(st)
       if self.bidirectional:
-        ys_b, st_b = self.backward_layers[l](h_BTF, state[l * 2 + 1], **kw)
+        ys_b, st_b = self.backward_layers[l](h_BTI, state[l * 2 + 1], **kw)
         finals.append(st_b)
         ys = self._merge(ys, ys_b)
-      h_BTF = ys.astype(self.dtype)
+      h_BTI = ys.astype(self.dtype)
       if l < self.num_layers - 1:
-        h_BTF = self.drop(h_BTF, deterministic=deterministic)
-    return h_BTF, finals
+        h_BTI = self.drop(h_BTI, deterministic=deterministic)
+    return h_BTI, finals
 
   def step(self, x_BI: Array, state: Sequence[State], *,
            deterministic: bool = True) -> tuple[Array, list[State]]:
-    """One token through all layers: x [B, I], states -> (y [B, H], new states)."""
+    """One token through all layers: x [B, I], states -> (y [B, R], new states)."""
     if self.bidirectional:
       raise ValueError("a bidirectional layer sees the future; it has no token-by-token step. "
                        "Use a unidirectional layer for decoding.")
-    h_BF = x_BI.astype(self.dtype)
+    h_BI = x_BI.astype(self.dtype)
     new_state = []
     for l in range(self.num_layers):
-      y, st = self.forward_layers[l].step(h_BF, state[l])
+      y, st = self.forward_layers[l].step(h_BI, state[l])
       new_state.append(st)
-      h_BF = y.astype(self.dtype)
+      h_BI = y.astype(self.dtype)
       if l < self.num_layers - 1:
-        h_BF = self.drop(h_BF, deterministic=deterministic)
-    return h_BF, new_state
+        h_BI = self.drop(h_BI, deterministic=deterministic)
+    return h_BI, new_state
 
 
 class LSTM(Recurrent):
@@ -266,19 +267,19 @@ class RecurrentMixer(nn.Module):
       raise ValueError(f"{type(self).__name__} expects x [B, T, {self.d_model}], "
                        f"got {x_BTD.shape}.")
     if not return_state:
-      ys_BTH, _ = self.rnn(x_BTD.astype(self.dtype), segment_ids=segment_ids)
-      return self.out(ys_BTH.astype(self.dtype))
+      ys_BTR, _ = self.rnn(x_BTD.astype(self.dtype), segment_ids=segment_ids)
+      return self.out(ys_BTR.astype(self.dtype))
     x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
-    ys_BTH, state = self.rnn(x_BTD.astype(self.dtype), segment_ids=segment_ids)
-    y_BTD = contract.restore(self.out(ys_BTH.astype(self.dtype)), lengths_B)
+    ys_BTR, state = self.rnn(x_BTD.astype(self.dtype), segment_ids=segment_ids)
+    y_BTD = contract.restore(self.out(ys_BTR.astype(self.dtype)), lengths_B)
     state = contract.where_rows(lengths_B > 0, state, self.init_state(x_BTD.shape[0]))
     return y_BTD, state
 
   def step(self, x_BD: Array, state: State, *, deterministic: bool = True) -> tuple[Array, State]:
     """One token: x [B, D], state -> (y [B, D], new state)."""
     del deterministic
-    y_BH, state = self.rnn.step(x_BD.astype(self.dtype), state)
-    return self.out(y_BH.astype(self.dtype)), state
+    y_BR, state = self.rnn.step(x_BD.astype(self.dtype), state)
+    return self.out(y_BR.astype(self.dtype)), state
 
 
 class LSTMMixer(RecurrentMixer):

@@ -16,7 +16,8 @@ float32 (complex64 for S4D/S5) whatever the compute dtype, so step-by-step decod
 With `return_state` and segment ids, rows are rotated so that each one's last real token comes last
 (`contract.right_align`): the scan's final state is then each row's own, whatever its padding.
 
-Legend: B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim, K conv width.
+Legend (docs/ARCHITECTURE.md): B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim,
+W conv width, X a fused projection axis split right after (Mamba x‖z = 2E; Mamba-2 x‖B‖C = E + 2P).
 """
 
 from __future__ import annotations
@@ -72,38 +73,38 @@ def _check_segment_ids(segment_ids, x_BTD):
     raise ValueError(f"segment_ids must be [B, T] = {x_BTD.shape[:2]}, got {segment_ids.shape}")
 
 
-def causal_depthwise_conv(x_BTE: jax.Array, kernel_KE: jax.Array, bias_E: jax.Array,
+def causal_depthwise_conv(x_BTE: jax.Array, kernel_WE: jax.Array, bias_E: jax.Array,
                           segment_ids: jax.Array | None = None) -> jax.Array:
-  """y_t = sum_k kernel[k] x_{t - (K - 1) + k} + bias, zero before the sequence and across segment boundaries."""
-  width, t = kernel_KE.shape[0], x_BTE.shape[1]
+  """y_t = sum_k kernel[k] x_{t - (W - 1) + k} + bias, zero before the sequence and across segment boundaries."""
+  width, t = kernel_WE.shape[0], x_BTE.shape[1]
   x_pad = jnp.pad(x_BTE, ((0, 0), (width - 1, 0), (0, 0)))
   if segment_ids is not None:
     seg_pad = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
   y_BTE = jnp.zeros_like(x_BTE)
   for k in range(width):
-    tap_BTE = x_pad[:, k:k + t] * kernel_KE[k]
+    tap_BTE = x_pad[:, k:k + t] * kernel_WE[k]
     if segment_ids is not None:
       tap_BTE = jnp.where((seg_pad[:, k:k + t] == segment_ids)[..., None], tap_BTE, 0)
     y_BTE = y_BTE + tap_BTE
   return y_BTE + bias_E
 
 
-def _conv_step(x_BE, window_BKE, kernel_KE, bias_E):
-  """One step of the causal conv from its state (the previous K - 1 inputs): (y [B, E], new state)."""
-  full_BKE = jnp.concatenate([window_BKE.astype(x_BE.dtype), x_BE[:, None]], axis=1)
-  return jnp.einsum("bke,ke->be", full_BKE, kernel_KE) + bias_E, full_BKE[:, 1:].astype(window_BKE.dtype)
+def _conv_step(x_BE, window_BWE, kernel_WE, bias_E):
+  """One step of the causal conv from its state (the previous W - 1 inputs): (y [B, E], new state)."""
+  full_BWE = jnp.concatenate([window_BWE.astype(x_BE.dtype), x_BE[:, None]], axis=1)
+  return jnp.einsum("bwe,we->be", full_BWE, kernel_WE) + bias_E, full_BWE[:, 1:].astype(window_BWE.dtype)
 
 
 def _conv_tail(x_BTE: jax.Array, width: int, segment_ids: jax.Array | None = None) -> jax.Array:
-  """The conv state after the last position: the last K - 1 inputs, zeros before the sequence start and, with
+  """The conv state after the last position: the last W - 1 inputs, zeros before the sequence start and, with
   segment ids, for inputs of another segment than the last position's."""
   x_pad = jnp.pad(x_BTE, ((0, 0), (width - 1, 0), (0, 0)))
-  tail_BKE = x_pad[:, x_pad.shape[1] - (width - 1):]
+  tail_BWE = x_pad[:, x_pad.shape[1] - (width - 1):]
   if segment_ids is not None:
     seg_pad = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
-    same_BK = seg_pad[:, seg_pad.shape[1] - (width - 1):] == segment_ids[:, -1:]
-    tail_BKE = jnp.where(same_BK[..., None], tail_BKE, 0).astype(tail_BKE.dtype)
-  return tail_BKE
+    same_BW = seg_pad[:, seg_pad.shape[1] - (width - 1):] == segment_ids[:, -1:]
+    tail_BWE = jnp.where(same_BW[..., None], tail_BWE, 0).astype(tail_BWE.dtype)
+  return tail_BWE
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class Mamba(nn.Module):
   """The Mamba (S6) block: in-projection to (x, z), causal depthwise conv + SiLU on x, input-dependent
   (delta, B, C), selective scan, SiLU(z) gating, out-projection.
 
-  Decode state: {"conv": [B, K - 1, E] (the last inputs of the conv), "ssm": [B, E, P] float32}.
+  Decode state: {"conv": [B, W - 1, E] (the last inputs of the conv), "ssm": [B, E, P] float32}.
   """
 
   d_model: int
@@ -303,8 +304,8 @@ class Mamba(nn.Module):
     _check_segment_ids(segment_ids, x_BTD)
     if return_state:
       x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
-    xz_BTF = self.in_proj(x_BTD.astype(self.dtype))
-    x_BTE, z_BTE = jnp.split(xz_BTF, 2, axis=-1)
+    xz_BTX = self.in_proj(x_BTD.astype(self.dtype))
+    x_BTE, z_BTE = jnp.split(xz_BTX, 2, axis=-1)
     x_conv = causal_depthwise_conv(x_BTE, *self._conv_params(), segment_ids)
     u_BTE, delta_BTE, B_BTP, C_BTP = self._ssm_inputs(x_conv)
     out = ssm_ops.selective_scan(u_BTE, delta_BTE, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip, mode=self.mode,
@@ -341,7 +342,7 @@ class Mamba2(nn.Module):
   """The Mamba-2 block: one in-projection to (z, x, B, C, dt), causal depthwise conv + SiLU on (x, B, C), SSD over
   N = E / H heads with a scalar decay per head, gated RMSNorm (norm(y * SiLU(z))), out-projection.
 
-  Decode state: {"conv": [B, K - 1, E + 2P], "ssm": [B, N, H, P] float32}.
+  Decode state: {"conv": [B, W - 1, E + 2P], "ssm": [B, N, H, P] float32}.
   """
 
   d_model: int
@@ -407,16 +408,16 @@ class Mamba2(nn.Module):
     _check_segment_ids(segment_ids, x_BTD)
     if return_state:
       x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
-    z_BTE, xbc_BTF, dt_BTN = self._split(self.in_proj(x_BTD.astype(self.dtype)))
-    xbc_conv = causal_depthwise_conv(xbc_BTF, *self._conv_params(), segment_ids)
+    z_BTE, xbc_BTX, dt_BTN = self._split(self.in_proj(x_BTD.astype(self.dtype)))
+    xbc_conv = causal_depthwise_conv(xbc_BTX, *self._conv_params(), segment_ids)
     x_BTNH, dt_BTN, B_BTP, C_BTP = self._ssd_inputs(xbc_conv, dt_BTN)
     out = ssm_ops.ssd(x_BTNH, dt_BTN, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip, mode=self.mode,
                       chunk_size=self.chunk_size, segment_ids=segment_ids, return_final_state=return_state)
     y_BTNH, h_BNHP = out if return_state else (out, None)
     y_BTD = self._gated_out(y_BTNH, z_BTE)
     if return_state:
-      state = {"conv": _conv_tail(xbc_BTF, self.d_conv, segment_ids), "ssm": h_BNHP}
-      state = contract.where_rows(lengths_B > 0, state, self.init_state(x_BTD.shape[0], dtype=xbc_BTF.dtype))
+      state = {"conv": _conv_tail(xbc_BTX, self.d_conv, segment_ids), "ssm": h_BNHP}
+      state = contract.where_rows(lengths_B > 0, state, self.init_state(x_BTD.shape[0], dtype=xbc_BTX.dtype))
       return contract.restore(y_BTD, lengths_B), state
     return y_BTD
 
@@ -431,8 +432,8 @@ class Mamba2(nn.Module):
 
   def step(self, x_BD, state, *, deterministic=True):
     del deterministic
-    z_BE, xbc_BF, dt_BN = self._split(self.in_proj(x_BD.astype(self.dtype)))
-    xbc_conv, conv_state = _conv_step(xbc_BF, state["conv"], *self._conv_params())
+    z_BE, xbc_BX, dt_BN = self._split(self.in_proj(x_BD.astype(self.dtype)))
+    xbc_conv, conv_state = _conv_step(xbc_BX, state["conv"], *self._conv_params())
     x_BNH, dt_BN, B_BP, C_BP = self._ssd_inputs(xbc_conv, dt_BN)
     y_BNH, h_BNHP = ssm_ops.ssd_step(x_BNH, dt_BN, -jnp.exp(self.A_log), B_BP, C_BP, self.skip, state["ssm"])
     return self._gated_out(y_BNH, z_BE), {"conv": conv_state, "ssm": h_BNHP}

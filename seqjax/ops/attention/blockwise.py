@@ -173,34 +173,34 @@ def _loop(count, body, carry, tiles, i_or_j, table, transpose):
   return jax.lax.fori_loop(0, count, step, carry)
 
 
-def _as_rows(x_BLNH, K, n_blocks, block):
-  """[B, L, N, H] -> [n_blocks, B * K, G * block, H], G = N // K (zero-padded along L; row g * block + t)."""
-  B, L, N, H = x_BLNH.shape
-  x_BLNH = jnp.pad(x_BLNH, ((0, 0), (0, n_blocks * block - L), (0, 0), (0, 0)))
-  x = x_BLNH.reshape(B, n_blocks, block, K, N // K, H).transpose(1, 0, 3, 4, 2, 5)
+def _as_rows(x_BTNH, K, n_blocks, block):
+  """[B, T, N, H] -> [n_blocks, B * K, G * block, H], G = N // K (zero-padded along T; row g * block + t)."""
+  B, T, N, H = x_BTNH.shape
+  x_BTNH = jnp.pad(x_BTNH, ((0, 0), (0, n_blocks * block - T), (0, 0), (0, 0)))
+  x = x_BTNH.reshape(B, n_blocks, block, K, N // K, H).transpose(1, 0, 3, 4, 2, 5)
   return x.reshape(n_blocks, B * K, N // K * block, H)
 
 
-def _as_cols(x_BLNH, K, n_blocks, block):
-  """[B, L, N, H] -> [n_blocks, B * K, H, G * block]: `_as_rows` with the last two axes swapped."""
-  B, L, N, H = x_BLNH.shape
-  x_BLNH = jnp.pad(x_BLNH, ((0, 0), (0, n_blocks * block - L), (0, 0), (0, 0)))
-  x = x_BLNH.reshape(B, n_blocks, block, K, N // K, H).transpose(1, 0, 3, 5, 4, 2)
+def _as_cols(x_BTNH, K, n_blocks, block):
+  """[B, T, N, H] -> [n_blocks, B * K, H, G * block]: `_as_rows` with the last two axes swapped."""
+  B, T, N, H = x_BTNH.shape
+  x_BTNH = jnp.pad(x_BTNH, ((0, 0), (0, n_blocks * block - T), (0, 0), (0, 0)))
+  x = x_BTNH.reshape(B, n_blocks, block, K, N // K, H).transpose(1, 0, 3, 5, 4, 2)
   return x.reshape(n_blocks, B * K, H, N // K * block)
 
 
-def _from_rows(x, B, K, block, L):
-  """Inverse of `_as_rows`: [n, B * K, G * block, H] -> [B, L, K * G, H]."""
+def _from_rows(x, B, K, block, T):
+  """Inverse of `_as_rows`: [n, B * K, G * block, H] -> [B, T, K * G, H]."""
   n, _, Gb, H = x.shape
   G = Gb // block
-  return x.reshape(n, B, K, G, block, H).transpose(1, 0, 4, 2, 3, 5).reshape(B, n * block, K * G, H)[:, :L]
+  return x.reshape(n, B, K, G, block, H).transpose(1, 0, 4, 2, 3, 5).reshape(B, n * block, K * G, H)[:, :T]
 
 
-def _from_cols(x, B, K, block, L):
-  """Inverse of `_as_cols`: [n, B * K, H, G * block] -> [B, L, K * G, H]."""
+def _from_cols(x, B, K, block, T):
+  """Inverse of `_as_cols`: [n, B * K, H, G * block] -> [B, T, K * G, H]."""
   n, _, H, Gb = x.shape
   G = Gb // block
-  return x.reshape(n, B, K, H, G, block).transpose(1, 0, 5, 2, 4, 3).reshape(B, n * block, K * G, H)[:, :L]
+  return x.reshape(n, B, K, H, G, block).transpose(1, 0, 5, 2, 4, 3).reshape(B, n * block, K * G, H)[:, :T]
 
 
 def _forward(q, k, v, mask, bias, scale, bq, bk):

@@ -301,9 +301,9 @@ def _check_batch_array(name: str, x: jax.Array, shape: tuple[int, ...], what: st
     raise ValueError(f"{name}: expected {what} of shape {shape}, got {tuple(x.shape)}")
 
 
-def _take_rows(x_BL: jax.Array, idx: jax.Array) -> jax.Array:
+def _take_rows(x_BT: jax.Array, idx: jax.Array) -> jax.Array:
   """x[:, idx] with indices clipped into range (tiles past the end are masked by the kernel anyway)."""
-  return jnp.take(x_BL, jnp.asarray(idx, jnp.int32), axis=1, mode="clip")
+  return jnp.take(x_BT, jnp.asarray(idx, jnp.int32), axis=1, mode="clip")
 
 
 class SegmentIds(Mask):
@@ -332,8 +332,8 @@ class SegmentIds(Mask):
 
   def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
     # Conservative: in some batch row the id ranges of the two tiles overlap.
-    def id_range(ids_BL, lo, size):
-      tile = _take_rows(ids_BL, lo + jnp.arange(size, dtype=jnp.int32))
+    def id_range(ids_BT, lo, size):
+      tile = _take_rows(ids_BT, lo + jnp.arange(size, dtype=jnp.int32))
       return tile.min(axis=1), tile.max(axis=1)
     (q_min, q_max), (kv_min, kv_max) = id_range(self.q_ids, q_lo, q_size), id_range(self.kv_ids, kv_lo, kv_size)
     return jnp.any((q_min <= kv_max) & (kv_min <= q_max))

@@ -172,11 +172,11 @@ def _dkv_kernel(ctx, full_q, n_full, part_q, n_part, q_ref, k_ref, v_ref, do_ref
   dk_ref[...], dv_ref[...] = dk, dv
 
 
-def _layout(x_BLNH, block):
-  """[B, L, N, H] -> [B, N, L_padded, H] with L padded to a multiple of `block`."""
-  L = x_BLNH.shape[1]
-  x_BLNH = jnp.pad(x_BLNH, ((0, 0), (0, -L % block), (0, 0), (0, 0)))
-  return x_BLNH.transpose(0, 2, 1, 3)
+def _layout(x_BTNH, block):
+  """[B, T, N, H] -> [B, N, T_padded, H] with T padded to a multiple of `block`."""
+  T = x_BTNH.shape[1]
+  x_BTNH = jnp.pad(x_BTNH, ((0, 0), (0, -T % block), (0, 0), (0, 0)))
+  return x_BTNH.transpose(0, 2, 1, 3)
 
 
 def _setup(q, k, v, mask, bias, scale, bq, bk):

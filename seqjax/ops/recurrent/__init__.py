@@ -2,9 +2,10 @@
 (`lstm_step`, `gru_step`, `rnn_step`).
 
 Layout and conventions (PyTorch / cuDNN compatible, so checkpoints port both ways): batch-major sequences
-``x [B, T, I]`` in, ``ys [B, T, H]`` out; weights ``w_ih [G*H, I]``, ``w_hh [G*H, H]``, biases ``b_ih, b_hh [G*H]``
-with G gates stacked (RNN 1; LSTM 4, order i, f, g, o; GRU 3, order r, z, n, with ``b_hn`` inside the reset
-product). Dimension legend: B batch, T sequence length, I input width, H hidden width, G gates, GH = G * H.
+``x [B, T, I]`` in, ``ys [B, T, R]`` out; weights ``w_ih [Z*R, I]``, ``w_hh [Z*R, R]``, biases ``b_ih, b_hh [Z*R]``
+with Z gates stacked (RNN 1; LSTM 4, order i, f, g, o; GRU 3, order r, z, n, with ``b_hn`` inside the reset
+product). Dimension legend (docs/ARCHITECTURE.md): B batch, T sequence length, I input width, R recurrent state width, Z gates
+per cell, X = Z * R stacked gates.
 
 Modules:
   cells.py     the pointwise cell updates and the single-token steps (decoding);

@@ -1,12 +1,12 @@
 """The recurrent cells (Elman RNN, LSTM, GRU): pointwise updates and single-token steps.
 
-Layout and conventions (PyTorch / cuDNN compatible, so checkpoints port both ways): weights ``w_ih [G*H, I]``,
-``w_hh [G*H, H]``, biases ``b_ih, b_hh [G*H]`` with G gates stacked: RNN G=1; LSTM G=4 ordered (i, f, g, o);
-GRU G=3 ordered (r, z, n) with ``b_hn`` inside the reset product, ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``,
+Layout and conventions (PyTorch / cuDNN compatible, so checkpoints port both ways): weights ``w_ih [Z*R, I]``,
+``w_hh [Z*R, R]``, biases ``b_ih, b_hh [Z*R]`` with Z gates stacked: RNN Z=1; LSTM Z=4 ordered (i, f, g, o);
+GRU Z=3 ordered (r, z, n) with ``b_hn`` inside the reset product, ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``,
 ``h' = (1 - z) * n + z * h``.
 
-Dimension legend: B batch, I input width, H hidden (state) width, G number of gates, so ``GH = G * H`` is the width
-of the stacked pre-activations.
+Dimension legend (the codebase's one, docs/ARCHITECTURE.md): B batch, I input width, R recurrent state width, Z gates
+per cell, X = Z * R the fused axis of the stacked pre-activations (``gx_BX``, ``w_ih_XI``).
 """
 from __future__ import annotations
 
@@ -24,27 +24,27 @@ NONLINEARITIES = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
 # ----------------------------------------------------------------------------------------------
-# Pointwise cell updates. Each maps (input pre-activation gx [B, GH], recurrent pre-activation
-# hz = h @ w_hh.T + b_hh [B, GH], state) -> (new state, output y [B, H]). All float32.
+# Pointwise cell updates. Each maps (input pre-activation gx [B, Z*R], recurrent pre-activation
+# hz = h @ w_hh.T + b_hh [B, Z*R], state) -> (new state, output y [B, R]). All float32.
 # ----------------------------------------------------------------------------------------------
-def lstm_pointwise(gx_BG, hz_BG, state):
-  _, c_BH = state
-  z_BG = gx_BG + hz_BG
-  i_BH, f_BH, g_BH, o_BH = jnp.split(z_BG, 4, axis=-1)
-  c_BH = jax.nn.sigmoid(f_BH) * c_BH + jax.nn.sigmoid(i_BH) * jnp.tanh(g_BH)
-  h_BH = jax.nn.sigmoid(o_BH) * jnp.tanh(c_BH)
-  return (h_BH, c_BH), h_BH
+def lstm_pointwise(gx_BX, hz_BX, state):
+  _, c_BR = state
+  z_BX = gx_BX + hz_BX
+  i_BR, f_BR, g_BR, o_BR = jnp.split(z_BX, 4, axis=-1)
+  c_BR = jax.nn.sigmoid(f_BR) * c_BR + jax.nn.sigmoid(i_BR) * jnp.tanh(g_BR)
+  h_BR = jax.nn.sigmoid(o_BR) * jnp.tanh(c_BR)
+  return (h_BR, c_BR), h_BR
 
 
-def gru_pointwise(gx_BG, hz_BG, state):
-  (h_BH,) = state
-  xr_BH, xz_BH, xn_BH = jnp.split(gx_BG, 3, axis=-1)
-  hr_BH, hzz_BH, hn_BH = jnp.split(hz_BG, 3, axis=-1)
-  r_BH = jax.nn.sigmoid(xr_BH + hr_BH)
-  z_BH = jax.nn.sigmoid(xz_BH + hzz_BH)
-  n_BH = jnp.tanh(xn_BH + r_BH * hn_BH)
-  h_BH = n_BH + z_BH * (h_BH - n_BH)  # == (1 - z) * n + z * h
-  return (h_BH,), h_BH
+def gru_pointwise(gx_BX, hz_BX, state):
+  (h_BR,) = state
+  xr_BR, xz_BR, xn_BR = jnp.split(gx_BX, 3, axis=-1)
+  hr_BR, hzz_BR, hn_BR = jnp.split(hz_BX, 3, axis=-1)
+  r_BR = jax.nn.sigmoid(xr_BR + hr_BR)
+  z_BR = jax.nn.sigmoid(xz_BR + hzz_BR)
+  n_BR = jnp.tanh(xn_BR + r_BR * hn_BR)
+  h_BR = n_BR + z_BR * (h_BR - n_BR)  # == (1 - z) * n + z * h
+  return (h_BR,), h_BR
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,10 +52,10 @@ def rnn_pointwise(nonlinearity: str) -> Callable:
   # Cached so the same function object (a static argument of the custom_vjp) is reused and jit caches are hit.
   act = NONLINEARITIES[nonlinearity]
 
-  def pointwise(gx_BG, hz_BG, state):
+  def pointwise(gx_BX, hz_BX, state):
     del state
-    h_BH = act(gx_BG + hz_BG)
-    return (h_BH,), h_BH
+    h_BR = act(gx_BX + hz_BX)
+    return (h_BR,), h_BR
 
   return pointwise
 
@@ -63,16 +63,16 @@ def rnn_pointwise(nonlinearity: str) -> Callable:
 # ----------------------------------------------------------------------------------------------
 # Pre-activations, in float32.
 # ----------------------------------------------------------------------------------------------
-def recurrent_preactivation(h_BH, w_hh_HG, b_hh_G):
-  """Recurrent pre-activation h @ w_hh.T + b_hh in float32 (w_hh given transposed, [H, GH])."""
-  return lax.dot_general(h_BH.astype(w_hh_HG.dtype), w_hh_HG, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32) + b_hh_G.astype(jnp.float32)
+def recurrent_preactivation(h_BR, w_hh_RX, b_hh_X):
+  """Recurrent pre-activation h @ w_hh.T + b_hh in float32 (w_hh given transposed, [R, Z*R])."""
+  return lax.dot_general(h_BR.astype(w_hh_RX.dtype), w_hh_RX, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32) + b_hh_X.astype(jnp.float32)
 
 
-def input_preactivation(x_BI, w_ih_GI, b_ih_G):
-  """Input pre-activation x @ w_ih.T + b_ih in float32 [B, GH] (w_ih in its stored layout, [GH, I])."""
-  return lax.dot_general(x_BI.astype(w_ih_GI.dtype), w_ih_GI, (((1,), (1,)), ((), ())),
-                         preferred_element_type=jnp.float32) + b_ih_G.astype(jnp.float32)
+def input_preactivation(x_BI, w_ih_XI, b_ih_X):
+  """Input pre-activation x @ w_ih.T + b_ih in float32 [B, Z*R] (w_ih in its stored layout, [Z*R, I])."""
+  return lax.dot_general(x_BI.astype(w_ih_XI.dtype), w_ih_XI, (((1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32) + b_ih_X.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def input_preactivation(x_BI, w_ih_GI, b_ih_G):
 # ----------------------------------------------------------------------------------------------
 def lstm_step(x: Array, h: Array, c: Array, w_ih: Array, w_hh: Array, b_ih: Array,
               b_hh: Array) -> tuple[Array, Array]:
-  """One LSTM step. x [B, I], h, c [B, H] -> (h', c') [B, H] float32 (h' is also the output)."""
+  """One LSTM step. x [B, I], h, c [B, R] -> (h', c') [B, R] float32 (h' is also the output)."""
   x, h, c, w_ih, w_hh, b_ih, b_hh = map(jnp.asarray, (x, h, c, w_ih, w_hh, b_ih, b_hh))
   (h, c), _ = lstm_pointwise(input_preactivation(x, w_ih, b_ih), recurrent_preactivation(h, w_hh.T, b_hh),
                              (h.astype(jnp.float32), c.astype(jnp.float32)))
@@ -88,7 +88,7 @@ def lstm_step(x: Array, h: Array, c: Array, w_ih: Array, w_hh: Array, b_ih: Arra
 
 
 def gru_step(x: Array, h: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array) -> Array:
-  """One GRU step. x [B, I], h [B, H] -> h' [B, H] float32."""
+  """One GRU step. x [B, I], h [B, R] -> h' [B, R] float32."""
   x, h, w_ih, w_hh, b_ih, b_hh = map(jnp.asarray, (x, h, w_ih, w_hh, b_ih, b_hh))
   (h,), _ = gru_pointwise(input_preactivation(x, w_ih, b_ih), recurrent_preactivation(h, w_hh.T, b_hh),
                           (h.astype(jnp.float32),))
@@ -97,7 +97,7 @@ def gru_step(x: Array, h: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Ar
 
 def rnn_step(x: Array, h: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
              nonlinearity: str = "tanh") -> Array:
-  """One Elman RNN step. x [B, I], h [B, H] -> h' [B, H] float32."""
+  """One Elman RNN step. x [B, I], h [B, R] -> h' [B, R] float32."""
   x, h, w_ih, w_hh, b_ih, b_hh = map(jnp.asarray, (x, h, w_ih, w_hh, b_ih, b_hh))
   if nonlinearity not in NONLINEARITIES:
     raise ValueError(f"rnn_step: nonlinearity must be one of {sorted(NONLINEARITIES)}, "

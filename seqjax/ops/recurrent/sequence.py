@@ -1,6 +1,6 @@
 """The recurrent ops over sequences: `lstm`, `gru`, `rnn` (batch-major, with lengths, reversal, segment resets).
 
-Batch-major sequences: ``x [B, T, I]`` in, ``ys [B, T, H]`` out; weights and gate order as in `cells.py`.
+Batch-major sequences: ``x [B, T, I]`` in, ``ys [B, T, R]`` out; weights and gate order as in `cells.py`.
 
 Masking: ``lengths [B]`` makes steps ``t >= lengths[b]`` leave the state unchanged and emit zeros;
 ``reverse=True`` runs each sequence backwards from its own last valid step (padding is at the end).
@@ -39,18 +39,18 @@ def _check(kind, x, states, w_ih, w_hh, b_ih, b_hh, lengths, segment_ids):
     raise ValueError(f"{kind}: x must be batch-major [B, T, I], got shape {x.shape}.")
   b, t, i = x.shape
   if w_hh.ndim != 2 or w_hh.shape[0] % g or w_hh.shape[0] // g != w_hh.shape[1]:
-    raise ValueError(f"{kind}: w_hh must be [{g}*H, H] (gates stacked on axis 0, PyTorch layout), "
+    raise ValueError(f"{kind}: w_hh must be [{g}*R, R] (gates stacked on axis 0, PyTorch layout), "
                      f"got {w_hh.shape}.")
   h = w_hh.shape[1]
   if w_ih.shape != (g * h, i):
-    raise ValueError(f"{kind}: w_ih must be [{g}*H, I] = {(g * h, i)} for x {x.shape} and "
+    raise ValueError(f"{kind}: w_ih must be [{g}*R, I] = {(g * h, i)} for x {x.shape} and "
                      f"w_hh {w_hh.shape}, got {w_ih.shape}.")
   for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
     if bias.shape != (g * h,):
-      raise ValueError(f"{kind}: {name} must be [{g}*H] = {(g * h,)}, got {bias.shape}.")
+      raise ValueError(f"{kind}: {name} must be [{g}*R] = {(g * h,)}, got {bias.shape}.")
   for n, s in enumerate(states):
     if s.shape != (b, h):
-      raise ValueError(f"{kind}: initial state #{n} must be [B, H] = {(b, h)}, got {s.shape}.")
+      raise ValueError(f"{kind}: initial state #{n} must be [B, R] = {(b, h)}, got {s.shape}.")
   if lengths is not None and lengths.shape != (b,):
     raise ValueError(f"{kind}: lengths must be [B] = {(b,)}, got {lengths.shape}.")
   if segment_ids is not None and segment_ids.shape != (b, t):
@@ -84,11 +84,11 @@ def _run(kind, pointwise, x_BTI, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
   states = tuple(s.astype(jnp.float32) for s in states)
   scan = functools.partial(scan_core, pointwise, int(unroll), bool(remat), chunk)
   if kernel is not None:
-    ys_TBH, state_T = backend.on_cpu(functools.partial(kernel.recurrence, cell, remat=bool(remat)), scan, x_TBI,
+    ys_TBR, final_state = backend.on_cpu(functools.partial(kernel.recurrence, cell, remat=bool(remat)), scan, x_TBI,
                                      states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
   else:
-    ys_TBH, state_T = scan(x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
-  return jnp.swapaxes(flip(ys_TBH), 0, 1).astype(x_BTI.dtype), state_T
+    ys_TBR, final_state = scan(x_TBI, states, w_ih, b_ih, w_hh, b_hh, keep_TB, reset_TB)
+  return jnp.swapaxes(flip(ys_TBR), 0, 1).astype(x_BTI.dtype), final_state
 
 
 def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array, *,
@@ -99,8 +99,8 @@ def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, 
 
   Args:
     x: inputs [B, T, I].
-    h0, c0: initial hidden and cell state [B, H].
-    w_ih: [4H, I]; w_hh: [4H, H]; b_ih, b_hh: [4H].
+    h0, c0: initial hidden and cell state [B, R].
+    w_ih: [4R, I]; w_hh: [4R, R]; b_ih, b_hh: [4R].
     lengths: optional int [B]; steps t >= lengths[b] keep the state and emit zeros.
     reverse: run each sequence backwards from its last valid step.
     segment_ids: optional int [B, T]; the state is reset to (h0, c0) where the id changes.
@@ -110,7 +110,7 @@ def lstm(x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, b_ih: Array, 
     remat: save only the per-step state; recompute the rest in the backward pass.
 
   Returns:
-    ys [B, T, H] in x.dtype and the final state (h_T, c_T), each [B, H] float32 (for `reverse`,
+    ys [B, T, R] in x.dtype and the final state (h_T, c_T), each [B, R] float32 (for `reverse`,
     the state after the first step).
   """
   ys, (h, c) = _run("lstm", cells.lstm_pointwise, x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
@@ -124,10 +124,10 @@ def gru(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array,
         remat: bool = False) -> tuple[Array, Array]:
   """GRU over a batch-major sequence (PyTorch gate order r, z, n; b_hn inside the reset product).
 
-  Args: as `lstm` with w_ih [3H, I], w_hh [3H, H], b_ih, b_hh [3H] and one state h0 [B, H].
+  Args: as `lstm` with w_ih [3R, I], w_hh [3R, R], b_ih, b_hh [3R] and one state h0 [B, R].
 
   Returns:
-    ys [B, T, H] in x.dtype and the final state h_T [B, H] float32.
+    ys [B, T, R] in x.dtype and the final state h_T [B, R] float32.
   """
   ys, (h,) = _run("gru", cells.gru_pointwise, x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                   segment_ids, unroll, remat, chunk, "gru")
@@ -140,10 +140,10 @@ def rnn(x: Array, h0: Array, w_ih: Array, w_hh: Array, b_ih: Array, b_hh: Array,
         chunk: int = DEFAULT_CHUNK, remat: bool = False) -> tuple[Array, Array]:
   """Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), act in {"tanh", "relu"}.
 
-  Args: as `gru` with w_ih [H, I], w_hh [H, H], b_ih, b_hh [H].
+  Args: as `gru` with w_ih [R, I], w_hh [R, R], b_ih, b_hh [R].
 
   Returns:
-    ys [B, T, H] in x.dtype and the final state h_T [B, H] float32.
+    ys [B, T, R] in x.dtype and the final state h_T [B, R] float32.
   """
   if nonlinearity not in NONLINEARITIES:
     raise ValueError(f"rnn: nonlinearity must be one of {sorted(NONLINEARITIES)}, "

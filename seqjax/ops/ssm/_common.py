@@ -7,16 +7,16 @@ import jax.numpy as jnp
 
 
 def keep_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
-  """[B, L] float32: 0 where the state resets (the id differs from the previous position's), else 1.
+  """[B, T] float32: 0 where the state resets (the id differs from the previous position's), else 1.
 
   Position 0 is always 1: it continues from the initial state. Shared by every SSM kernel in `seqjax.ops.ssm`.
   """
   if segment_ids is None:
     return jnp.ones((batch, length), jnp.float32)
   segment_ids = jnp.asarray(segment_ids)
-  changed_BL = segment_ids[:, 1:] != segment_ids[:, :-1]
-  keep_BL = jnp.concatenate([jnp.ones((batch, 1), bool), ~changed_BL], axis=1)
-  return keep_BL.astype(jnp.float32)
+  changed_BT = segment_ids[:, 1:] != segment_ids[:, :-1]
+  keep_BT = jnp.concatenate([jnp.ones((batch, 1), bool), ~changed_BT], axis=1)
+  return keep_BT.astype(jnp.float32)
 
 
 def as_arrays(*xs):

@@ -3,29 +3,29 @@
 The recurrence, with the reference implementation's argument names (Gu & Dao, 2023):
 
     h_t = exp(delta_t * A) * h_{t-1} + (delta_t * x_t) B_t        h [B, E, P]  (float32)
-    y_t = h_t C_t + D * x_t                                       y [B, L, E]
+    y_t = h_t C_t + D * x_t                                       y [B, T, E]
 
-Legend: B batch, L sequence length, E expanded width (channels), P state size (the paper's N), C chunk length.
-x and delta are [B, L, E] (delta already positive, i.e. after softplus), A is [E, P] (negative real), B and C
-are [B, L, P], D is [E]. Every mode keeps its state in float32 whatever the input dtype and returns y in x's dtype.
+Legend (docs/ARCHITECTURE.md): B batch, T sequence length, E expanded width (channels), P state size (the paper's N), C chunk length.
+x and delta are [B, T, E] (delta already positive, i.e. after softplus), A is [E, P] (negative real), B and C
+are [B, T, P], D is [E]. Every mode keeps its state in float32 whatever the input dtype and returns y in x's dtype.
 
 Modes (all equal to tolerance, forward and gradients — see tests/ops/ssm/test_selective.py):
-- "sequential": `lax.scan` over L with autodiff. The reference, the oracle of the others.
-- "parallel":   `lax.associative_scan` over L. Materialises exp(delta A) and delta B x as [B, L, E, P] arrays: the
-                textbook parallel form, memory O(L E P).
+- "sequential": `lax.scan` over T with autodiff. The reference, the oracle of the others.
+- "parallel":   `lax.associative_scan` over T. Materialises exp(delta A) and delta B x as [B, T, E, P] arrays: the
+                textbook parallel form, memory O(T E P).
 - "chunked":    the default. The sequence is cut into chunks of C steps and a scan over chunks passes the state
                 on; inside a chunk a fused recurrence forms exp(delta A) and delta B x for one step at a time
-                ([B, E, P], cache-resident) and reads out with C in the same step — no [B, L, E, P] array exists.
-                A hand-written backward (custom_vjp) keeps only the chunk-boundary states ([L/C, B, E, P]) from
+                ([B, E, P], cache-resident) and reads out with C in the same step — no [B, T, E, P] array exists.
+                A hand-written backward (custom_vjp) keeps only the chunk-boundary states ([M, B, E, P]) from
                 the forward pass, recomputes one chunk's states at a time in reverse order and runs the adjoint
                 recurrence there with every gradient reduction fused into the loop, so peak memory is
-                O(L E + L E P / C) — linear in L E — for forward+backward (autodiff of a scan would keep
-                [L, B, E, P] residuals and is ~3x slower here).
+                O(T E + T E P / C) — linear in T E — for forward+backward (autodiff of a scan would keep
+                [T, B, E, P] residuals and is ~3x slower here).
                 Unlike Mamba-2's scalar decay (see `ssd.py`), the decay here differs per (channel, state) pair,
                 so the intra-chunk pairwise form would be a [C, C, E, P] tensor per chunk and exp(-A cumsum)
                 factorisations overflow float32; on CPU the short in-chunk recurrence is the fastest exact form.
 
-Segment resets (packed sequences): with `segment_ids` [B, L], the state is zeroed before every position whose id
+Segment resets (packed sequences): with `segment_ids` [B, T], the state is zeroed before every position whose id
 differs from the previous position's, so no information flows between packed documents. Position 0 always
 continues from `initial_state` (the streaming / chunk-passing convention).
 """
@@ -46,22 +46,22 @@ def _check(x, delta, A, B, C, D, mode, chunk_size, initial_state, segment_ids):
   if mode not in MODES:
     raise ValueError(f"selective_scan: mode={mode!r} is not one of {MODES}")
   if x.ndim != 3:
-    raise ValueError(f"selective_scan: x must be [B, L, E], got shape {x.shape}")
+    raise ValueError(f"selective_scan: x must be [B, T, E], got shape {x.shape}")
   b, l, e = x.shape
   if delta.shape != x.shape:
-    raise ValueError(f"selective_scan: delta must have x's shape {x.shape} ([B, L, E]), got {delta.shape}")
+    raise ValueError(f"selective_scan: delta must have x's shape {x.shape} ([B, T, E]), got {delta.shape}")
   if A.ndim != 2 or A.shape[0] != e:
     raise ValueError(f"selective_scan: A must be [E, P] = [{e}, P], got {A.shape}")
   p = A.shape[1]
   for name, m in (("B", B), ("C", C)):
     if m.shape != (b, l, p):
-      raise ValueError(f"selective_scan: {name} must be [B, L, P] = {(b, l, p)}, got {m.shape}")
+      raise ValueError(f"selective_scan: {name} must be [B, T, P] = {(b, l, p)}, got {m.shape}")
   if D is not None and D.shape != (e,):
     raise ValueError(f"selective_scan: D must be [E] = ({e},), got {D.shape}")
   if initial_state is not None and initial_state.shape != (b, e, p):
     raise ValueError(f"selective_scan: initial_state must be [B, E, P] = {(b, e, p)}, got {initial_state.shape}")
   if segment_ids is not None and segment_ids.shape != (b, l):
-    raise ValueError(f"selective_scan: segment_ids must be [B, L] = {(b, l)}, got {segment_ids.shape}")
+    raise ValueError(f"selective_scan: segment_ids must be [B, T] = {(b, l)}, got {segment_ids.shape}")
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"selective_scan: chunk_size must be a positive int or None, got {chunk_size!r}")
 
@@ -70,41 +70,41 @@ def selective_scan(x: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
                    D: jax.Array | None = None, *, mode: str = "chunked", chunk_size: int | None = None,
                    initial_state: jax.Array | None = None, return_final_state: bool = False,
                    segment_ids: jax.Array | None = None):
-  """Mamba's selective scan: y[B, L, E] (and the final state [B, E, P] in float32 if `return_final_state`).
+  """Mamba's selective scan: y[B, T, E] (and the final state [B, E, P] in float32 if `return_final_state`).
 
   Args:
-    x: [B, L, E] input.
-    delta: [B, L, E] positive step sizes (after softplus).
+    x: [B, T, E] input.
+    delta: [B, T, E] positive step sizes (after softplus).
     A: [E, P] negative real state matrix (diagonal per channel).
-    B: [B, L, P] input projection per step.
-    C: [B, L, P] output projection per step.
+    B: [B, T, P] input projection per step.
+    C: [B, T, P] output projection per step.
     D: optional [E] skip connection.
     mode: "sequential" | "parallel" | "chunked" (default; see the module docstring).
-    chunk_size: chunk length C of the "chunked" mode (default 64); any L works, it need not divide L.
+    chunk_size: chunk length C of the "chunked" mode (default 64); any T works, it need not divide T.
     initial_state: optional [B, E, P] state before position 0 (zeros by default).
     return_final_state: also return the state after the last position.
-    segment_ids: optional [B, L] ints; the state resets where the id changes (packed sequences).
+    segment_ids: optional [B, T] ints; the state resets where the id changes (packed sequences).
   """
   x, delta, A, B, C, D, initial_state, segment_ids = as_arrays(x, delta, A, B, C, D, initial_state, segment_ids)
   _check(x, delta, A, B, C, D, mode, chunk_size, initial_state, segment_ids)
   b, l, e = x.shape
   p = A.shape[1]
   f32 = jnp.float32
-  x_BLE, delta_BLE = x.astype(f32), delta.astype(f32)
+  x_BTE, delta_BTE = x.astype(f32), delta.astype(f32)
   A_EP, B_BLP, C_BLP = A.astype(f32), B.astype(f32), C.astype(f32)
   h0_BEP = jnp.zeros((b, e, p), f32) if initial_state is None else initial_state.astype(f32)
-  keep_BL = keep_mask(segment_ids, b, l)
+  keep_BT = keep_mask(segment_ids, b, l)
   if mode == "sequential":
-    y_BLE, h_BEP = _sequential(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP)
+    y_BTE, h_BEP = _sequential(x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT, h0_BEP)
   elif mode == "parallel":
-    y_BLE, h_BEP = _parallel(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP)
+    y_BTE, h_BEP = _parallel(x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT, h0_BEP)
   else:
-    y_BLE, h_BEP = _chunked(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP,
+    y_BTE, h_BEP = _chunked(x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT, h0_BEP,
                             chunk_size or DEFAULT_CHUNK_SIZE)
   if D is not None:
-    y_BLE = y_BLE + D.astype(f32) * x_BLE
-  y_BLE = y_BLE.astype(x.dtype)
-  return (y_BLE, h_BEP) if return_final_state else y_BLE
+    y_BTE = y_BTE + D.astype(f32) * x_BTE
+  y_BTE = y_BTE.astype(x.dtype)
+  return (y_BTE, h_BEP) if return_final_state else y_BTE
 
 
 def selective_step(x_BE: jax.Array, delta_BE: jax.Array, A_EP: jax.Array, B_BP: jax.Array, C_BP: jax.Array,
@@ -126,7 +126,7 @@ def selective_step(x_BE: jax.Array, delta_BE: jax.Array, A_EP: jax.Array, B_BP: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _sequential(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP):
+def _sequential(x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT, h0_BEP):
   def step(h_BEP, inputs):
     x_BE, d_BE, B_BP, C_BP, keep_B = inputs
     a_BEP = jnp.exp(d_BE[..., None] * A_EP) * keep_B[:, None, None]
@@ -134,8 +134,8 @@ def _sequential(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP):
     return h_BEP, jnp.einsum("bep,bp->be", h_BEP, C_BP)
 
   time_major = lambda a: jnp.swapaxes(a, 0, 1)
-  h_BEP, y_LBE = lax.scan(step, h0_BEP, tuple(map(time_major, (x_BLE, delta_BLE, B_BLP, C_BLP, keep_BL))))
-  return time_major(y_LBE), h_BEP
+  h_BEP, y_TBE = lax.scan(step, h0_BEP, tuple(map(time_major, (x_BTE, delta_BTE, B_BLP, C_BLP, keep_BT))))
+  return time_major(y_TBE), h_BEP
 
 
 def _combine(first, second):
@@ -145,12 +145,12 @@ def _combine(first, second):
   return a1 * a2, a2 * b1 + b2
 
 
-def _parallel(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP):
-  a_BLEP = jnp.exp(delta_BLE[..., None] * A_EP) * keep_BL[:, :, None, None]
-  b_BLEP = (delta_BLE * x_BLE)[..., None] * B_BLP[:, :, None, :]
-  b_BLEP = b_BLEP.at[:, 0].add(a_BLEP[:, 0] * h0_BEP)
-  _, h_BLEP = lax.associative_scan(_combine, (a_BLEP, b_BLEP), axis=1)
-  return jnp.einsum("blep,blp->ble", h_BLEP, C_BLP), h_BLEP[:, -1]
+def _parallel(x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT, h0_BEP):
+  a_BTEP = jnp.exp(delta_BTE[..., None] * A_EP) * keep_BT[:, :, None, None]
+  b_BTEP = (delta_BTE * x_BTE)[..., None] * B_BLP[:, :, None, :]
+  b_BTEP = b_BTEP.at[:, 0].add(a_BTEP[:, 0] * h0_BEP)
+  _, h_BTEP = lax.associative_scan(_combine, (a_BTEP, b_BTEP), axis=1)
+  return jnp.einsum("blep,blp->ble", h_BTEP, C_BLP), h_BTEP[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,9 +158,9 @@ def _parallel(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _chunked(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP, chunk):
-  """Pads L to a multiple of the chunk (padding steps have delta=0: identity on the state) and runs the kernel."""
-  b, l, e = x_BLE.shape
+def _chunked(x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT, h0_BEP, chunk):
+  """Pads T to a multiple of the chunk (padding steps have delta=0: identity on the state) and runs the kernel."""
+  b, l, e = x_BTE.shape
   chunk = min(chunk, l)
   n_chunks = -(-l // chunk)
   pad = n_chunks * chunk - l
@@ -168,12 +168,12 @@ def _chunked(x_BLE, delta_BLE, A_EP, B_BLP, C_BLP, keep_BL, h0_BEP, chunk):
   def to_chunks(a_BL_, fill=0.0):
     a_BL_ = jnp.pad(a_BL_, [(0, 0), (0, pad)] + [(0, 0)] * (a_BL_.ndim - 2), constant_values=fill)
     a_LB_ = jnp.swapaxes(a_BL_, 0, 1)
-    return a_LB_.reshape(n_chunks, chunk, *a_LB_.shape[1:])  # [L/C, C, B, ...]
+    return a_LB_.reshape(n_chunks, chunk, *a_LB_.shape[1:])  # [T/C, C, B, ...]
 
-  y_KCBE, h_BEP = _chunked_scan(to_chunks(x_BLE), to_chunks(delta_BLE), A_EP, to_chunks(B_BLP), to_chunks(C_BLP),
-                                to_chunks(keep_BL, fill=1.0), h0_BEP)
-  y_BLE = jnp.swapaxes(y_KCBE.reshape(n_chunks * chunk, b, e), 0, 1)[:, :l]
-  return y_BLE, h_BEP
+  y_MCBE, h_BEP = _chunked_scan(to_chunks(x_BTE), to_chunks(delta_BTE), A_EP, to_chunks(B_BLP), to_chunks(C_BLP),
+                                to_chunks(keep_BT, fill=1.0), h0_BEP)
+  y_BTE = jnp.swapaxes(y_MCBE.reshape(n_chunks * chunk, b, e), 0, 1)[:, :l]
+  return y_BTE, h_BEP
 
 
 def _step_operands(x_BE, d_BE, A_EP, B_BP, keep_B):
@@ -190,7 +190,7 @@ def _chunk_prev_states(x_CBE, d_CBE, A_EP, B_CBP, keep_CB, h_BEP):
   return lax.scan(step, h_BEP, (x_CBE, d_CBE, B_CBP, keep_CB))[1]
 
 
-def _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
+def _chunked_forward(x_MCBE, d_MCBE, A_EP, B_KCBP, C_KCBP, keep_MCB, h0_BEP):
   def step(h_BEP, inputs):
     x_BE, d_BE, B_BP, C_BP, keep_B = inputs
     a_BEP, b_BEP = _step_operands(x_BE, d_BE, A_EP, B_BP, keep_B)
@@ -201,24 +201,24 @@ def _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
     hout_BEP, y_CBE = lax.scan(step, h_BEP, inputs)
     return hout_BEP, (y_CBE, h_BEP)
 
-  h_BEP, (y_KCBE, hin_KBEP) = lax.scan(chunk_fn, h0_BEP, (x_KCBE, d_KCBE, B_KCBP, C_KCBP, keep_KCB))
-  return (y_KCBE, h_BEP), hin_KBEP
+  h_BEP, (y_MCBE, hin_MBEP) = lax.scan(chunk_fn, h0_BEP, (x_MCBE, d_MCBE, B_KCBP, C_KCBP, keep_MCB))
+  return (y_MCBE, h_BEP), hin_MBEP
 
 
 @jax.custom_vjp
-def _chunked_scan(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
+def _chunked_scan(x_MCBE, d_MCBE, A_EP, B_KCBP, C_KCBP, keep_MCB, h0_BEP):
   """Chunked selective scan without the D term. Inputs are chunked time-major: [K chunks, C, B, ...]."""
-  return _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP)[0]
+  return _chunked_forward(x_MCBE, d_MCBE, A_EP, B_KCBP, C_KCBP, keep_MCB, h0_BEP)[0]
 
 
-def _chunked_scan_fwd(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP):
-  out, hin_KBEP = _chunked_forward(x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, h0_BEP)
-  return out, (x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, hin_KBEP)
+def _chunked_scan_fwd(x_MCBE, d_MCBE, A_EP, B_KCBP, C_KCBP, keep_MCB, h0_BEP):
+  out, hin_MBEP = _chunked_forward(x_MCBE, d_MCBE, A_EP, B_KCBP, C_KCBP, keep_MCB, h0_BEP)
+  return out, (x_MCBE, d_MCBE, A_EP, B_KCBP, C_KCBP, keep_MCB, hin_MBEP)
 
 
 def _chunked_scan_bwd(residuals, cotangents):
-  x_KCBE, d_KCBE, A_EP, B_KCBP, C_KCBP, keep_KCB, hin_KBEP = residuals
-  dy_KCBE, dhT_BEP = cotangents
+  x_MCBE, d_MCBE, A_EP, B_KCBP, C_KCBP, keep_MCB, hin_MBEP = residuals
+  dy_MCBE, dhT_BEP = cotangents
 
   def adjoint_step(carry, inputs):
     """Reverse step t: r is a_{t+1} dh_{t+1}; dh_t = C_t dy_t + r."""
@@ -244,8 +244,8 @@ def _chunked_scan_bwd(residuals, cotangents):
 
   (g0_BEP, dA_EP), (dx, dd, dB, dC) = lax.scan(
       chunk_bwd, (dhT_BEP, jnp.zeros_like(A_EP)),
-      (x_KCBE, d_KCBE, B_KCBP, C_KCBP, keep_KCB, hin_KBEP, dy_KCBE), reverse=True)
-  return dx, dd, dA_EP, dB, dC, jnp.zeros_like(keep_KCB), g0_BEP
+      (x_MCBE, d_MCBE, B_KCBP, C_KCBP, keep_MCB, hin_MBEP, dy_MCBE), reverse=True)
+  return dx, dd, dA_EP, dB, dC, jnp.zeros_like(keep_MCB), g0_BEP
 
 
 _chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
