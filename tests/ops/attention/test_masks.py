@@ -2,6 +2,8 @@
 
 import itertools
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,20 @@ def test_tile_answers_are_consistent(case, bq, bk):
       assert not any_visible, (i, j)
   if case in ("causal", "window", "causal&segments"):
     assert saw_nonpartial  # static classification actually decides something for position masks
+
+
+class MaterializeVariantsTest(chex.TestCase):
+  """A mask is a pytree: jitted (traced ids and offsets) it materialises the same visibility as eagerly."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("causal&segments", "causal&(window|global)", "prefix&key_padding", "window@offsets")
+  def test_materialize_matches_oracle(self, case):
+    mask, want = CASES[case]()
+    got = self.variant(lambda m: m.materialize(T, S))(mask)
+    chex.assert_rank(got, 4)
+    chex.assert_type(got, bool)
+    np.testing.assert_array_equal(np.broadcast_to(got[:, 0], np.broadcast_shapes(got[:, 0].shape, want.shape)),
+                                  np.broadcast_to(want, np.broadcast_shapes(got[:, 0].shape, want.shape)))
 
 
 def test_causal_tile_kinds_exact():

@@ -1,5 +1,8 @@
 """Sinusoidal tables, RoPE (and its scalings), ALiBi slopes and the per-tile ALiBi bias."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +32,16 @@ def _rope_numpy(x, pos, base):
   return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
 
 
-def test_rope_matches_numpy_and_preserves_norm():
-  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 3, 8)))
-  pos = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
-  got = positions.apply_rope(jnp.asarray(x), jnp.asarray(pos), base=500.0)
-  np.testing.assert_allclose(got, _rope_numpy(x, pos, 500.0), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+class RopeTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_rope_matches_numpy_and_preserves_norm(self):
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 3, 8)))
+    pos = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    got = self.variant(functools.partial(positions.apply_rope, base=500.0))(jnp.asarray(x), jnp.asarray(pos))
+    chex.assert_shape(got, x.shape)
+    chex.assert_trees_all_close(got, _rope_numpy(x, pos, 500.0).astype(np.float32), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -1,5 +1,7 @@
 """The reference attention against a plain numpy oracle, its edge cases, and the registry."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,11 +41,16 @@ def _qkv(B=2, T=7, S=9, N=4, K=2, H=8, dtype=jnp.float32, seed=0):
           jax.random.normal(kv, (B, S, K, H), dtype))
 
 
-@pytest.mark.parametrize("N,K", [(4, 4), (4, 2), (4, 1)])
-def test_reference_matches_numpy_gqa(N, K):
-  q, k, v = _qkv(N=N, K=K)
-  np.testing.assert_allclose(reference(q, k, v), _numpy_attention(q, k, v), rtol=1e-5,
-                             atol=1e-5)
+class ReferenceGqaTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((4, 4), (4, 2), (4, 1))
+  def test_reference_matches_numpy_gqa(self, N, K):
+    q, k, v = _qkv(N=N, K=K)
+    got = self.variant(attention.reference_attention)(q, k, v)
+    chex.assert_shape(got, q.shape)
+    chex.assert_type(got, jnp.float32)
+    chex.assert_trees_all_close(got, _numpy_attention(q, k, v).astype(np.float32), rtol=1e-5, atol=1e-5)
 
 
 def test_reference_with_mask_bias_and_scale():
