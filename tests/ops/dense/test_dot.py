@@ -1,6 +1,8 @@
 """flat_dot_general equals lax.dot_general (forward and gradients) and is used where it applies; its CPU kernel is
 tested in tests/cpu_kernels/test_dense.py."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,23 +11,29 @@ import pytest
 from seqjax.ops.dense.dot import flat_dot_general, matmul
 
 
-@pytest.mark.parametrize("lhs_shape, rhs_shape, dims", [
-    ((2, 5, 8), (8, 3), (((2,), (0,)), ((), ()))),  # Dense
-    ((2, 5, 8), (8, 4, 6), (((2,), (0,)), ((), ()))),  # DenseGeneral to heads
-    ((2, 5, 4, 6), (4, 6, 8), (((2, 3), (0, 1)), ((), ()))),  # heads back to width
-    ((2, 5, 8), (3, 8), (((2,), (1,)), ((), ()))),  # not leading on the kernel: falls through
-    ((4, 5, 8), (4, 8, 3), (((2,), (1,)), ((0,), (0,)))),  # batched: falls through
-])
-def test_equals_dot_general_forward_and_grad(lhs_shape, rhs_shape, dims):
-  kx, ky = jax.random.split(jax.random.PRNGKey(0))
-  x, w = jax.random.normal(kx, lhs_shape), jax.random.normal(ky, rhs_shape)
-  ref = lambda x, w: jax.lax.dot_general(x, w, dims)  # noqa: E731
-  ours = lambda x, w: flat_dot_general(x, w, dims)  # noqa: E731
-  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-  g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), argnums=(0, 1))(x, w)
-  g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
-  for a, b in zip(g_ours, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+class FlatDotGeneralTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      ((2, 5, 8), (8, 3), (((2,), (0,)), ((), ()))),  # Dense
+      ((2, 5, 8), (8, 4, 6), (((2,), (0,)), ((), ()))),  # DenseGeneral to heads
+      ((2, 5, 4, 6), (4, 6, 8), (((2, 3), (0, 1)), ((), ()))),  # heads back to width
+      ((2, 5, 8), (3, 8), (((2,), (1,)), ((), ()))),  # not leading on the kernel: falls through
+      ((4, 5, 8), (4, 8, 3), (((2,), (1,)), ((0,), (0,)))),  # batched: falls through
+  )
+  def test_equals_dot_general_forward_and_grad(self, lhs_shape, rhs_shape, dims):
+    kx, ky = jax.random.split(jax.random.PRNGKey(0))
+    x, w = jax.random.normal(kx, lhs_shape), jax.random.normal(ky, rhs_shape)
+
+    def value_and_grads(dot):
+      def f(x, w):
+        return jnp.sum(jnp.sin(dot(x, w, dims)))
+      return dot(x, w, dims), jax.grad(f, argnums=(0, 1))(x, w)
+
+    ours = self.variant(lambda x, w: value_and_grads(lambda x, w, d: flat_dot_general(x, w, d)))(x, w)
+    ref = value_and_grads(jax.lax.dot_general)
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours, ref)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_flattens_to_one_rank_2_matmul():

@@ -3,6 +3,8 @@
 The fused CPU kernel against this JAX code, and the linen Mlp's use of it: tests/cpu_kernels/test_mlp.py.
 """
 
+from absl.testing import parameterized
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,10 +38,12 @@ def test_cpu_kernels_off_runs_the_jax_code():
   assert "seqjax_mlp" not in text and "seqjax_dense" not in text
 
 
-@pytest.mark.parametrize("name, flax_fn", [("gelu", nn.gelu), ("relu", nn.relu), ("silu", nn.silu)])
-def test_activations_equal_flax_linen(name, flax_fn):
-  """The activations are jax.nn's (no Flax in seqjax.ops) and equal flax.linen's bit for bit."""
-  x = jax.random.normal(jax.random.key(0), (4, 257)) * 4.0
-  np.testing.assert_array_equal(ACTIVATIONS[name](x), flax_fn(x))
-  np.testing.assert_array_equal(jax.grad(lambda x: ACTIVATIONS[name](x).sum())(x),
-                                jax.grad(lambda x: flax_fn(x).sum())(x))
+class ActivationsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("gelu", nn.gelu), ("relu", nn.relu), ("silu", nn.silu))
+  def test_activations_equal_flax_linen(self, name, flax_fn):
+    """The activations are jax.nn's (no Flax in seqjax.ops) and equal flax.linen's bit for bit, jitted or not."""
+    x = jax.random.normal(jax.random.key(0), (4, 257)) * 4.0
+    value_and_grad = lambda f: self.variant(lambda x: (f(x), jax.grad(lambda x: f(x).sum())(x)))(x)  # noqa: E731
+    chex.assert_trees_all_equal(value_and_grad(ACTIVATIONS[name]), value_and_grad(flax_fn))

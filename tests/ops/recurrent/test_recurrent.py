@@ -4,6 +4,10 @@ Both kernels of the ops are tested: "scan" (the `lax.scan` kernel, traced with t
 C++ kernel of `seqjax.cpu_kernels.recurrent`, traced with SEQJAX_CPU_KERNELS=on); what is particular to the C++
 kernel is in tests/cpu_kernels/test_recurrent.py.
 """
+import functools
+
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,19 +188,25 @@ def test_bfloat16_inputs(kind):
   np.testing.assert_allclose(np.asarray(ys, np.float32), ys_ref, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_step_equals_one_scan_step(kind):
-  x, states, w_ih, w_hh, b_ih, b_hh = _params(kind, seed=5)
+def _scan_and_step(kind, x, states, w_ih, w_hh, b_ih, b_hh):
+  """(one-step scan outputs, its final states, the step op's new states) for the first token of x."""
   ys, st = _call(kind, x[:, :1], states, w_ih, w_hh, b_ih, b_hh)
-  if kind == "lstm":
-    h, c = recurrent.lstm_step(x[:, 0], *states, w_ih, w_hh, b_ih, b_hh)
-    np.testing.assert_allclose(c, st[1], atol=1e-6)
-  elif kind == "gru":
-    h = recurrent.gru_step(x[:, 0], *states, w_ih, w_hh, b_ih, b_hh)
-  else:
-    h = recurrent.rnn_step(x[:, 0], *states, w_ih, w_hh, b_ih, b_hh)
-  np.testing.assert_allclose(h, ys[:, 0], atol=1e-6)
-  np.testing.assert_allclose(h, st[0], atol=1e-6)
+  step = {"lstm": recurrent.lstm_step, "gru": recurrent.gru_step, "rnn": recurrent.rnn_step}[kind]
+  new = step(x[:, 0], *states, w_ih, w_hh, b_ih, b_hh)
+  return ys, st, new if kind == "lstm" else (new,)
+
+
+class StepTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("lstm", "gru", "rnn")
+  def test_step_equals_one_scan_step(self, kind):
+    x, states, w_ih, w_hh, b_ih, b_hh = _params(kind, seed=5)
+    ys, st, new = self.variant(functools.partial(_scan_and_step, kind))(x, states, w_ih, w_hh, b_ih, b_hh)
+    chex.assert_shape(new, (B, H))
+    chex.assert_type(new, jnp.float32)
+    chex.assert_trees_all_close(new, st, atol=1e-6, rtol=1e-7)  # h (and c) after one step
+    chex.assert_trees_all_close(new[0], ys[:, 0], atol=1e-6, rtol=1e-7)  # the output is h
 
 
 def test_segment_resets_equal_separate_runs():

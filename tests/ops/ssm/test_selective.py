@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,18 +43,16 @@ def _forward_and_grads(mode, args, h0, seg, w):
   return y, h, grads
 
 
-@pytest.mark.parametrize("dtype, length, with_resets", [
-    (jnp.float32, 13, False), (jnp.float32, 37, True), (jnp.bfloat16, 29, True)])
-def test_modes_agree_forward_and_gradients(dtype, length, with_resets):
+def _check_modes_agree(dtype, length, with_resets, transform=jax.jit, modes=ssm.MODES):
   """Lengths not multiples of the chunk (8); an initial state; the final state; every input's gradient."""
   args, h0, seg = make_inputs(length, dtype=dtype)
   seg = seg if with_resets else None
   w = jnp.asarray(np.random.default_rng(5).standard_normal((2, length, 6)), jnp.float32)
-  results = {mode: jax.jit(functools.partial(_forward_and_grads, mode))(args, h0, seg, w) for mode in ssm.MODES}
+  results = {mode: transform(functools.partial(_forward_and_grads, mode))(args, h0, seg, w) for mode in modes}
   for mode, (y, h, (g, _)) in results.items():
     assert y.dtype == dtype and h.dtype == jnp.float32, mode
     assert all(g[name].dtype == args[name].dtype for name in args), mode
-  for first, second in itertools.combinations(ssm.MODES, 2):  # every pair, not only against the oracle
+  for first, second in itertools.combinations(modes, 2):  # every pair, not only against the oracle
     (y_a, h_a, (g_a, gh_a)), (y_b, h_b, (g_b, gh_b)) = results[first], results[second]
     pair = f"{first} vs {second}"
     assert_close(y_a, y_b, dtype, f"y {pair}")
@@ -61,6 +60,21 @@ def test_modes_agree_forward_and_gradients(dtype, length, with_resets):
     for name in ("x", "delta", "A", "B", "C", "D"):
       assert_close(g_a[name], g_b[name], dtype, f"d{name} {pair}")
     assert_close(gh_a, gh_b, dtype, f"d initial_state {pair}")
+
+
+@pytest.mark.parametrize("dtype, length, with_resets", [
+    (jnp.float32, 13, False), (jnp.float32, 37, True), (jnp.bfloat16, 29, True)])
+def test_modes_agree_forward_and_gradients(dtype, length, with_resets):
+  _check_modes_agree(dtype, length, with_resets)
+
+
+class ModesVariantsTest(chex.TestCase):
+  """chunked (its hand-written VJP) = sequential, jitted and eagerly; "parallel" is plain jnp and costs seconds
+  op by op, so it is compared under jit only (above)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_chunked_equals_sequential(self):
+    _check_modes_agree(jnp.float32, 13, False, transform=self.variant, modes=("sequential", "chunked"))
 
 
 @pytest.mark.parametrize("length", [1, 150])

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,14 +41,12 @@ def _forward_and_grads(mode, args, h0, seg, w):
   return y, h, grads
 
 
-@pytest.mark.parametrize("dtype, length, with_resets", [
-    (jnp.float32, 21, False), (jnp.float32, 37, True), (jnp.bfloat16, 29, True)])
-def test_chunked_equals_sequential(dtype, length, with_resets):
+def _check_chunked_equals_sequential(dtype, length, with_resets, transform=jax.jit):
   args, h0, seg = make_inputs(length, dtype=dtype)
   seg = seg if with_resets else None
   w = jnp.asarray(np.random.default_rng(3).standard_normal((2, length, 3, 4)), jnp.float32)
-  y_ref, h_ref, (g_ref, gh_ref) = jax.jit(functools.partial(_forward_and_grads, "sequential"))(args, h0, seg, w)
-  y, h, (g, gh) = jax.jit(functools.partial(_forward_and_grads, "chunked"))(args, h0, seg, w)
+  y_ref, h_ref, (g_ref, gh_ref) = transform(functools.partial(_forward_and_grads, "sequential"))(args, h0, seg, w)
+  y, h, (g, gh) = transform(functools.partial(_forward_and_grads, "chunked"))(args, h0, seg, w)
   assert y.dtype == dtype and h.dtype == jnp.float32
   assert_close(y, y_ref, dtype, "y")
   assert_close(h, h_ref, dtype, "final state")
@@ -56,6 +55,19 @@ def test_chunked_equals_sequential(dtype, length, with_resets):
     assert np.all(np.isfinite(np.asarray(g[name], np.float32))), name
     assert_close(g[name], g_ref[name], dtype, f"d{name}")
   assert_close(gh, gh_ref, dtype, "d initial_state")
+
+
+@pytest.mark.parametrize("dtype, length, with_resets", [(jnp.float32, 37, True), (jnp.bfloat16, 29, True)])
+def test_chunked_equals_sequential(dtype, length, with_resets):
+  _check_chunked_equals_sequential(dtype, length, with_resets)
+
+
+class ChunkedVariantsTest(chex.TestCase):
+  """The cheap float32 case of chunked = sequential, jitted and eagerly (the custom VJP outside jit)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_chunked_equals_sequential(self):
+    _check_chunked_equals_sequential(jnp.float32, 21, False, transform=self.variant)
 
 
 def test_strong_decay_stays_finite():
