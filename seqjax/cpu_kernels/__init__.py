@@ -9,7 +9,7 @@ Layout:
   src/*.cc, src/kernels.h   one source per kernel, each built into its own library (`_build`);
   attention.py              flash attention fwd/bwd (`flash_attention.cc`), family "attention";
   mlp.py                    the fused MLP fwd/bwd (`mlp.cc`), family "mlp";
-  dense.py                  the [rows, K] x [K, N] matmul fwd/bwd (`mlp.cc`), family "dense";
+  dense.py                  the [rows, k] x [k, n] matmul fwd/bwd (`mlp.cc`), family "dense";
   layer_norm.py             LayerNorm fwd/bwd (`norm.cc`), family "layer_norm";
   recurrent.py              the LSTM / GRU / RNN recurrences fwd/bwd (`recurrent.cc`), family "recurrent".
 

@@ -1,10 +1,10 @@
-"""The matmul [rows, K] x [K, N] as a CPU kernel (C++, XLA FFI), forward and backward (op family "dense").
+"""The matmul [rows, k] x [k, n] as a CPU kernel (C++, XLA FFI), forward and backward (op family "dense").
 
 Row blocks on all cores, the weight gradient accumulated per thread (`src/mlp.cc`): 1.5-2x XLA's dot at the
 projection shapes of a small Transformer (e.g. [4096, 128] x [128, 128]). `seqjax.ops.dense.dot.flat_dot_general`
 (every projection) and `seqjax.ops.dense.dot.matmul` run it on a CPU.
 
-Covered: float32 [M, K] x [K, N], K a multiple of 16, M and N > 0 (any N: padded inside the kernel).
+Covered: float32 [m, k] x [k, n], k a multiple of 16, m and n > 0 (any n: padded inside the kernel).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ def supports(x: jax.Array, w: jax.Array) -> bool:
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [M, K] @ w [K, N] by the CPU kernel (ValueError if not covered)."""
+  """x [m, k] @ w [k, n] by the CPU kernel (ValueError if not covered)."""
   x, w = jnp.asarray(x), jnp.asarray(w)
   if not supports(x, w):
-    raise ValueError(f"matmul (CPU kernel): needs float32 [M, K] x [K, N] with K a multiple of 16; got "
+    raise ValueError(f"matmul (CPU kernel): needs float32 [m, k] x [k, n] with k a multiple of 16; got "
                      f"{x.dtype}{x.shape} x {w.dtype}{w.shape}")
   _build.load(KERNEL, required=True)
   return _matmul(x, w)

@@ -37,11 +37,12 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
 
 def _forward(x, scale, bias, eps):
   D = x.shape[-1]
-  M = x.size // D
+  rows = x.size // D
   f32 = jnp.float32
-  out_types = (jax.ShapeDtypeStruct((M, D), f32), jax.ShapeDtypeStruct((M,), f32), jax.ShapeDtypeStruct((M,), f32))
+  out_types = (jax.ShapeDtypeStruct((rows, D), f32), jax.ShapeDtypeStruct((rows,), f32),
+               jax.ShapeDtypeStruct((rows,), f32))
   y, mean, rstd = jax.ffi.ffi_call("seqjax_layer_norm_fwd", out_types, vmap_method="sequential")(
-      x.reshape(M, D), scale, bias, eps=np.float32(eps))
+      x.reshape(rows, D), scale, bias, eps=np.float32(eps))
   return y.reshape(x.shape), mean, rstd
 
 

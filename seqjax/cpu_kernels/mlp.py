@@ -46,10 +46,10 @@ def _mlp(x, w1, w2, act):
 
 
 def _call_forward(x, w1, w2, act):
-  M, (D, F) = int(np.prod(x.shape[:-1])), w1.shape
-  out_types = (jax.ShapeDtypeStruct((M, D), jnp.float32), jax.ShapeDtypeStruct((M, F), jnp.float32))
+  rows, (D, F) = int(np.prod(x.shape[:-1])), w1.shape
+  out_types = (jax.ShapeDtypeStruct((rows, D), jnp.float32), jax.ShapeDtypeStruct((rows, F), jnp.float32))
   y, h = jax.ffi.ffi_call("seqjax_mlp_fwd", out_types, vmap_method="sequential")(
-      x.reshape(M, D), w1, w2, activation=np.int64(act))
+      x.reshape(rows, D), w1, w2, activation=np.int64(act))
   return y.reshape(x.shape), h
 
 
@@ -60,11 +60,11 @@ def _mlp_fwd(x, w1, w2, act):
 
 def _mlp_bwd(act, residuals, dy):
   x, w1, w2, h = residuals
-  M, D = h.shape[0], x.shape[-1]
-  out_types = (jax.ShapeDtypeStruct((M, D), jnp.float32), jax.ShapeDtypeStruct(w1.shape, jnp.float32),
+  rows, D = h.shape[0], x.shape[-1]
+  out_types = (jax.ShapeDtypeStruct((rows, D), jnp.float32), jax.ShapeDtypeStruct(w1.shape, jnp.float32),
                jax.ShapeDtypeStruct(w2.shape, jnp.float32))
   dx, dw1, dw2 = jax.ffi.ffi_call("seqjax_mlp_bwd", out_types, vmap_method="sequential")(
-      x.reshape(M, D), w1, w2, h, dy.reshape(M, D), activation=np.int64(act))
+      x.reshape(rows, D), w1, w2, h, dy.reshape(rows, D), activation=np.int64(act))
   return dx.reshape(x.shape), dw1, dw2
 
 

@@ -16,7 +16,7 @@ float32 (complex64 for S4D/S5) whatever the compute dtype, so step-by-step decod
 With `return_state` and segment ids, rows are rotated so that each one's last real token comes last
 (`contract.right_align`): the scan's final state is then each row's own, whatever its padding.
 
-Legend (docs/ARCHITECTURE.md): B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim,
+Legend: B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim,
 W conv width, X a fused projection axis split right after (Mamba x‖z = 2E; Mamba-2 x‖B‖C = E + 2P).
 """
 

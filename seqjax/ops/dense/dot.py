@@ -7,7 +7,7 @@ weight gradient, physically transposes the large activation — measured at abou
 time at d_model 256 (experiments/README.md). The result is the same contraction; anything else falls through to
 `lax.dot_general` unchanged.
 
-On a CPU the flattened float32 product [rows, K] x [K, N] with K a multiple of 16 runs as the C++ kernel of
+On a CPU the flattened float32 product [rows, K] x [K, N] with k a multiple of 16 runs as the C++ kernel of
 `seqjax.cpu_kernels.dense` (op family "dense" of `seqjax.ops.backend`: row blocks on all cores, the weight gradient
 accumulated per thread), which is 1.5-2x XLA's dot at the projection shapes of a small Transformer (e.g.
 [4096, 128] x [128, 128]). `SEQJAX_CPU_KERNELS=off` keeps XLA's dot.
@@ -24,13 +24,13 @@ from seqjax.ops import backend
 
 
 def _cpu_kernel(x: jax.Array, w: jax.Array):
-  """The dense CPU binding when it covers x [M, K] @ w [K, N] here, else None."""
+  """The dense CPU binding when it covers x [m, k] @ w [k, n] here, else None."""
   kernel = backend.cpu_kernel("dense")
   return kernel if kernel is not None and kernel.supports(x, w) else None
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [M, K] @ w [K, N]: the CPU kernel on a CPU where it applies (float32, K a multiple of 16), else jnp.matmul."""
+  """x [m, k] @ w [k, n]: the CPU kernel on a CPU where it applies (float32, k a multiple of 16), else jnp.matmul."""
   x, w = jnp.asarray(x), jnp.asarray(w)
   kernel = _cpu_kernel(x, w)
   if kernel is None:

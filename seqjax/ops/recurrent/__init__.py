@@ -4,7 +4,7 @@
 Layout and conventions (PyTorch / cuDNN compatible, so checkpoints port both ways): batch-major sequences
 ``x [B, T, I]`` in, ``ys [B, T, R]`` out; weights ``w_ih [Z*R, I]``, ``w_hh [Z*R, R]``, biases ``b_ih, b_hh [Z*R]``
 with Z gates stacked (RNN 1; LSTM 4, order i, f, g, o; GRU 3, order r, z, n, with ``b_hn`` inside the reset
-product). Dimension legend (docs/ARCHITECTURE.md): B batch, T sequence length, I input width, R recurrent state width, Z gates
+product). Dimension legend: B batch, T sequence length, I input width, R recurrent state width, Z gates
 per cell, X = Z * R stacked gates.
 
 Modules:

@@ -7,7 +7,7 @@ One recurrence family, several exact ways to compute it, proven equal by tests (
 - S4D: `discretize`, the Vandermonde kernel `s4d_kernel`, `causal_fft_conv`, `s4d_conv`, the recurrent forms
   `s4d_recurrent` / `s4d_step`; S5: `s5_scan` / `s5_step`                                   (`s4.py`).
 
-Legend (docs/ARCHITECTURE.md): B batch, T length, E expanded width / channels, P state size (the Mamba paper's N), N heads (SSD),
+Legend: B batch, T length, E expanded width / channels, P state size (the Mamba paper's N), N heads (SSD),
 H head dim, C chunk length. States are accumulated in float32 (complex64 for S4D/S5). Every scan takes
 `segment_ids` [B, T] (the state resets where the id changes: packed sequences), an initial state and can return
 its final state; `keep_mask` (`_common.py`) turns segment ids into the reset mask they all use. Every op accepts any

@@ -1,6 +1,6 @@
 """Linear time-invariant diagonal SSMs: S4D (one SISO SSM per channel) and S5 (one MIMO SSM), complex diagonal A.
 
-Legend (docs/ARCHITECTURE.md): B batch, T length, E channels (S4D's independent SISO systems; S5's input/output width), P state size
+Legend: B batch, T length, E channels (S4D's independent SISO systems; S5's input/output width), P state size
 (complex; S4D keeps half of each conjugate pair and takes 2 Re(.) of the output).
 
 S4D (Gu et al., 2022):  h_t = dA h_{t-1} + dB u_t,   y_t = 2 Re(C h_t) + D u_t,   per channel e, A_e diagonal [P].

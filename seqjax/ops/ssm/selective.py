@@ -5,7 +5,7 @@ The recurrence, with the reference implementation's argument names (Gu & Dao, 20
     h_t = exp(delta_t * A) * h_{t-1} + (delta_t * x_t) B_t        h [B, E, P]  (float32)
     y_t = h_t C_t + D * x_t                                       y [B, T, E]
 
-Legend (docs/ARCHITECTURE.md): B batch, T sequence length, E expanded width (channels), P state size (the paper's N), C chunk length.
+Legend: B batch, T sequence length, E expanded width (channels), P state size (the paper's N), C chunk length.
 x and delta are [B, T, E] (delta already positive, i.e. after softplus), A is [E, P] (negative real), B and C
 are [B, T, P], D is [E]. Every mode keeps its state in float32 whatever the input dtype and returns y in x's dtype.
 

@@ -6,7 +6,7 @@ shared by all heads:
     h_t = exp(dt_t * A) h_{t-1} + (dt_t * x_t) B_t^T          h [B, N, H, P]  (float32)
     y_t = h_t C_t + D * x_t                                   y [B, T, N, H]
 
-Legend (docs/ARCHITECTURE.md): B batch, T length, N heads, H head dim, P state size, M number of chunks, C chunk length (T/S index
+Legend: B batch, T length, N heads, H head dim, P state size, M number of chunks, C chunk length (T/S index
 query/key positions inside a chunk). x is [B, T, N, H], dt [B, T, N] (positive, after softplus), A [N] (negative),
 B and C [B, T, P], D [N].
 
