@@ -41,7 +41,7 @@ def test_cpu_kernels_off_runs_the_jax_code():
 class ActivationsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(("gelu", nn.gelu), ("relu", nn.relu), ("silu", nn.silu))
+  @parameterized.named_parameters(("gelu", "gelu", nn.gelu), ("relu", "relu", nn.relu), ("silu", "silu", nn.silu))
   def test_activations_equal_flax_linen(self, name, flax_fn):
     """The activations are jax.nn's (no Flax in seqjax.ops) and equal flax.linen's bit for bit, jitted or not."""
     x = jax.random.normal(jax.random.key(0), (4, 257)) * 4.0
