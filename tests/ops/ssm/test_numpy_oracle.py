@@ -114,25 +114,13 @@ def _check_directional_derivatives(jax_loss, oracle_loss, inputs, seed, eps=1e-6
     assert abs(analytic - numeric) <= tol * scale, (name, analytic, numeric)
 
 
-@pytest.mark.parametrize("mode", SELECTIVE_MODES)
-def test_selective_scan_matches_numpy_oracle(mode):
-  """Forward (y and final state) and every input's gradient, with D, resets and an initial state.
-
-  Catches (each planted once by monkeypatching seqjax.ops.ssm.selective; every mode failed): B discretised by ZOH
-  instead of Euler, a missing D skip, no state reset at a segment change, a reset one step late, the initial state
-  ignored; and (chunked only, as only it has a hand-written backward) its gradient of A scaled by 0.5.
-  """
-  inputs = _selective_inputs()
-  seg = jnp.asarray(SEGMENTS)
-  W = np.random.default_rng(7).standard_normal((2, LENGTH, 3))
-  V = np.random.default_rng(8).standard_normal((2, 3, 4))
-
-  def run(p):
-    return ssm.selective_scan(p["x"], p["delta"], p["A"], p["B"], p["C"], p["D"], mode=mode, chunk_size=CHUNK,
-                              initial_state=p["h0"], return_final_state=True, segment_ids=seg)
-
+def _check_against_oracle(run, oracle, inputs, mode, *, y_shape, h_shape, seed):
+  """`run(params) -> (y, final state)` against `oracle(**params, seg=SEGMENTS)`: forward, final state, and the
+  directional derivatives of a random linear functional of both."""
+  W = np.random.default_rng(7).standard_normal(y_shape)
+  V = np.random.default_rng(8).standard_normal(h_shape)
   y, h = jax.jit(run)({k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()})
-  y_ref, h_ref = selective_oracle(**inputs, seg=SEGMENTS)
+  y_ref, h_ref = oracle(**inputs, seg=SEGMENTS)
   _close(y, y_ref, f"y ({mode})")
   _close(h, h_ref, f"final state ({mode})")
 
@@ -141,10 +129,28 @@ def test_selective_scan_matches_numpy_oracle(mode):
     return jnp.sum(y * W) + jnp.sum(h * V)
 
   def oracle_loss(p):
-    y, h = selective_oracle(**p, seg=SEGMENTS)
+    y, h = oracle(**p, seg=SEGMENTS)
     return float(np.sum(y * W) + np.sum(h * V))
 
-  _check_directional_derivatives(jax.jit(jax_loss), oracle_loss, inputs, seed=11)
+  _check_directional_derivatives(jax.jit(jax_loss), oracle_loss, inputs, seed=seed)
+
+
+@pytest.mark.parametrize("mode", SELECTIVE_MODES)
+def test_selective_scan_matches_numpy_oracle(mode):
+  """Forward (y and final state) and every input's gradient, with D, resets and an initial state.
+
+  Catches (each planted once by monkeypatching seqjax.ops.ssm.selective; every mode failed): B discretised by ZOH
+  instead of Euler, a missing D skip, no state reset at a segment change, a reset one step late, the initial state
+  ignored; and (chunked only, as only it has a hand-written backward) its gradient of A scaled by 0.5.
+  """
+  seg = jnp.asarray(SEGMENTS)
+
+  def run(p):
+    return ssm.selective_scan(p["x"], p["delta"], p["A"], p["B"], p["C"], p["D"], mode=mode, chunk_size=CHUNK,
+                              initial_state=p["h0"], return_final_state=True, segment_ids=seg)
+
+  _check_against_oracle(run, selective_oracle, _selective_inputs(), mode, y_shape=(2, LENGTH, 3),
+                        h_shape=(2, 3, 4), seed=11)
 
 
 @pytest.mark.parametrize("mode", SSD_MODES)
@@ -156,29 +162,14 @@ def test_ssd_matches_numpy_oracle(mode):
   computed from the wrong end, a reset mask that lets two segments of one chunk interact, the incoming state read
   out without its decay to each position.
   """
-  inputs = _ssd_inputs()
   seg = jnp.asarray(SEGMENTS)
-  W = np.random.default_rng(7).standard_normal((2, LENGTH, 2, 3))
-  V = np.random.default_rng(8).standard_normal((2, 2, 3, 4))
 
   def run(p):
     return ssm.ssd(p["x"], p["dt"], p["A"], p["B"], p["C"], p["D"], mode=mode, chunk_size=CHUNK,
                    initial_state=p["h0"], return_final_state=True, segment_ids=seg)
 
-  y, h = jax.jit(run)({k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()})
-  y_ref, h_ref = ssd_oracle(**inputs, seg=SEGMENTS)
-  _close(y, y_ref, f"y ({mode})")
-  _close(h, h_ref, f"final state ({mode})")
-
-  def jax_loss(p):
-    y, h = run(p)
-    return jnp.sum(y * W) + jnp.sum(h * V)
-
-  def oracle_loss(p):
-    y, h = ssd_oracle(**p, seg=SEGMENTS)
-    return float(np.sum(y * W) + np.sum(h * V))
-
-  _check_directional_derivatives(jax.jit(jax_loss), oracle_loss, inputs, seed=12)
+  _check_against_oracle(run, ssd_oracle, _ssd_inputs(), mode, y_shape=(2, LENGTH, 2, 3), h_shape=(2, 2, 3, 4),
+                        seed=12)
 
 
 def test_oracle_inputs_exercise_every_term():
