@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -269,6 +270,13 @@ class SampleConfig:
   temperature: float = 0.8
   top_k: int = 0  # 0: no top-k filtering.
   num_samples: int = 1
+  # The rest of seqjax.decode.generate's options (docs/decoding.md; the filters apply temperature, top-k, top-p,
+  # min-p in that order).
+  top_p: float = 1.0  # 1: no nucleus filtering.
+  min_p: float = 0.0  # 0: no min-p filtering.
+  stop_tokens: str = ""  # Comma-separated token ids or "eos" (the tokenizer's), e.g. "eos,13"; "": none.
+  num_beams: int = 1  # > 1: beam search (needs temperature=0).
+  length_penalty: float = 1.0  # Beam search: log p / ((5 + n) / 6) ** length_penalty.
 
   def _check(self, prefix: str) -> None:
     if self.temperature < 0:
@@ -277,6 +285,31 @@ class SampleConfig:
       _fail(f"{prefix}.top_k", "must be >= 0")
     if self.num_tokens <= 0 or self.num_samples <= 0:
       _fail(f"{prefix}.num_tokens", "num_tokens and num_samples must be positive")
+    if not 0.0 < self.top_p <= 1.0:
+      _fail(f"{prefix}.top_p", f"must be in (0, 1] (1 turns it off), got {self.top_p}")
+    if not 0.0 <= self.min_p < 1.0:
+      _fail(f"{prefix}.min_p", f"must be in [0, 1) (0 turns it off), got {self.min_p}")
+    if self.num_beams < 1:
+      _fail(f"{prefix}.num_beams", f"must be >= 1 (1: no beam search), got {self.num_beams}")
+    if self.num_beams > 1 and self.temperature != 0:
+      _fail(f"{prefix}.num_beams", f"beam search is deterministic: set {prefix}.temperature=0 (got "
+                                   f"{self.temperature}) or num_beams=1")
+    if not math.isfinite(self.length_penalty):
+      _fail(f"{prefix}.length_penalty", f"must be a finite number, got {self.length_penalty}")
+    self.stop_token_ids(eos_id=0)
+
+  def stop_token_ids(self, eos_id: int) -> tuple[int, ...]:
+    """The ids of `stop_tokens` ("eos" is `eos_id`); ConfigError for an entry that is neither an id nor "eos"."""
+    ids = []
+    for entry in (e.strip() for e in self.stop_tokens.split(",") if e.strip()):
+      if entry.lower() == "eos":
+        ids.append(eos_id)
+      elif entry.isdigit():
+        ids.append(int(entry))
+      else:
+        _fail("sample.stop_tokens", f"entries are token ids (integers >= 0) or 'eos', comma-separated; got "
+                                    f"{entry!r} in {self.stop_tokens!r}")
+    return tuple(ids)
 
 
 @dataclasses.dataclass(frozen=True)

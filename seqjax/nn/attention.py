@@ -41,7 +41,7 @@ class KVCache(NamedTuple):
   """The keys and values of the tokens a row has seen, in a ring of S slots (see the module docstring).
 
   A full-attention cache (S = the context) that is stepped past S tokens keeps the last S: it turns into a sliding
-  window. Callers keep prompt + new tokens within the context (`seqjax.decode.sampling` checks it).
+  window. Callers keep prompt + new tokens within the context (`seqjax.decode.generate` checks it).
 
   Attributes:
     key, value: [B, S, K, H] in the compute dtype; token number a of row b is in slot a % S (zeros where empty).

@@ -9,6 +9,8 @@ perplexity, bits per byte and accuracy (`seqjax.evals.lm_metrics.summarize`); ge
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -21,13 +23,15 @@ from seqjax import config as config_lib
 from seqjax.config import Config, ConfigError
 from seqjax.data.pipeline import make_lm_data
 from seqjax.data.tokenizer import ByteTokenizer
-from seqjax.decode.sampling import sample_tokens
+from seqjax.decode import generate
 from seqjax.evals.lm_metrics import summarize
 from seqjax.models.lm import DecoderLM
 from seqjax.train import sharding
 from seqjax.train.state import token_init
 from seqjax.train.step import LossFn
 from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, Task
+
+log = logging.getLogger(__name__)
 
 
 def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.Array | None = None,
@@ -101,6 +105,12 @@ class LMTask(Task):
       raise ConfigError(f"config.sample.prompt: {len(prompt)} tokens plus sample.num_tokens={sc.num_tokens} "
                         f"exceed the model's context model.max_len={config.model.max_len}; shorten the prompt or "
                         f"lower sample.num_tokens")
+    vocab = config.model.vocab_size or ByteTokenizer().vocab_size
+    bad = [i for i in sc.stop_token_ids(eos_id=ByteTokenizer().eos_id) if i >= vocab]
+    if bad:
+      raise ConfigError(f"config.sample.stop_tokens: ids {bad} are outside the vocabulary of {vocab} tokens")
+    if sc.top_k > vocab:
+      raise ConfigError(f"config.sample.top_k: {sc.top_k} is larger than the vocabulary ({vocab} tokens)")
 
   def init_params(self, rng: jax.Array) -> Any:
     return self._init(rng)
@@ -129,12 +139,30 @@ class LMTask(Task):
                                f"{metrics.get('bits_per_byte', float('nan')):.4f}")
 
   def generate(self, params: Any) -> list[str]:
+    """`config.sample.num_samples` continuations of `config.sample.prompt` (`seqjax.decode.generate`, every option
+    of config.sample). Logs the decoding rate in new tokens per second, measured on a second, compiled run."""
     sc, tokenizer = self.config.sample, self.data.tokenizer
     prompt = np.asarray(tokenizer.encode(sc.prompt, add_bos=True), np.int32)
     prompts = jnp.asarray(np.tile(prompt[None], (sc.num_samples, 1)))
-    out = sample_tokens(self.model, params, prompts, num_tokens=sc.num_tokens, max_len=self.config.model.max_len,
-                        rng=jax.random.PRNGKey(self.config.seed), temperature=sc.temperature, top_k=sc.top_k)
-    return [tokenizer.decode(np.asarray(row)) for row in jax.device_get(out)]
+
+    def run():
+      return jax.block_until_ready(generate(
+          self.model, params, prompts, max_new_tokens=sc.num_tokens, temperature=sc.temperature, top_k=sc.top_k,
+          top_p=sc.top_p, min_p=sc.min_p, stop_tokens=sc.stop_token_ids(eos_id=tokenizer.eos_id),
+          rng=jax.random.key(self.config.seed), num_beams=sc.num_beams, length_penalty=sc.length_penalty,
+          pad_id=tokenizer.pad_id))
+
+    began = time.perf_counter()
+    run()  # Compiles.
+    compiled = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - compiled
+    new_tokens = int(np.sum(np.asarray(out.lengths) - len(prompt)))
+    self.generate_rate = new_tokens / seconds
+    log.info("generated %d new tokens in %.3f s: %.1f tokens/s (compiled in %.1f s; batch %d, num_beams %d)",
+             new_tokens, seconds, self.generate_rate, compiled - began, sc.num_samples, sc.num_beams)
+    tokens, lengths = jax.device_get((out.tokens, out.lengths))
+    return [tokenizer.decode(row[:length]) for row, length in zip(tokens, lengths)]
 
   @property
   def throughput(self) -> tuple[str, float]:
