@@ -92,8 +92,9 @@ def load(workdir: str, step: int | None = None) -> tuple[nn.Module, Any, Config,
                             f"{', '.join(map(str, steps))}")
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *example)["params"]))
   path = os.path.join(directory, str(step), "state")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.PyTreeCheckpointer() as checkpointer:
       stored = checkpointer.metadata(path)
       stored_params = getattr(stored, "item_metadata", stored)
       stored_params = getattr(stored_params, "tree", stored_params)["params"]
@@ -102,7 +103,7 @@ def load(workdir: str, step: int | None = None) -> tuple[nn.Module, Any, Config,
         raise ValueError(f"its parameters do not match the run's config.json: {mismatch}")
       target = {"params": abstract}
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=jax.Array), target),
+          target, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target),
           partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds for a damaged checkpoint)
     first = (str(e).strip().splitlines() or [""])[0][:400]

@@ -1,5 +1,7 @@
 """Tiny decoder LMs for the decoding tests: one per mixer family, float32, small vocabularies."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,19 +29,24 @@ CASES.update({
 })
 
 
-def make_lm(cfg: ModelConfig, seed: int = 0):
+def make_lm(cfg: ModelConfig, seed: int = 0, embed_scale: float = 4.0):
   """(model, params) with random parameters; the embedding is scaled up so that the next-token distributions of
-  the tiny models are far from uniform (no near-ties between the argmax and the runner-up)."""
+  the tiny models are far from uniform (no near-ties between the argmax and the runner-up); 1: as initialised."""
   model = DecoderLM(cfg)
   # lazy_init runs only the initialisers (no eager forward); the "rbg" generator compiles them fast.
   example = jax.ShapeDtypeStruct((1, 4), jnp.int32)
   params = nn.unbox(model.lazy_init(jax.random.key(seed, impl="rbg"), example)["params"])
-  params["embed"] = jax.tree.map(lambda x: x * 4.0, params["embed"])
+  params["embed"] = jax.tree.map(lambda x: x * embed_scale, params["embed"])
   return model, params
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model):
+  return jax.jit(model.apply)  # one wrapper per model: a fresh `jax.jit(model.apply)` would compile every call
 
 
 def full_log_probs(model, params, tokens_BL) -> np.ndarray:
   """float64 log-probabilities [B, L, V] of each next token from the parallel (uncached) forward."""
-  logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens_BL)), np.float64)
+  logits = np.asarray(_jitted_apply(model)({"params": params}, jnp.asarray(tokens_BL)), np.float64)
   logits -= logits.max(-1, keepdims=True)
   return logits - np.log(np.exp(logits).sum(-1, keepdims=True))

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 from seqjax.decode import generate
 from tests.decode.helpers import CASES, full_log_probs, make_lm, model_config
@@ -37,17 +36,19 @@ def _check_greedy_rows(model, params, out, lengths, new_counts):
                                rtol=1e-4, atol=1e-4)
 
 
-class CachedGreedyTest(parameterized.TestCase):
-
-  @parameterized.named_parameters(*[(name, name) for name in CASES])
-  def test_ragged_cached_greedy_equals_the_uncached_greedy_of_each_row(self, case):
-    model, params = make_lm(CASES[case])
-    out = generate(model, params, PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=NEW)
-    assert out.tokens.shape == (3, 5 + NEW)
-    _check_greedy_rows(model, params, out, LENGTHS, np.full(3, NEW))
+FAST = ("attention", "attention_scanned", "hybrid_mamba_attention_lstm", "lstm", "mamba2")
 
 
-@pytest.mark.parametrize("case", ["attention", "hybrid_mamba_attention_lstm"])
+@pytest.mark.parametrize("case", [pytest.param(name, marks=() if name in FAST else pytest.mark.slow)
+                                  for name in CASES])
+def test_ragged_cached_greedy_equals_the_uncached_greedy_of_each_row(case):
+  model, params = make_lm(CASES[case])
+  out = generate(model, params, PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=NEW)
+  assert out.tokens.shape == (3, 5 + NEW)
+  _check_greedy_rows(model, params, out, LENGTHS, np.full(3, NEW))
+
+
+@pytest.mark.parametrize("case", ["attention", pytest.param("hybrid_mamba_attention_lstm", marks=pytest.mark.slow)])
 def test_a_ragged_row_equals_the_prompt_alone(case):
   model, params = make_lm(CASES[case])
   batch = generate(model, params, PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=NEW)
