@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -142,3 +143,25 @@ def test_layer_mixers_repeat_the_pattern():
   cfg = default_config_dict().to_dict()
   cfg["model"].update(mixer="a, b", num_layers=5)
   assert from_config_dict(cfg).model.layer_mixers() == ("a", "b", "a", "b", "a")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("top_p", 0.0, "config.sample.top_p: must be in (0, 1]"),
+    ("top_p", 1.2, "config.sample.top_p: must be in (0, 1]"),
+    ("min_p", 1.0, "config.sample.min_p: must be in [0, 1)"),
+    ("num_beams", 0, "config.sample.num_beams: must be >= 1"),
+    ("num_beams", 4, "config.sample.num_beams: beam search is deterministic"),  # default temperature 0.8
+    ("stop_tokens", "eos,newline", "config.sample.stop_tokens: entries are token ids"),
+    ("length_penalty", float("nan"), "config.sample.length_penalty: must be a finite number"),
+])
+def test_bad_sample_options_name_the_field(field, value, expected):
+  cfg = default_config_dict().to_dict()
+  cfg["sample"][field] = value
+  with pytest.raises(ConfigError, match=re.escape(expected)):
+    from_config_dict(cfg)
+
+
+def test_sample_stop_tokens_parse():
+  cfg = default_config_dict().to_dict()
+  cfg["sample"].update(stop_tokens=" eos, 13 ,", num_beams=3, temperature=0.0)
+  assert from_config_dict(cfg).sample.stop_token_ids(eos_id=2) == (2, 13)
