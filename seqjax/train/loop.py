@@ -329,7 +329,11 @@ def evaluate_checkpoint(config: Config, workdir: str) -> dict[str, float]:
 def generate(config: Config, workdir: str) -> list[str]:
   """The task's outputs for `config.sample` (LM: continuations of the prompt; seq2seq: translations of its
   numbers) from the newest checkpoint. The request is checked before anything is loaded or compiled."""
-  get_task(config.task).check_generate(config)
+  task_cls = get_task(config.task)
+  task_cls.check_generate(config)
+  outputs = task_cls.generate_saved(config, workdir)
+  if outputs is not None:
+    return outputs
   job = build_job(config, workdir)
   _, params = _restore_params(job)
   return job.task.generate(params)

@@ -95,6 +95,13 @@ class Task(abc.ABC):
     """Checks `config.sample` for `generate` before any data or checkpoint is loaded (ConfigError)."""
     del config
 
+  @classmethod
+  def generate_saved(cls, config: Config, workdir: str) -> list[str] | None:
+    """`--mode=generate` straight from the run in `workdir` (e.g. through `seqjax.load`, without building the
+    data); None (the default): the loop builds the task and calls `generate` with the newest checkpoint's params."""
+    del config, workdir
+    return None
+
   # -- Parameters and data ---------------------------------------------------------------------------------------
 
   @abc.abstractmethod

@@ -138,32 +138,46 @@ class LMTask(Task):
     return Evaluation(metrics, f"validation loss {metrics['loss']:.4f}, bits/byte "
                                f"{metrics.get('bits_per_byte', float('nan')):.4f}")
 
+  @classmethod
+  def generate_saved(cls, config: Config, workdir: str) -> list[str]:
+    """Continuations from the newest checkpoint, loaded with `seqjax.load` (no data is built). The workdir must
+    hold a run of this config (config.sample may differ)."""
+    from seqjax.train.saved import load  # pylint: disable=import-outside-toplevel
+    from seqjax.train.workdir import check_workdir_config  # pylint: disable=import-outside-toplevel
+    check_workdir_config(config, workdir)
+    model, params, _, tokenizer = load(workdir)
+    return sample_text(model, params, tokenizer, config.sample, seed=config.seed)
+
   def generate(self, params: Any) -> list[str]:
-    """`config.sample.num_samples` continuations of `config.sample.prompt` (`seqjax.decode.generate`, every option
-    of config.sample). Logs the decoding rate in new tokens per second, measured on a second, compiled run."""
-    sc, tokenizer = self.config.sample, self.data.tokenizer
-    prompt = np.asarray(tokenizer.encode(sc.prompt, add_bos=True), np.int32)
-    prompts = jnp.asarray(np.tile(prompt[None], (sc.num_samples, 1)))
-
-    def run():
-      return jax.block_until_ready(generate(
-          self.model, params, prompts, max_new_tokens=sc.num_tokens, temperature=sc.temperature, top_k=sc.top_k,
-          top_p=sc.top_p, min_p=sc.min_p, stop_tokens=sc.stop_token_ids(eos_id=tokenizer.eos_id),
-          rng=jax.random.key(self.config.seed), num_beams=sc.num_beams, length_penalty=sc.length_penalty,
-          pad_id=tokenizer.pad_id))
-
-    began = time.perf_counter()
-    run()  # Compiles.
-    compiled = time.perf_counter()
-    out = run()
-    seconds = time.perf_counter() - compiled
-    new_tokens = int(np.sum(np.asarray(out.lengths) - len(prompt)))
-    self.generate_rate = new_tokens / seconds
-    log.info("generated %d new tokens in %.3f s: %.1f tokens/s (compiled in %.1f s; batch %d, num_beams %d)",
-             new_tokens, seconds, self.generate_rate, compiled - began, sc.num_samples, sc.num_beams)
-    tokens, lengths = jax.device_get((out.tokens, out.lengths))
-    return [tokenizer.decode(row[:length]) for row, length in zip(tokens, lengths)]
+    return sample_text(self.model, params, self.data.tokenizer, self.config.sample, seed=self.config.seed)
 
   @property
   def throughput(self) -> tuple[str, float]:
     return "tokens_per_sec", float(self.config.train.batch_size * self.config.data.seq_len)
+
+
+def sample_text(model: DecoderLM, params: Any, tokenizer: ByteTokenizer, sc: config_lib.SampleConfig, *,
+                seed: int) -> list[str]:
+  """`sc.num_samples` continuations of `sc.prompt` (`seqjax.decode.generate` with every option of config.sample),
+  each the prompt and its continuation up to its stop token. Logs the decoding rate in new tokens per second,
+  measured on a second run of the compiled program."""
+  prompt = np.asarray(tokenizer.encode(sc.prompt, add_bos=True), np.int32)
+  prompts = jnp.asarray(np.tile(prompt[None], (sc.num_samples, 1)))
+
+  def run():
+    return jax.block_until_ready(generate(
+        model, params, prompts, max_new_tokens=sc.num_tokens, temperature=sc.temperature, top_k=sc.top_k,
+        top_p=sc.top_p, min_p=sc.min_p, stop_tokens=sc.stop_token_ids(eos_id=tokenizer.eos_id),
+        rng=jax.random.key(seed), num_beams=sc.num_beams, length_penalty=sc.length_penalty,
+        pad_id=tokenizer.pad_id))
+
+  began = time.perf_counter()
+  run()  # Compiles.
+  compiled = time.perf_counter()
+  out = run()
+  seconds = time.perf_counter() - compiled
+  new_tokens = int(np.sum(np.asarray(out.lengths) - len(prompt)))
+  log.info("generated %d new tokens in %.3f s: %.1f tokens/s (batch %d, num_beams %d; compiled in %.1f s)",
+           new_tokens, seconds, new_tokens / seconds, sc.num_samples, sc.num_beams, compiled - began)
+  tokens, lengths = jax.device_get((out.tokens, out.lengths))
+  return [tokenizer.decode(row[:length]) for row, length in zip(tokens, lengths)]
