@@ -112,6 +112,20 @@ MUTANTS: tuple[Mutant, ...] = (
            "seqjax/ops/dense/mlp.py", "functools.partial(jax.nn.gelu, approximate=True)",
            "functools.partial(jax.nn.gelu, approximate=False)",
            ("tests/ops/dense/test_mlp.py", "tests/nn/test_mlp_oracle.py")),
+    # Decoding.
+    Mutant("beam_cache_not_reordered", "every beam continues from the first beam's cache",
+           "seqjax/decode/beam.py", "k + parent_BK).reshape(-1)", "k + 0 * parent_BK).reshape(-1)",
+           ("tests/decode/test_beam.py::test_beam_search_equals_the_reference_with_beams_as_separate_rows",)),
+    Mutant("scanned_cache_batch_axis", "the scanned stack's cache is gathered along the layers axis",
+           "seqjax/decode/common.py", "axis = 1 if model.cfg.scan_layers else 0", "axis = 0",
+           ("tests/decode/test_beam.py::test_beam_search_equals_the_reference_with_beams_as_separate_rows",)),
+    Mutant("top_p_inclusive_mass", "top-p drops the token that crosses the mass threshold",
+           "seqjax/decode/samplers.py", "keep_BV = before_BV < top_p", "keep_BV = before_BV + sorted_BV < top_p",
+           ("tests/decode/test_samplers.py",)),
+    Mutant("ragged_continuation_after_longest", "every row continues after the longest prompt",
+           "seqjax/decode/generate.py", "common.write_at(tokens_BL, lengths_B + t, token_B)",
+           "common.write_at(tokens_BL, prompts_BP.shape[1] + t, token_B)",
+           ("tests/decode/test_generate.py::test_ragged_cached_greedy_equals_the_uncached_greedy_of_each_row",)),
 )
 
 
