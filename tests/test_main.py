@@ -68,6 +68,17 @@ def test_eval_and_generate_from_checkpoint(smoke_run):
   assert "--- sample 0 ---\nimport " in proc.stdout
 
 
+def test_generate_with_beam_search_and_stop_tokens_reports_tokens_per_second(smoke_run):
+  workdir, data_dir = smoke_run
+  proc = _run(*_common(workdir, data_dir), "--mode=generate", "--config.sample.prompt=def ",
+              "--config.sample.num_tokens=12", "--config.sample.temperature=0", "--config.sample.num_beams=3",
+              "--config.sample.stop_tokens=eos,13", "--config.sample.length_penalty=0.6")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "--- sample 0 ---\ndef " in proc.stdout and "tokens/s" in proc.stderr
+  proc = _run(*_common(workdir, data_dir), "--mode=generate", "--config.sample.top_p=1.5", timeout=60)
+  assert proc.returncode == 2 and "config.sample.top_p: must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_longer_run_resumes_from_the_workdir(smoke_run, tmp_path):
   workdir = shutil.copytree(smoke_run[0], str(tmp_path / "longer"))
   # Longer, and with the portable JAX ops: cpu_kernels changes how, not what, so the run continues.
