@@ -77,7 +77,8 @@ def check_prompts(prompts: Any, prompt_lengths: Any, *, max_new_tokens: int, max
     raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
                      f"context of {max_len} (model.max_len); shorten the prompt or ask for fewer tokens")
   if values is not None:
-    real = values[np.arange(length)[None] < (length if lengths is None else lengths)[:, None]]
+    used_B = np.full((batch,), length) if lengths is None else lengths
+    real = values[np.arange(length)[None] < used_B[:, None]]
     if real.size and (real.min() < 0 or real.max() >= vocab_size):
       raise ValueError(f"prompt tokens must be in [0, {vocab_size}) (the model's vocabulary), got values in "
                        f"[{real.min()}, {real.max()}]")

@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Sampler:
     """Raises ValueError for a setting outside its range (before anything is compiled)."""
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
       raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
-    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
       raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {self.top_k!r}")
     if self.top_k > vocab_size:
       raise ValueError(f"top_k={self.top_k} is larger than the vocabulary ({vocab_size} tokens); use at most "

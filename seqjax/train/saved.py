@@ -54,8 +54,8 @@ def _model_and_tokenizer(config: Config) -> tuple[nn.Module, Any, Config, Any]:
     from seqjax.data import numbers
     from seqjax.models.seq2seq_lstm import Seq2SeqLSTM
     config = config_lib.with_seq2seq_vocab_sizes(config, numbers.VOCAB.size, numbers.VOCAB.size)
-    example = jnp.zeros((1, 4), jnp.int32)
-    return Seq2SeqLSTM(config.seq2seq), (example, example), config, numbers.VOCAB
+    example = (jnp.zeros((1, 4), jnp.int32), jnp.full((1,), 4, jnp.int32), jnp.zeros((1, 1), jnp.int32))
+    return Seq2SeqLSTM(config.seq2seq), example, config, numbers.VOCAB
   raise ConfigError(f"seqjax.load: the run's task {config.task!r} is not one load knows (lm, seq2seq)")
 
 

@@ -98,7 +98,7 @@ FAMILIES = ["attention", "attention_window", "attention_scanned", "lstm", "mamba
             "hybrid_mamba_attention_lstm"]
 
 
-FAST = ("attention_scanned", "lstm", "mamba", "hybrid_mamba_attention_lstm")
+FAST = ("attention_scanned", "lstm", "hybrid_mamba_attention_lstm")
 
 
 @pytest.mark.parametrize("case", [pytest.param(name, marks=() if name in FAST else pytest.mark.slow)

@@ -70,3 +70,21 @@ def test_missing_or_damaged_workdirs_are_clear_errors(run, tmp_path):
   shutil.rmtree(os.path.join(damaged, "checkpoints"))
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     seqjax.load(damaged)
+
+
+@pytest.mark.slow
+def test_load_a_seq2seq_run(tmp_path):
+  """The seq2seq task's run: its LSTM encoder-decoder, the trained params and the numbers vocabulary."""
+  from seqjax.train import loop  # pylint: disable=import-outside-toplevel
+  from seqjax.data import numbers  # pylint: disable=import-outside-toplevel
+  from tests.train.test_seq2seq_train import _config_dict  # pylint: disable=import-outside-toplevel
+  cfg = _config_dict("smoke")
+  cfg["data"]["data_dir"] = str(tmp_path / "tfds")
+  cfg["train"].update(num_steps=2, checkpoint_every=2, eval_every=2, eval_batches=1)
+  workdir = str(tmp_path / "work")
+  loop.train(from_config_dict(cfg), workdir)
+  model, params, config, tokenizer = seqjax.load(workdir)
+  assert type(model).__name__ == "Seq2SeqLSTM" and tokenizer is numbers.VOCAB and config.task == "seq2seq"
+  step, trained = loop._restore_params(loop.build_job(config, workdir))  # pylint: disable=protected-access
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, params, trained)
