@@ -36,11 +36,7 @@ def _check_greedy_rows(model, params, out, lengths, new_counts):
                                rtol=1e-4, atol=1e-4)
 
 
-FAST = ("attention", "attention_scanned", "hybrid_mamba_attention_lstm", "lstm", "mamba2")
-
-
-@pytest.mark.parametrize("case", [pytest.param(name, marks=() if name in FAST else pytest.mark.slow)
-                                  for name in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_ragged_cached_greedy_equals_the_uncached_greedy_of_each_row(case):
   model, params = make_lm(CASES[case])
   out = generate(model, params, PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=NEW)
