@@ -125,14 +125,15 @@ def test_one_beam_is_greedy(stop, alpha):
 
 
 def test_stops_early_once_no_beam_can_win():
-  """Stop tokens that are likely everywhere and alpha 0: the finished hypotheses win after a few steps, so the
-  early-stopping test fires long before max_new_tokens; the result is still the full-length reference's."""
-  vocab, max_new, k = 13, 12, 2
+  """The most likely first token is the stop token and alpha is 0: the best hypothesis is finished after one step,
+  but the loop must go on until the K-th finished one beats every alive beam. The result is the full-length
+  reference's, with K real hypotheses."""
+  vocab, max_new, k = 13, 12, 3
   model, params = make_lm(CASES["gru"])
   logp = full_log_probs(model, params, PROMPTS)
-  stop = tuple(int(t) for t in np.argsort(-logp[0, LENGTHS[0] - 1])[:3])
+  stop = tuple(int(t) for t in np.argsort(-logp[0, LENGTHS[0] - 1])[:1])
   out = generate(model, params, PROMPTS[:1], max_new_tokens=max_new, num_beams=k, stop_tokens=stop,
                  length_penalty=0.0)
   expected = _reference_beam(model, params, tuple(PROMPTS[0]), vocab, max_new, stop, 0.0, k)
   _check_against(out, 0, expected, max_new=max_new)
-  assert int(np.max(out.beam_lengths)) - LENGTHS[0] < max_new
+  assert np.all(np.isfinite(np.asarray(out.beam_scores)))
