@@ -78,6 +78,11 @@ class RecurrentConfig:
       _fail(f"{prefix}.hidden", f"must be >= 0 (0: d_model), got {self.hidden}")
 
 
+# The modes of each SSM mixer, the first its default (the ops' MODES; not imported: validating a config stays light).
+SSM_MODES = {"s4d": ("conv", "parallel", "sequential"), "s5": ("parallel", "sequential"),
+             "mamba": ("chunked", "parallel", "sequential"), "mamba2": ("chunked", "sequential")}
+
+
 @dataclasses.dataclass(frozen=True)
 class SsmConfig:
   """The state-space mixers ("s4d", "s5", "mamba", "mamba2"); 0 means the block's own default."""
@@ -87,6 +92,11 @@ class SsmConfig:
   conv: int = 4  # Mamba / Mamba-2 causal depthwise convolution width.
   head_dim: int = 32  # Mamba-2 head width.
   chunk: int = 0  # Chunk length of the chunked scan (0: the op's default).
+  # How the sequence is computed ("": each block's default); every SSM mixer of the pattern must know it:
+  # s4d "conv" (default; the recurrence where segment ids need resets) | "parallel" | "sequential";
+  # s5 "parallel" (default) | "sequential"; mamba "chunked" (default) | "parallel" | "sequential";
+  # mamba2 "chunked" (default) | "sequential". All modes compute the same function (python -m seqjax.conformance).
+  mode: str = ""
 
   def _check(self, prefix: str) -> None:
     for name in ("state", "chunk"):
@@ -149,6 +159,12 @@ class ModelConfig:
             f"{self.ssm.expand * self.d_model}")
     if self.max_len <= 0:
       _fail(f"{prefix}.max_len", "must be positive")
+    if self.ssm.mode:
+      for mixer in dict.fromkeys(pattern):
+        allowed = SSM_MODES.get(mixer)
+        if allowed is not None and self.ssm.mode not in allowed:
+          _fail(f"{prefix}.ssm.mode", f"{self.ssm.mode!r} is not a mode of the {mixer!r} mixer (its modes: "
+                f"{', '.join(allowed)}); leave it empty for each block's default")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -496,6 +512,25 @@ def with_seq2seq_vocab_sizes(config: Config, src_vocab_size: int, tgt_vocab_size
             f"tokens; leave it at 0 to use the tokenizer's size")
     sizes[name] = set_size or tokenizer_size
   return dataclasses.replace(config, seq2seq=dataclasses.replace(config.seq2seq, **sizes))
+
+
+def override(section: Any, overrides: Mapping[str, Any], prefix: str = "model") -> Any:
+  """A copy of the frozen config `section` (any dataclass of this module) with nested `overrides` applied, e.g.
+  `override(model_cfg, {"attention": {"implementation": "reference"}, "dtype": "bfloat16"})`, then checked.
+
+  Raises ConfigError for a field the section does not have, as the command line would; `prefix` is the section's
+  place in the run config, for the messages."""
+  changes = {}
+  names = {f.name for f in dataclasses.fields(section)}
+  for key, value in overrides.items():
+    if key not in names:
+      _fail(f"{prefix}.{key}", f"unknown field; fields of config.{prefix}: {', '.join(sorted(names))}")
+    current = getattr(section, key)
+    changes[key] = (override(current, value, f"{prefix}.{key}") if dataclasses.is_dataclass(current) else
+                    _coerce(f"{prefix}.{key}", value, typing.get_type_hints(type(section))[key]))
+  result = dataclasses.replace(section, **changes)
+  result._check(prefix)  # pylint: disable=protected-access
+  return result
 
 
 def to_dict(config: Config) -> dict[str, Any]:
