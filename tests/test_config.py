@@ -142,3 +142,27 @@ def test_layer_mixers_repeat_the_pattern():
   cfg = default_config_dict().to_dict()
   cfg["model"].update(mixer="a, b", num_layers=5)
   assert from_config_dict(cfg).model.layer_mixers() == ("a", "b", "a", "b", "a")
+
+
+def test_ssm_mode_must_be_a_mode_of_every_ssm_mixer_in_the_pattern():
+  cfg = default_config_dict()
+  cfg.model.mixer = "mamba2,attention"
+  cfg.model.ssm.mode = "sequential"
+  assert from_config_dict(cfg).model.ssm.mode == "sequential"
+  cfg.model.mixer = "mamba2,s4d"
+  cfg.model.ssm.mode = "chunked"
+  with pytest.raises(ConfigError, match=r"config.model.ssm.mode: 'chunked' is not a mode of the 's4d' mixer"):
+    from_config_dict(cfg)
+
+
+def test_override_applies_nested_fields_and_checks_them():
+  from seqjax.config import ModelConfig, override  # pylint: disable=import-outside-toplevel
+  cfg = override(ModelConfig(), {"attention": {"implementation": "reference", "num_heads": 8}, "dropout": 0.1})
+  assert (cfg.attention.implementation, cfg.attention.num_heads, cfg.dropout) == ("reference", 8, 0.1)
+  assert cfg.attention.window == ModelConfig().attention.window
+  with pytest.raises(ConfigError, match=r"config.model.attention.num_head: unknown field"):
+    override(ModelConfig(), {"attention": {"num_head": 8}})
+  with pytest.raises(ConfigError, match=r"config.model.dtype: got 'float16'"):
+    override(ModelConfig(), {"dtype": "float16"})
+  with pytest.raises(ConfigError, match=r"config.model.attention.num_heads: 3 heads do not divide"):
+    override(ModelConfig(), {"attention": {"num_heads": 3}})
