@@ -388,6 +388,9 @@ class Config:
   # that fails to build is an error. Applied by seqjax.main before anything is built (seqjax.ops.backend); configs
   # built from default_config_dict() take $SEQJAX_CPU_KERNELS as the default when it is set.
   cpu_kernels: Literal["auto", "on", "off"] = "auto"
+  # Comma-separated Python modules imported before the model is built, e.g. "examples.sigmoid_attention": modules
+  # that register a mixer or an attention kernel of your own (docs/new_mixer.md).
+  imports: str = ""
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
@@ -395,6 +398,10 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   sample: SampleConfig = SampleConfig()
   seq2seq: Seq2SeqTaskConfig = Seq2SeqTaskConfig()
+
+  @property
+  def import_modules(self) -> tuple[str, ...]:
+    return tuple(m.strip() for m in self.imports.split(",") if m.strip())
 
   def _check(self, prefix: str) -> None:
     del prefix

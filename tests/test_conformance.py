@@ -150,3 +150,23 @@ def mock_check(name, fn):
     yield
   finally:
     checks.CHECKS[name] = original
+
+
+def test_the_tutorial_mixer_conforms_and_its_page_shows_its_code():
+  """docs/new_mixer.md walks through examples/sigmoid_attention.py: the page must show the file as it is, and the
+  mixer must pass the harness (its LM training from the command line is in tests/test_main.py)."""
+  import os  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "examples", "sigmoid_attention.py"), encoding="utf-8") as f:
+    code = f.read()
+  with open(os.path.join(root, "docs", "new_mixer.md"), encoding="utf-8") as f:
+    assert code in f.read(), "docs/new_mixer.md no longer shows examples/sigmoid_attention.py as it is"
+  import importlib  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module("examples.sigmoid_attention")
+  try:
+    report = conformance.run("sigmoid_attention", checks=["causal", "packing", "decode", "gradients"])
+  finally:
+    unregister_mixer("sigmoid_attention")
+    import sys  # pylint: disable=import-outside-toplevel
+    sys.modules.pop(module.__name__, None)
+  assert report.passed, "\n" + conformance.table([report])

@@ -93,16 +93,17 @@ _MARK = {PASS: "ok", FAIL: "FAIL", NA: "-"}
 def table(reports: Sequence[Report]) -> str:
   """One row per mixer: each check's verdict with its error, then the time; failures explained underneath."""
   checks = list(dict.fromkeys(r.check for report in reports for r in report.results))
+  widths = [max(len(c), 8) for c in checks]
   width = max([len("mixer")] + [len(r.mixer) for r in reports])
-  header = f"{'mixer':<{width}} | " + " | ".join(f"{c:>16}" for c in checks) + " | seconds"
+  header = f"{'mixer':<{width}} | " + " | ".join(f"{c:>{w}}" for c, w in zip(checks, widths)) + " | seconds"
   lines = [header, "-" * len(header)]
   for report in reports:
     by_check = {r.check: r for r in report.results}
     cells = []
-    for c in checks:
+    for c, w in zip(checks, widths):
       r = by_check.get(c)
-      cells.append(f"{'':>16}" if r is None else
-                   f"{_MARK[r.status] + (f' {r.error:.0e}' if r.status != NA else ''):>16}")
+      text = "" if r is None else _MARK[r.status] + (f" {r.error:.0e}" if r.status == PASS else "")
+      cells.append(f"{text:>{w}}")
     lines.append(f"{report.mixer:<{width}} | " + " | ".join(cells) + f" | {report.seconds:7.1f}")
   for report in reports:
     for r in report.failures():

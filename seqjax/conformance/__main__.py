@@ -1,4 +1,4 @@
-"""python -m seqjax.conformance NAME... | all [--quick] [--out=DIR] [--lengths=256,512,...]
+"""python -m seqjax.conformance NAME... | all [--quick] [--imports=my.module] [--out=DIR] [--lengths=256,512,...]
 
 Runs the conformance checks on each named registered mixer ("all": every one) and prints one table row per mixer;
 without --quick it then profiles time and memory against length and writes DIR/conformance_profile.png and .csv.
@@ -20,9 +20,16 @@ _QUICK = flags.DEFINE_bool("quick", False, "Only the checks (no profile against 
 _OUT = flags.DEFINE_string("out", "results/conformance", "Where the profile's PNG and CSV go.")
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024", "2048", "4096"], "Profile lengths.")
 _D_MODEL = flags.DEFINE_integer("profile_d_model", 64, "Model width of the profile.")
+_IMPORTS = flags.DEFINE_list("imports", [], "Modules to import first: ones that register your own mixers.")
 
 
 def main(argv: list[str]) -> int:
+  import importlib  # pylint: disable=import-outside-toplevel
+  for module in _IMPORTS.value:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise app.UsageError(f"--imports: cannot import {module!r} ({e})") from e
   from seqjax import conformance  # pylint: disable=import-outside-toplevel
   from seqjax.conformance import profile  # pylint: disable=import-outside-toplevel
   from seqjax.nn.mixers import available_mixers  # pylint: disable=import-outside-toplevel

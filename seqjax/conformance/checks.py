@@ -192,23 +192,29 @@ def kernels(s: Subject, tol: Tolerances) -> CheckResult:
 
 
 def decode(s: Subject, tol: Tolerances) -> CheckResult:
-  """Prefill + step = the parallel forward: outputs of a prefill over the first T - 4 tokens, then 4 steps from
-  its state, and 3 steps from `init_state`, equal the parallel forward's outputs at those positions."""
+  """Prefill + step = the parallel forward. A prefill over T - 4 tokens in which the last row is right-padded by 2
+  (segment id 0), then 4 steps per row, each row continuing from its own last real token; and 3 steps from
+  `init_state`. Each output equals the parallel forward's at that row's position."""
   module, prompt = s.module, s.length - 4
+  lengths_B = np.array([prompt] * (s.batch - 1) + [prompt - 2])
+  segment_ids = jnp.asarray((np.arange(prompt)[None] < lengths_B[:, None]).astype(np.int32))
   parallel = s.forward(s.params, s.x_BTD)
-  prefill = jax.jit(lambda p, x: module.apply({"params": p}, x, return_state=True))
+  prefill = jax.jit(lambda p, x, sid: module.apply({"params": p}, x, segment_ids=sid, return_state=True))
   step = jax.jit(lambda p, x, state: module.apply({"params": p}, x, state, method="step"))
-  y_prefill, state = prefill(s.params, s.x_BTD[:, :prompt])
-  errors = [_error(y_prefill, parallel[:, :prompt])]
-  for t in range(prompt, s.length):
-    y_t, state = step(s.params, s.x_BTD[:, t], state)
-    errors.append(_error(y_t, parallel[:, t]))
+  y_prefill, state = prefill(s.params, s.x_BTD[:, :prompt], segment_ids)
+  real = np.asarray(segment_ids, bool)
+  errors = [_error(np.asarray(y_prefill)[real], np.asarray(parallel[:, :prompt])[real])]
+  rows = np.arange(s.batch)
+  for j in range(s.length - prompt):
+    y_t, state = step(s.params, s.x_BTD[rows, lengths_B + j], state)
+    errors.append(_error(y_t, parallel[rows, lengths_B + j]))
   state = module.init_state(s.batch, s.cfg.max_len)
   for t in range(3):
     y_t, state = step(s.params, s.x_BTD[:, t], state)
     errors.append(_error(y_t, parallel[:, t]))
   return _verdict("decode", max(errors), tol.modes,
-                  f"prefill({prompt}) + {s.length - prompt} steps and 3 steps from init_state vs parallel")
+                  f"prefill({prompt}, last row padded by 2) + {s.length - prompt} steps, and 3 steps from "
+                  f"init_state, vs parallel")
 
 
 def _perturbed(tree, direction, h):
