@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.ops import backend
+from seqjax.ops.vma import vary_like
 from seqjax.ops.attention import masks as masks_lib
 from seqjax.ops.attention._registry import check_inputs, default_scale, group_heads, register_attention
 
@@ -232,8 +233,8 @@ def _forward(q, k, v, mask, bias, scale, bq, bk):
   def one_q_block(xs):
     i, q_tile, full_kv, n_full, part_kv, n_part = xs
     stats_shape = q_tile.shape[:-1]
-    carry = (jnp.zeros(q_tile.shape, jnp.float32), jnp.full(stats_shape, _M_INIT, jnp.float32),
-             jnp.zeros(stats_shape, jnp.float32))
+    carry = vary_like((jnp.zeros(q_tile.shape, jnp.float32), jnp.full(stats_shape, _M_INIT, jnp.float32),
+                       jnp.zeros(stats_shape, jnp.float32)), q_tile, kT_blocks, v_blocks, mask, bias)
     carry = _loop(n_full, make_body(q_tile, False), carry, tiles, i, full_kv, transpose=False)
     carry = _loop(n_part, make_body(q_tile, True), carry, tiles, i, part_kv, transpose=False)
     acc, m, l = carry
@@ -278,13 +279,15 @@ def _backward(q, k, v, mask, bias, scale, bq, bk, blocks, lse_blocks, d_out):
 
   def one_kv_block(dqT_blocks, xs):
     j, k_tile, kT_tile, v_tile, full_q, n_full, part_q, n_part = xs
-    carry = (jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros(v_tile.shape, jnp.float32), dqT_blocks)
+    carry = (*vary_like((jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros(v_tile.shape, jnp.float32)),
+                        dqT_blocks), dqT_blocks)
     carry = _loop(n_full, make_body(k_tile, kT_tile, v_tile, False), carry, tiles, j, full_q, transpose=True)
     carry = _loop(n_part, make_body(k_tile, kT_tile, v_tile, True), carry, tiles, j, part_q, transpose=True)
     dk, dv, dqT_blocks = carry
     return dqT_blocks, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-  dqT_blocks = jnp.zeros(qT_blocks.shape, jnp.float32)
+  dqT_blocks = vary_like(jnp.zeros(qT_blocks.shape, jnp.float32), q_rows, kT_blocks, v_blocks, do_rows, lse_blocks,
+                         mask, bias)
   dqT_blocks, (dk_blocks, dv_blocks) = jax.lax.scan(
       one_kv_block, dqT_blocks, (jnp.arange(nk, dtype=jnp.int32), k_blocks, kT_blocks, v_blocks, plan.full_q,
                                  plan.n_full_q, plan.part_q, plan.n_part_q))
