@@ -124,6 +124,9 @@ class ModelConfig:
   attention: AttentionConfig = AttentionConfig()
   recurrent: RecurrentConfig = RecurrentConfig()
   ssm: SsmConfig = SsmConfig()
+  # With mesh.seq > 1, how attention sees the whole sequence: K/V blocks passed around the ring of "seq" devices
+  # ("ring"), or gathered once on every device ("all_gather", simpler for short contexts). See docs/parallelism.md.
+  context_parallel: Literal["ring", "all_gather"] = "ring"
 
   def _check(self, prefix: str) -> None:
     if self.d_model <= 0 or self.num_layers <= 0 or self.mlp_dim <= 0:
@@ -386,12 +389,18 @@ class Config:
       if self.data.name.split("/")[0] != "numbers_to_words":
         _fail("data.name", f"task 'seq2seq' trains on 'numbers_to_words[/standard|/small]', got "
               f"{self.data.name!r}")
+      if self.mesh.seq > 1:
+        _fail("mesh.seq", f"the seq2seq task does not split sequences over devices; set mesh.seq=1 (got "
+              f"{self.mesh.seq}) and use the data axis")
       return
     if self.data.seq_len > self.model.max_len:
       _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_len={self.model.max_len}; raise "
             f"model.max_len or shorten data.seq_len")
     if self.sample.num_tokens > self.model.max_len:
       _fail("sample.num_tokens", f"{self.sample.num_tokens} exceeds model.max_len={self.model.max_len}")
+    if self.mesh.seq > 1 and self.model.positions == "alibi" and "attention" in self.model.mixer_pattern:
+      _fail("model.positions", "alibi is not supported with a sequence-sharded mesh (mesh.seq > 1); use rope, "
+            "learned or sinusoidal positions")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -142,3 +142,20 @@ def test_layer_mixers_repeat_the_pattern():
   cfg = default_config_dict().to_dict()
   cfg["model"].update(mixer="a, b", num_layers=5)
   assert from_config_dict(cfg).model.layer_mixers() == ("a", "b", "a", "b", "a")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"model": {"context_parallel": "scatter"}}, "allowed: 'ring'"),
+    ({"mesh": {"seq": 2, "data": 1}, "model": {"positions": "alibi"}}, "alibi is not supported"),
+    ({"mesh": {"seq": 2, "data": 1}, "task": "seq2seq", "data": {"name": "numbers_to_words"}},
+     "does not split sequences"),
+])
+def test_context_parallel_choices_and_refusals(changes, expected):
+  cfg = default_config_dict().to_dict()
+  for section, values in changes.items():
+    if isinstance(values, dict):
+      cfg[section].update(values)
+    else:
+      cfg[section] = values
+  with pytest.raises(ConfigError, match=expected):
+    from_config_dict(cfg)

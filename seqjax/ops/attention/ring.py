@@ -44,7 +44,7 @@ from jax import lax
 from seqjax.ops.attention import masks as masks_lib
 from seqjax.ops.attention._registry import check_inputs, default_scale
 from seqjax.ops.attention.blockwise import (BLOCKWISE_BLOCK, _as_cols, _as_rows, _backward, _forward, _zero_cotangent,
-                                            resolve_blocks)
+                                            blockwise_attention, resolve_blocks)
 from seqjax.ops.vma import vary_like
 
 LAYOUTS = ("contiguous", "striped", "zigzag")
@@ -216,6 +216,70 @@ def _ring_bwd(axis_name, layout, scale, bq, bk, residuals, d_out):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
+def split_segment_ids(mask: masks_lib.Mask | None) -> tuple[masks_lib.Mask | None, jax.Array | None]:
+  """(position part, segment ids) of a self-attention mask `positions & SegmentIds(ids, ids)`, the form the
+  context-parallel kernels take (`mask=`, `segment_ids=`); ValueError for a mask of another form."""
+  parts = mask.masks if type(mask) is masks_lib.And else (() if mask is None else (mask,))
+  segments = [m for m in parts if isinstance(m, masks_lib.SegmentIds)]
+  rest = [m for m in parts if not isinstance(m, masks_lib.SegmentIds)]
+  if (len(segments) > 1 or any(not masks_lib.is_positional(m) for m in rest)
+      or any(m.q_ids is not m.kv_ids or m.padding_id != 0 for m in segments)):
+    raise ValueError(f"context-parallel attention takes position masks and at most one self-attention "
+                     f"SegmentIds(ids, ids) (padding id 0), combined with &; got {mask!r}")
+  position = None if not rest else rest[0] if len(rest) == 1 else masks_lib.And(rest)
+  return position, segments[0].q_ids if segments else None
+
+
+def _check_context_parallel(name, q, k, v, mask, layout, segment_ids, axis_name):
+  """Shared argument checks of `ring_attention` and `all_gather_attention`; returns the sizes."""
+  dims = check_inputs(name, q, k, v, mask, None, array_bias=False)
+  if mask is not None and not masks_lib.is_positional(mask):
+    raise ValueError(f"{name}: mask must be a position mask (Causal, SlidingWindow, GlobalTokens, PrefixLM and "
+                     f"their & / |) in global positions, got {mask!r}; pass packed-document ids as segment_ids=")
+  _check_layout(layout, dims.T, "query length")
+  _check_layout(layout, dims.S, "key length")
+  if segment_ids is not None:
+    if dims.S != dims.T or segment_ids.shape != (dims.B, dims.T):
+      raise ValueError(f"{name}: segment_ids must be this shard's [B, T] = {(dims.B, dims.T)} ids of a "
+                       f"self-attention (S = T = {dims.T}), got shape {segment_ids.shape} with S = {dims.S}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"{name}: segment_ids must be integers, got {segment_ids.dtype}")
+  try:
+    lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(f"{name}: no mesh axis {axis_name!r} is bound here; call it inside jax.shard_map over a mesh "
+                     f"with that axis, on the local shards (or pass axis_name=)") from e
+  return dims
+
+
+def all_gather_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str = "seq", causal: bool = True,
+                         layout: str = "zigzag", mask: masks_lib.Mask | None = None,
+                         segment_ids: jax.Array | None = None, scale: float | None = None,
+                         block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
+  """`ring_attention`'s arguments and result, by gathering K/V (and segment ids) from every shard once.
+
+  The simpler strategy for short contexts: one all-gather forward (its transpose, a reduce-scatter of dK/dV,
+  backward) instead of P - 1 hops, at the price of holding the whole K/V on every device. The gathered keys are
+  put back in sequence order, so the blockwise kernel sees increasing key positions whatever the layout.
+  """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+  dims = _check_context_parallel("all_gather_attention", q, k, v, mask, layout, segment_ids, axis_name)
+  P = lax.axis_size(axis_name)
+  _, inverse = ring_layout_permutation(dims.S * P, P, layout)
+  gather = lambda x: jnp.take(lax.all_gather(x, axis_name, axis=1, tiled=True), inverse, axis=1)  # noqa: E731
+  k_all, v_all = gather(k), gather(v)
+  pos_mask = masks_lib.combine(causal, mask)
+  hop_mask = None
+  if pos_mask is not None:
+    q_pos = shard_positions(layout, dims.T, P, lax.axis_index(axis_name))
+    hop_mask = masks_lib.AtPositions(pos_mask, q_pos, jnp.arange(dims.S * P, dtype=jnp.int32))
+  if segment_ids is not None:
+    segments = masks_lib.SegmentIds(segment_ids, gather(segment_ids))
+    hop_mask = segments if hop_mask is None else hop_mask & segments
+  return blockwise_attention(q, k_all, v_all, mask=hop_mask, scale=scale, block_q=block_q, block_kv=block_kv)
+
+
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str = "seq", causal: bool = True,
                    layout: str = "zigzag", mask: masks_lib.Mask | None = None,
                    segment_ids: jax.Array | None = None, scale: float | None = None, block_q: int | None = None,
@@ -239,25 +303,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str =
     [B, T, N, H] in q's dtype: this shard's rows of the attention over the whole sequence.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  dims = check_inputs("ring_attention", q, k, v, mask, None, array_bias=False)
-  if mask is not None and not masks_lib.is_positional(mask):
-    raise ValueError(f"ring_attention: mask must be a position mask (Causal, SlidingWindow, GlobalTokens, PrefixLM "
-                     f"and their & / |) in global positions, got {mask!r}; pass packed-document ids as "
-                     f"segment_ids=")
-  _check_layout(layout, dims.T, "query length")
-  _check_layout(layout, dims.S, "key length")
-  if segment_ids is not None:
-    segment_ids = jnp.asarray(segment_ids)
-    if dims.S != dims.T or segment_ids.shape != (dims.B, dims.T):
-      raise ValueError(f"ring_attention: segment_ids must be this shard's [B, T] = {(dims.B, dims.T)} ids of a "
-                       f"self-attention (S = T = {dims.T}), got shape {segment_ids.shape} with S = {dims.S}")
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise ValueError(f"ring_attention: segment_ids must be integers, got {segment_ids.dtype}")
-  try:
-    lax.axis_size(axis_name)
-  except NameError as e:
-    raise ValueError(f"ring_attention: no mesh axis {axis_name!r} is bound here; call it inside jax.shard_map over "
-                     f"a mesh with that axis, on the local shards (or pass axis_name=)") from e
+  segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+  dims = _check_context_parallel("ring_attention", q, k, v, mask, layout, segment_ids, axis_name)
   pos_mask = masks_lib.combine(causal, mask)
   bq, bk = resolve_blocks(dims.T, dims.S, block_q, block_kv, largest=(BLOCKWISE_BLOCK, BLOCKWISE_BLOCK))
   return _ring(q, k, v, segment_ids, pos_mask, axis_name, layout, float(default_scale(scale, dims.H)), bq, bk)
