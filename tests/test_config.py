@@ -149,6 +149,10 @@ def test_layer_mixers_repeat_the_pattern():
     ({"mesh": {"seq": 2, "data": 1}, "model": {"positions": "alibi"}}, "alibi is not supported"),
     ({"mesh": {"seq": 2, "data": 1}, "task": "seq2seq", "data": {"name": "numbers_to_words"}},
      "does not split sequences"),
+    ({"model": {"mixer": "mamba2,attention", "context_parallel_layout": "zigzag"}}, "only attention"),
+    ({"mesh": {"seq": 3, "data": 1}, "data": {"seq_len": 128}}, "must split evenly over mesh.seq=3"),
+    ({"mesh": {"seq": 4, "data": 1}, "data": {"seq_len": 68}, "model": {"context_parallel_layout": "zigzag"}},
+     "two chunks each"),
 ])
 def test_context_parallel_choices_and_refusals(changes, expected):
   cfg = default_config_dict().to_dict()

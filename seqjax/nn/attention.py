@@ -107,13 +107,13 @@ class _VisibleSlots(masks_lib.Mask):
 CONTEXT_PARALLEL = ("ring", "all_gather")
 
 
-def _seq_shards() -> int:
+def context_parallel_shards() -> int:
   """Devices on the "seq" axis of the mesh set around the current trace (`jax.set_mesh`); 1 without one."""
   mesh = jax.sharding.get_abstract_mesh()
   return 1 if mesh.empty or "seq" not in mesh.axis_names else mesh.shape["seq"]
 
 
-def _context_parallel_attention(strategy, q_BTNH, k_BSKH, v_BSKH, mask):
+def _context_parallel_attention(strategy, layout, q_BTNH, k_BSKH, v_BSKH, mask):
   """Self-attention on the context mesh's sequence shards: batch over the mesh's other axes except "tensor"."""
   if strategy not in CONTEXT_PARALLEL:
     raise ValueError(f"MultiHeadAttention: context_parallel must be one of {CONTEXT_PARALLEL}, got {strategy!r}")
@@ -125,7 +125,7 @@ def _context_parallel_attention(strategy, q_BTNH, k_BSKH, v_BSKH, mask):
   args = (q_BTNH, k_BSKH, v_BSKH) + (() if segment_ids is None else (segment_ids,))
 
   def local(q, k, v, *segments):
-    return kernel(q, k, v, causal=False, layout="contiguous", mask=position_mask,
+    return kernel(q, k, v, causal=False, layout=layout, mask=position_mask,
                   segment_ids=segments[0] if segments else None)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
@@ -150,7 +150,8 @@ class MultiHeadAttention(nn.Module):
     context_parallel: on a mesh whose "seq" axis has more than one device (the trainer sets the mesh when
       `mesh.seq > 1`), self-attention runs on the sequence shards inside `shard_map`: "ring" (K/V blocks passed
       around the ring, `ring_attention`) or "all_gather" (K/V gathered once, `all_gather_attention`). The shards
-      hold the sequence contiguously.
+      hold the sequence in the order `context_parallel_layout` ("contiguous", "striped", "zigzag"; the caller
+      permutes the batch, see `seqjax.train.tasks.lm`).
   """
 
   num_heads: int
@@ -169,6 +170,7 @@ class MultiHeadAttention(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   out_features: int | None = None
   context_parallel: str = "ring"
+  context_parallel_layout: str = "contiguous"
 
   def _dense(self, features, axis, names, name):
     bias_names = names[len(names) - (len(features) if isinstance(features, tuple) else 1):]
@@ -233,10 +235,11 @@ class MultiHeadAttention(nn.Module):
 
     if cache is None:
       bias = positions_ops.AlibiBias(positions_ops.alibi_slopes(N)) if self.alibi else None
-      if self_attention and _seq_shards() > 1:
+      if self_attention and context_parallel_shards() > 1:
         if bias is not None:
           raise ValueError("MultiHeadAttention: ALiBi is not supported with a sequence-sharded mesh (mesh.seq > 1)")
-        out_BTNH = _context_parallel_attention(self.context_parallel, q_BTNH, k_BSKH, v_BSKH, mask)
+        out_BTNH = _context_parallel_attention(self.context_parallel, self.context_parallel_layout, q_BTNH, k_BSKH,
+                                               v_BSKH, mask)
       else:
         out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
     else:

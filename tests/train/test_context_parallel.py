@@ -23,19 +23,23 @@ from tests.train.test_step import assert_same_step, config, one_sgd_step, shared
 from tests.random_params import random_lm_params
 
 
-def _with(cfg, mesh, strategy):
+def _with(cfg, mesh, strategy, layout="contiguous"):
   return dataclasses.replace(cfg, mesh=config(mesh=mesh).mesh,
-                             model=dataclasses.replace(cfg.model, context_parallel=strategy))
+                             model=dataclasses.replace(cfg.model, context_parallel=strategy,
+                                                       context_parallel_layout=layout))
 
 
-@pytest.mark.parametrize("mesh, strategy", [
-    pytest.param({"data": 2, "seq": 4}, "ring", id="data2_seq4_ring"),
-    pytest.param({"seq": 8, "data": 1}, "ring", id="seq8_ring"),
-    pytest.param({"data": 2, "seq": 4}, "all_gather", id="data2_seq4_all_gather")])
-def test_sequence_sharded_step_equals_1_device(mesh, strategy):
+@pytest.mark.parametrize("mesh, strategy, layout", [
+    pytest.param({"data": 2, "seq": 4}, "ring", "contiguous", id="data2_seq4_ring"),
+    pytest.param({"data": 2, "seq": 4}, "ring", "zigzag", id="data2_seq4_ring_zigzag"),
+    pytest.param({"seq": 8, "data": 1}, "ring", "striped", id="seq8_ring_striped"),
+    pytest.param({"data": 2, "seq": 4}, "all_gather", "zigzag", id="data2_seq4_all_gather_zigzag")])
+def test_sequence_sharded_step_equals_1_device(mesh, strategy, layout):
+  """Zigzag and striped: the step deals each batch to the "seq" devices in the layout's order (tokens, targets,
+  weights, positions, segment ids) and the loss is the same."""
   cfg, params, batch, single = shared_case("blockwise")
-  assert_same_step(one_sgd_step(_with(cfg, mesh, strategy), params, batch), single, params,
-                   what=f"{strategy} on {mesh}")
+  assert_same_step(one_sgd_step(_with(cfg, mesh, strategy, layout), params, batch), single, params,
+                   what=f"{strategy} {layout} on {mesh}")
 
 
 @pytest.mark.parametrize("strategy, collective", [("ring", "collective_permute"), ("all_gather", "all_gather")])
