@@ -12,6 +12,8 @@ Three figures:
   forward (P - 1) |K + V|, backward (P - 1) (|K + V| + |dK + dV|) + |dK + dV| (the gradients' last hop home).
 - balance: the causal work per device in tiles, counted with the kernel's own run-time tile test
   (`masks.AtPositions(Causal(), ...)`) over every hop; the busiest device over the mean (1.0 = perfect) per layout.
+- LM: per-device temporary bytes of the LM's compiled train step on 1 device at --lm_context tokens, and on
+  P = max(--shards) devices (mesh seq P, ring, zigzag) at P times that context.
 
 The simulated devices are XLA CPU devices of one process (`jax_num_cpu_devices`, set before JAX starts): they
 show the program's memory and communication, not a pod's speed.
@@ -37,6 +39,8 @@ def _define_flags(fv):
   flags.DEFINE_integer("block", 256, "tile side of the blockwise kernel", flag_values=fv)
   flags.DEFINE_string("layout", "zigzag", "layout for the memory and traffic figures", flag_values=fv)
   flags.DEFINE_string("results_dir", "results/ring", "where ring.json goes", flag_values=fv)
+  flags.DEFINE_integer("lm_context", 2048, "LM figure: context of the 1-device step (the sharded step gets P times "
+                       "this on P = max(--shards) devices); 0 skips it", flag_values=fv)
 
 
 def _ring_program(P, local_len, block, layout, with_grad):
@@ -107,6 +111,42 @@ def tile_balance(P: int, local_len: int, block: int, layout: str) -> dict:
   return {"layout": layout, "P": P, "tiles_per_device": work, "busiest_over_mean": max(work) / np.mean(work)}
 
 
+def lm_step_memory(context: int, seq_shards: int, batch: int = 1, layout: str = "zigzag") -> int:
+  """Per-device temporary bytes of the LM's compiled train step (attention, d_model 256, 4 layers, 4 heads,
+  blockwise attention with the CPU kernels off) at `context` tokens on a mesh of (seq `seq_shards`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from seqjax.config import default_config_dict, from_config_dict  # pylint: disable=import-outside-toplevel
+  from seqjax.models.lm import DecoderLM  # pylint: disable=import-outside-toplevel
+  from seqjax.ops import backend  # pylint: disable=import-outside-toplevel
+  from seqjax.train import sharding  # pylint: disable=import-outside-toplevel
+  from seqjax.train.state import abstract_train_state  # pylint: disable=import-outside-toplevel
+  from seqjax.train.step import jit_train_step, make_train_step  # pylint: disable=import-outside-toplevel
+  from seqjax.train.tasks.lm import lm_loss_sum  # pylint: disable=import-outside-toplevel
+  cfg = default_config_dict().to_dict()
+  cfg["model"].update(d_model=256, num_layers=4, mlp_dim=1024, max_len=context, positions="rope", vocab_size=259,
+                      context_parallel_layout=layout if seq_shards > 1 else "contiguous")
+  cfg["model"]["attention"].update(num_heads=4, implementation="blockwise")
+  cfg["data"].update(seq_len=context)
+  cfg["mesh"].update(data=1, seq=seq_shards)
+  cfg = from_config_dict(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:seq_shards])
+  model = DecoderLM(cfg.model)
+  optimizer = optax.adamw(1e-3)
+  abstract, shardings = abstract_train_state(model, optimizer, seq_len=context, mesh=mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  tokens = jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=batch_sharding)
+  batch_abstract = {"inputs": tokens, "targets": tokens, "segment_ids": tokens, "positions": tokens,
+                    "weights": jax.ShapeDtypeStruct((batch, context), jnp.float32, sharding=batch_sharding)}
+  with backend.cpu_kernels_mode("off"):  # the program an accelerator runs
+    step = jit_train_step(make_train_step(lm_loss_sum(model), optimizer), shardings, batch_sharding)
+    with sharding.mesh_context(mesh):
+      compiled = getattr(step, "jitted", step).lower(abstract, batch_abstract).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   """Runs the benchmark; `argv` holds the flags only (as `python -m seqjax.bench ring` passes them)."""
   fv = flags.FlagValues()
@@ -152,9 +192,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for P in shards:
     cells = "  ".join(f"{b['layout']} {b['busiest_over_mean']:.3f}" for b in balance if b["P"] == P)
     log(f"  P={P}: {cells}")
+  lm = None
+  if fv.lm_context:
+    P = max(shards)
+    one = lm_step_memory(fv.lm_context, 1)
+    sharded = lm_step_memory(P * fv.lm_context, P)
+    lm = dict(context=fv.lm_context, shards=P, one_device_temp_bytes=one, sharded_temp_bytes=sharded)
+    log(f"LM train step temp memory per device: 1 device at {fv.lm_context} tokens {one / 2**20:.1f} MiB; {P} "
+        f"devices (seq {P}, ring, zigzag) at {P * fv.lm_context} tokens {sharded / 2**20:.1f} MiB "
+        f"({sharded / one:.2f}x)")
   result = dict(config=dict(batch=BATCH, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, local_len=fv.local_len,
                             block=fv.block, layout=fv.layout, dtype="float32"),
-                rows=rows, balance=balance)
+                rows=rows, balance=balance, lm=lm)
   with open(os.path.join(fv.results_dir, "ring.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result

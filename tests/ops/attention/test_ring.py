@@ -16,7 +16,7 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import Mesh, PartitionSpec as P
 
-from seqjax.ops.attention import masks, ring_attention, ring_layout_permutation
+from seqjax.ops.attention import all_gather_attention, masks, ring_attention, ring_layout_permutation
 from seqjax.ops.attention.ring import LAYOUTS
 
 B, N, K, H = 2, 4, 2, 8
@@ -80,7 +80,7 @@ def _mesh(shards):
   return Mesh(devices, ("data", "seq"))
 
 
-def _run_ring(kind, layout, shards, L, block_q, block_kv, seed=0):
+def _run_ring(kind, layout, shards, L, block_q, block_kv, seed=0, kernel=ring_attention):
   """(out, dq, dk, dv) of the ring over the whole sequence, and the float64 oracle's."""
   rng = np.random.default_rng(seed)
   q = rng.standard_normal((B, L, N, H)).astype(np.float32)
@@ -93,7 +93,7 @@ def _run_ring(kind, layout, shards, L, block_q, block_kv, seed=0):
 
   def local(q, k, v, seg):
     mask = masks.SlidingWindow(WINDOW - 1, 0) if kind in ("window", "all") else None
-    return ring_attention(q, k, v, causal=kind != "none", layout=layout, mask=mask,
+    return kernel(q, k, v, causal=kind != "none", layout=layout, mask=mask,
                           segment_ids=seg if kind in ("segments", "all") else None, block_q=block_q,
                           block_kv=block_kv)
 
@@ -131,6 +131,10 @@ class RingAttentionTest(parameterized.TestCase):
   def test_equals_oracle(self, layout, kind):
     # 4 shards of 16 rows (data 2 x seq 4); tiles 5 x 7 are ragged at the shard's end; the window hides whole hops.
     _assert_close(*_run_ring(kind, layout, shards=4, L=64, block_q=5, block_kv=7))
+
+  def test_all_gather_strategy(self):
+    """The same computation with K/V gathered once (model.context_parallel="all_gather")."""
+    _assert_close(*_run_ring("all", "zigzag", shards=4, L=64, block_q=5, block_kv=7, kernel=all_gather_attention))
 
   def test_eight_shards(self):
     _assert_close(*_run_ring("all", "zigzag", shards=8, L=64, block_q=3, block_kv=4, seed=2))
