@@ -11,6 +11,7 @@ returned to their shard (the deltas change), and a mesh on which attention silen
 import dataclasses
 
 import jax
+import numpy as np
 import optax
 import pytest
 
@@ -73,3 +74,25 @@ def test_mesh_context_only_on_sequence_sharded_meshes():
   assert not sharding.sequence_sharded(sharding.make_mesh(config(mesh={"data": 8}).mesh))
   assert sharding.batch_sharding(sharding.make_mesh(cfg.mesh)).spec == jax.sharding.PartitionSpec(
       sharding.BATCH_AXES, "seq")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer, mesh, layout", [
+    pytest.param("attention", {"data": 2, "seq": 4}, "zigzag", id="attention_data2_seq4_zigzag"),
+    pytest.param("attention", {"seq": 8, "data": 1}, "striped", id="attention_seq8_striped"),
+    pytest.param("mamba2", {"data": 2, "seq": 4}, "contiguous", id="mamba2_data2_seq4"),
+    pytest.param("mamba2,attention", {"seq": 8, "data": 1}, "contiguous", id="hybrid_seq8")])
+def test_ten_adamw_steps_equal_1_device(mixer, mesh, layout):
+  """Ten AdamW steps (the trainer's optimizer, warm-up and clipping) on a sequence-sharded mesh = one device."""
+  from tests.train.test_trainer import _run, _setup  # pylint: disable=import-outside-toplevel
+  batches = [uneven_batch(seed=i) for i in range(10)]
+  base = config(model={"mixer": mixer, "num_layers": 2, "positions": "rope", "context_parallel_layout": layout,
+                       "attention": {"implementation": "blockwise"}})
+  mesh1, *_, state1, _, step1 = _setup(base, devices=jax.devices()[:1])
+  sharded_cfg = dataclasses.replace(base, mesh=config(mesh=mesh).mesh)
+  mesh8, *_, state8, _, step8 = _setup(sharded_cfg)
+  state1, losses1 = _run(step1, state1, mesh1, batches)
+  state8, losses8 = _run(step8, state8, mesh8, batches)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+               state8.params, state1.params)
