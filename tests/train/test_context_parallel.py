@@ -57,6 +57,7 @@ def test_the_step_really_runs_context_parallel(strategy, collective):
   assert collective in hlo
 
 
+@pytest.mark.slow  # ~20 s; the fast set keeps the attention cases, the ten-step test below the hybrid too
 def test_hybrid_with_rope_sequence_sharded_equals_1_device():
   """mamba2 + attention with RoPE (positions come from the sharded batch)."""
   cfg = config(model={"mixer": "mamba2,attention", "num_layers": 2, "positions": "rope",
