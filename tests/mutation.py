@@ -119,6 +119,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("ring_grads_not_sent_home", "dK/dV stay one shard short of their block's home",
            "seqjax/ops/attention/ring.py", "  dk, dv = ring.send((dk, dv))  # home", "  # home",
            ("tests/ops/attention/test_ring.py::RingAttentionTest",)),
+    Mutant("lm_layout_not_applied", "the LM's batch is not dealt in the zigzag/striped order the ring assumes",
+           "seqjax/train/tasks/lm.py", '  if shards == 1 or layout == "contiguous":', "  if True:",
+           ("tests/train/test_context_parallel.py::test_sequence_sharded_step_equals_1_device",)),
 )
 
 
