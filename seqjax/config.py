@@ -134,6 +134,12 @@ class ModelConfig:
   attention: AttentionConfig = AttentionConfig()
   recurrent: RecurrentConfig = RecurrentConfig()
   ssm: SsmConfig = SsmConfig()
+  # With mesh.seq > 1, how attention sees the whole sequence: K/V blocks passed around the ring of "seq" devices
+  # ("ring"), or gathered once on every device ("all_gather", simpler for short contexts). See docs/parallelism.md.
+  context_parallel: Literal["ring", "all_gather"] = "ring"
+  # The order the "seq" devices hold the sequence in (the train step permutes each batch): "zigzag" and "striped"
+  # balance causal work over the ring; models with non-attention mixers need "contiguous" (sequence order).
+  context_parallel_layout: Literal["contiguous", "striped", "zigzag"] = "contiguous"
 
   def _check(self, prefix: str) -> None:
     if self.d_model <= 0 or self.num_layers <= 0 or self.mlp_dim <= 0:
@@ -409,12 +415,25 @@ class Config:
       if self.data.name.split("/")[0] != "numbers_to_words":
         _fail("data.name", f"task 'seq2seq' trains on 'numbers_to_words[/standard|/small]', got "
               f"{self.data.name!r}")
+      if self.mesh.seq > 1:
+        _fail("mesh.seq", f"the seq2seq task does not split sequences over devices; set mesh.seq=1 (got "
+              f"{self.mesh.seq}) and use the data axis")
       return
     if self.data.seq_len > self.model.max_len:
       _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_len={self.model.max_len}; raise "
             f"model.max_len or shorten data.seq_len")
     if self.sample.num_tokens > self.model.max_len:
       _fail("sample.num_tokens", f"{self.sample.num_tokens} exceeds model.max_len={self.model.max_len}")
+    layout = self.model.context_parallel_layout
+    if layout != "contiguous" and set(self.model.mixer_pattern) != {"attention"}:
+      _fail("model.context_parallel_layout", f"{layout!r} deals the sequence out of order, which only attention "
+            f"layers can take; the pattern {self.model.mixer!r} has other mixers: use 'contiguous'")
+    if self.mesh.seq > 1 and self.data.seq_len % (self.mesh.seq * (2 if layout == "zigzag" else 1)):
+      _fail("data.seq_len", f"{self.data.seq_len} must split evenly over mesh.seq={self.mesh.seq} devices"
+            f"{' in two chunks each (zigzag)' if layout == 'zigzag' else ''}")
+    if self.mesh.seq > 1 and self.model.positions == "alibi" and "attention" in self.model.mixer_pattern:
+      _fail("model.positions", "alibi is not supported with a sequence-sharded mesh (mesh.seq > 1); use rope, "
+            "learned or sinusoidal positions")
 
 
 # ----------------------------------------------------------------------------------------------------------------

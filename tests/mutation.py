@@ -112,6 +112,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "seqjax/ops/dense/mlp.py", "functools.partial(jax.nn.gelu, approximate=True)",
            "functools.partial(jax.nn.gelu, approximate=False)",
            ("tests/ops/dense/test_mlp.py", "tests/nn/test_mlp_oracle.py")),
+    # Ring attention: the visiting block's positions, and its gradients' way home.
+    Mutant("ring_hop_source_reversed", "each ring hop takes the positions of the shard r + h instead of r - h",
+           "seqjax/ops/attention/ring.py", "(self.r - h) % self.P", "(self.r + h) % self.P",
+           ("tests/ops/attention/test_ring.py::RingAttentionTest",)),
+    Mutant("ring_grads_not_sent_home", "dK/dV stay one shard short of their block's home",
+           "seqjax/ops/attention/ring.py", "  dk, dv = ring.send((dk, dv))  # home", "  # home",
+           ("tests/ops/attention/test_ring.py::RingAttentionTest",)),
+    Mutant("lm_layout_not_applied", "the LM's batch is not dealt in the zigzag/striped order the ring assumes",
+           "seqjax/train/tasks/lm.py", '  if shards == 1 or layout == "contiguous":', "  if True:",
+           ("tests/train/test_context_parallel.py::test_sequence_sharded_step_equals_1_device",)),
 )
 
 

@@ -166,3 +166,24 @@ def test_override_applies_nested_fields_and_checks_them():
     override(ModelConfig(), {"dtype": "float16"})
   with pytest.raises(ConfigError, match=r"config.model.attention.num_heads: 3 heads do not divide"):
     override(ModelConfig(), {"attention": {"num_heads": 3}})
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"model": {"context_parallel": "scatter"}}, "allowed: 'ring'"),
+    ({"mesh": {"seq": 2, "data": 1}, "model": {"positions": "alibi"}}, "alibi is not supported"),
+    ({"mesh": {"seq": 2, "data": 1}, "task": "seq2seq", "data": {"name": "numbers_to_words"}},
+     "does not split sequences"),
+    ({"model": {"mixer": "mamba2,attention", "context_parallel_layout": "zigzag"}}, "only attention"),
+    ({"mesh": {"seq": 3, "data": 1}, "data": {"seq_len": 128}}, "must split evenly over mesh.seq=3"),
+    ({"mesh": {"seq": 4, "data": 1}, "data": {"seq_len": 68}, "model": {"context_parallel_layout": "zigzag"}},
+     "two chunks each"),
+])
+def test_context_parallel_choices_and_refusals(changes, expected):
+  cfg = default_config_dict().to_dict()
+  for section, values in changes.items():
+    if isinstance(values, dict):
+      cfg[section].update(values)
+    else:
+      cfg[section] = values
+  with pytest.raises(ConfigError, match=expected):
+    from_config_dict(cfg)

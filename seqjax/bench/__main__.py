@@ -12,6 +12,7 @@ BENCHMARKS = {
     "attention": "seqjax.bench.attention",
     "lstm": "seqjax.bench.recurrent",
     "recurrent": "seqjax.bench.recurrent",
+    "ring": "seqjax.bench.ring",
     "ssm": "seqjax.bench.ssm",
 }
 

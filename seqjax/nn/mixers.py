@@ -122,7 +122,8 @@ class AttentionMixer(nn.Module):
         num_heads=cfg.attention.num_heads, num_kv_heads=cfg.resolved_num_kv_heads,
         head_dim=cfg.resolved_head_dim, implementation=cfg.attention.implementation,
         rope=cfg.positions == "rope", rope_base=cfg.attention.rope_base, alibi=cfg.positions == "alibi",
-        qk_norm=cfg.attention.qk_norm, dropout_rate=cfg.dropout, dtype=compute_dtype(cfg))
+        qk_norm=cfg.attention.qk_norm, dropout_rate=cfg.dropout, dtype=compute_dtype(cfg),
+        context_parallel=cfg.context_parallel, context_parallel_layout=cfg.context_parallel_layout)
 
   def cache_size(self, max_len: int) -> int:
     window = self.cfg.attention.window

@@ -24,10 +24,30 @@ from seqjax.data.tokenizer import ByteTokenizer
 from seqjax.decode.sampling import sample_tokens
 from seqjax.evals.lm_metrics import summarize
 from seqjax.models.lm import DecoderLM
+from seqjax.nn import attention as attention_nn
+from seqjax.ops.attention import ring_layout_permutation
 from seqjax.train import sharding
 from seqjax.train.state import token_init
 from seqjax.train.step import LossFn
 from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, Task
+
+
+def in_context_parallel_layout(model: nn.Module, batch: DeviceBatch) -> DeviceBatch:
+  """The batch with every [B, T] array in the order the "seq" devices hold the sequence, when the step runs
+  context-parallel (`seqjax.nn.attention.context_parallel_shards() > 1`) in a layout other than "contiguous".
+
+  Positions are made explicit first (they are the tokens' places in the sequence). Token losses are summed with
+  their weights, so the loss and its gradients do not change."""
+  layout = getattr(getattr(model, "cfg", None), "context_parallel_layout", "contiguous")
+  shards = attention_nn.context_parallel_shards()
+  if shards == 1 or layout == "contiguous":
+    return batch
+  B, T = batch["inputs"].shape
+  batch = dict(batch)
+  if batch.get("positions") is None:
+    batch["positions"] = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  perm, _ = ring_layout_permutation(T, shards, layout)
+  return {k: v[:, perm] if v is not None and v.ndim >= 2 and v.shape[:2] == (B, T) else v for k, v in batch.items()}
 
 
 def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.Array | None = None,
@@ -44,6 +64,7 @@ def lm_loss_sum(model: nn.Module) -> LossFn:
   (what `seqjax.train.step.make_train_step` takes)."""
 
   def loss_sum(params, batch, rng, deterministic):
+    batch = in_context_parallel_layout(model, batch)
     losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic)
     w_BT = batch["weights"].astype(jnp.float32)
     return jnp.sum(losses_BT * w_BT), jnp.sum(w_BT)
@@ -53,6 +74,7 @@ def lm_loss_sum(model: nn.Module) -> LossFn:
 
 def lm_eval_sums(model: nn.Module, params: Any, batch: DeviceBatch) -> dict[str, jax.Array]:
   """Sums over the batch: loss, weight, target bytes and correct next-token predictions."""
+  batch = in_context_parallel_layout(model, batch)
   losses_BT, logits_BTV = token_losses(model, params, batch)
   w_BT = batch["weights"].astype(jnp.float32)
   correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
