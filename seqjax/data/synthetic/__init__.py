@@ -5,6 +5,8 @@
     induction_heads/len256 | len64                          Mamba's induction heads, with longer test_len{L} splits
     listops/len500_2000 | len100_500 | len20_100            LRA's ListOps (10-way classification)
 
+and TASK/small for each: a few thousand short examples, for tests and smoke runs (builds in about a second).
+
 A dataset name is "TASK/SETTING" (a bare "TASK" is its default setting) — what `config.data.name` takes. This package
 is NumPy only (configs validate names without importing TFDS); `builders.py` holds the TFDS builders and
 `pipeline.py` the batches the trainer reads. The generators, their settings and exact parameters: each task's

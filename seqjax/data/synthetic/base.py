@@ -69,6 +69,8 @@ def sample_without_replacement(rng: np.random.Generator, count: int, k: int, log
   n = log_weights.shape[0]
   if not 0 < k <= n:
     raise ValueError(f"cannot draw {k} distinct items out of {n}")
+  if k * k <= n and not np.any(log_weights):  # Uniform and few collisions: cheaper by rejection.
+    return _uniform_distinct(rng, count, k, n)
   out = np.empty((count, k), np.int64)
   for start in range(0, count, chunk_rows):
     rows = min(chunk_rows, count - start)
@@ -77,6 +79,18 @@ def sample_without_replacement(rng: np.random.Generator, count: int, k: int, log
     order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1, kind="stable")
     out[start:start + rows] = np.take_along_axis(top, order, axis=1)
   return out
+
+
+def _uniform_distinct(rng: np.random.Generator, count: int, k: int, n: int) -> np.ndarray:
+  """Uniform ordered k-subsets of range(n): k independent uniform draws per row, rows with a repeat drawn again
+  (what is kept is uniform over the ordered k-tuples of distinct items)."""
+  out = rng.integers(0, n, size=(count, k))
+  while True:
+    s = np.sort(out, axis=1)
+    bad = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
+    if not len(bad):
+      return out
+    out[bad] = rng.integers(0, n, size=(len(bad), k))
 
 
 def lm_examples(inputs: np.ndarray, targets: np.ndarray, loss_mask: np.ndarray) -> list[dict[str, np.ndarray]]:

@@ -53,6 +53,9 @@ class InductionHeadsSetting(base.Setting):
 SETTINGS = {
     "len256": InductionHeadsSetting(),
     "len64": InductionHeadsSetting(seq_len=64, eval_lengths=(128, 256, 512, 1024)),
+    # For tests and smoke runs.
+    "small": InductionHeadsSetting(seq_len=32, eval_lengths=(64, 128), num_train=2048, num_validation=256,
+                                   num_test=256),
 }
 DEFAULT = "len256"
 

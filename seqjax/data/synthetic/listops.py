@@ -69,6 +69,8 @@ SETTINGS = {
                                  num_test=1_000),
     "len20_100": ListOpsSetting(min_length=20, max_length=100, num_train=20_000, num_validation=1_000,
                                 num_test=1_000),
+    # For tests and smoke runs.
+    "small": ListOpsSetting(min_length=10, max_length=64, num_train=1024, num_validation=128, num_test=128),
 }
 DEFAULT = "len100_500"
 

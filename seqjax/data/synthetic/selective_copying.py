@@ -51,6 +51,9 @@ class SelectiveCopyingSetting(base.Setting):
 
 
 SETTINGS = {f"len{t}": SelectiveCopyingSetting(seq_len=t) for t in (256, 1024, 4096)}
+# "small": 8 tokens to copy in 64, few examples, for tests and smoke runs.
+SETTINGS["small"] = SelectiveCopyingSetting(seq_len=64, num_tokens=8, num_train=2048, num_validation=256,
+                                            num_test=256)
 DEFAULT = "len256"
 
 
