@@ -132,11 +132,12 @@ def test_print_commands_runs_nothing(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_sweep_resumes_after_a_kill(tmp_path):
-  """A real two-run sweep killed (SIGKILL to its process group) after the first run's first checkpoint; the rerun
+  """A real two-run sweep killed (SIGKILL to its process group, steps slowed by fault injection) after the first
+  run's first checkpoint; the rerun
   resumes that run from its checkpoint, runs the second, and writes the CSV."""
   args = [sys.executable, "-m", "seqjax.sweep", f"--config={CONFIG}", f"--workdir={tmp_path}",
           "--grid=model.d_model=32,64", "--set=train.num_steps=12", f"--set=data.data_dir={tmp_path / 'tfds'}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", SEQJAX_FAULTS="slow_step=0.5")  # Steps slow enough to be killed.
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
@@ -145,7 +146,6 @@ def test_real_sweep_resumes_after_a_kill(tmp_path):
   while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
     time.sleep(0.2)
   assert ckpt.exists()
-  time.sleep(1.0)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   assert not (tmp_path / "model.d_model=32" / sweep.FINAL).exists()
