@@ -40,16 +40,6 @@ from absl import app, flags
 
 from seqjax.config import ConfigError, from_config_dict
 
-_CONFIG = flags.DEFINE_string("config", None, "configs/NAME.py[:variant], as for seqjax.main.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one sub-directory per run, sweep.csv, .png.")
-_GRID = flags.DEFINE_string("grid", None, 'e.g. "model.mixer=attention,mamba;model.d_model=64,128".')
-_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE set in every run (repeatable).")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
-_METRIC = flags.DEFINE_string("metric", None, "The final metric plotted (default: answer_accuracy, accuracy or "
-                              "loss, the first that the runs report).")
-_BEST_OVER = flags.DEFINE_string("best_over", None, "A grid key to pick the best run over (e.g. optim.learning_rate).")
-_PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per run and exit.")
-
 FINAL = "final_metrics.json"
 _LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "seconds")
 
@@ -359,20 +349,36 @@ def sweep(config: str, workdir: str, grid_text: str, *, fixed: Sequence[str] = (
   return 1 if failed else 0
 
 
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program: importing this module next to seqjax.main,
+  which owns --config and --workdir, must not clash)."""
+  flags.DEFINE_string("config", None, "configs/NAME.py[:variant], as for seqjax.main.")
+  flags.DEFINE_string("workdir", None, "The sweep's directory: one sub-directory per run, sweep.csv, sweep.png.")
+  flags.DEFINE_string("grid", None, 'e.g. "model.mixer=attention,mamba;model.d_model=64,128".')
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE set in every run (repeatable).")
+  flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+  flags.DEFINE_string("metric", None, "The final metric plotted (default: answer_accuracy, accuracy or loss, the "
+                      "first that the runs report).")
+  flags.DEFINE_string("best_over", None, "A grid key to pick the best run over (e.g. optim.learning_rate).")
+  flags.DEFINE_bool("print_commands", False, "Print one command per run and exit.")
+
+
 def main(argv: list[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; see python -m seqjax.sweep --help", file=sys.stderr)
     sys.exit(2)
-  if not (_CONFIG.value and _WORKDIR.value and _GRID.value):
+  if not (f.config and f.workdir and f.grid):
     print("error: --config, --workdir and --grid are required (python -m seqjax.sweep --help)", file=sys.stderr)
     sys.exit(2)
   try:
-    sys.exit(sweep(_CONFIG.value, _WORKDIR.value, _GRID.value, fixed=_SET.value, parallel=_PARALLEL.value,
-                   metric=_METRIC.value, best_over=_BEST_OVER.value, print_commands=_PRINT.value))
+    sys.exit(sweep(f.config, f.workdir, f.grid, fixed=f.set, parallel=f.parallel, metric=f.metric,
+                   best_over=f.best_over, print_commands=f.print_commands))
   except SweepError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
