@@ -182,9 +182,10 @@ def plan(config: str, workdir: str, grid: list[tuple[str, list[str]]], fixed: Se
 
 
 def _launch(run: Run) -> subprocess.Popen:
+  """Starts a run's process, its output appended to WORKDIR/RUN/sweep_run.log (the child holds the file open)."""
   os.makedirs(run.workdir, exist_ok=True)
-  log = open(os.path.join(run.workdir, "sweep_run.log"), "a", encoding="utf-8")  # pylint: disable=consider-using-with
-  return subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT)
+  with open(os.path.join(run.workdir, "sweep_run.log"), "a", encoding="utf-8") as log:
+    return subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def execute(runs: Sequence[Run], parallel: int = 1, launch: Callable[[Run], Any] = _launch,

@@ -115,6 +115,38 @@ def test_skips_finished_runs_and_restarts_the_others(tmp_path):
   assert len(launched) == 1  # Everything finished: the third sweep runs nothing.
 
 
+class _SlowRun(_FakeRun):
+  """A run that is still going for its first `polls` polls."""
+
+  def __init__(self, run, live, polls=3):
+    super().__init__(run, lambda r: {"loss": 1.0}, fail=False)
+    self.name, self.live, self.polls = run.name, live, polls
+    live.add(run.name)
+
+  def poll(self):
+    self.polls -= 1
+    if self.polls > 0:
+      return None
+    self.live.discard(self.name)
+    return 0
+
+
+def test_parallel_runs_at_most_n_at_a_time(tmp_path):
+  """--parallel 2: two runs going at once, never three; each started when one ends."""
+  live, most = set(), []
+
+  def launch(run):
+    proc = _SlowRun(run, live)
+    most.append(len(live))
+    return proc
+
+  status = sweep.execute(sweep.plan(CONFIG, str(tmp_path), sweep.parse_grid("model.d_model=16,32,48,64")), 2,
+                         launch, echo=lambda s: None)
+  assert list(status.values()) == ["finished"] * 4 and max(most) == 2
+  with pytest.raises(SweepError, match="--parallel must be >= 1"):
+    sweep.execute([], 0)
+
+
 def test_best_over_must_be_a_grid_key_and_lower_is_better_for_losses(tmp_path):
   with pytest.raises(SweepError, match=r"--best_over='optim.b1' is not a grid key; grid keys: model.mixer"):
     sweep.sweep(CONFIG, str(tmp_path), "model.mixer=attention", best_over="optim.b1", launch=None)
