@@ -379,7 +379,8 @@ class ClassifyConfig:
 class Config:
   seed: int = 0
   # What is trained: a task of seqjax.train.tasks (the LM, or the LSTM encoder-decoder of `seq2seq`, for which
-  # model.* is unused, or `classify`: model.* with a pooled read-out, on a synthetic classification dataset). Adding one: the Task docstring in seqjax/train/task.py.
+  # model.* is unused, or `classify`: model.* with a pooled read-out, on a synthetic classification dataset).
+  # Adding one: the Task docstring in seqjax/train/task.py.
   task: Literal["lm", "seq2seq", "classify"] = "lm"
   # Native C++ CPU kernels: "auto" = where built and applicable; "off" = portable JAX everywhere; "on" = a kernel
   # that fails to build is an error. Applied by seqjax.main before anything is built (seqjax.ops.backend); configs

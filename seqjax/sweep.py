@@ -205,8 +205,8 @@ def execute(runs: Sequence[Run], parallel: int = 1, launch: Callable[[Run], Any]
   while queue or active:
     while queue and len(active) < parallel:
       run = queue.pop(0)
-      echo(f"[sweep] {run.name}: {'resuming' if os.path.isdir(os.path.join(run.workdir, 'checkpoints')) else 'starting'}"
-           f"\n  {shlex.join(run.command)}")
+      resuming = os.path.isdir(os.path.join(run.workdir, "checkpoints"))
+      echo(f"[sweep] {run.name}: {'resuming' if resuming else 'starting'}\n  {shlex.join(run.command)}")
       active.append((run, launch(run), time.monotonic()))
     for item in list(active):
       run, proc, began = item

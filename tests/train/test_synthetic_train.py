@@ -153,9 +153,10 @@ def test_pooling_against_numpy(how):
 def test_classifier_ignores_padding(mixer, how):
   """A causal stack's classification of an example does not change when padding is appended. Catches: pooling over
   padding, reading the last position instead of the example's last token."""
-  cfg = from_config_dict({"data": {"seq_len": 16}, "sample": {"num_tokens": 8}, "model": {"mixer": mixer, "d_model": 16, "num_layers": 2, "mlp_dim": 32, "vocab_size": 16,
-                                    "max_len": 16, "attention": {"num_heads": 2, "implementation": "reference"},
-                                    "ssm": {"state": 4}}}).model
+  cfg = from_config_dict({
+      "data": {"seq_len": 16}, "sample": {"num_tokens": 8},
+      "model": {"mixer": mixer, "d_model": 16, "num_layers": 2, "mlp_dim": 32, "vocab_size": 16, "max_len": 16,
+                "attention": {"num_heads": 2, "implementation": "reference"}, "ssm": {"state": 4}}}).model
   model = SequenceClassifier(cfg, num_classes=10, pooling=how)
   tokens = jnp.asarray(np.random.default_rng(1).integers(1, 16, size=(1, 9)), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), tokens)

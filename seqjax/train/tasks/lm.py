@@ -114,9 +114,9 @@ class LMTask(Task):
   def _open_text(config: Config):
     try:
       return make_lm_data(name=config.data.name, data_dir=config.data.data_dir or None,
-                               seq_len=config.data.seq_len, batch_size=config.train.batch_size, seed=config.seed,
-                               text_key=config.data.text_key, train_split=config.data.train_split,
-                               eval_split=config.data.eval_split, num_workers=config.data.num_workers)
+                          seq_len=config.data.seq_len, batch_size=config.train.batch_size, seed=config.seed,
+                          text_key=config.data.text_key, train_split=config.data.train_split,
+                          eval_split=config.data.eval_split, num_workers=config.data.num_workers)
     except ValueError as e:  # Unknown dataset/split/feature, an empty split, one too short for a batch.
       raise ConfigError(f"config.data ({config.data.name!r}, train.batch_size={config.train.batch_size}, "
                         f"data.seq_len={config.data.seq_len}): {e}") from e
