@@ -385,11 +385,25 @@ class Seq2SeqTaskConfig(Seq2SeqConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+  """The sequence-classification task (config.task="classify"): the model.* mixer stack, then a read-out of its
+  final hidden states into one class per example (`seqjax.models.classifier`)."""
+
+  # "mean": the average over the example's tokens (padding excluded); "last": its last token (what a causal or
+  # recurrent stack has seen all of); "first": its first token (sees only itself in a causal stack).
+  pooling: Literal["mean", "last", "first"] = "mean"
+
+  def _check(self, prefix: str) -> None:
+    del prefix  # The Literal is checked on conversion; the dataset is checked with the whole config.
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0
   # What is trained: a task of seqjax.train.tasks (the LM, or the LSTM encoder-decoder of `seq2seq`, for which
-  # model.* is unused). Adding one: the Task docstring in seqjax/train/task.py.
-  task: Literal["lm", "seq2seq"] = "lm"
+  # model.* is unused, or `classify`: model.* with a pooled read-out, on a synthetic classification dataset).
+  # Adding one: the Task docstring in seqjax/train/task.py.
+  task: Literal["lm", "seq2seq", "classify"] = "lm"
   # Native C++ CPU kernels: "auto" = where built and applicable; "off" = portable JAX everywhere; "on" = a kernel
   # that fails to build is an error. Applied by seqjax.main before anything is built (seqjax.ops.backend); configs
   # built from default_config_dict() take $SEQJAX_CPU_KERNELS as the default when it is set.
@@ -404,6 +418,7 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   sample: SampleConfig = SampleConfig()
   seq2seq: Seq2SeqTaskConfig = Seq2SeqTaskConfig()
+  classify: ClassifyConfig = ClassifyConfig()
 
   @property
   def import_modules(self) -> tuple[str, ...]:
@@ -434,6 +449,31 @@ class Config:
     if self.mesh.seq > 1 and self.model.positions == "alibi" and "attention" in self.model.mixer_pattern:
       _fail("model.positions", "alibi is not supported with a sequence-sharded mesh (mesh.seq > 1); use rope, "
             "learned or sinusoidal positions")
+    self._check_synthetic()
+
+  def _check_synthetic(self) -> None:
+    """A synthetic dataset's name, its kind against the task, and data.seq_len against its training examples."""
+    from seqjax.data import synthetic  # pylint: disable=import-outside-toplevel  (NumPy only)
+    if not synthetic.is_synthetic(self.data.name):
+      if self.task == "classify":
+        _fail("data.name", f"task 'classify' trains on a classification dataset of seqjax.data.synthetic, e.g. "
+              f"'listops/len100_500'; got {self.data.name!r}")
+      return
+    try:
+      module, _, setting = synthetic.resolve(self.data.name)
+    except ValueError as e:
+      _fail("data.name", str(e))
+    if module.KIND != self.task:
+      _fail("task", f"{self.data.name!r} is a {module.KIND!r} dataset; set task={module.KIND!r}")
+    lengths = module.split_lengths(setting)
+    for split in ("train_split", "eval_split"):
+      if getattr(self.data, split) not in lengths:
+        _fail(f"data.{split}", f"{self.data.name!r} has no split {getattr(self.data, split)!r}; splits: "
+              f"{', '.join(lengths)}")
+    if self.data.seq_len < lengths[self.data.train_split]:
+      _fail("data.seq_len", f"{self.data.seq_len} is shorter than the {self.data.train_split!r} examples of "
+            f"{self.data.name!r} ({lengths[self.data.train_split]} tokens); set data.seq_len="
+            f"{lengths[self.data.train_split]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
