@@ -79,6 +79,11 @@ class RecurrentConfig:
       _fail(f"{prefix}.hidden", f"must be >= 0 (0: d_model), got {self.hidden}")
 
 
+# The modes of each SSM mixer, the first its default (the ops' MODES; not imported: validating a config stays light).
+SSM_MODES = {"s4d": ("conv", "parallel", "sequential"), "s5": ("parallel", "sequential"),
+             "mamba": ("chunked", "parallel", "sequential"), "mamba2": ("chunked", "sequential")}
+
+
 @dataclasses.dataclass(frozen=True)
 class SsmConfig:
   """The state-space mixers ("s4d", "s5", "mamba", "mamba2"); 0 means the block's own default."""
@@ -88,6 +93,11 @@ class SsmConfig:
   conv: int = 4  # Mamba / Mamba-2 causal depthwise convolution width.
   head_dim: int = 32  # Mamba-2 head width.
   chunk: int = 0  # Chunk length of the chunked scan (0: the op's default).
+  # How the sequence is computed ("": each block's default); every SSM mixer of the pattern must know it:
+  # s4d "conv" (default; the recurrence where segment ids need resets) | "parallel" | "sequential";
+  # s5 "parallel" (default) | "sequential"; mamba "chunked" (default) | "parallel" | "sequential";
+  # mamba2 "chunked" (default) | "sequential". All modes compute the same function (python -m seqjax.conformance).
+  mode: str = ""
 
   def _check(self, prefix: str) -> None:
     for name in ("state", "chunk"):
@@ -125,6 +135,12 @@ class ModelConfig:
   attention: AttentionConfig = AttentionConfig()
   recurrent: RecurrentConfig = RecurrentConfig()
   ssm: SsmConfig = SsmConfig()
+  # With mesh.seq > 1, how attention sees the whole sequence: K/V blocks passed around the ring of "seq" devices
+  # ("ring"), or gathered once on every device ("all_gather", simpler for short contexts). See docs/parallelism.md.
+  context_parallel: Literal["ring", "all_gather"] = "ring"
+  # The order the "seq" devices hold the sequence in (the train step permutes each batch): "zigzag" and "striped"
+  # balance causal work over the ring; models with non-attention mixers need "contiguous" (sequence order).
+  context_parallel_layout: Literal["contiguous", "striped", "zigzag"] = "contiguous"
 
   def _check(self, prefix: str) -> None:
     if self.d_model <= 0 or self.num_layers <= 0 or self.mlp_dim <= 0:
@@ -150,6 +166,12 @@ class ModelConfig:
             f"{self.ssm.expand * self.d_model}")
     if self.max_len <= 0:
       _fail(f"{prefix}.max_len", "must be positive")
+    if self.ssm.mode:
+      for mixer in dict.fromkeys(pattern):
+        allowed = SSM_MODES.get(mixer)
+        if allowed is not None and self.ssm.mode not in allowed:
+          _fail(f"{prefix}.ssm.mode", f"{self.ssm.mode!r} is not a mode of the {mixer!r} mixer (its modes: "
+                f"{', '.join(allowed)}); leave it empty for each block's default")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -396,15 +418,32 @@ class Seq2SeqTaskConfig(Seq2SeqConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+  """The sequence-classification task (config.task="classify"): the model.* mixer stack, then a read-out of its
+  final hidden states into one class per example (`seqjax.models.classifier`)."""
+
+  # "mean": the average over the example's tokens (padding excluded); "last": its last token (what a causal or
+  # recurrent stack has seen all of); "first": its first token (sees only itself in a causal stack).
+  pooling: Literal["mean", "last", "first"] = "mean"
+
+  def _check(self, prefix: str) -> None:
+    del prefix  # The Literal is checked on conversion; the dataset is checked with the whole config.
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0
   # What is trained: a task of seqjax.train.tasks (the LM, or the LSTM encoder-decoder of `seq2seq`, for which
-  # model.* is unused). Adding one: the Task docstring in seqjax/train/task.py.
-  task: Literal["lm", "seq2seq"] = "lm"
+  # model.* is unused, or `classify`: model.* with a pooled read-out, on a synthetic classification dataset).
+  # Adding one: the Task docstring in seqjax/train/task.py.
+  task: Literal["lm", "seq2seq", "classify"] = "lm"
   # Native C++ CPU kernels: "auto" = where built and applicable; "off" = portable JAX everywhere; "on" = a kernel
   # that fails to build is an error. Applied by seqjax.main before anything is built (seqjax.ops.backend); configs
   # built from default_config_dict() take $SEQJAX_CPU_KERNELS as the default when it is set.
   cpu_kernels: Literal["auto", "on", "off"] = "auto"
+  # Comma-separated Python modules imported before the model is built, e.g. "examples.sigmoid_attention": modules
+  # that register a mixer or an attention kernel of your own (docs/new_mixer.md).
+  imports: str = ""
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
@@ -412,6 +451,11 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   sample: SampleConfig = SampleConfig()
   seq2seq: Seq2SeqTaskConfig = Seq2SeqTaskConfig()
+  classify: ClassifyConfig = ClassifyConfig()
+
+  @property
+  def import_modules(self) -> tuple[str, ...]:
+    return tuple(m.strip() for m in self.imports.split(",") if m.strip())
 
   def _check(self, prefix: str) -> None:
     del prefix
@@ -419,12 +463,50 @@ class Config:
       if self.data.name.split("/")[0] != "numbers_to_words":
         _fail("data.name", f"task 'seq2seq' trains on 'numbers_to_words[/standard|/small]', got "
               f"{self.data.name!r}")
+      if self.mesh.seq > 1:
+        _fail("mesh.seq", f"the seq2seq task does not split sequences over devices; set mesh.seq=1 (got "
+              f"{self.mesh.seq}) and use the data axis")
       return
     if self.data.seq_len > self.model.max_len:
       _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_len={self.model.max_len}; raise "
             f"model.max_len or shorten data.seq_len")
     if self.sample.num_tokens > self.model.max_len:
       _fail("sample.num_tokens", f"{self.sample.num_tokens} exceeds model.max_len={self.model.max_len}")
+    layout = self.model.context_parallel_layout
+    if layout != "contiguous" and set(self.model.mixer_pattern) != {"attention"}:
+      _fail("model.context_parallel_layout", f"{layout!r} deals the sequence out of order, which only attention "
+            f"layers can take; the pattern {self.model.mixer!r} has other mixers: use 'contiguous'")
+    if self.mesh.seq > 1 and self.data.seq_len % (self.mesh.seq * (2 if layout == "zigzag" else 1)):
+      _fail("data.seq_len", f"{self.data.seq_len} must split evenly over mesh.seq={self.mesh.seq} devices"
+            f"{' in two chunks each (zigzag)' if layout == 'zigzag' else ''}")
+    if self.mesh.seq > 1 and self.model.positions == "alibi" and "attention" in self.model.mixer_pattern:
+      _fail("model.positions", "alibi is not supported with a sequence-sharded mesh (mesh.seq > 1); use rope, "
+            "learned or sinusoidal positions")
+    self._check_synthetic()
+
+  def _check_synthetic(self) -> None:
+    """A synthetic dataset's name, its kind against the task, and data.seq_len against its training examples."""
+    from seqjax.data import synthetic  # pylint: disable=import-outside-toplevel  (NumPy only)
+    if not synthetic.is_synthetic(self.data.name):
+      if self.task == "classify":
+        _fail("data.name", f"task 'classify' trains on a classification dataset of seqjax.data.synthetic, e.g. "
+              f"'listops/len100_500'; got {self.data.name!r}")
+      return
+    try:
+      module, _, setting = synthetic.resolve(self.data.name)
+    except ValueError as e:
+      _fail("data.name", str(e))
+    if module.KIND != self.task:
+      _fail("task", f"{self.data.name!r} is a {module.KIND!r} dataset; set task={module.KIND!r}")
+    lengths = module.split_lengths(setting)
+    for split in ("train_split", "eval_split"):
+      if getattr(self.data, split) not in lengths:
+        _fail(f"data.{split}", f"{self.data.name!r} has no split {getattr(self.data, split)!r}; splits: "
+              f"{', '.join(lengths)}")
+    if self.data.seq_len < lengths[self.data.train_split]:
+      _fail("data.seq_len", f"{self.data.seq_len} is shorter than the {self.data.train_split!r} examples of "
+            f"{self.data.name!r} ({lengths[self.data.train_split]} tokens); set data.seq_len="
+            f"{lengths[self.data.train_split]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -529,6 +611,25 @@ def with_seq2seq_vocab_sizes(config: Config, src_vocab_size: int, tgt_vocab_size
             f"tokens; leave it at 0 to use the tokenizer's size")
     sizes[name] = set_size or tokenizer_size
   return dataclasses.replace(config, seq2seq=dataclasses.replace(config.seq2seq, **sizes))
+
+
+def override(section: Any, overrides: Mapping[str, Any], prefix: str = "model") -> Any:
+  """A copy of the frozen config `section` (any dataclass of this module) with nested `overrides` applied, e.g.
+  `override(model_cfg, {"attention": {"implementation": "reference"}, "dtype": "bfloat16"})`, then checked.
+
+  Raises ConfigError for a field the section does not have, as the command line would; `prefix` is the section's
+  place in the run config, for the messages."""
+  changes = {}
+  names = {f.name for f in dataclasses.fields(section)}
+  for key, value in overrides.items():
+    if key not in names:
+      _fail(f"{prefix}.{key}", f"unknown field; fields of config.{prefix}: {', '.join(sorted(names))}")
+    current = getattr(section, key)
+    changes[key] = (override(current, value, f"{prefix}.{key}") if dataclasses.is_dataclass(current) else
+                    _coerce(f"{prefix}.{key}", value, typing.get_type_hints(type(section))[key]))
+  result = dataclasses.replace(section, **changes)
+  result._check(prefix)  # pylint: disable=protected-access
+  return result
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -75,6 +75,7 @@ def run(mode: str, cfg_dict, workdir: str,
   config = from_config_dict(cfg_dict)  # config errors first, before joining (and waiting for) other processes
   distributed.initialize(multiprocess)
   apply_cpu_kernels(config.cpu_kernels)
+  import_extensions(config)
   # Heavy imports only after validation. One loop for every task (config.task).
   from seqjax.train import loop  # pylint: disable=import-outside-toplevel
   if mode == "train":
@@ -82,6 +83,26 @@ def run(mode: str, cfg_dict, workdir: str,
   if mode == "eval":
     return loop.evaluate_checkpoint(config, workdir)
   return loop.generate(config, workdir)
+
+
+def import_extensions(config) -> None:
+  """Imports `config.imports` (modules registering mixers or attention kernels of the user's own), then checks that
+  every mixer named in `config.model.mixer` is registered: a ConfigError naming the field, before any data are read
+  or anything is compiled."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  for module in config.import_modules:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ConfigError(f"config.imports: cannot import {module!r} ({e}); name a module importable from the working "
+                        f"directory or installed in the environment") from e
+  if config.task != "seq2seq":  # the tasks whose model is a stack of model.mixer
+    from seqjax.nn.mixers import available_mixers  # pylint: disable=import-outside-toplevel
+    unknown = [m for m in dict.fromkeys(config.model.mixer_pattern) if m not in available_mixers()]
+    if unknown:
+      raise ConfigError(f"config.model.mixer: unknown mixer {', '.join(map(repr, unknown))}; registered: "
+                        f"{', '.join(available_mixers())}. A mixer of your own is registered by a module named in "
+                        f"config.imports (docs/new_mixer.md)")
 
 
 def apply_cpu_kernels(mode: str) -> None:

@@ -145,6 +145,49 @@ def test_layer_mixers_repeat_the_pattern():
   assert from_config_dict(cfg).model.layer_mixers() == ("a", "b", "a", "b", "a")
 
 
+def test_ssm_mode_must_be_a_mode_of_every_ssm_mixer_in_the_pattern():
+  cfg = default_config_dict()
+  cfg.model.mixer = "mamba2,attention"
+  cfg.model.ssm.mode = "sequential"
+  assert from_config_dict(cfg).model.ssm.mode == "sequential"
+  cfg.model.mixer = "mamba2,s4d"
+  cfg.model.ssm.mode = "chunked"
+  with pytest.raises(ConfigError, match=r"config.model.ssm.mode: 'chunked' is not a mode of the 's4d' mixer"):
+    from_config_dict(cfg)
+
+
+def test_override_applies_nested_fields_and_checks_them():
+  from seqjax.config import ModelConfig, override  # pylint: disable=import-outside-toplevel
+  cfg = override(ModelConfig(), {"attention": {"implementation": "reference", "num_heads": 8}, "dropout": 0.1})
+  assert (cfg.attention.implementation, cfg.attention.num_heads, cfg.dropout) == ("reference", 8, 0.1)
+  assert cfg.attention.window == ModelConfig().attention.window
+  with pytest.raises(ConfigError, match=r"config.model.attention.num_head: unknown field"):
+    override(ModelConfig(), {"attention": {"num_head": 8}})
+  with pytest.raises(ConfigError, match=r"config.model.dtype: got 'float16'"):
+    override(ModelConfig(), {"dtype": "float16"})
+  with pytest.raises(ConfigError, match=r"config.model.attention.num_heads: 3 heads do not divide"):
+    override(ModelConfig(), {"attention": {"num_heads": 3}})
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"model": {"context_parallel": "scatter"}}, "allowed: 'ring'"),
+    ({"mesh": {"seq": 2, "data": 1}, "model": {"positions": "alibi"}}, "alibi is not supported"),
+    ({"mesh": {"seq": 2, "data": 1}, "task": "seq2seq", "data": {"name": "numbers_to_words"}},
+     "does not split sequences"),
+    ({"model": {"mixer": "mamba2,attention", "context_parallel_layout": "zigzag"}}, "only attention"),
+    ({"mesh": {"seq": 3, "data": 1}, "data": {"seq_len": 128}}, "must split evenly over mesh.seq=3"),
+    ({"mesh": {"seq": 4, "data": 1}, "data": {"seq_len": 68}, "model": {"context_parallel_layout": "zigzag"}},
+     "two chunks each"),
+])
+def test_context_parallel_choices_and_refusals(changes, expected):
+  cfg = default_config_dict().to_dict()
+  for section, values in changes.items():
+    if isinstance(values, dict):
+      cfg[section].update(values)
+    else:
+      cfg[section] = values
+  with pytest.raises(ConfigError, match=expected):
+    from_config_dict(cfg)
 @pytest.mark.parametrize("field, value, expected", [
     ("top_p", 0.0, "config.sample.top_p: must be in (0, 1]"),
     ("top_p", 1.2, "config.sample.top_p: must be in (0, 1]"),

@@ -106,12 +106,24 @@ def test_seq2seq_smoke_trains_with_rollback(tmp_path):
     ("--config.train.num_stepz=5", "num_stepz"),
     ("--config.model.attention.num_heads=3", "config.model.attention.num_heads"),
     ("--config.model.mixer=transformerxl", "unknown mixer 'transformerxl'"),
+    ("--config.imports=no_such_module", "config.imports: cannot import 'no_such_module'"),
 ])
 def test_user_errors_are_one_line(tmp_path, override, message):
   proc = _run("--config=configs/lm_pysrc.py:smoke", f"--workdir={tmp_path}", override, timeout=60)
   assert proc.returncode == 2
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_a_mixer_of_ones_own_trains_from_the_command_line(smoke_run, tmp_path):
+  """docs/new_mixer.md: a module named in config.imports registers a mixer that the LM then stacks."""
+  workdir = str(tmp_path / "sigmoid")
+  proc = _run(*_common(workdir, smoke_run[1]), "--config.imports=examples.sigmoid_attention",
+              "--config.model.mixer=sigmoid_attention,attention", "--config.train.num_steps=4",
+              "--config.train.eval_every=4", "--config.train.checkpoint_every=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+  assert final["step"] == 4 and 0 < final["bits_per_byte"] < 9
 
 
 @pytest.mark.parametrize("config, env, message", [

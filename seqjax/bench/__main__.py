@@ -13,6 +13,7 @@ BENCHMARKS = {
     "decode": "seqjax.bench.decode",
     "lstm": "seqjax.bench.recurrent",
     "recurrent": "seqjax.bench.recurrent",
+    "ring": "seqjax.bench.ring",
     "ssm": "seqjax.bench.ssm",
 }
 

@@ -111,6 +111,14 @@ class DecoderLM(nn.Module):
                positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     return self._forward(tokens_BT, segment_ids, positions, None, deterministic=deterministic, mode="parallel")
 
+  def features(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    """The final hidden states [B, T, D] (after the final norm; the compute dtype), before the LM read-out: what
+    another head reads (`seqjax.models.classifier`). The same parameters as `__call__` (an untied head is not
+    created)."""
+    return self._forward(tokens_BT, segment_ids, positions, None, deterministic=deterministic, mode="parallel",
+                         features_only=True)
+
   def prefill(self, tokens_BT: jax.Array, *, lengths: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Right-padded prompts tokens [B, T] (row b's are the first lengths[b]; None: all T) -> (float32 logits
     [B, T, V], the cache after each row's last prompt token)."""
@@ -143,8 +151,9 @@ class DecoderLM(nn.Module):
     return {"position": jnp.zeros((batch_size,), jnp.int32), "layers": states}
 
   @nn.compact
-  def _forward(self, tokens_BT, segment_ids, positions, states, *, deterministic, mode):
-    """The stack in one of the Block modes; returns logits, or (logits, layer states) unless mode is parallel."""
+  def _forward(self, tokens_BT, segment_ids, positions, states, *, deterministic, mode, features_only=False):
+    """The stack in one of the Block modes; returns logits, or (logits, layer states) unless mode is parallel
+    (`features_only`: the final hidden states instead of the logits)."""
     cfg = self.cfg
     if mode not in _MODES:
       raise ValueError(f"DecoderLM: mode must be one of {_MODES}, got {mode!r}")
@@ -186,6 +195,8 @@ class DecoderLM(nn.Module):
       states = tuple(new_states)
 
     x_BTD = layers.make_norm(cfg.norm, dtype, "final_norm")(x_BTD) if cfg.norm_position == "pre" else x_BTD
+    if features_only:
+      return x_BTD
     if cfg.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:

@@ -28,8 +28,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from seqjax.ops.attention import masks as masks_lib
+from seqjax.ops.attention import ring as ring_lib
 from seqjax.ops.attention import positions as positions_ops
 from seqjax.ops.attention import get_attention
 from seqjax.ops.dense.dot import flat_dot_general
@@ -102,6 +104,33 @@ class _VisibleSlots(masks_lib.Mask):
       raise ValueError(f"_VisibleSlots: expected [B, S] = {(batch, kv_len)}, got {self.visible_BS.shape}")
 
 
+CONTEXT_PARALLEL = ("ring", "all_gather")
+
+
+def context_parallel_shards() -> int:
+  """Devices on the "seq" axis of the mesh set around the current trace (`jax.set_mesh`); 1 without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or "seq" not in mesh.axis_names else mesh.shape["seq"]
+
+
+def _context_parallel_attention(strategy, layout, q_BTNH, k_BSKH, v_BSKH, mask):
+  """Self-attention on the context mesh's sequence shards: batch over the mesh's other axes except "tensor"."""
+  if strategy not in CONTEXT_PARALLEL:
+    raise ValueError(f"MultiHeadAttention: context_parallel must be one of {CONTEXT_PARALLEL}, got {strategy!r}")
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes = tuple(a for a in mesh.axis_names if a not in ("seq", "tensor") and mesh.shape[a] > 1) or None
+  position_mask, segment_ids = ring_lib.split_segment_ids(mask)
+  kernel = ring_lib.ring_attention if strategy == "ring" else ring_lib.all_gather_attention
+  spec = PartitionSpec(batch_axes, "seq")
+  args = (q_BTNH, k_BSKH, v_BSKH) + (() if segment_ids is None else (segment_ids,))
+
+  def local(q, k, v, *segments):
+    return kernel(q, k, v, causal=False, layout=layout, mask=position_mask,
+                  segment_ids=segments[0] if segments else None)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head (and grouped-/multi-query) attention with optional RoPE, ALiBi, QK-norm and a KV cache.
 
@@ -118,6 +147,11 @@ class MultiHeadAttention(nn.Module):
     dtype / param_dtype: computation and parameter dtypes.
     kernel_init: initialiser of the projection kernels.
     out_features: output width; None means the input width D.
+    context_parallel: on a mesh whose "seq" axis has more than one device (the trainer sets the mesh when
+      `mesh.seq > 1`), self-attention runs on the sequence shards inside `shard_map`: "ring" (K/V blocks passed
+      around the ring, `ring_attention`) or "all_gather" (K/V gathered once, `all_gather_attention`). The shards
+      hold the sequence in the order `context_parallel_layout` ("contiguous", "striped", "zigzag"; the caller
+      permutes the batch, see `seqjax.train.tasks.lm`).
   """
 
   num_heads: int
@@ -135,6 +169,8 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   out_features: int | None = None
+  context_parallel: str = "ring"
+  context_parallel_layout: str = "contiguous"
 
   def _dense(self, features, axis, names, name):
     bias_names = names[len(names) - (len(features) if isinstance(features, tuple) else 1):]
@@ -199,7 +235,13 @@ class MultiHeadAttention(nn.Module):
 
     if cache is None:
       bias = positions_ops.AlibiBias(positions_ops.alibi_slopes(N)) if self.alibi else None
-      out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
+      if self_attention and context_parallel_shards() > 1:
+        if bias is not None:
+          raise ValueError("MultiHeadAttention: ALiBi is not supported with a sequence-sharded mesh (mesh.seq > 1)")
+        out_BTNH = _context_parallel_attention(self.context_parallel, self.context_parallel_layout, q_BTNH, k_BSKH,
+                                               v_BSKH, mask)
+      else:
+        out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
     else:
       out_BTNH, cache = self._attend_cache(q_BTNH, k_BSKH, v_BSKH, cache)
     out_BTNH = nn.Dropout(self.dropout_rate)(out_BTNH, deterministic=deterministic)

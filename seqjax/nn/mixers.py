@@ -15,19 +15,24 @@ where `segment_ids` (int32, 0 = padding) separate packed documents — no inform
     def _make(cfg: ModelConfig) -> nn.Module: ...
 
 Registration builds the module from a default `ModelConfig` and rejects it, naming what is missing, if it does not
-implement the contract; tests/nn/test_mixer_contract.py then checks every registered mixer's modes against each
-other.
+implement the contract. A mixer that computes the same function in several ways (an FFT convolution and a scan, a
+chunked and a sequential form, several attention kernels) declares them as `modes`: names mapped to the config
+overrides that select each, e.g. `register_mixer("s5", modes={"parallel": {"ssm": {"mode": "parallel"}}, ...})`.
+`python -m seqjax.conformance NAME` then checks the contract's promises for a mixer — causality, packed documents,
+its modes against each other, prefill + step against the parallel forward, gradients against finite differences,
+jit, sharding, bfloat16 (docs/conformance.md); tests/nn/test_mixer_contract.py checks the decoding contract for
+every registered mixer and for the LM.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.config import ModelConfig
+from seqjax.config import SSM_MODES, ModelConfig, override
 from seqjax.nn import contract
 from seqjax.nn.attention import KVCache, MultiHeadAttention
 from seqjax.nn.recurrent import RecurrentMixer
@@ -36,18 +41,29 @@ from seqjax.ops.attention import masks
 
 MixerFactory = Callable[[ModelConfig], nn.Module]
 _MIXERS: dict[str, MixerFactory] = {}
+_MODES: dict[str, dict[str, Mapping[str, Any]]] = {}
 _CONTRACT_CHECK_CONFIG = ModelConfig(d_model=32, num_layers=1, mlp_dim=32, vocab_size=8, max_len=16)
 
 
-def register_mixer(name: str) -> Callable[[MixerFactory], MixerFactory]:
+def register_mixer(name: str, *, modes: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> Callable[[MixerFactory], MixerFactory]:
   """Decorator: registers `factory(cfg) -> module` under `name`.
 
-  Raises ValueError if the name is taken, or if the module the factory builds from a default `ModelConfig` does
-  not implement the mixer contract (`seqjax.nn.contract`); the message names the mixer and what is missing.
+  `modes` (optional) names the ways the mixer can compute the same function, each as the `ModelConfig` overrides
+  that select it (`seqjax.config.override`); every mode must build a module with the same parameters.
+
+  Raises ValueError if the name is taken, if a mode's overrides are not fields of `ModelConfig`, or if the module
+  the factory builds from a default `ModelConfig` does not implement the mixer contract (`seqjax.nn.contract`);
+  the message names the mixer and what is missing.
   """
   def wrap(factory: MixerFactory) -> MixerFactory:
     if name in _MIXERS:
       raise ValueError(f"mixer {name!r} is already registered")
+    for mode, overrides in (modes or {}).items():
+      try:
+        override(_CONTRACT_CHECK_CONFIG, overrides)
+      except ValueError as e:
+        raise ValueError(f"mixer {name!r}: mode {mode!r} has overrides that do not fit ModelConfig: {e}") from e
     try:
       module = factory(_CONTRACT_CHECK_CONFIG)
     except Exception as e:  # pylint: disable=broad-except
@@ -58,8 +74,23 @@ def register_mixer(name: str) -> Callable[[MixerFactory], MixerFactory]:
       raise ValueError(f"mixer {name!r} ({type(module).__name__}) does not implement the mixer contract of "
                        f"seqjax.nn.contract: " + "; ".join(problems))
     _MIXERS[name] = factory
+    _MODES[name] = {mode: dict(overrides) for mode, overrides in (modes or {}).items()}
     return factory
   return wrap
+
+
+def unregister_mixer(name: str) -> None:
+  """Removes a registered mixer (e.g. to re-register it from an edited notebook cell, or a test's own mixer)."""
+  if name not in _MIXERS:
+    raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}")
+  del _MIXERS[name], _MODES[name]
+
+
+def mixer_modes(name: str) -> dict[str, Mapping[str, Any]]:
+  """The modes a registered mixer declared (mode name -> `ModelConfig` overrides); empty if it declared none."""
+  if name not in _MIXERS:
+    raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}")
+  return dict(_MODES[name])
 
 
 def available_mixers() -> tuple[str, ...]:
@@ -91,7 +122,8 @@ class AttentionMixer(nn.Module):
         num_heads=cfg.attention.num_heads, num_kv_heads=cfg.resolved_num_kv_heads,
         head_dim=cfg.resolved_head_dim, implementation=cfg.attention.implementation,
         rope=cfg.positions == "rope", rope_base=cfg.attention.rope_base, alibi=cfg.positions == "alibi",
-        qk_norm=cfg.attention.qk_norm, dropout_rate=cfg.dropout, dtype=compute_dtype(cfg))
+        qk_norm=cfg.attention.qk_norm, dropout_rate=cfg.dropout, dtype=compute_dtype(cfg),
+        context_parallel=cfg.context_parallel, context_parallel_layout=cfg.context_parallel_layout)
 
   def cache_size(self, max_len: int) -> int:
     window = self.cfg.attention.window
@@ -126,7 +158,12 @@ class AttentionMixer(nn.Module):
     return y_B1D[:, 0], state
 
 
-@register_mixer("attention")
+# The attention kernels compared by the conformance harness: the materialised reference, the blockwise tiles and
+# the Pallas kernel (interpreted off accelerators). A kernel registered later is selected by config, not listed here.
+_ATTENTION_MODES = {impl: {"attention": {"implementation": impl}} for impl in ("reference", "blockwise", "pallas")}
+
+
+@register_mixer("attention", modes=_ATTENTION_MODES)
 def _make_attention(cfg: ModelConfig) -> nn.Module:
   return AttentionMixer(cfg)
 
@@ -145,26 +182,32 @@ def _ssm_kwargs(cfg: ModelConfig, **extra) -> dict:
   kwargs = dict(d_model=cfg.d_model, dtype=compute_dtype(cfg), **extra)
   if cfg.ssm.state:
     kwargs["d_state"] = cfg.ssm.state
+  if cfg.ssm.mode:
+    kwargs["mode"] = cfg.ssm.mode
   return kwargs
 
 
-@register_mixer("s4d")
+def _ssm_modes(mixer: str) -> dict[str, dict]:
+  return {mode: {"ssm": {"mode": mode}} for mode in SSM_MODES[mixer]}
+
+
+@register_mixer("s4d", modes=_ssm_modes("s4d"))
 def _make_s4d(cfg: ModelConfig) -> nn.Module:
   return ssm_blocks.S4D(**_ssm_kwargs(cfg))
 
 
-@register_mixer("s5")
+@register_mixer("s5", modes=_ssm_modes("s5"))
 def _make_s5(cfg: ModelConfig) -> nn.Module:
   return ssm_blocks.S5(**_ssm_kwargs(cfg))
 
 
-@register_mixer("mamba")
+@register_mixer("mamba", modes=_ssm_modes("mamba"))
 def _make_mamba(cfg: ModelConfig) -> nn.Module:
   return ssm_blocks.Mamba(**_ssm_kwargs(cfg, expand=cfg.ssm.expand, d_conv=cfg.ssm.conv,
                                         chunk_size=cfg.ssm.chunk or None))
 
 
-@register_mixer("mamba2")
+@register_mixer("mamba2", modes=_ssm_modes("mamba2"))
 def _make_mamba2(cfg: ModelConfig) -> nn.Module:
   return ssm_blocks.Mamba2(**_ssm_kwargs(cfg, expand=cfg.ssm.expand, d_conv=cfg.ssm.conv,
                                          head_dim=cfg.ssm.head_dim, chunk_size=cfg.ssm.chunk or None))

@@ -124,12 +124,17 @@ class S4D(nn.Module):
   discretization: str = "zoh"
   dt_min: float = 1e-3
   dt_max: float = 1e-1
+  # "conv": the FFT convolution (the recurrence where segment ids need resets, and for prefill); "parallel" /
+  # "sequential": the recurrence by associative scan / lax.scan everywhere.
+  mode: str = "conv"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     if self.discretization not in ssm_ops.DISCRETIZATIONS:
       raise ValueError(f"S4D: discretization={self.discretization!r} is not one of {ssm_ops.DISCRETIZATIONS}")
+    if self.mode not in ("conv",) + ssm_ops.RECURRENT_MODES:
+      raise ValueError(f"S4D: mode={self.mode!r} is not one of {('conv',) + ssm_ops.RECURRENT_MODES}")
     d, p = self.d_model, self.d_state
     log_dt_init = lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt))
     self.log_dt = _param(self, "log_dt", log_dt_init, (d,), ("embed",), jnp.float32)
@@ -157,15 +162,20 @@ class S4D(nn.Module):
     if return_state:
       x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
       y_BTD, h_BDP = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
-                                           segment_ids=segment_ids, return_final_state=True)
+                                           mode=self._recurrent_mode, segment_ids=segment_ids,
+                                           return_final_state=True)
       h_BDP = contract.where_rows(lengths_B > 0, h_BDP, self.init_state(x_BTD.shape[0]))
       return contract.restore(self._read_out(y_BTD), lengths_B), h_BDP
-    if segment_ids is None:
+    if segment_ids is None and self.mode == "conv":
       y_BTD = ssm_ops.s4d_conv(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip)
     else:
       y_BTD = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
-                                    segment_ids=segment_ids)
+                                    mode=self._recurrent_mode, segment_ids=segment_ids)
     return self._read_out(y_BTD)
+
+  @property
+  def _recurrent_mode(self) -> str:
+    return "parallel" if self.mode == "conv" else self.mode
 
   def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
     del max_len, dtype
@@ -186,12 +196,15 @@ class S5(nn.Module):
   discretization: str = "zoh"
   dt_min: float = 1e-3
   dt_max: float = 1e-1
+  mode: str = "parallel"  # "parallel" (associative scan) | "sequential" (lax.scan)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     if self.discretization not in ssm_ops.DISCRETIZATIONS:
       raise ValueError(f"S5: discretization={self.discretization!r} is not one of {ssm_ops.DISCRETIZATIONS}")
+    if self.mode not in ssm_ops.RECURRENT_MODES:
+      raise ValueError(f"S5: mode={self.mode!r} is not one of {ssm_ops.RECURRENT_MODES}")
     d, p = self.d_model, self.d_state
     log_dt_init = lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt))
     self.log_dt = _param(self, "log_dt", log_dt_init, (p,), (None,), jnp.float32)
@@ -220,11 +233,12 @@ class S5(nn.Module):
     _check_segment_ids(segment_ids, x_BTD)
     if return_state:
       x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
-      y_BTD, h_BP = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip,
+      y_BTD, h_BP = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip, mode=self.mode,
                                     segment_ids=segment_ids, return_final_state=True)
       h_BP = contract.where_rows(lengths_B > 0, h_BP, self.init_state(x_BTD.shape[0]))
       return contract.restore(self._read_out(y_BTD), lengths_B), h_BP
-    y_BTD = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip, segment_ids=segment_ids)
+    y_BTD = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip, mode=self.mode,
+                            segment_ids=segment_ids)
     return self._read_out(y_BTD)
 
   def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):

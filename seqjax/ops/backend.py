@@ -97,10 +97,9 @@ def cpu_kernel(family: str) -> ModuleType | None:
 def on_cpu(cpu_fn: Callable[..., Any], jax_fn: Callable[..., Any], *args: Any) -> Any:
   """`cpu_fn(*args)` where the computation runs on a CPU, `jax_fn(*args)` elsewhere.
 
-  In a process whose default backend is the CPU the CPU call is emitted directly (there is no other platform to
-  lower for, and the JAX code is not traced); otherwise `jax.lax.platform_dependent` picks per lowering platform,
-  so a function lowered for an accelerator never contains a CPU custom call.
+  Always through `jax.lax.platform_dependent`, which picks the branch per lowering platform: a function lowered for
+  an accelerator never contains a CPU custom call, even when it is lowered in a CPU-only process (`jax.export`
+  for TPU or GPU from a laptop, an ahead-of-time `.lower(...)` for another platform). Both branches are traced;
+  only the lowering platform's is lowered and compiled.
   """
-  if jax.default_backend() == "cpu":
-    return cpu_fn(*args)
   return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=jax_fn)

@@ -6,7 +6,7 @@
 A run directory (written by `python -m seqjax.main --mode=train`, see seqjax/train/workdir.py) holds config.json
 and checkpoints/<step>/state (orbax). Only the parameters are read (not the optimizer state or the data position),
 onto the default device, and no data is loaded: the tokenizer is the task's fixed one (the byte tokenizer for
-task "lm", the numbers vocabulary for "seq2seq").
+task "lm", None for a synthetic task's token ids, the numbers vocabulary for "seq2seq"; other tasks are refused).
 """
 
 from __future__ import annotations
@@ -45,10 +45,16 @@ def _model_and_tokenizer(config: Config) -> tuple[nn.Module, Any, Config, Any]:
   # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
   if config.task == "lm":
+    from seqjax.data import synthetic
     from seqjax.data.tokenizer import ByteTokenizer
     from seqjax.models.lm import DecoderLM
-    tokenizer = ByteTokenizer()
-    config = config_lib.with_vocab_size(config, tokenizer.vocab_size)
+    if synthetic.is_synthetic(config.data.name):  # Token ids of a synthetic task: no tokenizer.
+      from seqjax.data.synthetic.pipeline import vocab_size_of
+      tokenizer, vocab_size = None, vocab_size_of(*synthetic.resolve(config.data.name)[::2])
+    else:
+      tokenizer = ByteTokenizer()
+      vocab_size = tokenizer.vocab_size
+    config = config_lib.with_vocab_size(config, vocab_size)
     return DecoderLM(config.model), (jnp.zeros((1, config.data.seq_len), jnp.int32),), config, tokenizer
   if config.task == "seq2seq":
     from seqjax.data import numbers

@@ -9,6 +9,7 @@ A dimension that an axis does not divide is left replicated along that axis rath
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -90,8 +91,20 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows of a [B, T] batch split over ("data", "fsdp"); the length axis kept whole."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Rows of a [B, T] batch split over ("data", "fsdp"); the length axis split over "seq" when it has more than
+  one device (context parallelism), else kept whole."""
+  return NamedSharding(mesh, P(BATCH_AXES, "seq") if sequence_sharded(mesh) else P(BATCH_AXES))
+
+
+def sequence_sharded(mesh: Mesh) -> bool:
+  """Whether the mesh splits sequences: its "seq" axis has more than one device."""
+  return dict(zip(mesh.axis_names, mesh.devices.shape)).get("seq", 1) > 1
+
+
+def mesh_context(mesh: Mesh):
+  """The context to trace and run a step in: `jax.set_mesh(mesh)` on a sequence-sharded mesh (attention then runs
+  context-parallel inside `shard_map` over it, see `seqjax.nn.attention`), else nothing."""
+  return jax.set_mesh(mesh) if sequence_sharded(mesh) else contextlib.nullcontext()
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -13,12 +13,14 @@ total weight, so it is exactly the full-batch gradient up to summation order.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from seqjax.train import sharding
 from seqjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -119,6 +121,18 @@ def nonfinite_leaves(tree: Any) -> list[str]:
 
 
 def jit_train_step(step: Callable, state_shardings: Any, batch_sharding: Any) -> Callable:
-  """Jits with the state's shardings pinned and its buffers donated (updated in place)."""
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                 donate_argnums=(0,))
+  """Jits with the state's shardings pinned and its buffers donated (updated in place). On a sequence-sharded mesh
+  the step is traced and run under `jax.set_mesh` (`sharding.mesh_context`), so attention runs context-parallel."""
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+  mesh = getattr(batch_sharding, "mesh", None)
+  if mesh is None or not sharding.sequence_sharded(mesh):
+    return jitted
+
+  @functools.wraps(step)
+  def run(state, batch):
+    with sharding.mesh_context(mesh):
+      return jitted(state, batch)
+
+  run.jitted = jitted
+  return run

@@ -10,6 +10,8 @@ Tasks (`config.task` picks one, `seqjax.train.tasks.get_task`):
   "lm"       `seqjax.train.tasks.lm.LMTask`: a decoder-only LM over packed byte-level documents.
   "seq2seq"  `seqjax.train.tasks.seq2seq.Seq2SeqTask`: the LSTM encoder-decoder on numbers_to_words, with
              scheduled sampling and a length curriculum.
+  "classify" `seqjax.train.tasks.classify.ClassifyTask`: a pooled read-out over any mixer stack on a classification
+             dataset of seqjax.data.synthetic (ListOps).
 
 Step convention: `step` arguments below are `state.step` *before* the update, i.e. the update that takes the
 state from s to s + 1 uses batch s of the stream, `step_inputs(s)` and `device_batch(batch, s)`; the loop logs its

@@ -25,7 +25,7 @@ TIMEOUT = 600.0  # Seconds any one process may take (a loaded 2-core machine is 
 # variant does not break them.
 NUM_STEPS = 16
 CHECKPOINT_EVERY = 4
-TASKS = ("lm", "seq2seq")
+TASKS = ("lm", "seq2seq", "classify")
 
 _COMMON = [f"--config.train.num_steps={NUM_STEPS}", f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
            "--config.train.eval_every=8", "--config.train.keep_checkpoints=10", "--config.train.log_every=1"]
@@ -40,9 +40,14 @@ _TASK_ARGS = {
                 "--config.seq2seq.attention_dim=16", "--config.seq2seq.curriculum_warmup_steps=0",
                 "--config.seq2seq.decode_max_len=32", "--config.train.batch_size=16",
                 "--config.train.eval_batches=1"],
+    # ListOps classification: a 2-layer attention stack with mean pooling over listops/small.
+    "classify": ["--config=configs/synthetic.py:listops,smoke", "--config.data.name=listops/small",
+                 "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.attention.num_heads=2",
+                 "--config.model.mlp_dim=64", "--config.model.max_len=64", "--config.data.seq_len=64",
+                 "--config.train.batch_size=16", "--config.train.eval_batches=1"],
 }
 # Seq2seq smoke steps take milliseconds: slowed down, its runs last long enough to be killed or preempted mid-run.
-MID_RUN_FAULTS = {"lm": "", "seq2seq": "slow_step=0.15"}
+MID_RUN_FAULTS = {"lm": "", "seq2seq": "slow_step=0.15", "classify": "slow_step=0.15"}
 
 
 def base_args(workdir: str, data_dir: str, task: str = "lm") -> list[str]:

@@ -16,6 +16,11 @@ forward and the backward pass, never NaN). Implementations (see `available_atten
 - "pallas": `pallas_attention` (`pallas.py`), the same algorithm as a Pallas kernel for GPU/TPU (interpret mode
   on CPU).
 
+Context parallelism: `ring_attention` (`ring.py`), called inside `jax.shard_map` on a sequence sharded along a
+mesh axis, passes K/V blocks around the ring and runs the blockwise kernel per hop; `ring_layout_permutation`
+deals a sequence to the shards in the "contiguous", "striped" or "zigzag" layout; `all_gather_attention` is the
+same computation with K/V gathered once (short contexts).
+
 Also here: `masks` (mask objects: causal, sliding window, segment ids, prefix, global tokens) and `positions`
 (sinusoidal embeddings, RoPE, ALiBi). The registry (`register_attention`, `get_attention`, `available_attentions`)
 and the shared argument checks live in `_registry.py`.
@@ -27,7 +32,8 @@ from seqjax.ops.attention._registry import (AttentionFn, Dims, available_attenti
 from seqjax.ops.attention.blockwise import blockwise_attention  # registers "blockwise"
 from seqjax.ops.attention.pallas import pallas_attention  # registers "pallas"
 from seqjax.ops.attention.reference import reference_attention  # registers "reference"
+from seqjax.ops.attention.ring import all_gather_attention, ring_attention, ring_layout_permutation
 
-__all__ = ["AttentionFn", "Dims", "available_attentions", "blockwise_attention", "check_inputs", "default_scale",
+__all__ = ["AttentionFn", "Dims", "all_gather_attention", "available_attentions", "blockwise_attention", "check_inputs", "default_scale",
            "get_attention", "group_heads", "masks", "pallas_attention", "positions", "reference_attention",
-           "register_attention"]
+           "register_attention", "ring_attention", "ring_layout_permutation"]

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.ops import backend
+from seqjax.ops.vma import vary_like
 from seqjax.ops.attention import masks as masks_lib
 from seqjax.ops.attention._registry import check_inputs, default_scale, group_heads, register_attention
 
@@ -203,8 +204,9 @@ def _from_cols(x, B, K, block, T):
   return x.reshape(n, B, K, H, G, block).transpose(1, 0, 5, 2, 4, 3).reshape(B, n * block, K * G, H)[:, :T]
 
 
-def _forward(q, k, v, mask, bias, scale, bq, bk):
-  """Returns the output [B, T, N, H], lse [nq, B*K, G*bq] and the blocked operands (reused by the backward)."""
+def _forward(q, k, v, mask, bias, scale, bq, bk, out_dtype=None):
+  """Returns the output [B, T, N, H] (in `out_dtype`, default q's), lse [nq, B*K, G*bq] and the blocked operands
+  (reused by the backward)."""
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   G = N // K
@@ -232,15 +234,15 @@ def _forward(q, k, v, mask, bias, scale, bq, bk):
   def one_q_block(xs):
     i, q_tile, full_kv, n_full, part_kv, n_part = xs
     stats_shape = q_tile.shape[:-1]
-    carry = (jnp.zeros(q_tile.shape, jnp.float32), jnp.full(stats_shape, _M_INIT, jnp.float32),
-             jnp.zeros(stats_shape, jnp.float32))
+    carry = vary_like((jnp.zeros(q_tile.shape, jnp.float32), jnp.full(stats_shape, _M_INIT, jnp.float32),
+                       jnp.zeros(stats_shape, jnp.float32)), q_tile, kT_blocks, v_blocks, mask, bias)
     carry = _loop(n_full, make_body(q_tile, False), carry, tiles, i, full_kv, transpose=False)
     carry = _loop(n_part, make_body(q_tile, True), carry, tiles, i, part_kv, transpose=False)
     acc, m, l = carry
     empty = l == 0.0
     out = acc / jnp.where(empty, 1.0, l)[..., None]
     lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-    return out.astype(q.dtype), lse
+    return out.astype(out_dtype or q.dtype), lse
 
   out_blocks, lse_blocks = jax.lax.map(
       one_q_block, (jnp.arange(nq, dtype=jnp.int32), q_blocks, plan.full_kv, plan.n_full_kv, plan.part_kv,
@@ -248,7 +250,9 @@ def _forward(q, k, v, mask, bias, scale, bq, bk):
   return _from_rows(out_blocks, B, K, bq, T), lse_blocks, (q_blocks, kT_blocks, v_blocks, out_blocks)
 
 
-def _backward(q, k, v, mask, bias, scale, bq, bk, blocks, lse_blocks, d_out):
+def _backward(q, k, v, mask, bias, scale, bq, bk, blocks, lse_blocks, d_out, grad_dtype=None):
+  """dq, dk, dv (in `grad_dtype`, default the inputs' dtypes) from the forward's blocks and lse; `blocks[3]`, the
+  output, and `lse_blocks` are those of the whole attention (a ring hop passes the merged ones)."""
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   G = N // K
@@ -278,19 +282,21 @@ def _backward(q, k, v, mask, bias, scale, bq, bk, blocks, lse_blocks, d_out):
 
   def one_kv_block(dqT_blocks, xs):
     j, k_tile, kT_tile, v_tile, full_q, n_full, part_q, n_part = xs
-    carry = (jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros(v_tile.shape, jnp.float32), dqT_blocks)
+    carry = (*vary_like((jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros(v_tile.shape, jnp.float32)),
+                        dqT_blocks), dqT_blocks)
     carry = _loop(n_full, make_body(k_tile, kT_tile, v_tile, False), carry, tiles, j, full_q, transpose=True)
     carry = _loop(n_part, make_body(k_tile, kT_tile, v_tile, True), carry, tiles, j, part_q, transpose=True)
     dk, dv, dqT_blocks = carry
-    return dqT_blocks, (dk.astype(k.dtype), dv.astype(v.dtype))
+    return dqT_blocks, (dk.astype(grad_dtype or k.dtype), dv.astype(grad_dtype or v.dtype))
 
-  dqT_blocks = jnp.zeros(qT_blocks.shape, jnp.float32)
+  dqT_blocks = vary_like(jnp.zeros(qT_blocks.shape, jnp.float32), q_rows, kT_blocks, v_blocks, do_rows, lse_blocks,
+                         mask, bias)
   dqT_blocks, (dk_blocks, dv_blocks) = jax.lax.scan(
       one_kv_block, dqT_blocks, (jnp.arange(nk, dtype=jnp.int32), k_blocks, kT_blocks, v_blocks, plan.full_q,
                                  plan.n_full_q, plan.part_q, plan.n_part_q))
-  dq = (_from_cols(dqT_blocks, B, K, bq, T) * scale).astype(q.dtype)
-  dk = _from_rows(dk_blocks, B, K, bk, S).astype(k.dtype)
-  dv = _from_rows(dv_blocks, B, K, bk, S).astype(v.dtype)
+  dq = (_from_cols(dqT_blocks, B, K, bq, T) * scale).astype(grad_dtype or q.dtype)
+  dk = _from_rows(dk_blocks, B, K, bk, S).astype(grad_dtype or k.dtype)
+  dv = _from_rows(dv_blocks, B, K, bk, S).astype(grad_dtype or v.dtype)
   return dq, dk, dv
 
 

@@ -133,6 +133,14 @@ class Mask(TileFunction):
     """
     return None
 
+  def span_maybe_visible(self, q_first, q_last, kv_first, kv_last) -> jax.Array | None:
+    """Like `tile_maybe_visible` for rows q_first..q_last x keys kv_first..kv_last (all may be traced; inclusive).
+
+    Only position masks answer (it is what `AtPositions` asks with the positions of a tile's first and last rows);
+    None when there is no cheap test.
+    """
+    return None
+
   def __and__(self, other: "Mask") -> "Mask":
     return And((self, _as_mask(other)))
 
@@ -164,6 +172,16 @@ class _Positional(Mask):
       return None
     q_lo, q_hi, kv_lo, kv_hi = (np.asarray(a, np.int64) for a in (q_lo, q_hi, kv_lo, kv_hi))
     return (q_lo + self.q_offset, q_hi - 1 + self.q_offset, kv_lo + self.kv_offset, kv_hi - 1 + self.kv_offset)
+
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    if self._offsets_static() and not self._arrays:
+      return None  # tile_kinds is exact: empty tiles are never visited
+    return self.span_maybe_visible(q_lo, q_lo + q_size - 1, kv_lo, kv_lo + kv_size - 1)
+
+  def _span(self, q_first, q_last, kv_first, kv_last):
+    """The span's first and last query and key positions (offsets applied)."""
+    q_offset, kv_offset = jnp.asarray(self.q_offset), jnp.asarray(self.kv_offset)
+    return q_first + q_offset, q_last + q_offset, kv_first + kv_offset, kv_last + kv_offset
 
   def _positions(self, q_idx, kv_idx):
     q_pos = jnp.asarray(q_idx, jnp.int32) + jnp.asarray(self.q_offset, jnp.int32)
@@ -204,10 +222,9 @@ class Causal(_Positional):
     q_first, q_last, kv_first, kv_last = pos
     return _band_kinds(kv_first - q_last, kv_last - q_first, None, 0)
 
-  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
-    if self._offsets_static():
-      return None  # tile_kinds is exact: empty tiles are never visited
-    return kv_lo + jnp.asarray(self.kv_offset) <= q_lo + q_size - 1 + jnp.asarray(self.q_offset)
+  def span_maybe_visible(self, q_first, q_last, kv_first, kv_last):
+    _, q_last, kv_first, _ = self._span(q_first, q_last, kv_first, kv_last)
+    return kv_first <= q_last
 
 
 class SlidingWindow(_Positional):
@@ -244,13 +261,8 @@ class SlidingWindow(_Positional):
     return _band_kinds(kv_first - q_last, kv_last - q_first, None if self.left is None else -self.left,
                        self.right)
 
-  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
-    if self._offsets_static():
-      return None  # tile_kinds is exact: empty tiles are never visited
-    q_first = q_lo + jnp.asarray(self.q_offset)
-    q_last = q_lo + q_size - 1 + jnp.asarray(self.q_offset)
-    kv_first = kv_lo + jnp.asarray(self.kv_offset)
-    kv_last = kv_lo + kv_size - 1 + jnp.asarray(self.kv_offset)
+  def span_maybe_visible(self, q_first, q_last, kv_first, kv_last):
+    q_first, q_last, kv_first, kv_last = self._span(q_first, q_last, kv_first, kv_last)
     ok = jnp.asarray(True)
     if self.left is not None:
       ok &= kv_last - q_first >= -self.left
@@ -289,11 +301,9 @@ class GlobalTokens(_Positional):
     kinds[(q_last < g) | (kv_last < g)] = FULL
     return kinds
 
-  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
-    if self._offsets_static():
-      return None  # tile_kinds is exact: empty tiles are never visited
-    g = self.num_global
-    return (q_lo + jnp.asarray(self.q_offset) < g) | (kv_lo + jnp.asarray(self.kv_offset) < g)
+  def span_maybe_visible(self, q_first, q_last, kv_first, kv_last):
+    q_first, _, kv_first, _ = self._span(q_first, q_last, kv_first, kv_last)
+    return (q_first < self.num_global) | (kv_first < self.num_global)
 
 
 def _check_batch_array(name: str, x: jax.Array, shape: tuple[int, ...], what: str) -> None:
@@ -391,9 +401,9 @@ class PrefixLM(_Positional):
     kinds = Causal(self.q_offset, self.kv_offset).tile_kinds(q_lo, q_hi, kv_lo, kv_hi)
     return np.where(kinds == FULL, FULL, PARTIAL).astype(np.int8)
 
-  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
-    kv_first = kv_lo + jnp.asarray(self.kv_offset)
-    return (kv_first <= q_lo + q_size - 1 + jnp.asarray(self.q_offset)) | (kv_first < jnp.max(self.prefix_lengths))
+  def span_maybe_visible(self, q_first, q_last, kv_first, kv_last):
+    _, q_last, kv_first, _ = self._span(q_first, q_last, kv_first, kv_last)
+    return (kv_first <= q_last) | (kv_first < jnp.max(self.prefix_lengths))
 
   def check(self, batch, q_len, kv_len):
     _check_batch_array("PrefixLM.prefix_lengths", self.prefix_lengths, (batch,), "[B]")
@@ -420,7 +430,14 @@ class And(Mask):
     return np.minimum.reduce([m.tile_kinds(q_lo, q_hi, kv_lo, kv_hi) for m in self.masks]).astype(np.int8)
 
   def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
-    tests = [t for m in self.masks if (t := m.tile_maybe_visible(q_lo, q_size, kv_lo, kv_size)) is not None]
+    return self._combine_tests([m.tile_maybe_visible(q_lo, q_size, kv_lo, kv_size) for m in self.masks])
+
+  def span_maybe_visible(self, q_first, q_last, kv_first, kv_last):
+    return self._combine_tests([m.span_maybe_visible(q_first, q_last, kv_first, kv_last) for m in self.masks])
+
+  @staticmethod
+  def _combine_tests(tests):
+    tests = [t for t in tests if t is not None]
     if not tests:
       return None
     out = tests[0]
@@ -457,8 +474,8 @@ class Or(And):
   def tile_kinds(self, q_lo, q_hi, kv_lo, kv_hi):
     return np.maximum.reduce([m.tile_kinds(q_lo, q_hi, kv_lo, kv_hi) for m in self.masks]).astype(np.int8)
 
-  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
-    tests = [m.tile_maybe_visible(q_lo, q_size, kv_lo, kv_size) for m in self.masks]
+  @staticmethod
+  def _combine_tests(tests):
     if any(t is None for t in tests):
       return None
     out = tests[0]
@@ -471,6 +488,55 @@ class Or(And):
 
   def __repr__(self):
     return " | ".join(f"({m!r})" for m in self.masks)
+
+
+def is_positional(mask: Mask) -> bool:
+  """True when the mask looks only at positions (`Causal`, `SlidingWindow`, `GlobalTokens`, `PrefixLM` and their
+  `&` / `|`), never at array rows (`SegmentIds`, `KeyPadding` index their arrays by row)."""
+  if isinstance(mask, (And, Or)):
+    return all(is_positional(m) for m in mask.masks)
+  return isinstance(mask, _Positional)
+
+
+class AtPositions(Mask):
+  """A position mask evaluated at explicit positions: query row i sits at `q_positions[i]`, key row j at
+  `kv_positions[j]` (then the inner mask's own offsets apply).
+
+  For rows that are not consecutive positions, e.g. one device's shard of a sequence laid out striped or zigzag
+  over a ring (`seqjax.ops.attention.ring`). Both position vectors must be non-decreasing: a tile's span of
+  positions is then read from its first and last rows, which gives the run-time tile test (`tile_maybe_visible`);
+  the static tile answer is PARTIAL.
+  """
+
+  _arrays = ("mask", "q_positions", "kv_positions")
+
+  def __init__(self, mask: Mask, q_positions: jax.Array, kv_positions: jax.Array):
+    if not isinstance(mask, Mask) or not is_positional(mask):
+      raise ValueError(f"AtPositions: the inner mask must be a position mask (Causal, SlidingWindow, GlobalTokens, "
+                       f"PrefixLM and their & / |), got {mask!r}; combine data masks (SegmentIds) outside it")
+    q_positions, kv_positions = jnp.asarray(q_positions, jnp.int32), jnp.asarray(kv_positions, jnp.int32)
+    if q_positions.ndim != 1 or kv_positions.ndim != 1:
+      raise ValueError(f"AtPositions: positions must be 1-d [T] and [S], got {q_positions.shape} and "
+                       f"{kv_positions.shape}")
+    self.mask, self.q_positions, self.kv_positions = mask, q_positions, kv_positions
+
+  def block(self, q_idx, kv_idx):
+    q_pos = jnp.take(self.q_positions, jnp.asarray(q_idx, jnp.int32), mode="clip")
+    kv_pos = jnp.take(self.kv_positions, jnp.asarray(kv_idx, jnp.int32), mode="clip")
+    return self.mask.block(q_pos, kv_pos)
+
+  def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
+    def first_last(positions, lo, size):
+      return (jnp.take(positions, jnp.asarray(lo, jnp.int32), mode="clip"),
+              jnp.take(positions, jnp.asarray(lo + size - 1, jnp.int32), mode="clip"))
+    return self.mask.span_maybe_visible(*first_last(self.q_positions, q_lo, q_size),
+                                        *first_last(self.kv_positions, kv_lo, kv_size))
+
+  def check(self, batch, q_len, kv_len):
+    if self.q_positions.shape != (q_len,) or self.kv_positions.shape != (kv_len,):
+      raise ValueError(f"AtPositions: expected positions of shapes ({q_len},) and ({kv_len},), got "
+                       f"{self.q_positions.shape} and {self.kv_positions.shape}")
+    self.mask.check(batch, q_len, kv_len)
 
 
 def combine(causal: bool, mask: Mask | None) -> Mask | None:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqjax.ops.ssm._common import as_arrays, keep_mask
+from seqjax.ops.vma import vary_like
 
 MODES = ("sequential", "chunked")
 DEFAULT_CHUNK_SIZE = 32
@@ -89,6 +90,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D
   x_BTNH, dt_BTN, A_N, B_BLP, C_BLP = (a.astype(f32) for a in (x, dt, A, B, C))
   h0_BNHP = jnp.zeros((b, n, h, p), f32) if initial_state is None else initial_state.astype(f32)
   keep_BT = keep_mask(segment_ids, b, l)
+  h0_BNHP = vary_like(h0_BNHP, x_BTNH, dt_BTN, A_N, B_BLP, C_BLP, keep_BT)  # a scan carry (check_vma)
   if mode == "sequential":
     y_BTNH, h_BNHP = _sequential(x_BTNH, dt_BTN, A_N, B_BLP, C_BLP, keep_BT, h0_BNHP)
   else:

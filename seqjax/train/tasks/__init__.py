@@ -13,6 +13,7 @@ from seqjax.train.task import Task
 TASKS = {
     "lm": "seqjax.train.tasks.lm:LMTask",
     "seq2seq": "seqjax.train.tasks.seq2seq:Seq2SeqTask",
+    "classify": "seqjax.train.tasks.classify:ClassifyTask",
 }
 
 

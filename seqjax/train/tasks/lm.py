@@ -1,5 +1,8 @@
 """The language-model task (config.task="lm"): a decoder-only LM (`seqjax.models.lm.DecoderLM`) over packed
-documents from the grain pipeline (`seqjax.data.pipeline.make_lm_data`).
+documents from the grain pipeline (`seqjax.data.pipeline.make_lm_data`), or over the examples of a synthetic task
+(`config.data.name = "mqar/len64_pairs4"`, ...: `seqjax.data.synthetic.pipeline`), whose weights are 1 only on
+answer positions — so the loss and accuracy are the answers' (evaluation adds answer_accuracy and
+sequence_accuracy, the fraction of examples with every answer right).
 
 Batches are [B, T] arrays: inputs, targets, segment_ids, positions, weights (1 on real targets), target_bytes
 (UTF-8 bytes each target stands for). The loss is the weighted token cross-entropy; evaluation reports loss,
@@ -21,17 +24,38 @@ import optax
 
 from seqjax import config as config_lib
 from seqjax.config import Config, ConfigError
+from seqjax.data import synthetic
 from seqjax.data.pipeline import make_lm_data
 from seqjax.data.tokenizer import ByteTokenizer
 from seqjax.decode import generate
 from seqjax.evals.lm_metrics import summarize
 from seqjax.models.lm import DecoderLM
+from seqjax.nn import attention as attention_nn
+from seqjax.ops.attention import ring_layout_permutation
 from seqjax.train import sharding
 from seqjax.train.state import token_init
 from seqjax.train.step import LossFn
 from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, Task
 
 log = logging.getLogger(__name__)
+
+
+def in_context_parallel_layout(model: nn.Module, batch: DeviceBatch) -> DeviceBatch:
+  """The batch with every [B, T] array in the order the "seq" devices hold the sequence, when the step runs
+  context-parallel (`seqjax.nn.attention.context_parallel_shards() > 1`) in a layout other than "contiguous".
+
+  Positions are made explicit first (they are the tokens' places in the sequence). Token losses are summed with
+  their weights, so the loss and its gradients do not change."""
+  layout = getattr(getattr(model, "cfg", None), "context_parallel_layout", "contiguous")
+  shards = attention_nn.context_parallel_shards()
+  if shards == 1 or layout == "contiguous":
+    return batch
+  B, T = batch["inputs"].shape
+  batch = dict(batch)
+  if batch.get("positions") is None:
+    batch["positions"] = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  perm, _ = ring_layout_permutation(T, shards, layout)
+  return {k: v[:, perm] if v is not None and v.ndim >= 2 and v.shape[:2] == (B, T) else v for k, v in batch.items()}
 
 
 def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.Array | None = None,
@@ -48,6 +72,7 @@ def lm_loss_sum(model: nn.Module) -> LossFn:
   (what `seqjax.train.step.make_train_step` takes)."""
 
   def loss_sum(params, batch, rng, deterministic):
+    batch = in_context_parallel_layout(model, batch)
     losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic)
     w_BT = batch["weights"].astype(jnp.float32)
     return jnp.sum(losses_BT * w_BT), jnp.sum(w_BT)
@@ -55,14 +80,31 @@ def lm_loss_sum(model: nn.Module) -> LossFn:
   return loss_sum
 
 
-def lm_eval_sums(model: nn.Module, params: Any, batch: DeviceBatch) -> dict[str, jax.Array]:
-  """Sums over the batch: loss, weight, target bytes and correct next-token predictions."""
+def lm_eval_sums(model: nn.Module, params: Any, batch: DeviceBatch, *, per_row: bool = False
+                 ) -> dict[str, jax.Array]:
+  """Sums over the batch: loss, weight, target bytes and correct next-token predictions; with `per_row` also
+  `rows` (rows with a weighted target) and `rows_correct` (those whose weighted targets are all predicted)."""
+  batch = in_context_parallel_layout(model, batch)
   losses_BT, logits_BTV = token_losses(model, params, batch)
   w_BT = batch["weights"].astype(jnp.float32)
   correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(losses_BT * w_BT), "weight": jnp.sum(w_BT),
+  sums = {"loss_sum": jnp.sum(losses_BT * w_BT), "weight": jnp.sum(w_BT),
           "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * w_BT),
           "correct": jnp.sum(correct_BT * w_BT)}
+  if per_row:
+    scored_B = jnp.any(w_BT > 0, axis=1)
+    all_right_B = jnp.all((correct_BT > 0) | (w_BT == 0), axis=1) & scored_B
+    sums.update(rows=jnp.sum(scored_B.astype(jnp.float32)), rows_correct=jnp.sum(all_right_B.astype(jnp.float32)))
+  return sums
+
+
+def answer_metrics(totals: dict[str, float]) -> dict[str, float]:
+  """`summarize`'s metrics of a synthetic task's evaluation (its weights are the answers): answer_accuracy (=
+  accuracy, the fraction of answers right) and sequence_accuracy (examples with all answers right)."""
+  metrics = summarize(totals)
+  metrics["answer_accuracy"] = metrics["accuracy"]
+  metrics["sequence_accuracy"] = totals["rows_correct"] / max(totals["rows"], 1.0)
+  return metrics
 
 
 def _check_registered(config: Config) -> None:
@@ -84,21 +126,31 @@ class LMTask(Task):
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
     _check_registered(config)
-    try:
-      self.data = make_lm_data(name=config.data.name, data_dir=config.data.data_dir or None,
-                               seq_len=config.data.seq_len, batch_size=config.train.batch_size, seed=config.seed,
-                               text_key=config.data.text_key, train_split=config.data.train_split,
-                               eval_split=config.data.eval_split, num_workers=config.data.num_workers)
-    except ValueError as e:  # Unknown dataset/split/feature, an empty split, one too short for a batch.
-      raise ConfigError(f"config.data ({config.data.name!r}, train.batch_size={config.train.batch_size}, "
-                        f"data.seq_len={config.data.seq_len}): {e}") from e
+    self.synthetic = synthetic.is_synthetic(config.data.name)
+    if self.synthetic:
+      self.data = open_synthetic(config, "lm")
+    else:
+      self.data = self._open_text(config)
     super().__init__(config_lib.with_vocab_size(config, self.data.vocab_size), mesh)
     self.model = DecoderLM(self.config.model)
     self._init = token_init(self.model, self.config.data.seq_len)
     self._loss_sum = lm_loss_sum(self.model)
 
+  @staticmethod
+  def _open_text(config: Config):
+    try:
+      return make_lm_data(name=config.data.name, data_dir=config.data.data_dir or None,
+                          seq_len=config.data.seq_len, batch_size=config.train.batch_size, seed=config.seed,
+                          text_key=config.data.text_key, train_split=config.data.train_split,
+                          eval_split=config.data.eval_split, num_workers=config.data.num_workers)
+    except ValueError as e:  # Unknown dataset/split/feature, an empty split, one too short for a batch.
+      raise ConfigError(f"config.data ({config.data.name!r}, train.batch_size={config.train.batch_size}, "
+                        f"data.seq_len={config.data.seq_len}): {e}") from e
+
   @classmethod
   def check_generate(cls, config: Config) -> None:
+    if synthetic.is_synthetic(config.data.name):
+      return  # Generation shows the model's answers to validation examples: nothing to check.
     sc = config.sample
     prompt = ByteTokenizer().encode(sc.prompt, add_bos=True)
     if len(prompt) + sc.num_tokens > config.model.max_len:
@@ -117,43 +169,100 @@ class LMTask(Task):
 
   def train_stream(self, step: int, position: Any | None) -> DataStream:
     del step  # The grain iterator's own state says where it is.
-    stream = self.data.train_iterator()
-    if position is not None:
-      stream.set_state(position)
-    return stream
+    return resume_iterator(self.data, position)
 
   def loss_sum(self, params, batch, rng, deterministic):
     return self._loss_sum(params, batch, rng, deterministic)
 
   def eval_sums(self, params, batch):
-    return lm_eval_sums(self.model, params, batch)
+    return lm_eval_sums(self.model, params, batch, per_row=self.synthetic)
 
   def evaluate(self, params: Any, eval_step: EvalStep, max_batches: int | None) -> Evaluation:
-    totals: dict[str, float] = {}
-    for batch in self.data.eval_batches(max_batches=max_batches):
-      sums = jax.device_get(eval_step(params, sharding.put_batch(batch, self.mesh)))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
+    totals = sum_eval_batches(self.data.eval_batches(max_batches=max_batches), params, eval_step, self.mesh)
+    if self.synthetic:
+      metrics = answer_metrics(totals)
+      return Evaluation(metrics, f"validation loss {metrics['loss']:.4f}, answer accuracy "
+                                 f"{metrics['answer_accuracy']:.4f}, sequence accuracy "
+                                 f"{metrics['sequence_accuracy']:.4f}")
     metrics = summarize(totals)
     return Evaluation(metrics, f"validation loss {metrics['loss']:.4f}, bits/byte "
                                f"{metrics.get('bits_per_byte', float('nan')):.4f}")
 
   @classmethod
-  def generate_saved(cls, config: Config, workdir: str) -> list[str]:
+  def generate_saved(cls, config: Config, workdir: str) -> list[str] | None:
     """Continuations from the newest checkpoint, loaded with `seqjax.load` (no data is built). The workdir must
-    hold a run of this config (config.sample may differ)."""
+    hold a run of this config (config.sample may differ). A synthetic task's answers need its data: None."""
+    if synthetic.is_synthetic(config.data.name):
+      return None
     from seqjax.train.saved import load  # pylint: disable=import-outside-toplevel
     from seqjax.train.workdir import check_workdir_config  # pylint: disable=import-outside-toplevel
     check_workdir_config(config, workdir)
     model, params, _, tokenizer = load(workdir)
     return sample_text(model, params, tokenizer, config.sample, seed=config.seed)
 
+  def _answers(self, params: Any) -> list[str]:
+    """A synthetic task's answers on the first sample.num_samples validation examples: each example's answers,
+    the model's predictions at the same positions (argmax given the inputs), and how many are right."""
+    batch = next(self.data.eval_batches(max_batches=1))
+    device = sharding.put_batch({k: batch[k] for k in ("inputs", "segment_ids")}, self.mesh)
+    logits_BTV = jax.jit(self.model.apply)({"params": params}, device["inputs"], segment_ids=device["segment_ids"])
+    predicted_BT = np.asarray(jax.device_get(jnp.argmax(logits_BTV, -1)))
+    out = []
+    for b in range(min(self.config.sample.num_samples, batch["inputs"].shape[0])):
+      where = np.flatnonzero(batch["weights"][b])
+      want, got = batch["targets"][b, where].tolist(), predicted_BT[b, where].tolist()
+      right = sum(w == g for w, g in zip(want, got))
+      out.append(f"answers {want}\npredicted {got}\n{right}/{len(want)} right")
+    return out
+
   def generate(self, params: Any) -> list[str]:
+    if self.synthetic:
+      return self._answers(params)
     return sample_text(self.model, params, self.data.tokenizer, self.config.sample, seed=self.config.seed)
 
   @property
   def throughput(self) -> tuple[str, float]:
     return "tokens_per_sec", float(self.config.train.batch_size * self.config.data.seq_len)
+
+
+def resume_iterator(data: Any, position: Any | None) -> DataStream:
+  """`data.train_iterator()`, moved to `position` (a grain iterator state; None: the start)."""
+  stream = data.train_iterator()
+  if position is not None:
+    stream.set_state(position)
+  return stream
+
+
+def sum_eval_batches(batches, params: Any, eval_step: EvalStep, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """The sums of `eval_step` over host batches, added up on the host."""
+  totals: dict[str, float] = {}
+  for batch in batches:
+    sums = jax.device_get(eval_step(params, sharding.put_batch(batch, mesh)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return totals
+
+
+def open_synthetic(config: Config, kind: str):
+  """The batches of the synthetic dataset config.data.name for a task that trains on `kind` ("lm" or "classify")
+  examples; ConfigError names the field to change (a name, a split, data.seq_len, a model that cannot read the
+  evaluation split's length)."""
+  from seqjax.data.synthetic.pipeline import make_synthetic_data  # pylint: disable=import-outside-toplevel
+  dc = config.data
+  try:
+    data = make_synthetic_data(name=dc.name, data_dir=dc.data_dir or None, seq_len=dc.seq_len,
+                               batch_size=config.train.batch_size, seed=config.seed, train_split=dc.train_split,
+                               eval_split=dc.eval_split)
+  except ValueError as e:
+    raise ConfigError(f"config.data ({dc.name!r}): {e}") from e
+  if data.kind != kind:  # Also checked when the config is validated; here for configs built by hand.
+    raise ConfigError(f"config.task: {dc.name!r} is a {data.kind!r} dataset; train it with "
+                      f"--config.task={data.kind}")
+  if data.eval_len > config.model.max_len and config.model.positions == "learned":
+    raise ConfigError(f"config.model.max_len: the {dc.eval_split!r} examples of {dc.name!r} have {data.eval_len} "
+                      f"tokens, more than the learned position table (model.max_len={config.model.max_len}); raise "
+                      f"model.max_len to {data.eval_len} (positions past the training length stay untrained)")
+  return data
 
 
 def sample_text(model: DecoderLM, params: Any, tokenizer: ByteTokenizer, sc: config_lib.SampleConfig, *,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from seqjax.ops.attention import masks
+from seqjax.ops.attention.ring import shard_positions as ring_shard_positions
 
 T, S = 13, 11
 
@@ -192,3 +193,31 @@ def test_bad_inputs_raise():
     masks.Causal() & jnp.ones((3, 3), bool)
   with pytest.raises(ValueError, match="kv_ids"):
     masks.SegmentIds(jnp.zeros((2, 3)), jnp.zeros((2, 4))).check(2, 3, 5)
+
+
+@pytest.mark.parametrize("layout", ["striped", "zigzag"])
+@pytest.mark.parametrize("inner", ["causal", "window", "causal&(window|global)", "prefix"])
+def test_at_positions_is_the_inner_mask_at_those_positions(layout, inner):
+  """AtPositions (ring hops): visibility = the inner mask on the position grid; a False tile test means empty.
+
+  Catches a span test that reads the wrong end of a tile (it would skip tiles with visible pairs)."""
+  inner_mask = {"causal": masks.Causal(), "window": masks.SlidingWindow(5, 1),
+                "causal&(window|global)": masks.Causal() & (masks.SlidingWindow(3, 0) | masks.GlobalTokens(2)),
+                "prefix": masks.PrefixLM(jnp.array([7, 0]))}[inner]
+  shards, local = 4, 12
+  for r, s in itertools.product(range(shards), repeat=2):
+    q_pos = np.asarray(ring_shard_positions(layout, local, shards, r, np))
+    kv_pos = np.asarray(ring_shard_positions(layout, local, shards, s, np))
+    mask = masks.AtPositions(inner_mask, q_pos, kv_pos)
+    got = np.asarray(mask.materialize(local, local))
+    want = np.asarray(inner_mask.materialize(4 * local, 4 * local))[:, :, q_pos][:, :, :, kv_pos]
+    np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
+    for qs, ks in itertools.product(range(0, local, 5), range(0, local, 3)):
+      maybe = mask.tile_maybe_visible(jnp.int32(qs), min(5, local - qs), jnp.int32(ks), min(3, local - ks))
+      if not bool(maybe):
+        assert not got[:, :, qs:qs + 5, ks:ks + 3].any(), (r, s, qs, ks)
+
+
+def test_at_positions_refuses_data_masks():
+  with pytest.raises(ValueError, match="position mask"):
+    masks.AtPositions(masks.KeyPadding(jnp.array([3])), np.arange(4), np.arange(4))

@@ -1,0 +1,306 @@
+"""The conformance checks: what the mixer contract (seqjax.nn.contract) promises, tested on one registered mixer.
+
+Each check takes a `Subject` (a mixer name, its tiny `ModelConfig`, inputs and parameters) and returns a
+`CheckResult`: passed, failed or not applicable, with the worst error it saw in units of the output's scale (the
+largest |y| of the reference, at least 1) and what it compared. A check builds its reference from a different
+computation than the one it checks — the same module on other inputs (causality, packing), another mode, the step
+function, finite differences of the outputs, another device layout — never from the code path under test.
+
+Legend (docs/ARCHITECTURE.md): B batch, T length, D model width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax.config import ModelConfig, override
+from seqjax.nn.mixers import make_mixer, mixer_modes
+from seqjax.ops import backend
+
+PASS, FAIL, NA = "pass", "fail", "n/a"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+  check: str
+  status: str  # PASS | FAIL | NA
+  error: float = 0.0  # the worst error seen, in units of the reference's scale
+  detail: str = ""
+
+  @property
+  def passed(self) -> bool:
+    return self.status != FAIL
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+  """Errors allowed, relative to the reference's scale (float32 computations of one function in two ways)."""
+  exact: float = 1e-5  # the same computation on other inputs: causality, packed-document isolation
+  modes: float = 2e-4  # two algorithms (another kernel, a chunked against a sequential scan, prefill + step)
+  finite_differences: float = 2e-3  # autodiff against central differences of float32 outputs
+  bfloat16: float = 8e-2  # bfloat16 compute against float32
+
+
+class Subject:
+  """One mixer under test: its module (in any mode), parameters and inputs x [B, T, D] at tiny sizes."""
+
+  def __init__(self, name: str, cfg: ModelConfig, *, batch: int = 2, length: int = 13, seed: int = 0):
+    self.name, self.cfg, self.batch, self.length = name, cfg, batch, length
+    rng = np.random.default_rng(seed)
+    self.x_BTD = jnp.asarray(rng.standard_normal((batch, length, cfg.d_model)), jnp.float32)
+    self.cotangent_BTD = jnp.asarray(rng.standard_normal((batch, length, cfg.d_model)), jnp.float32)
+    self.rng = rng
+    self.module = self.build()
+    shapes = jax.ShapeDtypeStruct(self.x_BTD.shape, jnp.float32)
+    self.params = self.module.lazy_init(jax.random.key(seed), shapes)["params"]
+    # The jitted programs of the default mode, shared by the checks (one compile per input structure).
+    self.forward = jax.jit(_forward(self.module))
+    self.grads = jax.jit(functools.partial(_loss_and_grads, self.module))
+
+  def build(self, **overrides: Any) -> nn.Module:
+    return make_mixer(self.name, override(self.cfg, overrides) if overrides else self.cfg)
+
+  def modes(self) -> dict[str, nn.Module]:
+    return {mode: self.build(**overrides) for mode, overrides in mixer_modes(self.name).items()}
+
+
+def positions_of(segment_ids_BT: np.ndarray) -> np.ndarray:
+  """Positions restarting at 0 at every document of each row (0 on padding)."""
+  positions = np.zeros_like(segment_ids_BT)
+  for b, row in enumerate(segment_ids_BT):
+    for t in range(1, len(row)):
+      positions[b, t] = positions[b, t - 1] + 1 if row[t] == row[t - 1] else 0
+  return positions
+
+
+def _forward(module: nn.Module) -> Callable[..., jax.Array]:
+  def f(params, x_BTD, segment_ids_BT=None, positions_BT=None):
+    return module.apply({"params": params}, x_BTD, segment_ids=segment_ids_BT, positions=positions_BT)
+  return f
+
+
+def _scale(reference: Any) -> float:
+  return max([1.0] + [float(np.max(np.abs(np.asarray(leaf, np.float64)))) for leaf in jax.tree.leaves(reference)
+                      if np.size(leaf)])
+
+
+def _error(actual: Any, expected: Any) -> float:
+  """Largest absolute difference over the pytrees, in units of the expected tree's scale."""
+  diffs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))))
+           for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True) if np.size(e)]
+  return max(diffs, default=0.0) / _scale(expected)
+
+
+def _verdict(check: str, error: float, tolerance: float, detail: str) -> CheckResult:
+  if not np.isfinite(error):
+    return CheckResult(check, FAIL, float("inf"), detail + ": non-finite values")
+  return CheckResult(check, PASS if error <= tolerance else FAIL, error,
+                     f"{detail} (error {error:.1e} of scale, tolerance {tolerance:.0e})")
+
+
+def _loss_and_grads(module: nn.Module, params, x_BTD, cotangent_BTD, segment_ids_BT=None, positions_BT=None):
+  """y and the gradients (d params, d x) of sum(y * cotangent) — one reverse pass, as training takes them."""
+  f = _forward(module)
+
+  def loss(params, x_BTD):
+    y = f(params, x_BTD, segment_ids_BT, positions_BT)
+    return jnp.sum(y.astype(jnp.float32) * cotangent_BTD), y
+
+  (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x_BTD)
+  return y, grads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def causality(s: Subject, tol: Tolerances) -> CheckResult:
+  """Changing the future changes nothing before it: outputs before a cut are equal when the inputs after it are
+  replaced; and no gradient flows from outputs before the cut to inputs after it (the backward pass is causal)."""
+  cut = s.length // 2 + 1
+  x2 = s.x_BTD.at[:, cut:].set(jnp.asarray(s.rng.standard_normal(s.x_BTD[:, cut:].shape), jnp.float32))
+  y, y2 = s.forward(s.params, s.x_BTD), s.forward(s.params, x2)
+  forward_error = _error(y2[:, :cut], y[:, :cut])
+  _, (_, dx) = s.grads(s.params, s.x_BTD, s.cotangent_BTD.at[:, cut:].set(0.0))
+  leak = float(np.max(np.abs(np.asarray(dx[:, cut:])))) / max(1.0, float(np.max(np.abs(np.asarray(dx)))))
+  return _verdict("causal", max(forward_error, leak), tol.exact,
+                  f"future inputs from t={cut}: outputs before moved {forward_error:.1e}, gradient leak {leak:.1e}")
+
+
+def packing(s: Subject, tol: Tolerances) -> CheckResult:
+  """Packed documents are isolated: each document of a packed row (positions restarting at 0, padding at the end)
+  gives what it gives alone, and no gradient crosses a document boundary."""
+  first, pad = s.length // 3, 2
+  second = s.length - first - pad
+  segment_ids = np.array([[1] * first + [2] * second + [0] * pad] * s.batch, np.int32)
+  positions = positions_of(segment_ids)
+  segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
+  packed = s.forward(s.params, s.x_BTD, segment_ids, positions)
+  errors = []
+  for start, length in ((0, first), (first, second)):
+    alone = s.forward(s.params, s.x_BTD[:, start:start + length], None,
+                      jnp.broadcast_to(jnp.arange(length), (s.batch, length)))
+    errors.append(_error(packed[:, start:start + length], alone))
+  cotangent = s.cotangent_BTD.at[:, :first].set(0.0)  # only the second document's outputs
+  _, (_, dx) = s.grads(s.params, s.x_BTD, cotangent, segment_ids, positions)
+  leak = float(np.max(np.abs(np.asarray(dx[:, :first])))) / max(1.0, float(np.max(np.abs(np.asarray(dx)))))
+  return _verdict("packing", max(errors + [leak]), tol.exact,
+                  f"documents of {first} and {second} tokens + {pad} padding: alone vs packed "
+                  f"{max(errors):.1e}, gradient across the boundary {leak:.1e}")
+
+
+def modes_agree(s: Subject, tol: Tolerances) -> CheckResult:
+  """Every declared mode computes the same outputs and gradients (parameters and inputs) as the first, on packed
+  documents when the mixer takes segment ids (so the resetting paths are compared too)."""
+  modes = s.modes()
+  if len(modes) < 2:
+    return CheckResult("modes", NA, detail="one way of computing declared")
+  segment_ids = jnp.asarray([[1] * (s.length - 4) + [2] * 4] * s.batch, jnp.int32)
+  results = {}
+  for mode, module in modes.items():
+    try:
+      results[mode] = jax.jit(lambda p, x, sid, m=module: _loss_and_grads(m, p, x, s.cotangent_BTD, sid))(
+          s.params, s.x_BTD, segment_ids)
+    except Exception as e:  # pylint: disable=broad-except
+      return CheckResult("modes", FAIL, float("inf"), f"mode {mode!r} failed: {type(e).__name__}: {e}")
+  (first, reference), *others = results.items()
+  errors = {mode: max(_error(r[0], reference[0]), _error(r[1], reference[1])) for mode, r in others}
+  worst = max(errors, key=errors.get)
+  return _verdict("modes", errors[worst], tol.modes,
+                  f"{', '.join(results)} against {first!r} (outputs and gradients); worst {worst!r}")
+
+
+def kernels(s: Subject, tol: Tolerances) -> CheckResult:
+  """The native CPU kernels (seqjax.cpu_kernels) compute what the portable JAX program computes, forward and
+  gradients. Not applicable off the CPU."""
+  if jax.default_backend() != "cpu":
+    return CheckResult("kernels", NA, detail="CPU kernels apply on the CPU only")
+  results = {}
+  for mode in ("off", "auto"):  # the mode is part of the jit cache key: each compiles its own program
+    with backend.cpu_kernels_mode(mode):
+      results[mode] = s.grads(s.params, s.x_BTD, s.cotangent_BTD)
+  error = max(_error(results["auto"][0], results["off"][0]), _error(results["auto"][1], results["off"][1]))
+  return _verdict("kernels", error, tol.modes, "CPU kernels where they apply vs portable JAX")
+
+
+def decode(s: Subject, tol: Tolerances) -> CheckResult:
+  """Prefill + step = the parallel forward. A prefill over T - 4 tokens in which the last row is right-padded by 2
+  (segment id 0), then 4 steps per row, each row continuing from its own last real token; and 3 steps from
+  `init_state`. Each output equals the parallel forward's at that row's position."""
+  module, prompt = s.module, s.length - 4
+  lengths_B = np.array([prompt] * (s.batch - 1) + [prompt - 2])
+  segment_ids = jnp.asarray((np.arange(prompt)[None] < lengths_B[:, None]).astype(np.int32))
+  parallel = s.forward(s.params, s.x_BTD)
+  prefill = jax.jit(lambda p, x, sid: module.apply({"params": p}, x, segment_ids=sid, return_state=True))
+  step = jax.jit(lambda p, x, state: module.apply({"params": p}, x, state, method="step"))
+  y_prefill, state = prefill(s.params, s.x_BTD[:, :prompt], segment_ids)
+  real = np.asarray(segment_ids, bool)
+  errors = [_error(np.asarray(y_prefill)[real], np.asarray(parallel[:, :prompt])[real])]
+  rows = np.arange(s.batch)
+  for j in range(s.length - prompt):
+    y_t, state = step(s.params, s.x_BTD[rows, lengths_B + j], state)
+    errors.append(_error(y_t, parallel[rows, lengths_B + j]))
+  state = module.init_state(s.batch, s.cfg.max_len)
+  for t in range(3):
+    y_t, state = step(s.params, s.x_BTD[:, t], state)
+    errors.append(_error(y_t, parallel[:, t]))
+  return _verdict("decode", max(errors), tol.modes,
+                  f"prefill({prompt}, last row padded by 2) + {s.length - prompt} steps, and 3 steps from "
+                  f"init_state, vs parallel")
+
+
+def _perturbed(tree, direction, h):
+  return jax.tree.map(lambda a, d: a + h * d, tree, direction)
+
+
+def gradients(s: Subject, tol: Tolerances) -> CheckResult:
+  """Reverse-mode gradients (inputs and parameters) against central differences of the outputs along random
+  directions, the differences taken in float64 from float32 outputs and Richardson-extrapolated (O(h^4))."""
+  _, (dparams, dx) = s.grads(s.params, s.x_BTD, s.cotangent_BTD)
+  w = np.asarray(s.cotangent_BTD, np.float64)
+
+  def loss64(params, x):
+    return float(np.sum(np.asarray(s.forward(params, x), np.float64) * w))
+
+  def central(g, h):
+    return (g(h) - g(-h)) / (2 * h)
+
+  errors, details = [], []
+  leaves, treedef = jax.tree.flatten(s.params)
+  direction_p = treedef.unflatten([jnp.asarray(s.rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves])
+  direction_x = jnp.asarray(s.rng.standard_normal(s.x_BTD.shape), jnp.float32)
+  cases = {
+      "inputs": (lambda h: loss64(s.params, s.x_BTD + h * direction_x),
+                 float(np.sum(np.asarray(dx, np.float64) * np.asarray(direction_x, np.float64)))),
+      "parameters": (lambda h: loss64(_perturbed(s.params, direction_p, h), s.x_BTD),
+                     sum(float(np.sum(np.asarray(g, np.float64) * np.asarray(d, np.float64)))
+                         for g, d in zip(jax.tree.leaves(dparams), jax.tree.leaves(direction_p)))),
+  }
+  for what, (g, autodiff) in cases.items():
+    h = 1e-2
+    numeric = (4 * central(g, h / 2) - central(g, h)) / 3
+    error = abs(numeric - autodiff) / max(abs(numeric), 1e-3 * _scale(w), 1e-6)
+    errors.append(error)
+    details.append(f"{what}: autodiff {autodiff:.4g} vs differences {numeric:.4g}")
+  return _verdict("gradients", max(errors), tol.finite_differences, "; ".join(details))
+
+
+def jit_agrees(s: Subject, tol: Tolerances) -> CheckResult:
+  """The module run op by op (no jit) equals the jitted program, forward and gradients."""
+  eager = _loss_and_grads(s.module, s.params, s.x_BTD, s.cotangent_BTD)
+  jitted = s.grads(s.params, s.x_BTD, s.cotangent_BTD)
+  error = max(_error(eager[0], jitted[0]), _error(eager[1], jitted[1]))
+  return _verdict("jit", error, tol.modes, "not jitted vs jitted (outputs and gradients)")
+
+
+def sharded(s: Subject, tol: Tolerances) -> CheckResult:
+  """The batch sharded over every device (a "data" mesh axis; parameters replicated) computes what one device
+  computes, forward and gradients."""
+  devices = jax.devices()
+  if len(devices) < 2:
+    return CheckResult("sharded", NA, detail="one device (set XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  n = len(devices)
+  x = jnp.concatenate([s.x_BTD] * -(-n // s.batch))[:n]
+  cotangent = jnp.concatenate([s.cotangent_BTD] * -(-n // s.batch))[:n]
+  run = lambda p, x: _loss_and_grads(s.module, p, x, cotangent)
+  with jax.default_device(devices[0]):
+    reference = jax.jit(run)(jax.device_put(s.params, devices[0]), jax.device_put(x, devices[0]))
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  out = jax.jit(run)(jax.device_put(s.params, replicated), jax.device_put(x, batch_sharding))
+  error = max(_error(out[0], reference[0]), _error(out[1], reference[1]))
+  return _verdict("sharded", error, tol.modes, f"batch of {n} sharded over {n} devices vs one device")
+
+
+def bfloat16(s: Subject, tol: Tolerances) -> CheckResult:
+  """With model.dtype="bfloat16" (parameters stay float32) outputs and gradients are finite and within bfloat16
+  rounding of the float32 run."""
+  module = s.build(dtype="bfloat16")
+  low = jax.jit(lambda p, x: _loss_and_grads(module, p, x, s.cotangent_BTD))(s.params, s.x_BTD)
+  if not all(bool(np.all(np.isfinite(np.asarray(leaf, np.float32)))) for leaf in jax.tree.leaves(low)):
+    return CheckResult("bfloat16", FAIL, float("inf"), "non-finite outputs or gradients in bfloat16")
+  high = s.grads(s.params, s.x_BTD, s.cotangent_BTD)
+  error = _error(low[0], high[0])
+  return _verdict("bfloat16", error, tol.bfloat16, "bfloat16 compute vs float32 (outputs; gradients finite)")
+
+
+CHECKS: dict[str, Callable[[Subject, Tolerances], CheckResult]] = {
+    "causal": causality,
+    "packing": packing,
+    "modes": modes_agree,
+    "decode": decode,
+    "gradients": gradients,
+    "jit": jit_agrees,
+    "sharded": sharded,
+    "bfloat16": bfloat16,
+    "kernels": kernels,
+}
