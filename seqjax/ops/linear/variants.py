@@ -1,0 +1,129 @@
+"""The linear-attention variants over the shared decayed recurrence (`recurrence.py`): what each puts in q, k, v, g.
+
+- "linear"  (Katharopoulos et al., 2020): features phi(q), phi(k) with phi = elu + 1 (positive), no decay, and the
+            normaliser o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps) with z_t = sum_{s<=t} phi(k_s). The normaliser
+            rides along as one more value column of ones: the state is [B, N, P, H + 1], its last column z.
+- "retnet"  (Sun et al., 2023, multi-scale retention): a fixed decay gamma_n = 1 - 2^(-5 - n) per head n;
+            q, k are used as they come (the module rotates them and scales k). `retnet_log_decay`.
+- "gla"     (Yang et al., 2023, gated linear attention): a data-dependent decay per head, token and key feature,
+            alpha = sigmoid(gate)^(1 / tau) from a low-rank projection of the input; `gla_log_decay`.
+
+Every function takes the three forms of `decayed_linear_attention` through `mode` ("parallel", "recurrent",
+"chunked"), `segment_ids` resets, an initial state and returns the final state on request; the `*_step`
+functions are the decoding step. Legend as in `recurrence.py` (B, T, N, P key feature dim, H value dim).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from seqjax.ops.linear.recurrence import decayed_linear_attention, decayed_step
+from seqjax.ops.ssm._common import as_arrays
+
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al.: positive, so the normaliser is > 0
+    "relu": jax.nn.relu,
+    "identity": lambda x: x,
+}
+DEFAULT_EPS = 1e-6
+
+
+def feature_map(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in FEATURE_MAPS:
+    raise ValueError(f"linear attention: feature_map={name!r} is not one of {tuple(FEATURE_MAPS)}")
+  return FEATURE_MAPS[name]
+
+
+def _with_ones(v):
+  """v [..., H] with a column of ones appended [..., H + 1]: the normaliser's sum of keys becomes a value column."""
+  return jnp.concatenate([v.astype(jnp.float32), jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
+
+
+def _normalised(o_aug, eps):
+  return o_aug[..., :-1] / (o_aug[..., -1:] + eps)
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_map_name: str = "elu1",
+                     normalize: bool = True, eps: float = DEFAULT_EPS, mode: str = "chunked",
+                     chunk_size: int | None = None, initial_state: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None, return_final_state: bool = False):
+  """Causal linear attention (Katharopoulos et al.): o [B, T, N, H] in v's dtype (and the final state, float32).
+
+  q, k [B, T, N, P] are mapped by the feature map (`FEATURE_MAPS`); with `normalize` the output is divided by
+  phi(q_t) . sum_{s<=t} phi(k_s) + eps and the state is [B, N, P, H + 1] (its last column the key sum), else the
+  state is [B, N, P, H].
+  """
+  q, k, v = as_arrays(q, k, v)
+  phi = feature_map(feature_map_name)
+  q_BTNP, k_BTNP = phi(q.astype(jnp.float32)), phi(k.astype(jnp.float32))
+  out = decayed_linear_attention(q_BTNP, k_BTNP, _with_ones(v) if normalize else v, mode=mode,
+                                 chunk_size=chunk_size, initial_state=initial_state, segment_ids=segment_ids,
+                                 return_final_state=True, name="linear_attention")
+  o_BTNH, s_BNPH = out
+  if normalize:
+    o_BTNH = _normalised(o_BTNH, eps)
+  o_BTNH = o_BTNH.astype(v.dtype)
+  return (o_BTNH, s_BNPH) if return_final_state else o_BTNH
+
+
+def linear_attention_step(q_BNP: jax.Array, k_BNP: jax.Array, v_BNH: jax.Array, state: jax.Array, *,
+                          feature_map_name: str = "elu1", normalize: bool = True, eps: float = DEFAULT_EPS):
+  """One decoding step of `linear_attention`: (o [B, N, H] in v's dtype, new state float32)."""
+  q_BNP, k_BNP, v_BNH = as_arrays(q_BNP, k_BNP, v_BNH)
+  phi = feature_map(feature_map_name)
+  o_BNH, state = decayed_step(phi(q_BNP.astype(jnp.float32)), phi(k_BNP.astype(jnp.float32)),
+                              _with_ones(v_BNH) if normalize else v_BNH, None, state)
+  if normalize:
+    o_BNH = _normalised(o_BNH, eps)
+  return o_BNH.astype(v_BNH.dtype), state
+
+
+def retnet_log_decay(num_heads: int) -> jax.Array:
+  """[N] float32: log gamma_n with gamma_n = 1 - 2^(-5 - n), the per-head decays of multi-scale retention
+  (head 0 forgets fastest, gamma = 0.969, an effective span of ~32 tokens; each next head doubles the span)."""
+  if num_heads < 1:
+    raise ValueError(f"retnet_log_decay: num_heads must be positive, got {num_heads}")
+  return jnp.log1p(-jnp.exp2(-5.0 - jnp.arange(num_heads, dtype=jnp.float32)))
+
+
+def retention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay_N: jax.Array, *, mode: str = "chunked",
+              chunk_size: int | None = None, initial_state: jax.Array | None = None,
+              segment_ids: jax.Array | None = None, return_final_state: bool = False):
+  """Retention: o_t = sum_{s<=t} gamma_n^(t-s) (q_t . k_s) v_s per head, in v's dtype (and the final state)."""
+  return _decayed(q, k, v, jnp.asarray(log_decay_N), "retention", mode=mode, chunk_size=chunk_size,
+                  initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state)
+
+
+def gla_log_decay(gate_logits: jax.Array, normalizer: float = 16.0) -> jax.Array:
+  """log alpha = log(sigmoid(gate) ^ (1 / normalizer)) (GLA's gate; float32, <= 0). A large normalizer keeps the
+  decay close to 1 at initialisation (the paper's tau = 16)."""
+  return jax.nn.log_sigmoid(jnp.asarray(gate_logits).astype(jnp.float32)) / normalizer
+
+
+def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay_BTNP: jax.Array, *,
+                           mode: str = "chunked", chunk_size: int | None = None,
+                           initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                           return_final_state: bool = False):
+  """GLA: S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t with log alpha [B, T, N, P]; in v's dtype."""
+  return _decayed(q, k, v, log_decay_BTNP, "gated_linear_attention", mode=mode, chunk_size=chunk_size,
+                  initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state)
+
+
+def _decayed(q, k, v, log_decay, name, *, return_final_state, **kwargs):
+  """`decayed_linear_attention` with the output cast to v's dtype."""
+  v = jnp.asarray(v)
+  o_BTNH, s_BNPH = decayed_linear_attention(q, k, v, log_decay, return_final_state=True, name=name, **kwargs)
+  o_BTNH = o_BTNH.astype(v.dtype)
+  return (o_BTNH, s_BNPH) if return_final_state else o_BTNH
+
+
+def decayed_attention_step(q_BNP: jax.Array, k_BNP: jax.Array, v_BNH: jax.Array, log_decay: jax.Array,
+                           state: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One decoding step of `retention` (log_decay [N]) or `gated_linear_attention` (log_decay [B, N, P]):
+  (o [B, N, H] in v's dtype, new state [B, N, P, H] float32)."""
+  v_BNH = jnp.asarray(v_BNH)
+  o_BNH, state = decayed_step(q_BNP, k_BNP, v_BNH, log_decay, state)
+  return o_BNH.astype(v_BNH.dtype), state
