@@ -13,6 +13,7 @@ BENCHMARKS = {
     "lstm": "seqjax.bench.recurrent",
     "recurrent": "seqjax.bench.recurrent",
     "ssm": "seqjax.bench.ssm",
+    "linear": "seqjax.bench.linear",
 }
 
 
