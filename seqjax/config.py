@@ -105,7 +105,7 @@ class LinearAttentionConfig:
   key_dim: int = 0  # Per-head query / key feature width P (0: d_model // num_heads).
   value_dim: int = 0  # Per-head value width H (0: d_model // num_heads).
   mode: Literal["chunked", "parallel", "recurrent"] = "chunked"  # The training form (all three agree).
-  chunk: int = 0  # Chunk length of the chunked form (0: the op's default, 64).
+  chunk: int = 0  # Chunk length of the chunked form (0: the op's default, 64; 16 for "gla").
   feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # "linear": phi applied to q and k.
   normalize: bool = True  # "linear": divide by phi(q) . sum phi(k) (Katharopoulos); False: per-head RMSNorm instead.
   rotary: bool = True  # "retnet": rotate q and k by their position (RoPE; the rotation of the paper's xPos).

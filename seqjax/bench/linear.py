@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   os.makedirs(fv.results_dir, exist_ok=True)
   log = lambda msg: print(msg, flush=True)  # noqa: E731
   log(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus; float32; chunk "
-      f"{fv.chunk or linear.DEFAULT_CHUNK_SIZE}")
+      f"{fv.chunk or 'default (64; GLA 16)'}")
   rows = []
   if "forms" in fv.only:
     rows += bench_forms(lengths, fv.chunk or None, fv.repeats, log)
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for key, value in summary.items():
     log(f"{key:60s} {value:6.2f}x")
   result = dict(config=dict(batch=BATCH, heads=HEADS, key_dim=KEY_DIM, value_dim=VALUE_DIM,
-                            chunk=fv.chunk or linear.DEFAULT_CHUNK_SIZE, repeats=fv.repeats, dtype="float32"),
+                            chunk=fv.chunk or "default", repeats=fv.repeats, dtype="float32"),
                 rows=rows, summary=summary)
   with open(os.path.join(fv.results_dir, "linear.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -12,13 +12,14 @@ Legend: B batch, T length, N heads, P key / query feature dim, H value head dim,
 initial state, and returns the state after the last position on request (prefill). Every op accepts any array-like.
 """
 
-from seqjax.ops.linear.recurrence import DEFAULT_CHUNK_SIZE, MODES, decayed_linear_attention, decayed_step
+from seqjax.ops.linear.recurrence import (DEFAULT_CHUNK_SIZE, DEFAULT_FEATURE_DECAY_CHUNK_SIZE, MODES,
+                                         decayed_linear_attention, decayed_step)
 from seqjax.ops.linear.variants import (FEATURE_MAPS, decayed_attention_step, feature_map, gated_linear_attention,
                                         gla_log_decay, linear_attention, linear_attention_step, retention,
                                         retnet_log_decay)
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "FEATURE_MAPS", "MODES", "decayed_attention_step", "decayed_linear_attention",
-    "decayed_step", "feature_map", "gated_linear_attention", "gla_log_decay", "linear_attention",
+    "DEFAULT_CHUNK_SIZE", "DEFAULT_FEATURE_DECAY_CHUNK_SIZE", "FEATURE_MAPS", "MODES", "decayed_attention_step",
+    "decayed_linear_attention", "decayed_step", "feature_map", "gated_linear_attention", "gla_log_decay", "linear_attention",
     "linear_attention_step", "retention", "retnet_log_decay",
 ]

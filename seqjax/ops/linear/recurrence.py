@@ -42,7 +42,8 @@ from jax import lax
 from seqjax.ops.ssm._common import as_arrays, keep_mask
 
 MODES = ("parallel", "recurrent", "chunked")
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 64  # with no decay or a scalar decay per head (the fastest fwd+bwd on CPU, L = 4096)
+DEFAULT_FEATURE_DECAY_CHUNK_SIZE = 16  # with a decay per key feature: its [C, C, P] decay tensor favours short chunks
 
 
 def _check(name, q, k, v, g, mode, chunk_size, initial_state, segment_ids):
@@ -88,7 +89,8 @@ def decayed_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay
     v: [B, T, N, H] values.
     log_decay: None (no decay), [N] (a fixed decay per head), [B, T, N] or [B, T, N, P]; values <= 0.
     mode: "chunked" (default), "parallel" or "recurrent".
-    chunk_size: the chunked form's chunk length (default 64); need not divide T.
+    chunk_size: the chunked form's chunk length (default 64, or 16 with a decay per key feature); need not
+      divide T.
     initial_state: optional [B, N, P, H] state before position 0.
     segment_ids: optional [B, T]; the state resets where the id changes.
     return_final_state: also return the state after position T - 1 (float32).
@@ -107,7 +109,8 @@ def decayed_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay
   elif mode == "parallel":
     o_BTNH, s_BNPH = _parallel(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH)
   else:
-    o_BTNH, s_BNPH = _chunked(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH, chunk_size or DEFAULT_CHUNK_SIZE)
+    default = DEFAULT_CHUNK_SIZE if g_BTNX.shape[-1] == 1 else DEFAULT_FEATURE_DECAY_CHUNK_SIZE
+    o_BTNH, s_BNPH = _chunked(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH, chunk_size or default)
   return (o_BTNH, s_BNPH) if return_final_state else o_BTNH
 
 
