@@ -153,11 +153,11 @@ def _recurrent(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH):
   return time_major(o_TBNH), s_BNPH
 
 
-def _weighted_scores(q_BTNP, k_BSNP, decay_BNTSX):
+def _weighted_scores(q_BNTP, k_BNSP, decay_BNTSX):
   """sum_p q[t, p] k[s, p] decay[t, s, p] (decay[..., 0] broadcast over p when X = 1): [B, N, T, S]."""
   if decay_BNTSX.shape[-1] == 1:
-    return jnp.einsum("btnp,bsnp->bnts", q_BTNP, k_BSNP) * decay_BNTSX[..., 0]
-  return jnp.einsum("btnp,bsnp,bntsp->bnts", q_BTNP, k_BSNP, decay_BNTSX)
+    return jnp.einsum("bntp,bnsp->bnts", q_BNTP, k_BNSP) * decay_BNTSX[..., 0]
+  return jnp.einsum("bntp,bnsp,bntsp->bnts", q_BNTP, k_BNSP, decay_BNTSX)
 
 
 def _parallel(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH):
@@ -172,7 +172,8 @@ def _parallel(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH):
   span_BNXTS = jnp.cumsum(terms_BNXIS, axis=-2)
   span_BNTSX = jnp.moveaxis(span_BNXTS, 2, -1)
   decay_BNTSX = jnp.exp(jnp.where(linked_BTS[:, None, :, :, None], span_BNTSX, -jnp.inf))
-  scores_BNTS = _weighted_scores(q_BTNP, k_BTNP, decay_BNTSX)
+  head_major = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+  scores_BNTS = _weighted_scores(head_major(q_BTNP), head_major(k_BTNP), decay_BNTSX)
   o_BTNH = jnp.einsum("bnts,bsnh->btnh", scores_BNTS, v_BTNH)
   # The initial state reaches position t decayed by g_0..g_t, unless a reset came first.
   from_start_BTNX = jnp.exp(jnp.cumsum(g_BTNX, axis=1)) * (count_BT == 0.0)[..., None, None]
@@ -191,36 +192,35 @@ def _chunked(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH, chunk):
   m = -(-t // chunk)
   pad = m * chunk - t
 
-  def to_chunks(a, fill=0.0):  # [B, T, ...] -> [M, B, C, ...]; padded steps (k = 0, g = 0) leave the state alone
-    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-    return jnp.swapaxes(a.reshape(b, m, chunk, *a.shape[2:]), 0, 1)
+  def to_chunks(a_BTNX):  # [B, T, N, X] -> [M, B, N, C, X], head-major (the in-chunk einsums are plain batched
+    a = jnp.pad(a_BTNX, [(0, 0), (0, pad), (0, 0), (0, 0)])  # matmuls); padded steps (k = 0, g = 0) keep the state
+    return jnp.moveaxis(a.reshape(b, m, chunk, n, a.shape[3]), (1, 3), (0, 2))
 
   causal_TS = jnp.tril(jnp.ones((chunk, chunk), bool))
 
   def chunk_step(s_BNPH, inputs):
-    q_BCNP, k_BCNP, v_BCNH, g_BCNX, keep_BC = inputs
-    cum_BCNX = jnp.cumsum(g_BCNX, axis=1)  # chunk-local: differences of <= C terms are exact enough in float32
+    q_BNCP, k_BNCP, v_BNCH, g_BNCX, keep_BC = inputs
+    cum_BNCX = jnp.cumsum(g_BNCX, axis=2)  # chunk-local: differences of <= C terms are exact enough in float32
     count_BC = jnp.cumsum(1.0 - keep_BC, axis=1)
     linked_BTS = causal_TS & (count_BC[:, :, None] == count_BC[:, None, :])
-    cum_BNCX = jnp.swapaxes(cum_BCNX, 1, 2)
     diff_BNTSX = cum_BNCX[:, :, :, None] - cum_BNCX[:, :, None, :]
     decay_BNTSX = jnp.exp(jnp.where(linked_BTS[:, None, :, :, None], diff_BNTSX, -jnp.inf))
-    o_BCNH = jnp.einsum("bnts,bsnh->btnh", _weighted_scores(q_BCNP, k_BCNP, decay_BNTSX), v_BCNH)
+    o_BNCH = jnp.einsum("bnts,bnsh->bnth", _weighted_scores(q_BNCP, k_BNCP, decay_BNTSX), v_BNCH)
     # The incoming state, read by each query decayed from the chunk start (zero after a reset).
-    from_start_BCNX = jnp.exp(cum_BCNX) * (count_BC == 0.0)[..., None, None]
-    o_BCNH = o_BCNH + jnp.einsum("btnp,bnph->btnh", q_BCNP * from_start_BCNX, s_BNPH)
+    from_start_BNCX = jnp.exp(cum_BNCX) * (count_BC == 0.0)[:, None, :, None]
+    o_BNCH = o_BNCH + jnp.einsum("bntp,bnph->bnth", q_BNCP * from_start_BNCX, s_BNPH)
     # The outgoing state: the incoming one decayed over the chunk, plus the chunk's keys decayed to its end.
-    last_BNX = cum_BCNX[:, -1]
-    to_end_BCNX = jnp.exp(last_BNX[:, None] - cum_BCNX) * (count_BC == count_BC[:, -1:])[..., None, None]
+    last_BNX = cum_BNCX[:, :, -1]
+    to_end_BNCX = jnp.exp(last_BNX[:, :, None] - cum_BNCX) * (count_BC == count_BC[:, -1:])[:, None, :, None]
     chunk_decay_BNX = jnp.exp(last_BNX) * (count_BC[:, -1] == 0.0)[:, None, None]
     s_BNPH = (chunk_decay_BNX[..., None] * s_BNPH
-              + jnp.einsum("bsnp,bsnh->bnph", k_BCNP * to_end_BCNX, v_BCNH))
-    return s_BNPH, o_BCNH
+              + jnp.einsum("bnsp,bnsh->bnph", k_BNCP * to_end_BNCX, v_BNCH))
+    return s_BNPH, o_BNCH
 
+  keep_MBC = jnp.swapaxes(jnp.pad(keep_BT, [(0, 0), (0, pad)], constant_values=1.0).reshape(b, m, chunk), 0, 1)
   # Rematerialised: the backward pass recomputes one chunk's decays and scores from its inputs instead of autodiff
   # stacking every chunk's [B, N, C, C(, P)] intermediates.
-  s_BNPH, o_MBCNH = lax.scan(jax.checkpoint(chunk_step), s0_BNPH,
-                             (to_chunks(q_BTNP), to_chunks(k_BTNP), to_chunks(v_BTNH), to_chunks(g_BTNX),
-                              to_chunks(keep_BT, fill=1.0)))
-  o_BTNH = jnp.swapaxes(o_MBCNH, 0, 1).reshape(b, m * chunk, n, h)[:, :t]
+  s_BNPH, o_MBNCH = lax.scan(jax.checkpoint(chunk_step), s0_BNPH,
+                             (to_chunks(q_BTNP), to_chunks(k_BTNP), to_chunks(v_BTNH), to_chunks(g_BTNX), keep_MBC))
+  o_BTNH = jnp.moveaxis(o_MBNCH, (0, 2), (1, 3)).reshape(b, m * chunk, n, h)[:, :t]
   return o_BTNH, s_BNPH
