@@ -99,13 +99,13 @@ class SsmConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionConfig:
-  """The linear-attention mixers ("linear", "retnet", "gla"; docs/linear_attention.md); 0 means the default."""
+  """The linear-attention mixers ("linear", "retnet", "gla", "deltanet"; docs/linear_attention.md); 0: the default."""
 
   num_heads: int = 4
   key_dim: int = 0  # Per-head query / key feature width P (0: d_model // num_heads).
   value_dim: int = 0  # Per-head value width H (0: d_model // num_heads).
   mode: Literal["chunked", "parallel", "recurrent"] = "chunked"  # The training form (all three agree).
-  chunk: int = 0  # Chunk length of the chunked form (0: the op's default, 64; 16 for "gla").
+  chunk: int = 0  # Chunk length of the chunked form (0: the op's default: 64; 16 for "gla", 32 for "deltanet").
   feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # "linear": phi applied to q and k.
   normalize: bool = True  # "linear": divide by phi(q) . sum phi(k) (Katharopoulos); False: per-head RMSNorm instead.
   rotary: bool = True  # "retnet": rotate q and k by their position (RoPE; the rotation of the paper's xPos).
@@ -127,7 +127,7 @@ class LinearAttentionConfig:
     return self.key_dim or d_model // self.num_heads, self.value_dim or d_model // self.num_heads
 
 
-LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla")
+LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet")
 
 
 @dataclasses.dataclass(frozen=True)

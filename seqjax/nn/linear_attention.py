@@ -1,4 +1,4 @@
-"""Linear-attention mixers (linen), thin wrappers over `seqjax.ops.linear`: "linear", "retnet" and "gla".
+"""Linear-attention mixers (linen), thin wrappers over `seqjax.ops.linear`: "linear", "retnet", "gla", "deltanet".
 
 Each implements the mixer contract of `seqjax.nn.contract` (see docs/linear_attention.md for the math):
 
@@ -15,6 +15,8 @@ Each implements the mixer contract of `seqjax.nn.contract` (see docs/linear_atte
 - "gla" (Yang et al. 2023): q (scaled by P^-1/2), k, v, a swish output gate and a data-dependent decay per head and
   key feature, alpha = sigmoid(x W_1 W_2 + b)^(1 / tau) through a rank-`gate_rank` projection; a per-head RMSNorm;
   out(swish(x W_g) * RMSNorm(o)).
+- "deltanet" (Schlag et al. 2021; Yang et al. 2024): q and k through SiLU and L2-normalised (q also scaled by
+  P^-1/2), v, a write strength beta = sigmoid(x W_beta) per head; the delta rule; a per-head RMSNorm; out(o).
 
 Decode state: {"kv": float32 [B, N, P, H] (H + 1 for normalised "linear": the last column is the key sum),
 "position": int32 [B]} (the position is what RetNet's rotation needs at the next step). `positions` restart at 0
@@ -39,7 +41,7 @@ from seqjax.ops import linear as linear_ops
 from seqjax.ops.attention import positions as positions_ops
 
 Dtype = Any
-VARIANTS = ("linear", "retnet", "gla")
+VARIANTS = ("linear", "retnet", "gla", "deltanet")
 
 
 class LinearAttention(nn.Module):
@@ -69,6 +71,10 @@ class LinearAttention(nn.Module):
   def _gated(self) -> bool:
     return self.variant in ("retnet", "gla")
 
+  @property
+  def _normed(self) -> bool:
+    return self._gated or self.variant == "deltanet" or not self.normalize
+
   def setup(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"LinearAttention: variant={self.variant!r} is not one of {VARIANTS}")
@@ -86,14 +92,17 @@ class LinearAttention(nn.Module):
     if self.variant == "gla":
       self.gate_down = _dense(self.gate_rank, ("embed", None), self.dtype, self.param_dtype, "gate_down")
       self.gate_up = _dense(n * p, (None, "heads"), self.dtype, self.param_dtype, "gate_up", use_bias=True)
-    if self._gated or not self.normalize:
+    if self.variant == "deltanet":
+      self.beta_proj = _dense(n, ("embed", "heads"), self.dtype, self.param_dtype, "beta_proj", use_bias=True)
+    if self._normed:
       self.norm_scale = _param(self, "norm_scale", nn.initializers.ones, (n * h,), ("heads",), self.param_dtype)
     if self.variant == "retnet":
       self.norm_bias = _param(self, "norm_bias", nn.initializers.zeros, (n * h,), ("heads",), self.param_dtype)
     self.out_proj = _dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")
 
   def _project(self, x_BTD, positions_BT):
-    """q, k [B, T, N, P], v [B, T, N, H] and the log-decay of the variant (None, [N] or [B, T, N, P])."""
+    """q, k [B, T, N, P], v [B, T, N, H] and the variant's fourth input: the log-decay (None, [N] or [B, T, N, P]),
+    or DeltaNet's beta [B, T, N]."""
     b, t = x_BTD.shape[:2]
     n, p, h = self.num_heads, self.key_dim, self.value_dim
     x_BTD = x_BTD.astype(self.dtype)
@@ -111,12 +120,17 @@ class LinearAttention(nn.Module):
       q_BTNP = q_BTNP * p ** -0.5
       log_decay = linear_ops.gla_log_decay(self.gate_up(self.gate_down(x_BTD)).reshape(b, t, n, p),
                                            self.gate_normalizer)
+    elif self.variant == "deltanet":
+      unit = lambda a: a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+      q_BTNP = unit(nn.silu(q_BTNP.astype(jnp.float32))) * p ** -0.5
+      k_BTNP = unit(nn.silu(k_BTNP.astype(jnp.float32)))
+      log_decay = jax.nn.sigmoid(self.beta_proj(x_BTD).astype(jnp.float32))  # beta [B, T, N]
     return q_BTNP, k_BTNP, v_BTNH, log_decay
 
   def _output(self, o_BTNH, x_BTD):
     """out_proj of the heads' outputs, through the per-head norm and swish gate where the variant has them."""
     b, t, n, h = o_BTNH.shape
-    if self._gated or not self.normalize:
+    if self._normed:
       o = o_BTNH.astype(jnp.float32)
       if self.variant == "retnet":  # GroupNorm with one group per head
         o = o - jnp.mean(o, axis=-1, keepdims=True)
@@ -138,6 +152,8 @@ class LinearAttention(nn.Module):
                                          **kwargs)
     if self.variant == "retnet":
       return linear_ops.retention(q, k, v, log_decay, **kwargs)
+    if self.variant == "deltanet":
+      return linear_ops.delta_rule(q, k, v, log_decay, **kwargs)
     return linear_ops.gated_linear_attention(q, k, v, log_decay, **kwargs)
 
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -176,6 +192,8 @@ class LinearAttention(nn.Module):
     if self.variant == "linear":
       o_BNH, kv = linear_ops.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state["kv"],
                                                    feature_map_name=self.feature_map, normalize=self.normalize)
+    elif self.variant == "deltanet":
+      o_BNH, kv = linear_ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state["kv"])
     else:
       step_decay = log_decay if log_decay.ndim == 1 else log_decay[:, 0]
       o_BNH, kv = linear_ops.decayed_attention_step(q[:, 0], k[:, 0], v[:, 0], step_decay, state["kv"])

@@ -183,5 +183,5 @@ def _make_linear_attention(variant: str) -> MixerFactory:
   return factory
 
 
-for _variant in ("linear", "retnet", "gla"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
+for _variant in ("linear", "retnet", "gla", "deltanet"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
   register_mixer(_variant)(_make_linear_attention(_variant))

@@ -1,7 +1,7 @@
-"""The linear-attention mixers ("linear", "retnet", "gla") beyond the mixer contract (tests/nn/test_mixer_contract.py
+"""The linear-attention mixers ("linear", "retnet", "gla", "deltanet") beyond the mixer contract (tests/nn/test_mixer_contract.py
 checks prefill + steps = parallel, padding independence and ragged rows for them):
 
-- the three training forms (model.linear.mode) give the same outputs and parameter gradients through the GLA module;
+- the three training forms (model.linear.mode) give the same outputs and parameter gradients through the GLA and DeltaNet modules;
 - packed documents stay isolated (a row of two documents = each document alone);
 - a tiny LM with each mixer trains: the loss falls over a few Adam steps on a fixed batch;
 - config mistakes name their field.
@@ -19,7 +19,7 @@ from seqjax.config import ConfigError, LinearAttentionConfig, ModelConfig, from_
 from seqjax.models.lm import DecoderLM
 from seqjax.nn.mixers import make_mixer
 
-VARIANTS = ("linear", "retnet", "gla")
+VARIANTS = ("linear", "retnet", "gla", "deltanet")
 B, T, D = 2, 12, 16
 
 
@@ -28,7 +28,7 @@ def _config(mixer, **linear):
                      positions="none", linear=LinearAttentionConfig(num_heads=2, chunk=5, **linear))
 
 
-@pytest.mark.parametrize("variant", ["gla"])  # every variant reaches the forms through the same `_mix`
+@pytest.mark.parametrize("variant", ["gla", "deltanet"])  # linear / retnet reach the forms as GLA does
 def test_training_forms_agree_through_the_module(variant):
   """Catches: a form-specific bug only visible with the module's projections and gates (e.g. the data-dependent
   decay reaching one form only), in outputs and parameter gradients."""

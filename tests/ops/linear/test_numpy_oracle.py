@@ -6,7 +6,9 @@ seqjax.ops.linear), in every form ("parallel", "recurrent", "chunked").
   with every shape of g the op accepts (none, [N], [B, T, N], [B, T, N, P]) broadcast by hand;
 * linear attention (Katharopoulos et al. 2020, eq. 9 causal), as the explicit double sum
       o_t = sum_{s<=t} phi(q_t).phi(k_s) v_s / (sum_{s<=t} phi(q_t).phi(k_s) + eps),  phi = elu + 1;
-* retention (RetNet), as the explicit double sum o_t = sum_{s<=t} gamma_n^(t-s) (q_t.k_s) v_s, gamma_n = 1 - 2^(-5-n).
+* retention (RetNet), as the explicit double sum o_t = sum_{s<=t} gamma_n^(t-s) (q_t.k_s) v_s, gamma_n = 1 - 2^(-5-n);
+* the delta rule (DeltaNet), a loop over time in the Householder-like form
+      S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,     o_t = S_t^T q_t.
 
 A segment reset zeroes the state before the first position of a new id (position 0 continues from the initial
 state); in the double sums, s ranges over the current document only. Gradients are checked as directional
@@ -21,6 +23,7 @@ import pytest
 from absl.testing import parameterized
 
 from seqjax.ops import linear
+from seqjax.ops.linear import delta
 
 MODES = ("parallel", "recurrent", "chunked")
 B, T, N, P, H = 2, 13, 3, 4, 5
@@ -66,6 +69,26 @@ def recurrence_oracle(q, k, v, g, s0, seg):
         if reset[b, t]:
           s = np.zeros_like(s)
         s = np.exp(g_full[b, t, n])[:, None] * s + np.outer(k[b, t, n], v[b, t, n])
+        o[b, t, n] = q[b, t, n] @ s
+      s_final[b, n] = s
+  return o, s_final
+
+
+def delta_rule_oracle(q, k, v, beta, s0, seg):
+  """The delta rule in float64, one head at a time: o [B, T, N, H], final state [B, N, P, H]."""
+  q, k, v, beta, s0 = (np.asarray(a, np.float64) for a in (q, k, v, beta, s0))
+  reset = _resets(seg)
+  o = np.zeros(v.shape)
+  s_final = np.zeros(s0.shape)
+  eye = np.eye(q.shape[3])
+  for b in range(q.shape[0]):
+    for n in range(q.shape[2]):
+      s = s0[b, n].copy()
+      for t in range(q.shape[1]):
+        if reset[b, t]:
+          s = np.zeros_like(s)
+        kt = k[b, t, n]
+        s = (eye - beta[b, t, n] * np.outer(kt, kt)) @ s + beta[b, t, n] * np.outer(kt, v[b, t, n])
         o[b, t, n] = q[b, t, n] @ s
       s_final[b, n] = s
   return o, s_final
@@ -185,6 +208,49 @@ class VariantsTest(parameterized.TestCase):
     x = _normal(3, 4, scale=3.0)
     np.testing.assert_allclose(np.exp(np.asarray(linear.gla_log_decay(x, 16.0), np.float64)),
                                (1.0 / (1.0 + np.exp(-x.astype(np.float64)))) ** (1.0 / 16.0), rtol=1e-6)
+
+
+
+def _delta_inputs():
+  k = _normal(B, T, N, P)
+  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  beta = (1.0 / (1.0 + np.exp(-_normal(B, T, N)))).astype(np.float32)
+  return _normal(B, T, N, P), k, _normal(B, T, N, H), beta, _normal(B, N, P, H)
+
+
+class DeltaRuleTest(parameterized.TestCase):
+
+  @parameterized.product(mode=MODES)
+  def test_forward_and_final_state_match_the_loop(self, mode):
+    """Catches: a wrong UT system (e.g. the inclusive instead of the strict lower triangle, beta on the wrong
+    side), the incoming state not subtracted from the values, a reset mid-chunk ignored."""
+    q, k, v, beta, s0 = _delta_inputs()
+    o, s = delta.delta_rule(q, k, v, beta, mode=mode, chunk_size=CHUNK, initial_state=s0, segment_ids=SEGMENTS,
+                            return_final_state=True)
+    o_ref, s_ref = delta_rule_oracle(q, k, v, beta, s0, SEGMENTS)
+    _assert_close(o, o_ref, what="output")
+    _assert_close(s, s_ref, what="final state")
+
+  @parameterized.product(mode=("recurrent", "chunked"))
+  def test_gradients_match_finite_differences_of_the_loop(self, mode):
+    """Catches: a wrong backward through the triangular solve or the rematerialised chunk scan."""
+    args = list(_delta_inputs())
+    w_o = _normal(B, T, N, H)
+
+    def loss(*a):
+      return jnp.sum(delta.delta_rule(*a[:4], mode=mode, chunk_size=CHUNK, initial_state=a[4],
+                                      segment_ids=SEGMENTS) * w_o)
+
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args)
+    for i, grad in enumerate(grads):
+      direction = RNG.standard_normal(args[i].shape) * (0.1 if i == 3 else 1.0)
+      eps = 1e-5
+      shifted = lambda sign: [np.asarray(a, np.float64) + sign * eps * direction if j == i else a  # noqa: E731
+                              for j, a in enumerate(args)]
+      expected = (np.sum(delta_rule_oracle(*shifted(1), SEGMENTS)[0] * w_o)
+                  - np.sum(delta_rule_oracle(*shifted(-1), SEGMENTS)[0] * w_o)) / (2 * eps)
+      np.testing.assert_allclose(float(np.sum(np.asarray(grad, np.float64) * direction)), expected, rtol=1e-3,
+                                 atol=1e-3, err_msg=f"argument {i}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""The delta rule (DeltaNet; Schlag et al. 2021, Yang et al. 2024) in three forms, chunked by the UT transform.
+
+Per head, the state S [P, H] is corrected towards each new value instead of only accumulating it:
+
+    u_t = beta_t (v_t - S_{t-1}^T k_t)            (the error of the state's prediction for key k_t, times beta_t)
+    S_t = S_{t-1} + k_t u_t^T = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t = S_t^T q_t
+
+with beta_t in (0, 1] and, for stability, unit-norm keys (the mixer L2-normalises them). Legend: B batch, T length,
+N heads, P key dim, H value dim, C chunk length; q, k [B, T, N, P], v [B, T, N, H], beta [B, T, N],
+state [B, N, P, H] float32.
+
+Forms (`mode`):
+- "recurrent": `lax.scan` over T (also `delta_rule_step`, the decoding step).
+- "chunked":   the UT (WY) form per chunk. Unrolling u_t over the chunk, with S_0 the incoming state,
+                   u_t + beta_t sum_{s<t} (k_t . k_s) u_s = beta_t (v_t - S_0^T k_t),
+               i.e. (I + strictly_lower(diag(beta) K K^T)) U = diag(beta) (V - K S_0): one unit-lower-triangular
+               solve per chunk gives all the chunk's u (the UT transform T = A^-1 diag(beta) applied to V and K
+               jointly, W = T K and U = T V - W S_0 in the WY notation). Then
+                   O = Q S_0 + (causal_mask(Q K^T)) U,     S_C = S_0 + K^T U.
+               A scan over chunks carries S; the chunk step is rematerialised in the backward pass, so no per-step
+               state is ever materialised.
+- "parallel":  the same UT form over the whole sequence as one chunk: a [T, T] triangular solve (quadratic; the
+               reference for short sequences).
+
+Segment resets: the state is zeroed before every position whose id differs from the previous one's: inside a chunk
+two positions interact only within one document, and S_0 reaches only the positions before the chunk's first reset.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqjax.ops.linear.recurrence import MODES
+from seqjax.ops.ssm._common import as_arrays, keep_mask
+
+DEFAULT_CHUNK_SIZE = 32
+
+
+def _check(q, k, v, beta, mode, chunk_size, initial_state, segment_ids):
+  if mode not in MODES:
+    raise ValueError(f"delta_rule: mode={mode!r} is not one of {MODES}")
+  if q.ndim != 4 or k.shape != q.shape:
+    raise ValueError(f"delta_rule: q and k must be [B, T, N, P] of one shape, got {q.shape} and {k.shape}")
+  b, t, n, p = q.shape
+  if v.ndim != 4 or v.shape[:3] != (b, t, n):
+    raise ValueError(f"delta_rule: v must be [B, T, N, H] with B, T, N = {(b, t, n)}, got {v.shape}")
+  if beta.shape != (b, t, n):
+    raise ValueError(f"delta_rule: beta must be [B, T, N] = {(b, t, n)}, got {beta.shape}")
+  if initial_state is not None and initial_state.shape != (b, n, p, v.shape[3]):
+    raise ValueError(f"delta_rule: initial_state must be [B, N, P, H] = {(b, n, p, v.shape[3])}, got "
+                     f"{initial_state.shape}")
+  if segment_ids is not None and segment_ids.shape != (b, t):
+    raise ValueError(f"delta_rule: segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+    raise ValueError(f"delta_rule: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, mode: str = "chunked",
+               chunk_size: int | None = None, initial_state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, return_final_state: bool = False):
+  """The delta rule: o [B, T, N, H] in v's dtype (and the state after the last position, [B, N, P, H] float32).
+
+  Args:
+    q, k: [B, T, N, P] queries and keys (keys of unit norm keep the recurrence contractive).
+    v: [B, T, N, H] values.
+    beta: [B, T, N] write strengths in (0, 1].
+    mode: "chunked" (default, C = 32), "parallel" or "recurrent".
+    chunk_size: the chunked form's chunk length; need not divide T.
+    initial_state: optional [B, N, P, H].
+    segment_ids: optional [B, T]; the state resets where the id changes.
+    return_final_state: also return the final state.
+  """
+  q, k, v, beta, initial_state, segment_ids = as_arrays(q, k, v, beta, initial_state, segment_ids)
+  _check(q, k, v, beta, mode, chunk_size, initial_state, segment_ids)
+  b, t, n, p = q.shape
+  f32 = jnp.float32
+  head_major = lambda a: jnp.swapaxes(a.astype(f32), 1, 2)  # noqa: E731  [B, T, N, ...] -> [B, N, T, ...]
+  q_BNTP, k_BNTP, v_BNTH, beta_BNT = map(head_major, (q, k, v, beta))
+  s0_BNPH = jnp.zeros((b, n, p, v.shape[3]), f32) if initial_state is None else initial_state.astype(f32)
+  keep_BT = keep_mask(segment_ids, b, t)
+  if mode == "recurrent":
+    o_BNTH, s_BNPH = _recurrent(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH)
+  else:
+    chunk = t if mode == "parallel" else min(chunk_size or DEFAULT_CHUNK_SIZE, t)
+    o_BNTH, s_BNPH = _chunked(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH, chunk)
+  o_BTNH = jnp.swapaxes(o_BNTH, 1, 2).astype(v.dtype)
+  return (o_BTNH, s_BNPH) if return_final_state else o_BTNH
+
+
+def _step(s_BNPH, q_BNP, k_BNP, v_BNH, beta_BN):
+  u_BNH = beta_BN[..., None] * (v_BNH - jnp.einsum("bnp,bnph->bnh", k_BNP, s_BNPH))
+  s_BNPH = s_BNPH + k_BNP[..., None] * u_BNH[..., None, :]
+  return jnp.einsum("bnp,bnph->bnh", q_BNP, s_BNPH), s_BNPH
+
+
+def delta_rule_step(q_BNP: jax.Array, k_BNP: jax.Array, v_BNH: jax.Array, beta_BN: jax.Array,
+                    state_BNPH: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One decoding step: (o [B, N, H] in v's dtype, new state [B, N, P, H] float32)."""
+  q_BNP, k_BNP, v_BNH, beta_BN, state_BNPH = as_arrays(q_BNP, k_BNP, v_BNH, beta_BN, state_BNPH)
+  f32 = jnp.float32
+  o_BNH, s_BNPH = _step(state_BNPH.astype(f32), q_BNP.astype(f32), k_BNP.astype(f32), v_BNH.astype(f32),
+                        beta_BN.astype(f32))
+  return o_BNH.astype(v_BNH.dtype), s_BNPH
+
+
+def _recurrent(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH):
+  def step(s_BNPH, inputs):
+    q_BNP, k_BNP, v_BNH, beta_BN, keep_B = inputs
+    o_BNH, s_BNPH = _step(s_BNPH * keep_B[:, None, None, None], q_BNP, k_BNP, v_BNH, beta_BN)
+    return s_BNPH, o_BNH
+
+  time_major = lambda a: jnp.moveaxis(a, 2, 0)  # noqa: E731
+  xs = tuple(map(time_major, (q_BNTP, k_BNTP, v_BNTH, beta_BNT))) + (jnp.swapaxes(keep_BT, 0, 1),)
+  s_BNPH, o_TBNH = lax.scan(step, s0_BNPH, xs)
+  return jnp.moveaxis(o_TBNH, 0, 2), s_BNPH
+
+
+def _chunked(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH, chunk):
+  b, n, t, _ = q_BNTP.shape
+  h = v_BNTH.shape[3]
+  m = -(-t // chunk)
+  pad = m * chunk - t
+
+  def to_chunks(a):  # [B, N, T, ...] -> [M, B, N, C, ...]; padded steps (beta = 0, k = 0) leave the state alone
+    a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
+    return jnp.moveaxis(a.reshape(b, n, m, chunk, *a.shape[3:]), 2, 0)
+
+  causal_TS = jnp.tril(jnp.ones((chunk, chunk), bool))
+  strict_TS = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+
+  def chunk_step(s_BNPH, inputs):
+    q_BNCP, k_BNCP, v_BNCH, beta_BNC, keep_BC = inputs
+    count_BC = jnp.cumsum(1.0 - keep_BC, axis=1)
+    same_B1TS = (count_BC[:, :, None] == count_BC[:, None, :])[:, None]
+    first_B1C1 = (count_BC == 0.0)[:, None, :, None]  # before the chunk's first reset: these see S_0
+    kk_BNTS = jnp.einsum("bntp,bnsp->bnts", k_BNCP, k_BNCP)
+    a_BNTS = jnp.eye(chunk, dtype=jnp.float32) + jnp.where(strict_TS & same_B1TS, beta_BNC[..., None] * kk_BNTS, 0.0)
+    rhs_BNCH = beta_BNC[..., None] * (v_BNCH - first_B1C1 * jnp.einsum("bntp,bnph->bnth", k_BNCP, s_BNPH))
+    u_BNCH = lax.linalg.triangular_solve(a_BNTS, rhs_BNCH, left_side=True, lower=True, unit_diagonal=True)
+    qk_BNTS = jnp.where(causal_TS & same_B1TS, jnp.einsum("bntp,bnsp->bnts", q_BNCP, k_BNCP), 0.0)
+    o_BNCH = (jnp.einsum("bntp,bnph->bnth", q_BNCP * first_B1C1, s_BNPH)
+              + jnp.einsum("bnts,bnsh->bnth", qk_BNTS, u_BNCH))
+    last_B1C1 = (count_BC == count_BC[:, -1:])[:, None, :, None]  # the chunk's last document writes the state
+    keep_state_B = (count_BC[:, -1] == 0.0).astype(jnp.float32)
+    s_BNPH = (keep_state_B[:, None, None, None] * s_BNPH
+              + jnp.einsum("bnsp,bnsh->bnph", k_BNCP * last_B1C1, u_BNCH))
+    return s_BNPH, o_BNCH
+
+  keep_MBC = jnp.swapaxes(jnp.pad(keep_BT, [(0, 0), (0, pad)], constant_values=1.0).reshape(b, m, chunk), 0, 1)
+  s_BNPH, o_MBNCH = lax.scan(jax.checkpoint(chunk_step), s0_BNPH,
+                             (to_chunks(q_BNTP), to_chunks(k_BNTP), to_chunks(v_BNTH), to_chunks(beta_BNT),
+                              keep_MBC))
+  o_BNTH = jnp.moveaxis(o_MBNCH, 0, 2).reshape(b, n, m * chunk, h)[:, :, :t]
+  return o_BNTH, s_BNPH
