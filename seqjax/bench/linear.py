@@ -1,5 +1,5 @@
 """Benchmark of the linear-attention kernels: the chunked form vs the recurrent form (forward and forward+backward)
-for "linear", "retnet" and "gla", and the mixers' decode step time against the context length. Writes
+for "linear", "retnet", "gla" and "deltanet", and the mixers' decode step time against the context length. Writes
 `linear.json` and `linear.png` into --results_dir.
 
     python -m seqjax.bench linear --results_dir=results/linear
@@ -7,7 +7,8 @@ for "linear", "retnet" and "gla", and the mixers' decode step time against the c
 
 Sizes: B = 1, N = 4 heads, P = H = 64 (d_model 256), float32. Inputs are what each variant's op receives (the
 mixers' projections are outside the timed kernel): q, k, v normal; GLA's log-decay from `gla_log_decay` of normal
-gate logits; RetNet's the fixed per-head decays. fwd+bwd is the gradient of a fixed weighted sum of the output w.r.t.
+gate logits; RetNet's the fixed per-head decays; DeltaNet's keys L2-normalised and beta = sigmoid of the first
+feature of GLA's log-decay input (so its gradient is part of fwd+bwd). fwd+bwd is the gradient of a fixed weighted sum of the output w.r.t.
 q, k, v (and GLA's log-decay). Timing and memory as in `seqjax.bench.ssm` (jitted, warmed up, cases of one length
 round-robin, median; XLA's compiled memory analysis, temp + output bytes). The decode step is the whole mixer's
 `step` (projections, gates, norm) after a prefill of each context, timed round-robin.
@@ -30,7 +31,7 @@ from seqjax.nn.linear_attention import LinearAttention
 from seqjax.ops import linear
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 1, 4, 64, 64
-VARIANTS = ("linear", "retnet", "gla")
+VARIANTS = ("linear", "retnet", "gla", "deltanet")
 FORMS = ("chunked", "recurrent")
 
 
@@ -49,6 +50,10 @@ def _op(variant, mode, chunk):
   if variant == "retnet":
     return lambda q, k, v, g: linear.retention(q, k, v, linear.retnet_log_decay(HEADS), mode=mode,
                                                chunk_size=chunk)
+  if variant == "deltanet":
+    unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
+    return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), mode=mode,
+                                                chunk_size=chunk)
   return lambda q, k, v, g: linear.gated_linear_attention(q, k, v, g, mode=mode, chunk_size=chunk)
 
 
@@ -166,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   os.makedirs(fv.results_dir, exist_ok=True)
   log = lambda msg: print(msg, flush=True)  # noqa: E731
   log(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus; float32; chunk "
-      f"{fv.chunk or 'default (64; GLA 16)'}")
+      f"{fv.chunk or 'default (64; GLA 16, DeltaNet 32)'}")
   rows = []
   if "forms" in fv.only:
     rows += bench_forms(lengths, fv.chunk or None, fv.repeats, log)

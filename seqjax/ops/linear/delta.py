@@ -18,8 +18,10 @@ Forms (`mode`):
                solve per chunk gives all the chunk's u (the UT transform T = A^-1 diag(beta) applied to V and K
                jointly, W = T K and U = T V - W S_0 in the WY notation). Then
                    O = Q S_0 + (causal_mask(Q K^T)) U,     S_C = S_0 + K^T U.
-               A scan over chunks carries S; the chunk step is rematerialised in the backward pass, so no per-step
-               state is ever materialised.
+               The solve does not involve S_0, so W = A^-1 diag(beta) K and U_V = A^-1 diag(beta) V are computed for
+               every chunk at once (one batched triangular solve, [T, P + H] in all) and U = U_V - W S_0; the scan
+               over chunks then only carries S through matmuls. Memory is O(T (P + H + C)) plus one state per chunk:
+               no per-step state is ever materialised.
 - "parallel":  the same UT form over the whole sequence as one chunk: a [T, T] triangular solve (quadratic; the
                reference for short sequences).
 
@@ -119,7 +121,7 @@ def _recurrent(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH):
 
 
 def _chunked(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH, chunk):
-  b, n, t, _ = q_BNTP.shape
+  b, n, t, p = q_BNTP.shape
   h = v_BNTH.shape[3]
   m = -(-t // chunk)
   pad = m * chunk - t
@@ -128,30 +130,33 @@ def _chunked(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH, chunk):
     a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
     return jnp.moveaxis(a.reshape(b, n, m, chunk, *a.shape[3:]), 2, 0)
 
-  causal_TS = jnp.tril(jnp.ones((chunk, chunk), bool))
+  q, k, v, beta = map(to_chunks, (q_BNTP, k_BNTP, v_BNTH, beta_BNT))  # [M, B, N, C, ...]
+  keep_MBC = jnp.swapaxes(jnp.pad(keep_BT, [(0, 0), (0, pad)], constant_values=1.0).reshape(b, m, chunk), 0, 1)
+  count_MBC = jnp.cumsum(1.0 - keep_MBC, axis=2)
+  same_MB1TS = (count_MBC[..., :, None] == count_MBC[..., None, :])[:, :, None]
+  first_MB1C1 = (count_MBC == 0.0)[:, :, None, :, None]  # before the chunk's first reset: these see S_0
+  last_MB1C1 = (count_MBC == count_MBC[..., -1:])[:, :, None, :, None]  # the chunk's last document writes S
+  keep_state_MB = (count_MBC[..., -1] == 0.0).astype(jnp.float32)
+  # The UT transform of every chunk at once (it does not depend on the incoming state): with
+  # A = I + strictly_lower(diag(beta) K K^T) (within a document), W = A^-1 diag(beta) K (rows that see S_0) and
+  # U = A^-1 diag(beta) V, so that a chunk's corrected values are U - W S_0. One triangular solve for both.
   strict_TS = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+  a_MBNTS = jnp.eye(chunk, dtype=jnp.float32) + jnp.where(
+      strict_TS & same_MB1TS, beta[..., None] * jnp.einsum("mbntp,mbnsp->mbnts", k, k), 0.0)
+  rhs = beta[..., None] * jnp.concatenate([k * first_MB1C1, v], axis=-1)
+  wu = lax.linalg.triangular_solve(a_MBNTS, rhs, left_side=True, lower=True, unit_diagonal=True)
+  w_MBNCP, u_MBNCH = wu[..., :p], wu[..., p:]
+  causal_TS = jnp.tril(jnp.ones((chunk, chunk), bool))
+  qk_MBNTS = jnp.where(causal_TS & same_MB1TS, jnp.einsum("mbntp,mbnsp->mbnts", q, k), 0.0)
 
   def chunk_step(s_BNPH, inputs):
-    q_BNCP, k_BNCP, v_BNCH, beta_BNC, keep_BC = inputs
-    count_BC = jnp.cumsum(1.0 - keep_BC, axis=1)
-    same_B1TS = (count_BC[:, :, None] == count_BC[:, None, :])[:, None]
-    first_B1C1 = (count_BC == 0.0)[:, None, :, None]  # before the chunk's first reset: these see S_0
-    kk_BNTS = jnp.einsum("bntp,bnsp->bnts", k_BNCP, k_BNCP)
-    a_BNTS = jnp.eye(chunk, dtype=jnp.float32) + jnp.where(strict_TS & same_B1TS, beta_BNC[..., None] * kk_BNTS, 0.0)
-    rhs_BNCH = beta_BNC[..., None] * (v_BNCH - first_B1C1 * jnp.einsum("bntp,bnph->bnth", k_BNCP, s_BNPH))
-    u_BNCH = lax.linalg.triangular_solve(a_BNTS, rhs_BNCH, left_side=True, lower=True, unit_diagonal=True)
-    qk_BNTS = jnp.where(causal_TS & same_B1TS, jnp.einsum("bntp,bnsp->bnts", q_BNCP, k_BNCP), 0.0)
-    o_BNCH = (jnp.einsum("bntp,bnph->bnth", q_BNCP * first_B1C1, s_BNPH)
-              + jnp.einsum("bnts,bnsh->bnth", qk_BNTS, u_BNCH))
-    last_B1C1 = (count_BC == count_BC[:, -1:])[:, None, :, None]  # the chunk's last document writes the state
-    keep_state_B = (count_BC[:, -1] == 0.0).astype(jnp.float32)
-    s_BNPH = (keep_state_B[:, None, None, None] * s_BNPH
-              + jnp.einsum("bnsp,bnsh->bnph", k_BNCP * last_B1C1, u_BNCH))
+    q_first_BNCP, w_BNCP, u_BNCH, qk_BNTS, k_last_BNCP, keep_state_B = inputs
+    u_BNCH = u_BNCH - jnp.einsum("bntp,bnph->bnth", w_BNCP, s_BNPH)  # the corrected values u_t
+    o_BNCH = (jnp.einsum("bntp,bnph->bnth", q_first_BNCP, s_BNPH) + jnp.einsum("bnts,bnsh->bnth", qk_BNTS, u_BNCH))
+    s_BNPH = keep_state_B[:, None, None, None] * s_BNPH + jnp.einsum("bnsp,bnsh->bnph", k_last_BNCP, u_BNCH)
     return s_BNPH, o_BNCH
 
-  keep_MBC = jnp.swapaxes(jnp.pad(keep_BT, [(0, 0), (0, pad)], constant_values=1.0).reshape(b, m, chunk), 0, 1)
-  s_BNPH, o_MBNCH = lax.scan(jax.checkpoint(chunk_step), s0_BNPH,
-                             (to_chunks(q_BNTP), to_chunks(k_BNTP), to_chunks(v_BNTH), to_chunks(beta_BNT),
-                              keep_MBC))
+  s_BNPH, o_MBNCH = lax.scan(chunk_step, s0_BNPH, (q * first_MB1C1, w_MBNCP, u_MBNCH, qk_MBNTS, k * last_MB1C1,
+                                                   keep_state_MB))
   o_BNTH = jnp.moveaxis(o_MBNCH, 0, 2).reshape(b, n, m * chunk, h)[:, :, :t]
   return o_BNTH, s_BNPH
