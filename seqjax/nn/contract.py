@@ -38,6 +38,8 @@ mixer, against the parallel form):
     s5               h complex64 [B, P]
     mamba            {"conv": [B, W - 1, E] compute dtype, "ssm": float32 [B, E, P]}
     mamba2           {"conv": [B, W - 1, E + 2P] compute dtype, "ssm": float32 [B, N, H, P]}
+    linear, retnet,  {"kv": float32 [B, N, P, H] (P key width, H value width; H + 1 for normalised "linear"),
+    gla, deltanet     "position": int32 [B]}
 
 `register_mixer` checks a new mixer's module against this contract (`contract_problems`) when it is registered.
 """
