@@ -35,29 +35,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqjax.ops.linear.recurrence import MODES
+from seqjax.ops.linear.recurrence import check_inputs
 from seqjax.ops.ssm._common import as_arrays, keep_mask
 
 DEFAULT_CHUNK_SIZE = 32
 
 
 def _check(q, k, v, beta, mode, chunk_size, initial_state, segment_ids):
-  if mode not in MODES:
-    raise ValueError(f"delta_rule: mode={mode!r} is not one of {MODES}")
-  if q.ndim != 4 or k.shape != q.shape:
-    raise ValueError(f"delta_rule: q and k must be [B, T, N, P] of one shape, got {q.shape} and {k.shape}")
-  b, t, n, p = q.shape
-  if v.ndim != 4 or v.shape[:3] != (b, t, n):
-    raise ValueError(f"delta_rule: v must be [B, T, N, H] with B, T, N = {(b, t, n)}, got {v.shape}")
-  if beta.shape != (b, t, n):
-    raise ValueError(f"delta_rule: beta must be [B, T, N] = {(b, t, n)}, got {beta.shape}")
-  if initial_state is not None and initial_state.shape != (b, n, p, v.shape[3]):
-    raise ValueError(f"delta_rule: initial_state must be [B, N, P, H] = {(b, n, p, v.shape[3])}, got "
-                     f"{initial_state.shape}")
-  if segment_ids is not None and segment_ids.shape != (b, t):
-    raise ValueError(f"delta_rule: segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
-  if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-    raise ValueError(f"delta_rule: chunk_size must be a positive int or None, got {chunk_size!r}")
+  check_inputs("delta_rule", q, k, v, mode, chunk_size, initial_state, segment_ids)
+  if beta.shape != q.shape[:3]:
+    raise ValueError(f"delta_rule: beta must be [B, T, N] = {q.shape[:3]}, got {beta.shape}")
 
 
 def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, mode: str = "chunked",

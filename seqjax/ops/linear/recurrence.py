@@ -46,7 +46,8 @@ DEFAULT_CHUNK_SIZE = 64  # with no decay or a scalar decay per head (the fastest
 DEFAULT_FEATURE_DECAY_CHUNK_SIZE = 16  # with a decay per key feature: its [C, C, P] decay tensor favours short chunks
 
 
-def _check(name, q, k, v, g, mode, chunk_size, initial_state, segment_ids):
+def check_inputs(name, q, k, v, mode, chunk_size, initial_state, segment_ids):
+  """Clear errors for the arguments every linear-attention form takes (also used by `delta.py`)."""
   if mode not in MODES:
     raise ValueError(f"{name}: mode={mode!r} is not one of {MODES}")
   if q.ndim != 4:
@@ -56,9 +57,6 @@ def _check(name, q, k, v, g, mode, chunk_size, initial_state, segment_ids):
     raise ValueError(f"{name}: k must have q's shape {q.shape} ([B, T, N, P]), got {k.shape}")
   if v.ndim != 4 or v.shape[:3] != (b, t, n):
     raise ValueError(f"{name}: v must be [B, T, N, H] with B, T, N = {(b, t, n)}, got {v.shape}")
-  if g is not None and g.shape not in ((n,), (b, t, n), (b, t, n, p)):
-    raise ValueError(f"{name}: the log-decay must be [N] = ({n},), [B, T, N] = {(b, t, n)} or [B, T, N, P] = "
-                     f"{(b, t, n, p)}, got {g.shape}")
   if initial_state is not None and initial_state.shape != (b, n, p, v.shape[3]):
     raise ValueError(f"{name}: initial_state must be [B, N, P, H] = {(b, n, p, v.shape[3])}, got "
                      f"{initial_state.shape}")
@@ -66,6 +64,14 @@ def _check(name, q, k, v, g, mode, chunk_size, initial_state, segment_ids):
     raise ValueError(f"{name}: segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
   if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
     raise ValueError(f"{name}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _check(name, q, k, v, g, mode, chunk_size, initial_state, segment_ids):
+  check_inputs(name, q, k, v, mode, chunk_size, initial_state, segment_ids)
+  b, t, n, p = q.shape
+  if g is not None and g.shape not in ((n,), (b, t, n), (b, t, n, p)):
+    raise ValueError(f"{name}: the log-decay must be [N] = ({n},), [B, T, N] = {(b, t, n)} or [B, T, N, P] = "
+                     f"{(b, t, n, p)}, got {g.shape}")
 
 
 def _log_decay_BTNX(g, b, t, n):

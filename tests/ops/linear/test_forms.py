@@ -148,3 +148,8 @@ def test_bad_input_is_a_clear_error(kwargs, message):
     linear.decayed_linear_attention(q, k, v, **kwargs)
   with pytest.raises(ValueError, match="feature_map='softmax' is not one of"):
     linear.linear_attention(q, k, v, feature_map_name="softmax")
+  with pytest.raises(ValueError, match=r"delta_rule: beta must be \[B, T, N\]"):
+    linear.delta_rule(q, k, v, np.zeros((B, T)))
+  if "log_decay" not in kwargs:  # the checks the delta rule shares
+    with pytest.raises(ValueError, match="delta_rule: " + message):
+      linear.delta_rule(q, k, v, np.ones((B, T, N)), **kwargs)
