@@ -131,7 +131,9 @@ def _chunked(q_BNTP, k_BNTP, v_BNTH, beta_BNT, keep_BT, s0_BNPH, chunk):
   a_MBNTS = jnp.eye(chunk, dtype=jnp.float32) + jnp.where(
       strict_TS & same_MB1TS, beta[..., None] * jnp.einsum("mbntp,mbnsp->mbnts", k, k), 0.0)
   rhs = beta[..., None] * jnp.concatenate([k * first_MB1C1, v], axis=-1)
-  wu = lax.linalg.triangular_solve(a_MBNTS, rhs, left_side=True, lower=True, unit_diagonal=True)
+  # One batch axis: XLA's CPU triangular solve is 2-3x faster on [M B N, C, C] than on [M, B, N, C, C].
+  wu = lax.linalg.triangular_solve(a_MBNTS.reshape(-1, chunk, chunk), rhs.reshape(-1, chunk, p + h), left_side=True,
+                                   lower=True, unit_diagonal=True).reshape(rhs.shape)
   w_MBNCP, u_MBNCH = wu[..., :p], wu[..., p:]
   causal_TS = jnp.tril(jnp.ones((chunk, chunk), bool))
   qk_MBNTS = jnp.where(causal_TS & same_MB1TS, jnp.einsum("mbntp,mbnsp->mbnts", q, k), 0.0)
