@@ -4,6 +4,7 @@ for "linear", "retnet", "gla" and "deltanet", and the mixers' decode step time a
 
     python -m seqjax.bench linear --results_dir=results/linear
     python -m seqjax.bench linear --lengths=1024 --repeats=2 --decode_contexts=128,1024   # a quick look
+    python -m seqjax.bench linear --variants=deltanet --only=forms                        # one variant, one part
 
 Sizes: B = 1, N = 4 heads, P = H = 64 (d_model 256), float32. Inputs are what each variant's op receives (the
 mixers' projections are outside the timed kernel): q, k, v normal; GLA's log-decay from `gla_log_decay` of normal
@@ -64,11 +65,11 @@ def _fwd_and_fwdbwd(fn):
   return {"fwd": fn, "fwdbwd": jax.grad(loss, argnums=(0, 1, 2, 3))}
 
 
-def bench_forms(lengths: Sequence[int], chunk: int, repeats: int, log) -> list[dict]:
+def bench_forms(lengths: Sequence[int], chunk: int, repeats: int, log, variants=VARIANTS) -> list[dict]:
   rows = []
   for length in lengths:
     args = _inputs(length)
-    for variant in VARIANTS:
+    for variant in variants:
       compiled, memory = {}, {}
       for form in FORMS:
         for kind, f in _fwd_and_fwdbwd(_op(variant, form, chunk)).items():
@@ -83,10 +84,10 @@ def bench_forms(lengths: Sequence[int], chunk: int, repeats: int, log) -> list[d
   return rows
 
 
-def bench_decode(contexts: Sequence[int], repeats: int, log) -> list[dict]:
+def bench_decode(contexts: Sequence[int], repeats: int, log, variants=VARIANTS) -> list[dict]:
   rows = []
   d_model = HEADS * VALUE_DIM
-  for variant in VARIANTS:
+  for variant in variants:
     block = LinearAttention(d_model=d_model, variant=variant, num_heads=HEADS, key_dim=KEY_DIM, value_dim=VALUE_DIM)
     x = jax.random.normal(jax.random.PRNGKey(2), (BATCH, max(contexts) + 1, d_model))
     params = block.init(jax.random.PRNGKey(3), x[:, :8])
@@ -155,6 +156,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_integer("repeats", 3, "Timed repeats per case (median reported).", flag_values=fv)
   flags.DEFINE_list("only", ["forms", "decode"], "Which parts to run.", flag_values=fv)
+  flags.DEFINE_list("variants", list(VARIANTS), "Which variants to run.", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -164,19 +166,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
   fv(["python -m seqjax.bench linear"] + list(sys.argv[1:] if argv is None else argv))
   lengths = [int(v) for v in fv.lengths]
   contexts = [int(v) for v in fv.decode_contexts]
-  unknown = set(fv.only) - {"forms", "decode"}
+  unknown = set(fv.only) - {"forms", "decode"} | set(fv.variants) - set(VARIANTS)
   if unknown or fv.repeats < 1 or min(lengths) < 1 or fv.chunk < 0:
-    raise ValueError(f"bad flags: --only may hold forms,decode (got unknown {sorted(unknown)}), --repeats >= 1, "
-                     f"lengths >= 1, --chunk >= 0")
+    raise ValueError(f"bad flags: --only may hold forms,decode and --variants {','.join(VARIANTS)} (got unknown "
+                     f"{sorted(unknown)}), --repeats >= 1, lengths >= 1, --chunk >= 0")
   os.makedirs(fv.results_dir, exist_ok=True)
   log = lambda msg: print(msg, flush=True)  # noqa: E731
   log(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus; float32; chunk "
       f"{fv.chunk or 'default (64; GLA 16, DeltaNet 32)'}")
   rows = []
   if "forms" in fv.only:
-    rows += bench_forms(lengths, fv.chunk or None, fv.repeats, log)
+    rows += bench_forms(lengths, fv.chunk or None, fv.repeats, log, fv.variants)
   if "decode" in fv.only:
-    rows += bench_decode(contexts, fv.repeats, log)
+    rows += bench_decode(contexts, fv.repeats, log, fv.variants)
   summary = summarize(rows, contexts)
   for key, value in summary.items():
     log(f"{key:60s} {value:6.2f}x")
