@@ -99,7 +99,7 @@ class SsmConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionConfig:
-  """The linear-attention mixers ("linear", "retnet", "gla", "deltanet"; docs/linear_attention.md); 0: the default."""
+  """The linear-attention mixers ("linear", "retnet", "gla", "deltanet", "performer"; docs/linear_attention.md)."""
 
   num_heads: int = 4
   key_dim: int = 0  # Per-head query / key feature width P (0: d_model // num_heads).
@@ -111,9 +111,11 @@ class LinearAttentionConfig:
   rotary: bool = True  # "retnet": rotate q and k by their position (RoPE; the rotation of the paper's xPos).
   gate_rank: int = 16  # "gla": rank of the low-rank projection giving the data-dependent decay.
   gate_normalizer: float = 16.0  # "gla": alpha = sigmoid(gate) ** (1 / gate_normalizer) (the paper's tau).
+  num_features: int = 64  # "performer": positive random features per head (the state's key width).
+  feature_seed: int = 0  # "performer": the draw of the orthogonal random features (redraw: another seed).
 
   def _check(self, prefix: str) -> None:
-    for name in ("num_heads", "gate_rank"):
+    for name in ("num_heads", "gate_rank", "num_features"):
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
     for name in ("key_dim", "value_dim", "chunk"):
@@ -127,7 +129,7 @@ class LinearAttentionConfig:
     return self.key_dim or d_model // self.num_heads, self.value_dim or d_model // self.num_heads
 
 
-LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet")
+LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,10 +15,14 @@ Each implements the mixer contract of `seqjax.nn.contract` (see docs/linear_atte
 - "gla" (Yang et al. 2023): q (scaled by P^-1/2), k, v, a swish output gate and a data-dependent decay per head and
   key feature, alpha = sigmoid(x W_1 W_2 + b)^(1 / tau) through a rank-`gate_rank` projection; a per-head RMSNorm;
   out(swish(x W_g) * RMSNorm(o)).
+- "performer" (Choromanski et al. 2021, FAVOR+): q, k (scaled by P^-1/4) mapped to `num_features` positive
+  orthogonal random features drawn from `feature_seed` (redraw: another seed; the draw is a function of the seed,
+  not a parameter, so the optimizer never touches it), then the normalised causal linear attention (prefix sums).
 - "deltanet" (Schlag et al. 2021; Yang et al. 2024): q and k through SiLU and L2-normalised (q also scaled by
   P^-1/2), v, a write strength beta = sigmoid(x W_beta) per head; the delta rule; a per-head RMSNorm; out(o).
 
-Decode state: {"kv": float32 [B, N, P, H] (H + 1 for normalised "linear": the last column is the key sum),
+Decode state: {"kv": float32 [B, N, P, H] (H + 1 for normalised "linear" and "performer": the last column is the key
+sum; the Performer's P is its number of random features),
 "position": int32 [B]} (the position is what RetNet's rotation needs at the next step). `positions` restart at 0
 per document (None: 0, 1, 2, ...); `deterministic` is unused (no dropout). With `return_state`, rows are rotated so
 that each one's last real token comes last (`contract.right_align`; the padding, moved to the front, is a document
@@ -41,7 +45,7 @@ from seqjax.ops import linear as linear_ops
 from seqjax.ops.attention import positions as positions_ops
 
 Dtype = Any
-VARIANTS = ("linear", "retnet", "gla", "deltanet")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer")
 
 
 class LinearAttention(nn.Module):
@@ -60,12 +64,18 @@ class LinearAttention(nn.Module):
   rope_base: float = 10000.0
   gate_rank: int = 16
   gate_normalizer: float = 16.0
+  num_features: int = 64
+  feature_seed: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @property
   def _state_value_dim(self) -> int:
-    return self.value_dim + (1 if self.variant == "linear" and self.normalize else 0)
+    return self.value_dim + (1 if self.variant == "performer" or (self.variant == "linear" and self.normalize) else 0)
+
+  @property
+  def _state_key_dim(self) -> int:
+    return self.num_features if self.variant == "performer" else self.key_dim
 
   @property
   def _gated(self) -> bool:
@@ -73,7 +83,7 @@ class LinearAttention(nn.Module):
 
   @property
   def _normed(self) -> bool:
-    return self._gated or self.variant == "deltanet" or not self.normalize
+    return self._gated or self.variant == "deltanet" or (self.variant == "linear" and not self.normalize)
 
   def setup(self):
     if self.variant not in VARIANTS:
@@ -120,6 +130,10 @@ class LinearAttention(nn.Module):
       q_BTNP = q_BTNP * p ** -0.5
       log_decay = linear_ops.gla_log_decay(self.gate_up(self.gate_down(x_BTD)).reshape(b, t, n, p),
                                            self.gate_normalizer)
+    elif self.variant == "performer":
+      w_MP = linear_ops.orthogonal_random_features(jax.random.key(self.feature_seed), self.num_features, p)
+      q_BTNP = linear_ops.favor_features(q_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=True)
+      k_BTNP = linear_ops.favor_features(k_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=False)
     elif self.variant == "deltanet":
       unit = lambda a: a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
       q_BTNP = unit(nn.silu(q_BTNP.astype(jnp.float32))) * p ** -0.5
@@ -147,9 +161,10 @@ class LinearAttention(nn.Module):
 
   def _mix(self, q, k, v, log_decay, **kwargs):
     """The variant's op over a sequence (kwargs: mode, chunk_size, segment_ids, return_final_state)."""
-    if self.variant == "linear":
-      return linear_ops.linear_attention(q, k, v, feature_map_name=self.feature_map, normalize=self.normalize,
-                                         **kwargs)
+    if self.variant in ("linear", "performer"):
+      performer = self.variant == "performer"  # its q, k are already features; always normalised
+      return linear_ops.linear_attention(q, k, v, feature_map_name="identity" if performer else self.feature_map,
+                                         normalize=performer or self.normalize, **kwargs)
     if self.variant == "retnet":
       return linear_ops.retention(q, k, v, log_decay, **kwargs)
     if self.variant == "deltanet":
@@ -182,16 +197,18 @@ class LinearAttention(nn.Module):
 
   def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
     del max_len, dtype  # the state is float32 and does not grow with the context
-    return {"kv": jnp.zeros((batch_size, self.num_heads, self.key_dim, self._state_value_dim), jnp.float32),
+    return {"kv": jnp.zeros((batch_size, self.num_heads, self._state_key_dim, self._state_value_dim), jnp.float32),
             "position": jnp.zeros((batch_size,), jnp.int32)}
 
   def step(self, x_BD: jax.Array, state, *, deterministic: bool = True):
     del deterministic
     x_B1D = x_BD[:, None]
     q, k, v, log_decay = self._project(x_B1D, state["position"][:, None])
-    if self.variant == "linear":
-      o_BNH, kv = linear_ops.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state["kv"],
-                                                   feature_map_name=self.feature_map, normalize=self.normalize)
+    if self.variant in ("linear", "performer"):
+      performer = self.variant == "performer"
+      o_BNH, kv = linear_ops.linear_attention_step(
+          q[:, 0], k[:, 0], v[:, 0], state["kv"], feature_map_name="identity" if performer else self.feature_map,
+          normalize=performer or self.normalize)
     elif self.variant == "deltanet":
       o_BNH, kv = linear_ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state["kv"])
     else:

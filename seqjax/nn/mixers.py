@@ -179,9 +179,10 @@ def _make_linear_attention(variant: str) -> MixerFactory:
         d_model=cfg.d_model, variant=variant, num_heads=lin.num_heads, key_dim=key_dim, value_dim=value_dim,
         mode=lin.mode, chunk_size=lin.chunk or None, feature_map=lin.feature_map, normalize=lin.normalize,
         rotary=lin.rotary, rope_base=cfg.attention.rope_base, gate_rank=lin.gate_rank,
-        gate_normalizer=lin.gate_normalizer, dtype=compute_dtype(cfg))
+        gate_normalizer=lin.gate_normalizer, num_features=lin.num_features, feature_seed=lin.feature_seed,
+        dtype=compute_dtype(cfg))
   return factory
 
 
-for _variant in ("linear", "retnet", "gla", "deltanet"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
+for _variant in ("linear", "retnet", "gla", "deltanet", "performer"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
   register_mixer(_variant)(_make_linear_attention(_variant))

@@ -19,7 +19,7 @@ from seqjax.config import ConfigError, LinearAttentionConfig, ModelConfig, from_
 from seqjax.models.lm import DecoderLM
 from seqjax.nn.mixers import make_mixer
 
-VARIANTS = ("linear", "retnet", "gla", "deltanet")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer")
 B, T, D = 2, 12, 16
 
 

@@ -5,6 +5,10 @@
             rides along as one more value column of ones: the state is [B, N, P, H + 1], its last column z.
 - "retnet"  (Sun et al., 2023, multi-scale retention): a fixed decay gamma_n = 1 - 2^(-5 - n) per head n;
             q, k are used as they come (the module rotates them and scales k). `retnet_log_decay`.
+- "performer" (Choromanski et al., 2021, FAVOR+): linear attention whose features are positive orthogonal random
+            features approximating the softmax kernel, `favor_features` with `orthogonal_random_features`; the
+            caller passes them to `linear_attention(..., feature_map_name="identity")` (normalised: a causal,
+            prefix-sum estimate of softmax attention).
 - "gla"     (Yang et al., 2023, gated linear attention): a data-dependent decay per head, token and key feature,
             alpha = sigmoid(gate)^(1 / tau) from a low-rank projection of the input; `gla_log_decay`.
 
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 from seqjax.ops.linear.recurrence import decayed_linear_attention, decayed_step
 from seqjax.ops.ssm._common import as_arrays
 
-FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {  # "linear"; Performer's is `favor_features`
     "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al.: positive, so the normaliser is > 0
     "relu": jax.nn.relu,
     "identity": lambda x: x,
@@ -79,6 +83,40 @@ def linear_attention_step(q_BNP: jax.Array, k_BNP: jax.Array, v_BNH: jax.Array, 
   if normalize:
     o_BNH = _normalised(o_BNH, eps)
   return o_BNH.astype(v_BNH.dtype), state
+
+
+def orthogonal_random_features(key: jax.Array, num_features: int, dim: int) -> jax.Array:
+  """[M, P] float32 projection for FAVOR+ (Choromanski et al. 2021): blocks of P orthogonal rows (QR of a Gaussian),
+  each row rescaled to the norm of a Gaussian vector (chi distributed), so every row is marginally N(0, I_P) and
+  rows within a block are exactly orthogonal. Redraw by calling again with a new key."""
+  if num_features < 1 or dim < 1:
+    raise ValueError(f"orthogonal_random_features: num_features and dim must be positive, got {num_features}, {dim}")
+  blocks = -(-num_features // dim)
+  keys = jax.random.split(key, blocks + 1)
+  def block(key):  # Q of a Gaussian's QR with R's diagonal made positive: Haar-distributed orthogonal rows
+    q_PP, r_PP = jnp.linalg.qr(jax.random.normal(key, (dim, dim), jnp.float32))
+    return (q_PP * jnp.sign(jnp.diagonal(r_PP))[None, :]).T
+
+  rows = [block(k) for k in keys[:blocks]]
+  w_MP = jnp.concatenate(rows, axis=0)[:num_features]
+  norms_M = jnp.linalg.norm(jax.random.normal(keys[-1], (num_features, dim), jnp.float32), axis=-1)
+  return w_MP * norms_M[:, None]
+
+
+def favor_features(x_BTNP: jax.Array, w_MP: jax.Array, *, is_query: bool) -> jax.Array:
+  """FAVOR+ positive random features [B, T, N, M] of x (already scaled by P^-1/4), float32:
+  phi(x) = exp(w_m . x - |x|^2 / 2 - c) / sqrt(M), so that E[phi(q) . phi(k)] = exp(q . k) (up to exp(-c) factors).
+
+  Queries subtract their own max over features (c per query: it cancels between the normalised output's numerator
+  and denominator); keys subtract nothing data-dependent (a per-key constant would not cancel, and a max over all
+  keys would look into the future), only |k|^2 / 2.
+  """
+  x = jnp.asarray(x_BTNP).astype(jnp.float32)
+  proj_BTNM = jnp.einsum("btnp,mp->btnm", x, jnp.asarray(w_MP, jnp.float32))
+  logits = proj_BTNM - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+  if is_query:
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  return jnp.exp(logits) / jnp.sqrt(jnp.float32(w_MP.shape[0]))
 
 
 def retnet_log_decay(num_heads: int) -> jax.Array:

@@ -7,6 +7,8 @@ seqjax.ops.linear), in every form ("parallel", "recurrent", "chunked").
 * linear attention (Katharopoulos et al. 2020, eq. 9 causal), as the explicit double sum
       o_t = sum_{s<=t} phi(q_t).phi(k_s) v_s / (sum_{s<=t} phi(q_t).phi(k_s) + eps),  phi = elu + 1;
 * retention (RetNet), as the explicit double sum o_t = sum_{s<=t} gamma_n^(t-s) (q_t.k_s) v_s, gamma_n = 1 - 2^(-5-n);
+* FAVOR+ (Performer): causal softmax attention in float64, estimated by the normalised linear attention of
+  positive orthogonal random features;
 * the delta rule (DeltaNet), a loop over time in the Householder-like form
       S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,     o_t = S_t^T q_t.
 
@@ -203,6 +205,25 @@ class VariantsTest(parameterized.TestCase):
     o = linear.retention(q, k, v, linear.retnet_log_decay(N), mode=mode, chunk_size=CHUNK, initial_state=s0,
                          segment_ids=SEGMENTS)
     _assert_close(o, retention_oracle(q, k, v, s0))
+
+  def test_favor_features_estimate_causal_softmax_attention(self):
+    """FAVOR+ (Performer) with 16384 orthogonal random features reproduces causal softmax attention computed in
+    float64 to an RMS error of 0.03. Catches: non-Haar orthogonal blocks (QR without the sign fix gives a biased
+    estimate, RMS ~0.045 however many features), a wrong |x|^2 / 2 term, a key stabiliser that does not cancel."""
+    q, k, v = _normal(B, T, N, P, scale=0.7), _normal(B, T, N, P, scale=0.7), _normal(B, T, N, H)
+    w = linear.orthogonal_random_features(jax.random.key(3), 16384, P)
+    block = np.asarray(w[:P], np.float64)
+    gram = block @ block.T
+    np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0.0, atol=1e-4)  # orthogonal rows in a block
+    scale = P ** -0.25
+    o = linear.linear_attention(linear.favor_features(q * scale, w, is_query=True),
+                                linear.favor_features(k * scale, w, is_query=False), v, feature_map_name="identity",
+                                mode="chunked", chunk_size=CHUNK)
+    scores = np.einsum("btnp,bsnp->bnts", q.astype(np.float64), k) / np.sqrt(P)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    attn = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = np.einsum("bnts,bsnh->btnh", attn / attn.sum(-1, keepdims=True), v)
+    assert np.sqrt(np.mean((np.asarray(o, np.float64) - ref) ** 2)) < 0.03
 
   def test_gla_log_decay_is_the_tau_root_of_a_sigmoid(self):
     x = _normal(3, 4, scale=3.0)
