@@ -109,6 +109,41 @@ class SsmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearAttentionConfig:
+  """The linear-attention mixers ("linear", "retnet", "gla", "deltanet", "performer"; docs/linear_attention.md)."""
+
+  num_heads: int = 4
+  key_dim: int = 0  # Per-head query / key feature width P (0: d_model // num_heads).
+  value_dim: int = 0  # Per-head value width H (0: d_model // num_heads).
+  mode: Literal["chunked", "parallel", "recurrent"] = "chunked"  # The training form (all three agree).
+  chunk: int = 0  # Chunk length of the chunked form (0: the op's default: 64; 16 for "gla", 32 for "deltanet").
+  feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # "linear": phi applied to q and k.
+  normalize: bool = True  # "linear": divide by phi(q) . sum phi(k) (Katharopoulos); False: per-head RMSNorm instead.
+  rotary: bool = True  # "retnet": rotate q and k by their position (RoPE; the rotation of the paper's xPos).
+  gate_rank: int = 16  # "gla": rank of the low-rank projection giving the data-dependent decay.
+  gate_normalizer: float = 16.0  # "gla": alpha = sigmoid(gate) ** (1 / gate_normalizer) (the paper's tau).
+  num_features: int = 64  # "performer": positive random features per head (the state's key width).
+  feature_seed: int = 0  # "performer": the draw of the orthogonal random features (redraw: another seed).
+
+  def _check(self, prefix: str) -> None:
+    for name in ("num_heads", "gate_rank", "num_features"):
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+    for name in ("key_dim", "value_dim", "chunk"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", f"must be >= 0 (0: the default), got {getattr(self, name)}")
+    if self.gate_normalizer <= 0:
+      _fail(f"{prefix}.gate_normalizer", f"must be positive, got {self.gate_normalizer}")
+
+  def resolved_dims(self, d_model: int) -> tuple[int, int]:
+    """(key_dim, value_dim) per head."""
+    return self.key_dim or d_model // self.num_heads, self.value_dim or d_model // self.num_heads
+
+
+LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only language model: embeddings, a stack of (mixer, MLP) blocks, an output head.
 
@@ -141,6 +176,7 @@ class ModelConfig:
   # The order the "seq" devices hold the sequence in (the train step permutes each batch): "zigzag" and "striped"
   # balance causal work over the ring; models with non-attention mixers need "contiguous" (sequence order).
   context_parallel_layout: Literal["contiguous", "striped", "zigzag"] = "contiguous"
+  linear: LinearAttentionConfig = LinearAttentionConfig()
 
   def _check(self, prefix: str) -> None:
     if self.d_model <= 0 or self.num_layers <= 0 or self.mlp_dim <= 0:
@@ -172,6 +208,15 @@ class ModelConfig:
         if allowed is not None and self.ssm.mode not in allowed:
           _fail(f"{prefix}.ssm.mode", f"{self.ssm.mode!r} is not a mode of the {mixer!r} mixer (its modes: "
                 f"{', '.join(allowed)}); leave it empty for each block's default")
+    lin = self.linear
+    if set(pattern) & set(LINEAR_ATTENTION_MIXERS):
+      for name in ("key_dim", "value_dim"):
+        if getattr(lin, name) == 0 and self.d_model % lin.num_heads:
+          _fail(f"{prefix}.linear.num_heads", f"{lin.num_heads} heads do not divide d_model={self.d_model}; choose "
+                f"a divisor of d_model or set model.linear.{name} explicitly")
+      if "retnet" in pattern and lin.rotary and lin.resolved_dims(self.d_model)[0] % 2:
+        _fail(f"{prefix}.linear.key_dim", f"retnet's rotary positions need an even key_dim, got "
+              f"{lin.resolved_dims(self.d_model)[0]}; change it or set model.linear.rotary=False")
 
   @property
   def resolved_head_dim(self) -> int:

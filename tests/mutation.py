@@ -164,6 +164,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "seqjax/decode/generate.py", "common.write_at(tokens_BL, lengths_B + t, token_B)",
            "common.write_at(tokens_BL, prompts_BP.shape[1] + t, token_B)",
            ("tests/decode/test_generate.py::test_ragged_cached_greedy_equals_the_uncached_greedy_of_each_row",)),
+    # Linear attention.
+    Mutant("linear_attention_unnormalised", "causal linear attention drops the Katharopoulos normaliser",
+           "seqjax/ops/linear/variants.py", "return o_aug[..., :-1] / (o_aug[..., -1:] + eps)",
+           "return o_aug[..., :-1]", ("tests/ops/linear/test_numpy_oracle.py",)),
+    Mutant("chunked_state_not_decayed", "the chunked form carries the state into the next chunk undecayed",
+           "seqjax/ops/linear/recurrence.py", "s_BNPH = (chunk_decay_BNX[..., None] * s_BNPH",
+           "s_BNPH = (s_BNPH", ("tests/ops/linear/test_numpy_oracle.py",)),
+    Mutant("retnet_decay_shifted", "RetNet's head decays gamma_n = 1 - 2^(-4 - n) instead of 2^(-5 - n)",
+           "seqjax/ops/linear/variants.py", "jnp.exp2(-5.0 - jnp.arange(num_heads, dtype=jnp.float32))",
+           "jnp.exp2(-4.0 - jnp.arange(num_heads, dtype=jnp.float32))", ("tests/ops/linear/test_numpy_oracle.py",)),
 )
 
 

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "recurrent": "seqjax.bench.recurrent",
     "ring": "seqjax.bench.ring",
     "ssm": "seqjax.bench.ssm",
+    "linear": "seqjax.bench.linear",
 }
 
 

@@ -38,6 +38,9 @@ mixer, against the parallel form):
     s5               h complex64 [B, P]
     mamba            {"conv": [B, W - 1, E] compute dtype, "ssm": float32 [B, E, P]}
     mamba2           {"conv": [B, W - 1, E + 2P] compute dtype, "ssm": float32 [B, N, H, P]}
+    linear, retnet,  {"kv": float32 [B, N, P, H] (P key width or Performer features, H value width; H + 1 for
+    gla, deltanet,    normalised "linear" and "performer"), "position": int32 [B]}
+    performer
 
 `register_mixer` checks a new mixer's module against this contract (`contract_problems`) when it is registered.
 """

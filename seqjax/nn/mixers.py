@@ -211,3 +211,23 @@ def _make_mamba(cfg: ModelConfig) -> nn.Module:
 def _make_mamba2(cfg: ModelConfig) -> nn.Module:
   return ssm_blocks.Mamba2(**_ssm_kwargs(cfg, expand=cfg.ssm.expand, d_conv=cfg.ssm.conv,
                                          head_dim=cfg.ssm.head_dim, chunk_size=cfg.ssm.chunk or None))
+
+
+def _make_linear_attention(variant: str) -> MixerFactory:
+  def factory(cfg: ModelConfig) -> nn.Module:
+    from seqjax.nn.linear_attention import LinearAttention  # pylint: disable=import-outside-toplevel
+    lin = cfg.linear
+    key_dim, value_dim = lin.resolved_dims(cfg.d_model)
+    return LinearAttention(
+        d_model=cfg.d_model, variant=variant, num_heads=lin.num_heads, key_dim=key_dim, value_dim=value_dim,
+        mode=lin.mode, chunk_size=lin.chunk or None, feature_map=lin.feature_map, normalize=lin.normalize,
+        rotary=lin.rotary, rope_base=cfg.attention.rope_base, gate_rank=lin.gate_rank,
+        gate_normalizer=lin.gate_normalizer, num_features=lin.num_features, feature_seed=lin.feature_seed,
+        dtype=compute_dtype(cfg))
+  return factory
+
+
+_LINEAR_MODES = {mode: {"linear": {"mode": mode}} for mode in ("chunked", "parallel", "recurrent")}
+
+for _variant in ("linear", "retnet", "gla", "deltanet", "performer"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
+  register_mixer(_variant, modes=_LINEAR_MODES)(_make_linear_attention(_variant))

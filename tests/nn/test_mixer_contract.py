@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.config import AttentionConfig, ModelConfig, SsmConfig
+from seqjax.config import AttentionConfig, LinearAttentionConfig, ModelConfig, SsmConfig
 from seqjax.models.lm import DecoderLM
 from seqjax.nn import contract
 from seqjax.nn.mixers import available_mixers, make_mixer, register_mixer
@@ -36,7 +36,8 @@ def _config(mixer: str, *, window: int = 0, num_heads: int = 2, num_kv_heads: in
   attention = AttentionConfig(num_heads=num_heads, num_kv_heads=num_kv_heads, window=window,
                               implementation="reference")
   base = dict(mixer=mixer, d_model=D, num_layers=2, mlp_dim=32, vocab_size=VOCAB, max_len=16, attention=attention,
-              ssm=SsmConfig(state=4, head_dim=8, chunk=4))  # chunk 4 does not divide T: a partial last chunk
+              ssm=SsmConfig(state=4, head_dim=8, chunk=4),  # chunk 4 does not divide T: a partial last chunk
+              linear=LinearAttentionConfig(chunk=4))
   return ModelConfig(**{**base, **model})
 
 

@@ -1,0 +1,218 @@
+"""Linear-attention mixers (linen), thin wrappers over `seqjax.ops.linear`: "linear", "retnet", "gla", "deltanet".
+
+Each implements the mixer contract of `seqjax.nn.contract` (see docs/linear_attention.md for the math):
+
+    y_BTD = mixer(x_BTD, *, segment_ids=None, positions=None, deterministic=True)    # training (model.linear.mode)
+    y_BTD, state = mixer(x_BTD, segment_ids=..., return_state=True)                  # prefill
+    state = mixer.init_state(batch_size, max_len, dtype=None)                        # zeros
+    y_BD, state = mixer.step(x_BD, state)                                            # one decoding step
+
+- "linear" (Katharopoulos et al. 2020): q, k, v projections, phi = elu + 1 on q and k, the causal normalised
+  linear attention, out-projection. With `normalize=False` the normaliser is replaced by a per-head RMSNorm.
+- "retnet" (Sun et al. 2023, multi-scale retention): q, k (scaled by P^-1/2), v, a swish output gate; q and k
+  rotated by their positions (RoPE, `rotary`); retention with the fixed decays gamma_n = 1 - 2^(-5 - n); a per-head
+  GroupNorm; out(swish(x W_g) * GroupNorm(retention)).
+- "gla" (Yang et al. 2023): q (scaled by P^-1/2), k, v, a swish output gate and a data-dependent decay per head and
+  key feature, alpha = sigmoid(x W_1 W_2 + b)^(1 / tau) through a rank-`gate_rank` projection; a per-head RMSNorm;
+  out(swish(x W_g) * RMSNorm(o)).
+- "performer" (Choromanski et al. 2021, FAVOR+): q, k (scaled by P^-1/4) mapped to `num_features` positive
+  orthogonal random features drawn from `feature_seed` (redraw: another seed; the draw is a function of the seed,
+  not a parameter, so the optimizer never touches it), then the normalised causal linear attention (prefix sums).
+- "deltanet" (Schlag et al. 2021; Yang et al. 2024): q and k through SiLU and L2-normalised (q also scaled by
+  P^-1/2), v, a write strength beta = sigmoid(x W_beta) per head; the delta rule; a per-head RMSNorm; out(o).
+
+Decode state: {"kv": float32 [B, N, P, H] (H + 1 for normalised "linear" and "performer": the last column is the key
+sum; the Performer's P is its number of random features),
+"position": int32 [B]} (the position is what RetNet's rotation needs at the next step). `positions` restart at 0
+per document (None: 0, 1, 2, ...); `deterministic` is unused (no dropout). With `return_state`, rows are rotated so
+that each one's last real token comes last (`contract.right_align`; the padding, moved to the front, is a document
+of its own that the first real token resets), so the final state is each row's own whatever its padding.
+
+Legend: B batch, T length, D model width, N heads, P key feature width, H value head width, R gate rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqjax.nn import contract
+from seqjax.nn.ssm import _dense, _param
+from seqjax.ops import linear as linear_ops
+from seqjax.ops.attention import positions as positions_ops
+
+Dtype = Any
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer")
+
+
+class LinearAttention(nn.Module):
+  """One linear-attention mixer; `variant` is "linear", "retnet" or "gla" (module docstring)."""
+
+  d_model: int
+  variant: str = "linear"
+  num_heads: int = 4
+  key_dim: int = 16
+  value_dim: int = 16
+  mode: str = "chunked"
+  chunk_size: int | None = None
+  feature_map: str = "elu1"
+  normalize: bool = True
+  rotary: bool = True
+  rope_base: float = 10000.0
+  gate_rank: int = 16
+  gate_normalizer: float = 16.0
+  num_features: int = 64
+  feature_seed: int = 0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def _state_value_dim(self) -> int:
+    return self.value_dim + (1 if self.variant == "performer" or (self.variant == "linear" and self.normalize) else 0)
+
+  @property
+  def _state_key_dim(self) -> int:
+    return self.num_features if self.variant == "performer" else self.key_dim
+
+  @property
+  def _gated(self) -> bool:
+    return self.variant in ("retnet", "gla")
+
+  @property
+  def _normed(self) -> bool:
+    return self._gated or self.variant == "deltanet" or (self.variant == "linear" and not self.normalize)
+
+  def setup(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"LinearAttention: variant={self.variant!r} is not one of {VARIANTS}")
+    if self.mode not in linear_ops.MODES:
+      raise ValueError(f"LinearAttention: mode={self.mode!r} is not one of {linear_ops.MODES}")
+    if self.variant == "retnet" and self.rotary and self.key_dim % 2:
+      raise ValueError(f"LinearAttention(retnet): rotary positions need an even key_dim, got {self.key_dim}")
+    linear_ops.feature_map(self.feature_map)  # a clear error for an unknown name
+    n, p, h = self.num_heads, self.key_dim, self.value_dim
+    proj = lambda features, name, bias=False: _dense(  # noqa: E731
+        features, ("embed", "heads"), self.dtype, self.param_dtype, name, use_bias=bias)
+    self.q_proj, self.k_proj, self.v_proj = proj(n * p, "q_proj"), proj(n * p, "k_proj"), proj(n * h, "v_proj")
+    if self._gated:
+      self.g_proj = proj(n * h, "g_proj")
+    if self.variant == "gla":
+      self.gate_down = _dense(self.gate_rank, ("embed", None), self.dtype, self.param_dtype, "gate_down")
+      self.gate_up = _dense(n * p, (None, "heads"), self.dtype, self.param_dtype, "gate_up", use_bias=True)
+    if self.variant == "deltanet":
+      self.beta_proj = _dense(n, ("embed", "heads"), self.dtype, self.param_dtype, "beta_proj", use_bias=True)
+    if self._normed:
+      self.norm_scale = _param(self, "norm_scale", nn.initializers.ones, (n * h,), ("heads",), self.param_dtype)
+    if self.variant == "retnet":
+      self.norm_bias = _param(self, "norm_bias", nn.initializers.zeros, (n * h,), ("heads",), self.param_dtype)
+    self.out_proj = _dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")
+
+  def _project(self, x_BTD, positions_BT):
+    """q, k [B, T, N, P], v [B, T, N, H] and the variant's fourth input: the log-decay (None, [N] or [B, T, N, P]),
+    or DeltaNet's beta [B, T, N]."""
+    b, t = x_BTD.shape[:2]
+    n, p, h = self.num_heads, self.key_dim, self.value_dim
+    x_BTD = x_BTD.astype(self.dtype)
+    q_BTNP = self.q_proj(x_BTD).reshape(b, t, n, p)
+    k_BTNP = self.k_proj(x_BTD).reshape(b, t, n, p)
+    v_BTNH = self.v_proj(x_BTD).reshape(b, t, n, h)
+    log_decay = None
+    if self.variant == "retnet":
+      if self.rotary:
+        q_BTNP = positions_ops.apply_rope(q_BTNP, positions_BT, base=self.rope_base)
+        k_BTNP = positions_ops.apply_rope(k_BTNP, positions_BT, base=self.rope_base)
+      k_BTNP = k_BTNP * p ** -0.5
+      log_decay = linear_ops.retnet_log_decay(n)
+    elif self.variant == "gla":
+      q_BTNP = q_BTNP * p ** -0.5
+      log_decay = linear_ops.gla_log_decay(self.gate_up(self.gate_down(x_BTD)).reshape(b, t, n, p),
+                                           self.gate_normalizer)
+    elif self.variant == "performer":
+      w_MP = linear_ops.orthogonal_random_features(jax.random.key(self.feature_seed), self.num_features, p)
+      q_BTNP = linear_ops.favor_features(q_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=True)
+      k_BTNP = linear_ops.favor_features(k_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=False)
+    elif self.variant == "deltanet":
+      unit = lambda a: a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+      q_BTNP = unit(nn.silu(q_BTNP.astype(jnp.float32))) * p ** -0.5
+      k_BTNP = unit(nn.silu(k_BTNP.astype(jnp.float32)))
+      log_decay = jax.nn.sigmoid(self.beta_proj(x_BTD).astype(jnp.float32))  # beta [B, T, N]
+    return q_BTNP, k_BTNP, v_BTNH, log_decay
+
+  def _output(self, o_BTNH, x_BTD):
+    """out_proj of the heads' outputs, through the per-head norm and swish gate where the variant has them."""
+    b, t, n, h = o_BTNH.shape
+    if self._normed:
+      o = o_BTNH.astype(jnp.float32)
+      if self.variant == "retnet":  # GroupNorm with one group per head
+        o = o - jnp.mean(o, axis=-1, keepdims=True)
+      o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
+      o = o.reshape(b, t, n * h) * self.norm_scale.astype(jnp.float32)
+      if self.variant == "retnet":
+        o = o + self.norm_bias.astype(jnp.float32)
+      if self._gated:
+        o = o * nn.silu(self.g_proj(x_BTD.astype(self.dtype)).astype(jnp.float32))
+      o_BTX = o.astype(self.dtype)
+    else:
+      o_BTX = o_BTNH.reshape(b, t, n * h).astype(self.dtype)
+    return self.out_proj(o_BTX)
+
+  def _mix(self, q, k, v, log_decay, **kwargs):
+    """The variant's op over a sequence (kwargs: mode, chunk_size, segment_ids, return_final_state)."""
+    if self.variant in ("linear", "performer"):
+      performer = self.variant == "performer"  # its q, k are already features; always normalised
+      return linear_ops.linear_attention(q, k, v, feature_map_name="identity" if performer else self.feature_map,
+                                         normalize=performer or self.normalize, **kwargs)
+    if self.variant == "retnet":
+      return linear_ops.retention(q, k, v, log_decay, **kwargs)
+    if self.variant == "deltanet":
+      return linear_ops.delta_rule(q, k, v, log_decay, **kwargs)
+    return linear_ops.gated_linear_attention(q, k, v, log_decay, **kwargs)
+
+  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, deterministic: bool = True, return_state: bool = False):
+    del deterministic
+    b, t = x_BTD.shape[:2]
+    if segment_ids is not None and segment_ids.shape != (b, t):
+      raise ValueError(f"LinearAttention: segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
+    given_positions = positions
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if return_state:
+      x_BTD, aligned_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
+      positions = contract.roll_rows(positions, t - lengths_B)
+    else:
+      aligned_ids = segment_ids
+    q, k, v, log_decay = self._project(x_BTD, positions)
+    out = self._mix(q, k, v, log_decay, mode=self.mode, chunk_size=self.chunk_size, segment_ids=aligned_ids,
+                    return_final_state=return_state)
+    if not return_state:
+      return self._output(out, x_BTD)
+    o_BTNH, kv_BNPH = out
+    y_BTD = contract.restore(self._output(o_BTNH, x_BTD), lengths_B)
+    state = {"kv": kv_BNPH, "position": contract.next_positions(given_positions, lengths_B)}
+    return y_BTD, contract.where_rows(lengths_B > 0, state, self.init_state(b))
+
+  def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
+    del max_len, dtype  # the state is float32 and does not grow with the context
+    return {"kv": jnp.zeros((batch_size, self.num_heads, self._state_key_dim, self._state_value_dim), jnp.float32),
+            "position": jnp.zeros((batch_size,), jnp.int32)}
+
+  def step(self, x_BD: jax.Array, state, *, deterministic: bool = True):
+    del deterministic
+    x_B1D = x_BD[:, None]
+    q, k, v, log_decay = self._project(x_B1D, state["position"][:, None])
+    if self.variant in ("linear", "performer"):
+      performer = self.variant == "performer"
+      o_BNH, kv = linear_ops.linear_attention_step(
+          q[:, 0], k[:, 0], v[:, 0], state["kv"], feature_map_name="identity" if performer else self.feature_map,
+          normalize=performer or self.normalize)
+    elif self.variant == "deltanet":
+      o_BNH, kv = linear_ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state["kv"])
+    else:
+      step_decay = log_decay if log_decay.ndim == 1 else log_decay[:, 0]
+      o_BNH, kv = linear_ops.decayed_attention_step(q[:, 0], k[:, 0], v[:, 0], step_decay, state["kv"])
+    y_B1D = self._output(o_BNH[:, None], x_B1D)
+    return y_B1D[:, 0], {"kv": kv, "position": state["position"] + 1}
