@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = 600.0  # Seconds any one process may take (a loaded 2-core machine is slow).
 
@@ -26,6 +28,9 @@ TIMEOUT = 600.0  # Seconds any one process may take (a loaded 2-core machine is 
 NUM_STEPS = 16
 CHECKPOINT_EVERY = 4
 TASKS = ("lm", "seq2seq", "classify")
+# The fault tests' parametrisation: classification shares the LM's loop, checkpoint and data-iterator code, and its
+# own exact resume is checked by tests/train/test_synthetic_train.py, so its fault runs are in `make test-slow`.
+TASK_PARAMS = ("lm", "seq2seq", pytest.param("classify", marks=pytest.mark.slow))
 
 _COMMON = [f"--config.train.num_steps={NUM_STEPS}", f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
            "--config.train.eval_every=8", "--config.train.keep_checkpoints=10", "--config.train.log_every=1"]

@@ -62,7 +62,7 @@ def test_same_seed_is_bitwise_identical(reference, data_dir, tmp_path):
   fh.assert_same_run(workdir, reference)
 
 
-@pytest.mark.parametrize("task", fh.TASKS)
+@pytest.mark.parametrize("task", fh.TASK_PARAMS)
 def test_sigkill_at_a_random_step_then_resume(references, data_dir, tmp_path, task):
   reference = references(task)
   # Seeded: the same step on every run of the test (lm: 7, seq2seq: 6); KILL_SEED=N in the environment draws others.
@@ -116,7 +116,7 @@ def test_sigkill_during_an_evaluation_then_resume(reference, data_dir, tmp_path)
   fh.assert_same_run(workdir, reference)
 
 
-@pytest.mark.parametrize("task", fh.TASKS)
+@pytest.mark.parametrize("task", fh.TASK_PARAMS)
 def test_sigterm_finishes_the_step_saves_and_exits_0(references, data_dir, tmp_path, task):
   reference = references(task)
   workdir = str(tmp_path / "preempted")
@@ -134,7 +134,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(references, data_dir, tmp_p
   fh.assert_same_run(workdir, reference)
 
 
-@pytest.mark.parametrize("task", fh.TASKS)
+@pytest.mark.parametrize("task", fh.TASK_PARAMS)
 def test_time_based_checkpoints(references, data_dir, tmp_path, task):
   """train.checkpoint_every_secs saves by wall time (here: none by step count but the last; steps of at least 0.05 s,
   saves every 0.12 s); saving never changes the state, so the run is still bitwise the reference."""
@@ -299,7 +299,7 @@ def test_nan_skip_drops_the_update_and_counts_it(reference, nan_skip_runs):
   assert all(np.isfinite(losses[s]) for s in range(NAN_STEP + 1, fh.NUM_STEPS + 1))
 
 
-@pytest.mark.parametrize("task", fh.TASKS)
+@pytest.mark.parametrize("task", fh.TASK_PARAMS)
 def test_nan_rollback_reloads_and_skips_the_batch(references, data_dir, nan_skip_runs, tmp_path, task):
   workdir = str(tmp_path / "nan_rollback")
   proc = fh.run(fh.base_args(workdir, data_dir, task) + ["--config.train.on_nan=rollback"],
