@@ -168,6 +168,15 @@ def test_blockwise_gqa_cross_lengths_dtypes(K, T, S, blocks, dtype, impl):
     check(gb, gr)
 
 
+def _assert_bf16_run_close(out_b, grads_b, out_r, grads_r):
+  """A bfloat16 run (output and gradients stay bfloat16, gradients finite) against its float32 reference."""
+  assert out_b.dtype == jnp.bfloat16
+  _assert_bf16_close(out_b, out_r)
+  for gb, gr in zip(grads_b, grads_r):
+    assert gb.dtype == jnp.bfloat16 and np.isfinite(np.asarray(gb, np.float32)).all()
+    _assert_bf16_close(gb, gr)
+
+
 @pytest.mark.parametrize("K,blocks", [(1, (8, 16)), (2, (16, 8)), (4, (8, 8))])
 def test_blockwise_bfloat16_masks_bias_gqa(K, blocks):
   """The masked and biased tile paths of both passes in bfloat16, with every head grouping, T != S, ragged."""
@@ -177,11 +186,7 @@ def test_blockwise_bfloat16_masks_bias_gqa(K, blocks):
   mask = mask & masks.Causal(q_offset=S - T)
   out_b, grads_b = _run(_impl("jax"), q, k, v, mask, bias, block_q=blocks[0], block_kv=blocks[1])
   out_r, grads_r = _float32_reference(q, k, v, mask, bias)
-  assert out_b.dtype == jnp.bfloat16
-  _assert_bf16_close(out_b, out_r)
-  for gb, gr in zip(grads_b, grads_r):
-    assert gb.dtype == jnp.bfloat16 and np.isfinite(np.asarray(gb, np.float32)).all()
-    _assert_bf16_close(gb, gr)
+  _assert_bf16_run_close(out_b, grads_b, out_r, grads_r)
 
 
 @pytest.mark.parametrize("kind", ["window", "causal_segments", "key_padding_empty_row"])
@@ -192,11 +197,7 @@ def test_native_bfloat16_masks_gqa(kind):
   mask, bias = _mask(kind, T, S)
   out_b, grads_b = _run(_impl("native"), q, k, v, mask, bias, block_q=8, block_kv=16)
   out_r, grads_r = _float32_reference(q, k, v, mask, bias)
-  assert out_b.dtype == jnp.bfloat16
-  _assert_bf16_close(out_b, out_r)
-  for gb, gr in zip(grads_b, grads_r):
-    assert gb.dtype == jnp.bfloat16 and np.isfinite(np.asarray(gb, np.float32)).all()
-    _assert_bf16_close(gb, gr)
+  _assert_bf16_run_close(out_b, grads_b, out_r, grads_r)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
