@@ -16,6 +16,12 @@ forward and the backward pass, never NaN). Implementations (see `available_atten
 - "pallas": `pallas_attention` (`pallas.py`), the same algorithm as a Pallas kernel for GPU/TPU (interpret mode
   on CPU).
 
+- "splash" (`splash.py`): JAX's TPU splash attention; "pallas_gpu" and "cudnn" (`gpu.py`): JAX's Pallas/Triton GPU
+  kernel and cuDNN's fused attention; "auto" (`auto.py`): splash on a TPU, cuDNN or the Pallas kernel on CUDA,
+  blockwise elsewhere, chosen per lowering platform. They express `Causal`, `SlidingWindow`, `SegmentIds`,
+  `KeyPadding` (each a subset: docs/parallelism.md); anything else raises `UnsupportedAttention` (a ValueError),
+  and "auto" falls back to blockwise (`mask_parts.py` reads a mask object into what they take).
+
 Context parallelism: `ring_attention` (`ring.py`), called inside `jax.shard_map` on a sequence sharded along a
 mesh axis, passes K/V blocks around the ring and runs the blockwise kernel per hop; `ring_layout_permutation`
 deals a sequence to the shards in the "contiguous", "striped" or "zigzag" layout; `all_gather_attention` is the
@@ -33,7 +39,13 @@ from seqjax.ops.attention.blockwise import blockwise_attention  # registers "blo
 from seqjax.ops.attention.pallas import pallas_attention  # registers "pallas"
 from seqjax.ops.attention.reference import reference_attention  # registers "reference"
 from seqjax.ops.attention.ring import all_gather_attention, ring_attention, ring_layout_permutation
+from seqjax.ops.attention.mask_parts import UnsupportedAttention
+from seqjax.ops.attention.splash import splash_attention  # registers "splash"
+from seqjax.ops.attention.gpu import cudnn_attention, cudnn_available, pallas_gpu_attention  # "pallas_gpu", "cudnn"
+from seqjax.ops.attention.auto import auto_attention, auto_choice  # registers "auto"
 
 __all__ = ["AttentionFn", "Dims", "all_gather_attention", "available_attentions", "blockwise_attention", "check_inputs", "default_scale",
            "get_attention", "group_heads", "masks", "pallas_attention", "positions", "reference_attention",
-           "register_attention", "ring_attention", "ring_layout_permutation"]
+           "register_attention", "ring_attention", "ring_layout_permutation",
+           "UnsupportedAttention", "auto_attention", "auto_choice", "cudnn_attention", "cudnn_available",
+           "pallas_gpu_attention", "splash_attention"]
