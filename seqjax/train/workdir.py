@@ -54,14 +54,16 @@ def json_float(x: float) -> float | str:
 # Fields that may differ between a workdir's config.json and the config resuming it, without
 # train.allow_config_change: they change how long, how often or where, not what a step computes. The resumed steps
 # stay bitwise those of an uninterrupted run, except: num_steps moves the learning-rate schedule's horizon (later
-# steps follow the new schedule), and the mesh, grad_accum_steps and cpu_kernels change only the summation order
-# (equal to float tolerance). Every other field (model, data, optimizer, batch size, seed, task) refuses.
+# steps follow the new schedule), and the mesh, grad_accum_steps, cpu_kernels and the attention kernel
+# (model.attention.implementation: e.g. blockwise here, "auto" on a pod) change only the summation order (equal to
+# float tolerance). Every other field (model, data, optimizer, batch size, seed, task) refuses.
 # "section.*": all fields of that section.
 RESUMABLE_FIELDS = frozenset({
     "train.num_steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.checkpoint_every_secs", "train.keep_checkpoints", "train.log_every", "train.async_checkpointing",
     "train.on_nan", "train.max_rollbacks", "train.allow_config_change", "train.grad_accum_steps",
     "data.data_dir", "data.eval_split", "mesh.*", "sample.*", "cpu_kernels",
+    "model.attention.implementation",
 })
 
 
