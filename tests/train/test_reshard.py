@@ -80,3 +80,17 @@ def test_restore_on_another_mesh_gives_the_same_loss(saved_run, mesh, devices, s
   assert _split_axes(state.params) == sharded_over, _split_axes(state.params)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state, saved_state)
   np.testing.assert_allclose(_eval_loss(model, state.params, new_mesh), saved_loss, rtol=1e-5)
+
+
+def test_a_workdir_resumes_on_another_mesh_with_another_attention_kernel(tmp_path):
+  """What a pod move changes (the mesh, "auto" for the CPU's blockwise) passes the workdir's config check; a model
+  field does not."""
+  from seqjax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from seqjax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  saved = _config({"data": 8})
+  workdir_lib.record_config(saved, str(tmp_path), {}, 0)
+  moved = tiny_config(mesh={"data": 2, "seq": 4}, model={"attention": {"implementation": "auto"}})
+  changed = workdir_lib.check_workdir_config(moved, str(tmp_path))
+  assert set(changed) == {"mesh.data", "mesh.seq", "model.attention.implementation"}, changed
+  with pytest.raises(ConfigError, match="model.attention.num_heads"):
+    workdir_lib.check_workdir_config(tiny_config(model={"attention": {"num_heads": 4}}), str(tmp_path))
