@@ -107,7 +107,49 @@ def mesh_context(mesh: Mesh):
   return jax.set_mesh(mesh) if sequence_sharded(mesh) else contextlib.nullcontext()
 
 
+def process_rows(mesh: Mesh) -> tuple[int, int]:
+  """(index, count): this process's devices hold row block `index` of `count` equal blocks of every global batch.
+
+  Rows are split over the batch axes ("data" x "fsdp"), so the block is read from the batch-axis coordinates of
+  this process's devices. Usually (index, count) = (process index, process count); when another axis spans
+  processes (e.g. "seq" over two hosts) several processes hold the same rows (each a part of the columns), and
+  the data pipeline must give all of them those rows: it slices global batches by this, not by process index.
+  """
+  devices = mesh.devices
+  batch_dims = [mesh.axis_names.index(a) for a in BATCH_AXES if a in mesh.axis_names]
+  num_blocks = math.prod(devices.shape[d] for d in batch_dims)
+  blocks = set()
+  for coord in np.ndindex(devices.shape):
+    if devices[coord].process_index == jax.process_index():
+      block = 0
+      for d in batch_dims:
+        block = block * devices.shape[d] + coord[d]
+      blocks.add(block)
+  lo, width = min(blocks), len(blocks)
+  if max(blocks) - lo + 1 != width or lo % width or num_blocks % width:
+    raise ValueError(f"mesh {dict(zip(mesh.axis_names, devices.shape))}: the devices of process "
+                     f"{jax.process_index()} hold the row blocks {sorted(blocks)} of {num_blocks}, not one aligned "
+                     f"contiguous range; order the devices so each process holds whole row blocks")
+  return lo // width, num_blocks // width
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles global arrays from this process's rows (the data pipeline shards rows by process)."""
+  """Assembles global arrays from this process's rows: row block `process_rows(mesh)` of the global batch, which
+  the data pipeline gives each process (all of each row: when "seq" spans processes, each device takes its
+  columns from them)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  index, count = process_rows(mesh)
+  if (index, count) == (jax.process_index(), jax.process_count()):
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return {k: _from_row_block(sharding, np.asarray(v), index, count) for k, v in batch.items()}
+
+
+def _from_row_block(sharding: NamedSharding, rows: np.ndarray, index: int, count: int) -> jax.Array:
+  global_shape = (rows.shape[0] * count, *rows.shape[1:])
+  first = index * rows.shape[0]
+
+  def piece(idx):
+    start, stop, _ = idx[0].indices(global_shape[0])
+    return rows[(slice(start - first, stop - first), *idx[1:])]
+
+  return jax.make_array_from_callback(global_shape, sharding, piece)

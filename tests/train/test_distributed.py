@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from seqjax.train import distributed
@@ -47,14 +48,20 @@ def _saved_state(workdir: str, step: int) -> dict:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
-def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
+@pytest.mark.parametrize("mesh", [
+    pytest.param([], id="data_across_processes"),
+    # The sequence split across the two processes: each holds every row, half of its columns (ring attention's
+    # K/V hops go between the processes); the data pipeline gives both processes the same rows.
+    pytest.param(["--config.mesh.data=1", "--config.mesh.seq=2"], id="seq_across_processes",
+                 marks=pytest.mark.slow)])  # ~2 min on an idle machine (three training processes)
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path, mesh):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   data_dir = str(tmp_path / "tfds")
   common = ["--config=configs/lm_pysrc.py:smoke", f"--config.data.data_dir={data_dir}",
             "--config.data.name=python_source/small", "--config.train.num_steps=10",
-            "--config.train.log_every=1", "--config.train.eval_every=10", "--config.train.checkpoint_every=10"]
+            "--config.train.log_every=1", "--config.train.eval_every=10", "--config.train.checkpoint_every=10", *mesh]
   single = str(tmp_path / "single")
   proc = subprocess.run([sys.executable, "-m", "seqjax.main", *common, f"--workdir={single}"], cwd=ROOT,
                         env=_env(2), capture_output=True, text=True, timeout=600, check=False)
@@ -115,3 +122,56 @@ def test_cli_reports_bad_multiprocess_flags_in_one_line(tmp_path):
   assert proc.returncode == 2
   assert "missing --coordinator_address, --process_id" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+class _Mesh:
+  """What `sharding.process_rows` reads of a mesh: its device array (here fake devices of two processes)."""
+
+  def __init__(self, process_ids, shape):
+    self.axis_names = ("data", "fsdp", "tensor", "seq")
+    self.devices = np.array([_Device(p) for p in process_ids], dtype=object).reshape(shape)
+
+
+@pytest.mark.parametrize("process_ids, shape, expected", [
+    pytest.param([0, 0, 1, 1], (2, 1, 1, 2), [(0, 2), (1, 2)], id="data_across_seq_within"),
+    pytest.param([0, 1, 0, 1], (2, 1, 1, 2), [(0, 1), (0, 1)], id="seq_across_processes"),
+    pytest.param([0, 1, 0, 1], (1, 2, 2, 1), [(0, 1), (0, 1)], id="tensor_across_processes"),
+    pytest.param([0, 0, 0, 0, 1, 1, 1, 1], (2, 2, 1, 2), [(0, 2), (1, 2)], id="data_fsdp_blocks")])
+def test_process_rows(monkeypatch, process_ids, shape, expected):
+  """Which rows of the global batch each process's data pipeline must give: whole row blocks; shared by the
+  processes that split the same rows along another axis."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from seqjax.train import sharding  # pylint: disable=import-outside-toplevel
+  for process, want in enumerate(expected):
+    monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+    assert sharding.process_rows(_Mesh(process_ids, shape)) == want
+
+
+def test_process_rows_refuses_scattered_blocks(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  from seqjax.train import sharding  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  with pytest.raises(ValueError, match="row blocks"):
+    sharding.process_rows(_Mesh([0, 1, 1, 0], (4, 1, 1, 1)))
+
+
+def test_batch_from_a_row_block_equals_the_process_local_path():
+  """The path `put_batch` takes when several processes hold the same rows (each device cutting its columns)
+  builds the same global array as the one-process path, on a (data 2, seq 4) mesh."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from seqjax.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  from seqjax.train import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(MeshConfig(data=2, seq=4))
+  rows = np.arange(4 * 16, dtype=np.int32).reshape(4, 16)
+  direct = sharding.put_batch({"x": rows}, mesh)["x"]
+  built = sharding._from_row_block(sharding.batch_sharding(mesh), rows, 0, 1)  # pylint: disable=protected-access
+  assert built.sharding == direct.sharding
+  for a, b in zip(built.addressable_shards, direct.addressable_shards):
+    assert a.device == b.device and a.index == b.index
+    np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+  np.testing.assert_array_equal(np.asarray(jax.device_get(built)), rows)

@@ -127,22 +127,25 @@ class LMTask(Task):
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
     _check_registered(config)
     self.synthetic = synthetic.is_synthetic(config.data.name)
+    rows = sharding.process_rows(mesh)  # this process's rows of each global batch
     if self.synthetic:
-      self.data = open_synthetic(config, "lm")
+      self.data = open_synthetic(config, "lm", rows)
     else:
-      self.data = self._open_text(config)
+      self.data = self._open_text(config, rows)
     super().__init__(config_lib.with_vocab_size(config, self.data.vocab_size), mesh)
     self.model = DecoderLM(self.config.model)
     self._init = token_init(self.model, self.config.data.seq_len)
     self._loss_sum = lm_loss_sum(self.model)
 
   @staticmethod
-  def _open_text(config: Config):
+  def _open_text(config: Config, rows: tuple[int, int] | None = None):
+    index, count = rows or (None, None)
     try:
       return make_lm_data(name=config.data.name, data_dir=config.data.data_dir or None,
                           seq_len=config.data.seq_len, batch_size=config.train.batch_size, seed=config.seed,
                           text_key=config.data.text_key, train_split=config.data.train_split,
-                          eval_split=config.data.eval_split, num_workers=config.data.num_workers)
+                          eval_split=config.data.eval_split, num_workers=config.data.num_workers,
+                          process_index=index, process_count=count)
     except ValueError as e:  # Unknown dataset/split/feature, an empty split, one too short for a batch.
       raise ConfigError(f"config.data ({config.data.name!r}, train.batch_size={config.train.batch_size}, "
                         f"data.seq_len={config.data.seq_len}): {e}") from e
@@ -243,16 +246,18 @@ def sum_eval_batches(batches, params: Any, eval_step: EvalStep, mesh: jax.shardi
   return totals
 
 
-def open_synthetic(config: Config, kind: str):
+def open_synthetic(config: Config, kind: str, rows: tuple[int, int] | None = None):
   """The batches of the synthetic dataset config.data.name for a task that trains on `kind` ("lm" or "classify")
-  examples; ConfigError names the field to change (a name, a split, data.seq_len, a model that cannot read the
-  evaluation split's length)."""
+  examples (`rows`: this process's row block and the number of blocks, `sharding.process_rows`; default by process);
+  ConfigError names the field to change (a name, a split, data.seq_len, a model that cannot read the evaluation
+  split's length)."""
   from seqjax.data.synthetic.pipeline import make_synthetic_data  # pylint: disable=import-outside-toplevel
   dc = config.data
+  index, count = rows or (None, None)
   try:
     data = make_synthetic_data(name=dc.name, data_dir=dc.data_dir or None, seq_len=dc.seq_len,
                                batch_size=config.train.batch_size, seed=config.seed, train_split=dc.train_split,
-                               eval_split=dc.eval_split)
+                               eval_split=dc.eval_split, process_index=index, process_count=count)
   except ValueError as e:
     raise ConfigError(f"config.data ({dc.name!r}): {e}") from e
   if data.kind != kind:  # Also checked when the config is validated; here for configs built by hand.
