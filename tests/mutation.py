@@ -174,6 +174,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("retnet_decay_shifted", "RetNet's head decays gamma_n = 1 - 2^(-4 - n) instead of 2^(-5 - n)",
            "seqjax/ops/linear/variants.py", "jnp.exp2(-5.0 - jnp.arange(num_heads, dtype=jnp.float32))",
            "jnp.exp2(-4.0 - jnp.arange(num_heads, dtype=jnp.float32))", ("tests/ops/linear/test_numpy_oracle.py",)),
+    # Accelerator attention backends.
+    Mutant("splash_padding_sees_padding", "splash: padding keeps segment id 0, so padded queries attend to padded keys",
+           "seqjax/ops/attention/splash.py", "    if segments.padding_id is not None:", "    if False:",
+           ("tests/ops/attention/test_accelerators.py::SplashTest",)),
 )
 
 
