@@ -123,6 +123,15 @@ class SplashTest(parameterized.TestCase):
     # KeyPadding with a length-0 row: every query of that row sees nothing and must come out 0 (the sink).
     _check_against_oracle(attention.splash_attention, "key_padding", B=2, T=128, N=2, K=2, H=16, grads=False)
 
+  def test_bfloat16_keeps_dtype_near_float32(self):
+    """bf16 inputs: output in bf16 within bf16 rounding of the float64 attention of the same (rounded) inputs."""
+    q, k, v, _, _, _ = _case("causal", 1, 128, 2, 1, 16)
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    out = jax.jit(lambda q, k, v: attention.splash_attention(q, k, v, causal=True))(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    want = _attention64(*(np.asarray(a, np.float64) for a in (q, k, v)), _visible64("causal", 1, 128, 128, None, None))
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-2)
+
 
 class PallasGpuTest(parameterized.TestCase):
   """The Pallas GPU (Triton) kernel, interpreted, = float64 attention (GQA by repeated kv heads)."""
