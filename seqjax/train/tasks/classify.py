@@ -33,7 +33,7 @@ class ClassifyTask(Task):
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
     _check_registered(config)
-    self.data = open_synthetic(config, "classify")
+    self.data = open_synthetic(config, "classify", sharding.process_rows(mesh))  # the rows put_batch expects
     super().__init__(config_lib.with_vocab_size(config, self.data.vocab_size), mesh)
     self.model = SequenceClassifier(self.config.model, self.data.num_classes, self.config.classify.pooling)
 
