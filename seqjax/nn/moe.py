@@ -19,7 +19,7 @@ loss and logs their per-layer means (docs/moe.md).
 Expert parallelism: the expert axis J of the weights has the logical name "expert", which the trainer's rules
 (`seqjax.train.sharding.LOGICAL_AXIS_RULES`) map to the mesh axis `EXPERT_MESH_AXIS` ("data": the data-parallel
 devices each hold J / n experts, as in GShard). When the call is traced under `jax.set_mesh(mesh)` and that axis
-divides J, the dispatched buffers [B, J, Q, D] are also constrained to it, so each device runs only its own experts
+divides J, the dispatched buffers [J, B, Q, D] are also constrained to it, so each device runs only its own experts
 and XLA moves the tokens (all-to-all) instead of the weights.
 """
 
@@ -47,14 +47,14 @@ def _expert_init() -> nn.initializers.Initializer:
 
 
 def _expert_constraint(num_experts: int):
-  """The sharding constraint for [B, J, Q, ...] buffers under a mesh set with `jax.set_mesh` whose expert axis
+  """The sharding constraint for [J, B, Q, ...] buffers under a mesh set with `jax.set_mesh` whose expert axis
   divides J; None otherwise."""
   mesh = jax.sharding.get_abstract_mesh()
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh is not None and mesh.axis_names else {}
   size = sizes.get(EXPERT_MESH_AXIS, 1)
   if size <= 1 or num_experts % size:
     return None
-  return lambda a: jax.lax.with_sharding_constraint(a, P(None, EXPERT_MESH_AXIS, *([None] * (a.ndim - 2))))
+  return lambda a: jax.lax.with_sharding_constraint(a, P(EXPERT_MESH_AXIS, *([None] * (a.ndim - 1))))
 
 
 class MoeMlp(nn.Module):

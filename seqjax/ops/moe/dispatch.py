@@ -8,9 +8,9 @@ Q = capacity(T, J, A, capacity_factor) = min(T, max(1, ceil(capacity_factor * T 
 assignments, first come first served in token order (token t's choices before token t + 1's, its best choice
 first), so whether a token is dropped depends only on earlier tokens of its row. A dropped assignment contributes
 nothing: a token whose every choice was dropped gets 0 from the layer and passes through the block's residual
-unchanged. The kept ones are scattered into buffers [B, J, Q, D], each expert runs one batched matmul over its Q
-slots (padding slots included: the cost is capacity_factor times the active compute), and the results are gathered
-back. `constrain` (optional) is applied to the [B, J, Q, *] buffers: `seqjax.nn.moe` pins their expert axis to a mesh
+unchanged. The kept ones are scattered into buffers [J, B, Q, D], each expert runs one batched matmul over its B·Q
+slots (empty slots included: the cost is capacity_factor times the active compute), and the results are gathered
+back. `constrain` (optional) is applied to the [J, B, Q, *] buffers: `seqjax.nn.moe` pins their expert axis to a mesh
 axis there (expert parallelism).
 
 `dropless_moe` (MegaBlocks-style): the B·T·A assignments are sorted by expert (stable), the experts run as grouped
@@ -87,20 +87,18 @@ def capacity_moe(x_BTD: jax.Array, routing: Routing, experts: ExpertWeights, *, 
   onehot_BYJ = jax.nn.one_hot(e_BY, num_experts, dtype=jnp.int32) * valid_BY[..., None]
   position_BY = jnp.sum(jnp.cumsum(onehot_BYJ, axis=1) * onehot_BYJ, axis=-1) - 1
   keep_BY = valid_BY & (position_BY < slots)
-  slot_BY = jnp.where(keep_BY, e_BY * slots + position_BY, num_experts * slots)  # Out of range: dropped.
-  rows_B1 = jnp.arange(batch)[:, None]
+  slot_BY = jnp.where(keep_BY, position_BY, slots)  # Slot `slots` is out of range: the assignment is dropped.
+  rows_BY = jnp.broadcast_to(jnp.arange(batch)[:, None], e_BY.shape)
   xs_BYD = jnp.repeat(x_BTD, top_k, axis=1)
-  buffer_BXD = jnp.zeros((batch, num_experts * slots, x_BTD.shape[-1]), x_BTD.dtype)
-  buffer_BXD = buffer_BXD.at[rows_B1, slot_BY].add(xs_BYD, mode="drop")
-  buffer_BJQD = constrain(buffer_BXD.reshape(batch, num_experts, slots, -1))
+  buffer_JBQD = jnp.zeros((num_experts, batch, slots, x_BTD.shape[-1]), x_BTD.dtype)
+  buffer_JBQD = constrain(buffer_JBQD.at[e_BY, rows_BY, slot_BY].add(xs_BYD, mode="drop"))
 
-  def matmul(a_BJQI, w_JIO):
-    return jnp.einsum("bjqi,jio->bjqo", a_BJQI, w_JIO.astype(a_BJQI.dtype), preferred_element_type=jnp.float32
-                      ).astype(a_BJQI.dtype)
+  def matmul(a_JBQI, w_JIO):
+    return constrain(jnp.einsum("jbqi,jio->jbqo", a_JBQI, w_JIO.astype(a_JBQI.dtype),
+                                preferred_element_type=jnp.float32).astype(a_JBQI.dtype))
 
-  out_BJQD = constrain(expert_ffn(buffer_BJQD, experts, activation, lambda a, w: constrain(matmul(a, w))))
-  out_BXD = out_BJQD.reshape(batch, num_experts * slots, -1)
-  out_BYD = jnp.take_along_axis(out_BXD, slot_BY[..., None], axis=1, mode="fill", fill_value=0)
+  out_JBQD = expert_ffn(buffer_JBQD, experts, activation, matmul)
+  out_BYD = out_JBQD.at[e_BY, rows_BY, slot_BY].get(mode="fill", fill_value=0)
   gates_BY = routing.gates_BTA.reshape(batch, length * top_k) * keep_BY
   y_BTD = jnp.sum((out_BYD.astype(jnp.float32) * gates_BY[..., None]).reshape(batch, length, top_k, -1), axis=2)
   dropped = 1.0 - jnp.sum(keep_BY) / jnp.maximum(jnp.sum(valid_BY), 1)
