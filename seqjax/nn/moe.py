@@ -90,9 +90,11 @@ class MoeMlp(nn.Module):
                                             constrain=_expert_constraint(j))
     else:
       y_BTD, dropped = moe_ops.dropless_moe(x_BTD, routing, weights, activation=self.activation), jnp.zeros(())
-    self.sow("moe", "load_balance_loss", moe_ops.load_balance_loss(routing.probs_BTJ, routing.experts_BTA, valid_BT))
-    self.sow("moe", "router_z_loss", moe_ops.router_z_loss(routing.logits_BTJ, valid_BT))
-    self.sow("moe", "dropped_fraction", jax.lax.stop_gradient(dropped))
+    if not self.is_initializing():  # `init` returns parameters only.
+      self.sow("moe", "load_balance_loss",
+               moe_ops.load_balance_loss(routing.probs_BTJ, routing.experts_BTA, valid_BT))
+      self.sow("moe", "router_z_loss", moe_ops.router_z_loss(routing.logits_BTJ, valid_BT))
+      self.sow("moe", "dropped_fraction", jax.lax.stop_gradient(dropped))
     return y_BTD
 
 
