@@ -3,7 +3,8 @@
     tokens[B, T] -> embed (+ learned / sinusoidal positions) -> num_layers x Block -> norm -> logits[B, T, V]
 
 Each Block is `x + mixer(norm(x))`, `x + mlp(norm(x))` (pre-norm) or `norm(x + mixer(x))`, `norm(x + mlp(x))`
-(post-norm). With `scan_layers` the blocks are one `nn.scan` (one compiled body, parameters stacked on a leading
+(post-norm); with `config.model.moe` the MLP of every k-th block is a mixture of experts (`seqjax.nn.moe`, whose
+auxiliary losses are sown into the collection "moe": apply with mutable=["moe"] to collect them). With `scan_layers` the blocks are one `nn.scan` (one compiled body, parameters stacked on a leading
 "layers" axis); with `remat` each block's activations are recomputed in the backward pass.
 
 Decoding (every method through `model.apply(variables, ..., method=...)`, each jittable with the cache as an
