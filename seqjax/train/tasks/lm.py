@@ -74,7 +74,10 @@ def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.
 
 def lm_loss_sum(model: nn.Module) -> LossFn:
   """`loss_sum(params, batch, rng, deterministic) -> (sum, weight)`: the weighted token cross-entropy of `model`
-  (what `seqjax.train.step.make_train_step` takes)."""
+  (what `seqjax.train.step.make_train_step` takes). With mixture-of-experts blocks (config.model.moe) the sum also
+  holds weight * (load_balance_weight * sum over MoE layers of the Switch loss + z_loss_weight * sum of the
+  z-losses), and a third value, {"moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction"} (their
+  means over the MoE layers) times the weight, which the step logs (docs/moe.md)."""
 
   moe = getattr(getattr(model, "cfg", None), "moe", None)
 
