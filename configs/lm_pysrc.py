@@ -4,6 +4,8 @@ r"""Byte-level decoder-only LM on the Python standard library's source (`python_
   python -m seqjax.main --config=configs/lm_pysrc.py:smoke --workdir=/tmp/smoke           # seconds
   python -m seqjax.main --config=configs/lm_pysrc.py:mamba --workdir=workdirs/lm_mamba    # other mixers: mamba,
       mamba2, lstm, hybrid (mamba,mamba,attention), each at about the Transformer's parameter count
+  python -m seqjax.main --config=configs/lm_pysrc.py:moe --workdir=workdirs/lm_moe    # 8 experts, top-2, each half
+      the Transformer's MLP width (the same active parameters per token); moe,smoke: seconds (docs/moe.md)
   python -m seqjax.main --config=configs/lm_pysrc.py --workdir=workdirs/lm_pysrc --mode=generate \
       --config.sample.prompt='def main('
 """
@@ -49,10 +51,15 @@ def get_config(arg: str | None = None):
     m.mixer = {"mamba": "mamba", "mamba2": "mamba2", "lstm": "lstm", "hybrid": "mamba,mamba,attention"}[variant]
     m.mlp = "none" if variant != "hybrid" else "mlp"
     m.num_layers = {"mamba": 7, "mamba2": 7, "lstm": 6, "hybrid": 3}[variant]
-  arg = size or (None if variant in ("mamba", "mamba2", "lstm", "hybrid") else arg)
+  if variant == "moe":
+    # Mixture of experts (docs/moe.md): 8 experts of half the MLP width, each token to 2 (the dense MLP's active
+    # parameters), capacity factor 1.25, load-balancing and z losses at the Switch / ST-MoE weights.
+    m.moe.num_experts, m.moe.top_k, m.moe.expert_dim, m.moe.capacity_factor = 8, 2, m.mlp_dim // 2, 1.25
+  arg = size or (None if variant in ("mamba", "mamba2", "lstm", "hybrid", "moe") else arg)
 
   if arg == "smoke":
     m.d_model, m.num_layers, m.attention.num_heads, m.mlp_dim, m.max_len = 64, 2, 2, 128, 64
+    m.moe.expert_dim = m.moe.expert_dim and m.mlp_dim // 2
     config.data.seq_len = 64
     t.num_steps, t.batch_size, t.eval_every, t.eval_batches = 20, 8, 10, 2
     t.checkpoint_every, t.log_every = 10, 5
@@ -60,5 +67,5 @@ def get_config(arg: str | None = None):
     config.sample.num_tokens = 32
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/lm_pysrc.py; variants: smoke, mamba, mamba2, lstm, "
-                     f"hybrid, and MIXER,smoke")
+                     f"hybrid, moe, and VARIANT,smoke")
   return config

@@ -140,6 +140,34 @@ class LinearAttentionConfig:
     return self.key_dim or d_model // self.num_heads, self.value_dim or d_model // self.num_heads
 
 
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Mixture-of-experts MLPs (`seqjax.nn.moe`, docs/moe.md): num_experts > 0 replaces the MLP of every `every`-th
+  block (blocks every-1, 2*every-1, ...; every=1: all) by J = num_experts experts, each token sent to its top_k."""
+
+  num_experts: int = 0  # J; 0: no mixture of experts (plain MLPs).
+  top_k: int = 2  # Experts per token (1: Switch, gate = the router probability; > 1: gates renormalised to sum 1).
+  # Slots per expert and row = ceil(capacity_factor * T * top_k / J); assignments over it are dropped (the token
+  # then passes through the residual). 0: dropless (sorted tokens, grouped matmuls; nothing dropped).
+  capacity_factor: float = 1.25
+  every: int = 1  # MoE in every `every`-th block (the others keep model.mlp).
+  expert_dim: int = 0  # Hidden width F of each expert (0: model.mlp_dim).
+  kind: Literal["mlp", "gated"] = "mlp"  # Expert MLP: act(x Wi) Wo, or gated (act(x Wg) * x Wi) Wo (SwiGLU w/ silu).
+  load_balance_weight: float = 0.01  # Weight of the Switch load-balancing loss (summed over MoE layers).
+  z_loss_weight: float = 0.001  # Weight of the router z-loss (summed over MoE layers).
+
+  def _check(self, prefix: str) -> None:
+    if self.num_experts < 0:
+      _fail(f"{prefix}.num_experts", f"must be >= 0 (0: no experts), got {self.num_experts}")
+    if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+      _fail(f"{prefix}.top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
+    for name in ("capacity_factor", "load_balance_weight", "z_loss_weight", "expert_dim"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+    if self.every < 1:
+      _fail(f"{prefix}.every", f"must be >= 1 (1: every block), got {self.every}")
+
+
 LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer")
 
 
@@ -177,6 +205,7 @@ class ModelConfig:
   # balance causal work over the ring; models with non-attention mixers need "contiguous" (sequence order).
   context_parallel_layout: Literal["contiguous", "striped", "zigzag"] = "contiguous"
   linear: LinearAttentionConfig = LinearAttentionConfig()
+  moe: MoeConfig = MoeConfig()  # Mixture-of-experts MLPs (off: num_experts=0).
 
   def _check(self, prefix: str) -> None:
     if self.d_model <= 0 or self.num_layers <= 0 or self.mlp_dim <= 0:
@@ -217,6 +246,26 @@ class ModelConfig:
       if "retnet" in pattern and lin.rotary and lin.resolved_dims(self.d_model)[0] % 2:
         _fail(f"{prefix}.linear.key_dim", f"retnet's rotary positions need an even key_dim, got "
               f"{lin.resolved_dims(self.d_model)[0]}; change it or set model.linear.rotary=False")
+
+    self._check_moe(prefix)
+
+  def _check_moe(self, prefix: str) -> None:
+    moe = self.moe
+    if not moe.num_experts:
+      return
+    if moe.every > self.num_layers:
+      _fail(f"{prefix}.moe.every", f"{moe.every} exceeds num_layers={self.num_layers}, so no block would get "
+            f"experts; lower it (1: every block) or set moe.num_experts=0")
+    if self.mlp == "none":
+      _fail(f"{prefix}.mlp", "is 'none' (no MLP to replace), but moe.num_experts > 0; set model.mlp to 'mlp' or "
+            "'gated', or moe.num_experts=0")
+    if self.scan_layers and moe.every > 1:
+      _fail(f"{prefix}.moe.every", f"nn.scan needs identical blocks, but every={moe.every} mixes MoE and dense "
+            f"blocks; set moe.every=1 or scan_layers=False")
+
+  def moe_layer(self, layer: int) -> bool:
+    """Whether block `layer` (from 0) has a mixture of experts instead of its MLP."""
+    return self.moe.num_experts > 0 and layer % self.moe.every == self.moe.every - 1
 
   @property
   def resolved_head_dim(self) -> int:

@@ -178,6 +178,22 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("splash_padding_sees_padding", "splash: padding keeps segment id 0, so padded queries attend to padded keys",
            "seqjax/ops/attention/splash.py", "    if segments.padding_id is not None:", "    if False:",
            ("tests/ops/attention/test_accelerators.py::SplashTest",)),
+    # Mixture of experts.
+    Mutant("moe_gates_not_renormalised", "top-k gates left as raw probabilities instead of summing to 1",
+           "seqjax/ops/moe/routing.py", "  if top_k > 1:\n    gates_BTA = gates_BTA /",
+           "  if top_k > 99:\n    gates_BTA = gates_BTA /", ("tests/ops/moe/test_moe_oracle.py",)),
+    Mutant("moe_load_balance_without_num_experts", "the Switch loss misses its factor J (uniform routing gives 1/J)",
+           "seqjax/ops/moe/routing.py", "return num_experts * jnp.sum(f_J * p_J)", "return jnp.sum(f_J * p_J)",
+           ("tests/ops/moe/test_moe_oracle.py",)),
+    Mutant("moe_unsorted_by_the_sort_order", "dropless results unsorted with the sort permutation, not its inverse",
+           "seqjax/ops/moe/dispatch.py", "out_sorted_YD[jnp.argsort(order_Y)]", "out_sorted_YD[order_Y]",
+           ("tests/ops/moe/test_moe_oracle.py",)),
+    Mutant("moe_slots_counted_from_one", "capacity slots numbered from 1: each expert keeps one assignment fewer",
+           "seqjax/ops/moe/dispatch.py", "axis=-1) - 1", "axis=-1)",
+           ("tests/ops/moe/test_moe_oracle.py",)),
+    Mutant("moe_aux_losses_not_trained", "the MoE aux losses are logged but left out of the training loss",
+           "seqjax/train/tasks/lm.py", "jnp.sum(losses_BT * w_BT) + objective * weight, weight, extras",
+           "jnp.sum(losses_BT * w_BT), weight, extras", ("tests/nn/test_moe.py",)),
 )
 
 

@@ -3,7 +3,8 @@
     tokens[B, T] -> embed (+ learned / sinusoidal positions) -> num_layers x Block -> norm -> logits[B, T, V]
 
 Each Block is `x + mixer(norm(x))`, `x + mlp(norm(x))` (pre-norm) or `norm(x + mixer(x))`, `norm(x + mlp(x))`
-(post-norm). With `scan_layers` the blocks are one `nn.scan` (one compiled body, parameters stacked on a leading
+(post-norm); with `config.model.moe` the MLP of every k-th block is a mixture of experts (`seqjax.nn.moe`, whose
+auxiliary losses are sown into the collection "moe": apply with mutable=["moe"] to collect them). With `scan_layers` the blocks are one `nn.scan` (one compiled body, parameters stacked on a leading
 "layers" axis); with `remat` each block's activations are recomputed in the backward pass.
 
 Decoding (every method through `model.apply(variables, ..., method=...)`, each jittable with the cache as an
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from seqjax.config import ModelConfig
 from seqjax.nn import contract, layers
 from seqjax.nn.mixers import compute_dtype, make_mixer
+from seqjax.nn.moe import MoeMlp
 from seqjax.ops.dense.dot import flat_dot_general
 
 _REMAT_POLICIES = {
@@ -54,6 +56,7 @@ class Block(nn.Module):
   mixer: str
   deterministic: bool = True
   mode: str = "parallel"
+  moe: bool = False  # A mixture of experts (`seqjax.nn.moe.MoeMlp`, config.model.moe) instead of the MLP.
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
@@ -64,6 +67,8 @@ class Block(nn.Module):
     mixer = make_mixer(self.mixer, cfg)
     mlp = None if cfg.mlp == "none" else layers.Mlp(cfg.mlp_dim, kind=cfg.mlp, activation=cfg.activation, dropout=cfg.dropout, dtype=dtype,
                      name="mlp")
+    if self.moe:
+      mlp = _moe_mlp(cfg, dtype, segment_ids)
     norm1 = layers.make_norm(cfg.norm, dtype, "norm_mixer")
     norm2 = None if mlp is None else layers.make_norm(cfg.norm, dtype, "norm_mlp")
     new_state = None
@@ -88,6 +93,15 @@ class Block(nn.Module):
       if mlp is not None:
         x_BTD = norm2(x_BTD + drop(mlp(x_BTD, deterministic=self.deterministic)))
     return x_BTD if self.mode == "parallel" else (x_BTD, new_state)
+
+
+def _moe_mlp(cfg: ModelConfig, dtype, segment_ids):
+  """The block's mixture of experts, called like `layers.Mlp` (padding, segment id 0, takes no expert slot)."""
+  m = cfg.moe
+  moe = MoeMlp(m.num_experts, m.top_k, m.expert_dim or cfg.mlp_dim, kind=m.kind, activation=cfg.activation,
+               capacity_factor=m.capacity_factor, dtype=dtype, name="moe")
+  valid_BT = None if segment_ids is None else segment_ids > 0
+  return lambda x_BTD, deterministic: moe(x_BTD, valid_BT=valid_BT)  # noqa: ARG005
 
 
 class _ScannedBlock(Block):
@@ -176,14 +190,14 @@ class DecoderLM(nn.Module):
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       in_axes = (0,) if mode == "step" else (nn.broadcast, nn.broadcast)
-      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      stack = nn.scan(block_cls, variable_axes={"params": 0, "moe": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      block = stack(cfg, cfg.layer_mixers()[0], deterministic, mode, name="layers")
+      block = stack(cfg, cfg.layer_mixers()[0], deterministic, mode, cfg.moe_layer(0), name="layers")
       x_BTD, states = block(x_BTD, states) if mode == "step" else block(x_BTD, segment_ids, positions)
     else:
       new_states = []
       for i, mixer in enumerate(cfg.layer_mixers()):
-        block = block_cls(cfg, mixer, deterministic, mode, name=f"layer_{i}")
+        block = block_cls(cfg, mixer, deterministic, mode, cfg.moe_layer(i), name=f"layer_{i}")
         if mode == "parallel":
           x_BTD = block(x_BTD, segment_ids, positions)
         elif mode == "prefill":

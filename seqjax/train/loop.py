@@ -195,7 +195,8 @@ def _train(config: Config, workdir: str, preemption: Preemption, wrap_jitted: Wr
     else:
       host = jax.device_get(metrics)
       if bool(host["finite"]):
-        window.append({"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"])})
+        window.append({"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]),
+                       **{k: float(v) for k, v in host.get("extras", {}).items()}})
       else:  # Returns for "skip"; raises for "stop" and "rollback".
         on_nonfinite(step, host, recent.get(step),
                      max([s for s in job.checkpointer.all_steps() if s < step], default=None))
@@ -204,7 +205,8 @@ def _train(config: Config, workdir: str, preemption: Preemption, wrap_jitted: Wr
       return
     if step > done_through:
       finite = [m for m in window if m is not None]
-      avg = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan") for k in ("loss", "grad_norm")}
+      keys = finite[0] if finite else ("loss", "grad_norm")  # The loss, grad_norm and the task's extras.
+      avg = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan") for k in keys}
       avg["learning_rate"] = float(lr_at(step - 1))
       avg.update(task.step_inputs(step - 1))  # What the update logged as `step` used (see seqjax.train.task).
       if len(finite) < len(window):

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from seqjax.config import MeshConfig
+from seqjax.nn.moe import EXPERT_MESH_AXIS
 
 MESH_AXES = ("data", "fsdp", "tensor", "seq")
 BATCH_AXES = ("data", "fsdp")
@@ -33,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("head_dim", None),
     ("layers", None),
+    ("expert", EXPERT_MESH_AXIS),  # Mixture-of-experts weights [J, ...]: experts split over "data" (seqjax.nn.moe).
 )
 
 

@@ -5,7 +5,9 @@ A task (seqjax.train.task) gives the step its loss as a function
     loss_sum(params, batch, rng, deterministic) -> (sum, weight)     # float32 scalars
 
 the weighted sum of its per-example (or per-token) losses and the total weight; the step trains on their ratio,
-the weighted mean. `rng` is the step's key, fold_in(state.rng, state.step) (dropout, scheduled sampling, ...);
+the weighted mean. A loss may also return a third value, a dict of weighted sums of other scalars to log (e.g. the
+mixture-of-experts auxiliary losses times the weight): the step divides each by the total weight and returns them
+in metrics["extras"], which the loop logs with the loss. `rng` is the step's key, fold_in(state.rng, state.step) (dropout, scheduled sampling, ...);
 `deterministic` is False in training. Gradient accumulation splits every leaf of the batch along its first axis
 into `grad_accum_steps` micro-batches, sums loss, weight and gradients (float32) over them and divides once by the
 total weight, so it is exactly the full-batch gradient up to summation order.
@@ -54,25 +56,29 @@ def make_train_step(loss_sum: LossFn, optimizer: optax.GradientTransformation, *
     raise ValueError(f"on_nan must be 'stop', 'skip' or 'rollback', got {on_nan!r}")
 
   def train_loss(params, batch, rng):
-    total, weight = loss_sum(params, batch, rng, False)
-    return total.astype(jnp.float32), weight.astype(jnp.float32)
+    total, weight, *extras = loss_sum(params, batch, rng, False)
+    extras = {k: v.astype(jnp.float32) for k, v in (extras[0] if extras else {}).items()}
+    return total.astype(jnp.float32), (weight.astype(jnp.float32), extras)
 
   grad_fn = jax.value_and_grad(train_loss, has_aux=True)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
-      (total, weight), grads = grad_fn(state.params, batch, rng)
+      (total, (weight, extras)), grads = grad_fn(state.params, batch, rng)
     else:
       def body(carry, xs):
         micro, i = xs
-        (l, w), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
-        acc_l, acc_w, acc_g = carry
-        return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+        (l, (w, e)), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+        acc_l, acc_w, acc_e, acc_g = carry
+        return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_e, e), jax.tree.map(jnp.add, acc_g, g)), None
+      micro_batches = _micro_batches(batch, grad_accum_steps)
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      (total, weight, grads), _ = jax.lax.scan(
-          body, (jnp.zeros(()), jnp.zeros(()), zeros),
-          (_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)))
+      extras_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng)[0][1][1]
+      zero_extras = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), extras_shape)
+      (total, weight, extras, grads), _ = jax.lax.scan(
+          body, (jnp.zeros(()), jnp.zeros(()), zero_extras, zeros),
+          (micro_batches, jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss = total / denom
@@ -86,7 +92,8 @@ def make_train_step(loss_sum: LossFn, optimizer: optax.GradientTransformation, *
                               opt_state=jax.tree.map(keep_old, opt_state, state.opt_state),
                               skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite,
-               "grads_finite": _leaves_finite(grads), "params_finite": params_finite}
+               "grads_finite": _leaves_finite(grads), "params_finite": params_finite,
+               "extras": {k: v / denom for k, v in extras.items()}}
     return new_state, metrics
 
   return step

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.config import AttentionConfig, LinearAttentionConfig, ModelConfig, SsmConfig
+from seqjax.config import AttentionConfig, LinearAttentionConfig, ModelConfig, MoeConfig, SsmConfig
 from seqjax.models.lm import DecoderLM
 from seqjax.nn import contract
 from seqjax.nn.mixers import available_mixers, make_mixer, register_mixer
@@ -50,6 +50,14 @@ MODEL_CASES.update({
     "attention_window_alibi_mqa": _config("attention", window=4, positions="alibi", num_kv_heads=1),
     "attention_scanned_rope_gqa": _config("attention", scan_layers=True, positions="rope", num_heads=4,
                                           num_kv_heads=2, norm_position="post", norm="rmsnorm"),
+})
+# Mixture-of-experts MLPs (seqjax.nn.moe): dropless in every other block, and scanned with capacity for every
+# assignment (capacity_factor * top_k / J = 1: nothing dropped, so prefill + steps must equal the parallel forward).
+MODEL_CASES.update({
+    "attention_moe_dropless_every2": _config("attention", moe=MoeConfig(num_experts=4, top_k=2, capacity_factor=0.0,
+                                                                         every=2)),
+    "attention_moe_scanned_capacity_gated": _config("attention", scan_layers=True, positions="rope", moe=MoeConfig(
+        num_experts=4, top_k=2, capacity_factor=2.0, kind="gated")),
 })
 
 

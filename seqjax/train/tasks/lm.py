@@ -31,6 +31,7 @@ from seqjax.decode import generate
 from seqjax.evals.lm_metrics import summarize
 from seqjax.models.lm import DecoderLM
 from seqjax.nn import attention as attention_nn
+from seqjax.nn import moe as moe_nn
 from seqjax.ops.attention import ring_layout_permutation
 from seqjax.train import sharding
 from seqjax.train.state import token_init
@@ -59,23 +60,42 @@ def in_context_parallel_layout(model: nn.Module, batch: DeviceBatch) -> DeviceBa
 
 
 def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.Array | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross-entropy [B, T] (float32) and the logits [B, T, V] of a model applied to batch["inputs"]."""
+                 deterministic: bool = True, mutable: list[str] | None = None):
+  """Per-token cross-entropy [B, T] (float32) and the logits [B, T, V] of a model applied to batch["inputs"]; with
+  `mutable` collections (e.g. ["moe"]), ((losses, logits), the sown collections)."""
   rngs = None if deterministic else {"dropout": rng}
-  logits_BTV = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                           positions=batch.get("positions"), deterministic=deterministic, rngs=rngs)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]), logits_BTV
+  out = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                    positions=batch.get("positions"), deterministic=deterministic, rngs=rngs,
+                    mutable=mutable or False)
+  logits_BTV, sown = out if mutable else (out, None)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]), logits_BTV
+  return (losses, sown) if mutable else losses
 
 
 def lm_loss_sum(model: nn.Module) -> LossFn:
   """`loss_sum(params, batch, rng, deterministic) -> (sum, weight)`: the weighted token cross-entropy of `model`
-  (what `seqjax.train.step.make_train_step` takes)."""
+  (what `seqjax.train.step.make_train_step` takes). With mixture-of-experts blocks (config.model.moe) the sum also
+  holds weight * (load_balance_weight * sum over MoE layers of the Switch loss + z_loss_weight * sum of the
+  z-losses), and a third value, {"moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction"} (their
+  means over the MoE layers) times the weight, which the step logs (docs/moe.md)."""
+
+  moe = getattr(getattr(model, "cfg", None), "moe", None)
 
   def loss_sum(params, batch, rng, deterministic):
     batch = in_context_parallel_layout(model, batch)
-    losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic)
+    if moe is None or not moe.num_experts:
+      losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic)
+      w_BT = batch["weights"].astype(jnp.float32)
+      return jnp.sum(losses_BT * w_BT), jnp.sum(w_BT)
+    (losses_BT, _), sown = token_losses(model, params, batch, rng=rng, deterministic=deterministic,
+                                        mutable=["moe"])
     w_BT = batch["weights"].astype(jnp.float32)
-    return jnp.sum(losses_BT * w_BT), jnp.sum(w_BT)
+    weight = jnp.sum(w_BT)
+    aux = moe_nn.moe_losses(sown.get("moe", {}))
+    objective = (moe.load_balance_weight * jnp.sum(aux["load_balance_loss"]) +
+                 moe.z_loss_weight * jnp.sum(aux["router_z_loss"]))
+    extras = {f"moe_{k}": jnp.mean(v) * weight for k, v in aux.items()}
+    return jnp.sum(losses_BT * w_BT) + objective * weight, weight, extras
 
   return loss_sum
 
