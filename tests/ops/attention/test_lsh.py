@@ -61,7 +61,7 @@ class LshTest(parameterized.TestCase):
 
   def test_hash_equals_numpy_oracle(self):
     qk, _, rot = _inputs(buckets=8)
-    np.testing.assert_array_equal(lsh.lsh_hash(jnp.asarray(qk, jnp.float32), jnp.asarray(rot)),
+    np.testing.assert_array_equal(jax.jit(lsh.lsh_hash)(jnp.asarray(qk, jnp.float32), jnp.asarray(rot)),
                                   _np_buckets(qk, rot))
 
   @parameterized.named_parameters(("causal_c3", True, 3), ("causal_c5", True, 5), ("bidirectional_c3", False, 3),
@@ -76,8 +76,8 @@ class LshTest(parameterized.TestCase):
   def test_one_bucket_is_full_attention(self):
     qk, v, _ = _inputs()
     rot = np.zeros((N, 2, H, 1), np.float32)  # two buckets, everything lands in bucket 0
-    got = lsh.lsh_attention(jnp.asarray(qk, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(rot),
-                            chunk=T, causal=True)
+    got = jax.jit(lambda *a: lsh.lsh_attention(*a, chunk=T, causal=True))(
+        jnp.asarray(qk, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(rot))
     k = qk / np.linalg.norm(qk, axis=-1, keepdims=True)
     s = np.einsum("btnh,bsnh->bnts", qk, k) / np.sqrt(H)
     s = np.where(np.tril(np.ones((T, T), bool)) & ~np.eye(T, dtype=bool), s, -np.inf)
@@ -89,7 +89,7 @@ class LshTest(parameterized.TestCase):
   def test_step_equals_parallel(self):
     qk, v, rot = _inputs(seed=2)
     qk, v = jnp.asarray(qk, jnp.float32), jnp.asarray(v, jnp.float32)
-    full = lsh.lsh_attention(qk, v, jnp.asarray(rot), chunk=3, causal=True)
+    full = jax.jit(lambda *a: lsh.lsh_attention(*a, chunk=3, causal=True))(qk, v, jnp.asarray(rot))
     keys = qk / jnp.linalg.norm(qk, axis=-1, keepdims=True)
     step = jax.jit(lambda q, k, vv, vis: lsh.lsh_attention_step(q, k, vv, vis, jnp.asarray(rot), chunk=3))
     for t in (0, 5, T - 1):
