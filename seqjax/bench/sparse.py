@@ -4,9 +4,9 @@ time against length at a fixed window. Writes `sparse.json` and `sparse.png` int
     python -m seqjax.bench sparse --results_dir=results/sparse
     python -m seqjax.bench sparse --lengths=1024,4096 --repeats=2          # a quick look
 
-Sizes: B = 1, N = 4 heads, H = 64, float32; causal window 256, 16 global tokens, BigBird 2 random blocks of 64.
+Sizes: B = 1, N = 4 heads, H = 64, float32; causal window 256, 16 global tokens, BigBird 2 random blocks of 256 (one tile).
 All cases run the same JAX blockwise kernel (the native CPU kernels are switched off while compiling, so the masks
-are the only difference); tiles of 512 (the kernel's CPU default). fwd+bwd is the gradient of a fixed weighted sum
+are the only difference); tiles of 256 (one window wide). fwd+bwd is the gradient of a fixed weighted sum
 of the output w.r.t. q, k, v. Full causal attention runs up to --full_max_len, fwd+bwd up to --bwd_max_len.
 Timing and memory as in `seqjax.bench.ssm` (jitted, warmed up, round-robin, median; XLA's compiled memory).
 """
@@ -26,8 +26,8 @@ from seqjax.bench.ssm import _compile, _time_round_robin
 from seqjax.ops import backend
 from seqjax.ops.attention import blockwise, blockwise_attention, masks, sparse_masks
 
-BATCH, HEADS, HEAD_DIM, BLOCK = 1, 4, 64, 512
-WINDOW, NUM_GLOBAL, RANDOM_BLOCKS, RANDOM_BLOCK_SIZE = 256, 16, 2, 64
+BATCH, HEADS, HEAD_DIM, BLOCK = 1, 4, 64, 256
+WINDOW, NUM_GLOBAL, RANDOM_BLOCKS, RANDOM_BLOCK_SIZE = 256, 16, 2, 256
 
 
 def patterns() -> dict[str, masks.Mask]:
@@ -116,9 +116,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("results_dir", "results/sparse", "Where sparse.json and sparse.png go.", flag_values=fv)
-  flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths L.", flag_values=fv)
+  flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"], "Sequence lengths L.", flag_values=fv)
   flags.DEFINE_integer("full_max_len", 16384, "Longest L of full causal attention.", flag_values=fv)
-  flags.DEFINE_integer("bwd_max_len", 65536, "Longest L of the fwd+bwd cases.", flag_values=fv)
+  flags.DEFINE_integer("bwd_max_len", 16384, "Longest L of the fwd+bwd cases.", flag_values=fv)
   flags.DEFINE_integer("repeats", 3, "Timed repeats per case (median reported).", flag_values=fv)
 
 
