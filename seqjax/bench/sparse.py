@@ -4,7 +4,8 @@ time against length at a fixed window. Writes `sparse.json` and `sparse.png` int
     python -m seqjax.bench sparse --results_dir=results/sparse
     python -m seqjax.bench sparse --lengths=1024,4096 --repeats=2          # a quick look
 
-Sizes: B = 1, N = 4 heads, H = 64, float32; causal window 256, 16 global tokens, BigBird 2 random blocks of 256 (one tile).
+Sizes: B = 1, N = 4 heads, H = 64, float32; causal window 256, 16 global tokens, BigBird 2 random blocks of 256
+(one tile).
 All cases run the same JAX blockwise kernel (the native CPU kernels are switched off while compiling, so the masks
 are the only difference); tiles of 256 (one window wide). fwd+bwd is the gradient of a fixed weighted sum
 of the output w.r.t. q, k, v. Full causal attention runs up to --full_max_len, fwd+bwd up to --bwd_max_len.
@@ -86,7 +87,8 @@ def summarize(rows: list[dict]) -> dict:
             f"{per_token[0] * 1e3:.2f} -> {per_token[1] * 1e3:.2f}")
       for n in lengths:
         if ("full_causal", kind, n) in pick:
-          summary[f"full causal / {kernel} {kind} L={n}"] = f"{pick[('full_causal', kind, n)] / pick[(kernel, kind, n)]:.2f}x"
+          ratio = pick[("full_causal", kind, n)] / pick[(kernel, kind, n)]
+          summary[f"full causal / {kernel} {kind} L={n}"] = f"{ratio:.2f}x"
   return summary
 
 
@@ -116,7 +118,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("results_dir", "results/sparse", "Where sparse.json and sparse.png go.", flag_values=fv)
-  flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"], "Sequence lengths L.", flag_values=fv)
+  flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"], "Sequence lengths L.",
+                    flag_values=fv)
   flags.DEFINE_integer("full_max_len", 16384, "Longest L of full causal attention.", flag_values=fv)
   flags.DEFINE_integer("bwd_max_len", 16384, "Longest L of the fwd+bwd cases.", flag_values=fv)
   flags.DEFINE_integer("repeats", 3, "Timed repeats per case (median reported).", flag_values=fv)

@@ -192,15 +192,17 @@ class InDocuments(masks_lib.Mask):
 
   def tile_maybe_visible(self, q_lo, q_size, kv_lo, kv_size):
     def span(positions_BT, lo, size):
-      tile = masks_lib._take_rows(positions_BT, lo + jnp.arange(size, dtype=jnp.int32))  # pylint: disable=protected-access
+      rows = lo + jnp.arange(size, dtype=jnp.int32)
+      tile = masks_lib._take_rows(positions_BT, rows)  # pylint: disable=protected-access
       return tile.min(axis=1), tile.max(axis=1)
     (q_min, q_max), (kv_min, kv_max) = span(self.q_positions, q_lo, q_size), span(self.kv_positions, kv_lo, kv_size)
     test = self.mask.span_maybe_visible(q_min, q_max, kv_min, kv_max)
     return None if test is None else jnp.any(test)
 
   def check(self, batch, q_len, kv_len):
-    masks_lib._check_batch_array("InDocuments.q_positions", self.q_positions, (batch, q_len), "[B, T]")  # pylint: disable=protected-access
-    masks_lib._check_batch_array("InDocuments.kv_positions", self.kv_positions, (batch, kv_len), "[B, S]")  # pylint: disable=protected-access
+    check = masks_lib._check_batch_array  # pylint: disable=protected-access
+    check("InDocuments.q_positions", self.q_positions, (batch, q_len), "[B, T]")
+    check("InDocuments.kv_positions", self.kv_positions, (batch, kv_len), "[B, S]")
 
 
 def _compose(window: int, causal: bool, *extra: masks_lib.Mask) -> masks_lib.Mask:
