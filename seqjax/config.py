@@ -172,6 +172,36 @@ LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer")
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig:
+  """The efficient softmax-attention mixers ("longformer", "bigbird", "linformer", "reformer";
+  docs/sparse_attention.md). Heads, kernel and rope come from `model.attention`."""
+
+  window: int = 64  # longformer / bigbird: each query sees itself and the window - 1 tokens before it.
+  num_global: int = 1  # longformer / bigbird: the first num_global tokens of a document are global (0: none).
+  random_blocks: int = 2  # bigbird: random key blocks per query block (drawn among earlier blocks, seeded).
+  block_size: int = 16  # bigbird: the block size of the random attention.
+  seed: int = 0  # bigbird: the draw of the random blocks; reformer: the draw of the hash rotations.
+  projected_len: int = 64  # linformer: keys and values are projected along the length to this many rows.
+  num_hashes: int = 2  # reformer: rounds of hashing (combined by logsumexp).
+  num_buckets: int = 8  # reformer: hash buckets per round (even).
+  chunk: int = 32  # reformer: a query sees the `chunk` most recent tokens of its bucket (itself included).
+
+  def _check(self, prefix: str) -> None:
+    for name in ("window", "block_size", "projected_len", "num_hashes", "num_buckets", "chunk"):
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+    for name in ("num_global", "random_blocks", "seed"):
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+    if self.num_buckets % 2:
+      _fail(f"{prefix}.num_buckets", f"must be even (a bucket is an argmax over [xR, -xR]), got {self.num_buckets}")
+
+
+SPARSE_ATTENTION_MIXERS = ("longformer", "bigbird", "linformer", "reformer")
+BIDIRECTIONAL_MIXERS = ("linformer",)  # no causal form: encoders and classifiers only (refused by task "lm").
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only language model: embeddings, a stack of (mixer, MLP) blocks, an output head.
 
@@ -206,6 +236,7 @@ class ModelConfig:
   context_parallel_layout: Literal["contiguous", "striped", "zigzag"] = "contiguous"
   linear: LinearAttentionConfig = LinearAttentionConfig()
   moe: MoeConfig = MoeConfig()  # Mixture-of-experts MLPs (off: num_experts=0).
+  sparse: SparseAttentionConfig = SparseAttentionConfig()
 
   def _check(self, prefix: str) -> None:
     if self.d_model <= 0 or self.num_layers <= 0 or self.mlp_dim <= 0:
@@ -576,6 +607,11 @@ class Config:
     if self.mesh.seq > 1 and self.model.positions == "alibi" and "attention" in self.model.mixer_pattern:
       _fail("model.positions", "alibi is not supported with a sequence-sharded mesh (mesh.seq > 1); use rope, "
             "learned or sinusoidal positions")
+    bidirectional = [m for m in self.model.mixer_pattern if m in BIDIRECTIONAL_MIXERS]
+    if self.task == "lm" and bidirectional:
+      _fail("model.mixer", f"{bidirectional[0]!r} is bidirectional (every token sees the whole sequence): it cannot "
+            f"train a causal language model. Use it with task='classify', or a causal mixer (e.g. 'longformer', "
+            f"'bigbird', 'reformer') for the LM")
     self._check_synthetic()
 
   def _check_synthetic(self) -> None:

@@ -124,6 +124,18 @@ class NegativeControlsTest(parameterized.TestCase):
     (result,) = report.results
     self.assertEqual(result.status, checks.FAIL, f"the harness missed the flaw {flaw!r}: {result.detail}")
 
+  def test_a_bidirectional_mixer_skips_the_causal_checks(self):
+    """A mixer registered bidirectional (here one that sees the future) gets "n/a" for causal, packing and decode,
+    and is still held to the other checks."""
+    register_mixer("test_bidirectional_mean", bidirectional=True)(lambda cfg: RunningMean(cfg, flaw="future"))
+    try:
+      report = conformance.run("test_bidirectional_mean", checks=["causal", "packing", "decode", "gradients"])
+    finally:
+      unregister_mixer("test_bidirectional_mean")
+    status = {r.check: r.status for r in report.results}
+    self.assertEqual(status, {"causal": checks.NA, "packing": checks.NA, "decode": checks.NA,
+                              "gradients": checks.PASS}, conformance.table([report]))
+
   def test_unknown_names_fail_before_running(self):
     with self.assertRaisesRegex(ValueError, "unknown mixer 'nope'.*registered mixers"):
       conformance.run("nope")

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "ssm": "seqjax.bench.ssm",
     "linear": "seqjax.bench.linear",
     "moe": "seqjax.bench.moe",
+    "sparse": "seqjax.bench.sparse",
 }
 
 

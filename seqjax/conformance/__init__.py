@@ -30,7 +30,7 @@ import dataclasses
 import time
 from typing import Any, Mapping, Sequence
 
-from seqjax.config import AttentionConfig, ModelConfig, SsmConfig, override
+from seqjax.config import AttentionConfig, ModelConfig, SparseAttentionConfig, SsmConfig, override
 from seqjax.conformance.checks import CHECKS, FAIL, NA, PASS, CheckResult, Subject, Tolerances
 
 __all__ = ["CHECKS", "CheckResult", "Report", "Tolerances", "default_config", "run", "table"]
@@ -38,9 +38,11 @@ __all__ = ["CHECKS", "CheckResult", "Report", "Tolerances", "default_config", "r
 
 def default_config(name: str, overrides: Mapping[str, Any] | None = None) -> ModelConfig:
   """The tiny configuration the checks run a mixer at: width 16, two heads, rotary positions (so packed
-  positions matter), SSM state 4 and chunk 4 (which does not divide the length 13: a partial last chunk)."""
+  positions matter), SSM state 4 and chunk 4 (which does not divide the length 13: a partial last chunk); sparse
+  patterns of window 4, random blocks of 2 tokens, LSH chunks of 3 tokens and a Linformer projection to 8 rows."""
   cfg = ModelConfig(mixer=name, d_model=16, num_layers=1, mlp_dim=32, vocab_size=8, max_len=32, positions="rope",
-                    attention=AttentionConfig(num_heads=2), ssm=SsmConfig(state=4, head_dim=8, chunk=4))
+                    attention=AttentionConfig(num_heads=2), ssm=SsmConfig(state=4, head_dim=8, chunk=4),
+                    sparse=SparseAttentionConfig(window=4, block_size=2, chunk=3, projected_len=8))
   return override(cfg, overrides) if overrides else cfg
 
 

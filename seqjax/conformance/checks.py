@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.config import ModelConfig, override
-from seqjax.nn.mixers import make_mixer, mixer_modes
+from seqjax.nn.mixers import is_bidirectional, make_mixer, mixer_modes
 from seqjax.ops import backend
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
@@ -122,9 +122,19 @@ def _loss_and_grads(module: nn.Module, params, x_BTD, cotangent_BTD, segment_ids
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _bidirectional(s: Subject, check: str) -> CheckResult | None:
+  """Not applicable to a mixer registered as bidirectional (`register_mixer(..., bidirectional=True)`)."""
+  if is_bidirectional(s.name):
+    return CheckResult(check, NA, detail="registered bidirectional: no causal form, no decoding, documents not "
+                                         "isolated")
+  return None
+
+
 def causality(s: Subject, tol: Tolerances) -> CheckResult:
   """Changing the future changes nothing before it: outputs before a cut are equal when the inputs after it are
   replaced; and no gradient flows from outputs before the cut to inputs after it (the backward pass is causal)."""
+  if (skip := _bidirectional(s, "causal")) is not None:
+    return skip
   cut = s.length // 2 + 1
   x2 = s.x_BTD.at[:, cut:].set(jnp.asarray(s.rng.standard_normal(s.x_BTD[:, cut:].shape), jnp.float32))
   y, y2 = s.forward(s.params, s.x_BTD), s.forward(s.params, x2)
@@ -138,6 +148,8 @@ def causality(s: Subject, tol: Tolerances) -> CheckResult:
 def packing(s: Subject, tol: Tolerances) -> CheckResult:
   """Packed documents are isolated: each document of a packed row (positions restarting at 0, padding at the end)
   gives what it gives alone, and no gradient crosses a document boundary."""
+  if (skip := _bidirectional(s, "packing")) is not None:
+    return skip
   first, pad = s.length // 3, 2
   second = s.length - first - pad
   segment_ids = np.array([[1] * first + [2] * second + [0] * pad] * s.batch, np.int32)
@@ -195,6 +207,8 @@ def decode(s: Subject, tol: Tolerances) -> CheckResult:
   """Prefill + step = the parallel forward. A prefill over T - 4 tokens in which the last row is right-padded by 2
   (segment id 0), then 4 steps per row, each row continuing from its own last real token; and 3 steps from
   `init_state`. Each output equals the parallel forward's at that row's position."""
+  if (skip := _bidirectional(s, "decode")) is not None:
+    return skip
   module, prompt = s.module, s.length - 4
   lengths_B = np.array([prompt] * (s.batch - 1) + [prompt - 2])
   segment_ids = jnp.asarray((np.arange(prompt)[None] < lengths_B[:, None]).astype(np.int32))

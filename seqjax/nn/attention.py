@@ -183,13 +183,15 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x_q_BTD: jax.Array, x_kv_BSD: jax.Array | None = None, *,
                mask: masks_lib.Mask | None = None, q_positions: jax.Array | None = None,
                kv_positions: jax.Array | None = None, deterministic: bool = True, return_kv: bool = False,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, cache_mask: masks_lib.Mask | None = None):
     """Attention of x_q [B, T, D] over x_kv [B, S, D] (default x_q); returns [B, T, out_features or D].
 
     `return_kv=True` (self-attention) also returns the keys (after RoPE) and values [B, T, K, H] for
     `KVCache.from_sequence`. With a `cache`, x_q is one new token per row [B, 1, D]: it is appended to the cache
     and attends over it; returns (out [B, 1, out_features or D], the new cache). `mask` and the positions are
-    then not used: the cache carries them.
+    then not used: the cache carries them; `cache_mask` (a position mask, e.g. a sparse pattern of
+    `seqjax.ops.attention.sparse_masks`) further restricts the slots a step sees: it is evaluated at the new
+    token's position (query) and each slot's token position (key).
     """
     N = self.num_heads
     K = self.num_kv_heads or N
@@ -243,7 +245,7 @@ class MultiHeadAttention(nn.Module):
       else:
         out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
     else:
-      out_BTNH, cache = self._attend_cache(q_BTNH, k_BSKH, v_BSKH, cache)
+      out_BTNH, cache = self._attend_cache(q_BTNH, k_BSKH, v_BSKH, cache, cache_mask)
     out_BTNH = nn.Dropout(self.dropout_rate)(out_BTNH, deterministic=deterministic)
     out_features = self.out_features or D
     out_BTD = self._dense(out_features, (-2, -1), ("heads", "head_dim", "embed"), "out")(out_BTNH)
@@ -251,7 +253,7 @@ class MultiHeadAttention(nn.Module):
       return out_BTD, cache
     return (out_BTD, (k_BSKH, v_BSKH)) if return_kv else out_BTD
 
-  def _attend_cache(self, q_B1NH, k_B1KH, v_B1KH, cache: KVCache):
+  def _attend_cache(self, q_B1NH, k_B1KH, v_B1KH, cache: KVCache, cache_mask: masks_lib.Mask | None = None):
     """Appends one token per row to the cache and attends over it: (out [B, 1, N, H], new cache).
 
     Slot j holds the token `distance[b, j]` tokens back (0: the new one). It is visible when that token exists
@@ -263,6 +265,9 @@ class MultiHeadAttention(nn.Module):
     size = cache.key.shape[1]
     distance_BS = jnp.mod(index_B1 - jnp.arange(size, dtype=jnp.int32)[None], size)
     visible_BS = (distance_BS <= index_B1) & (distance_BS <= position_B1)
+    if cache_mask is not None:  # the pattern's row for the new position, over each slot's token position
+      row = jax.vmap(cache_mask.block)(position_B1, position_B1 - distance_BS)  # [B, 1, 1, 1, S]
+      visible_BS &= row[:, 0, 0, 0]
     bias = None
     if self.alibi:
       slopes_N = positions_ops.alibi_slopes(self.num_heads)

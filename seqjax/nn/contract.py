@@ -41,6 +41,9 @@ mixer, against the parallel form):
     linear, retnet,  {"kv": float32 [B, N, P, H] (P key width or Performer features, H value width; H + 1 for
     gla, deltanet,    normalised "linear" and "performer"), "position": int32 [B]}
     performer
+    longformer,      KVCache of max_len slots, as attention (reformer: the normalised shared keys, float32);
+    bigbird,         a step sees the slots its sparse pattern allows (docs/sparse_attention.md)
+    reformer
 
 `register_mixer` checks a new mixer's module against this contract (`contract_problems`) when it is registered.
 """

@@ -42,15 +42,19 @@ from seqjax.ops.attention import masks
 MixerFactory = Callable[[ModelConfig], nn.Module]
 _MIXERS: dict[str, MixerFactory] = {}
 _MODES: dict[str, dict[str, Mapping[str, Any]]] = {}
+_BIDIRECTIONAL: set[str] = set()
 _CONTRACT_CHECK_CONFIG = ModelConfig(d_model=32, num_layers=1, mlp_dim=32, vocab_size=8, max_len=16)
 
 
-def register_mixer(name: str, *, modes: Mapping[str, Mapping[str, Any]] | None = None
+def register_mixer(name: str, *, modes: Mapping[str, Mapping[str, Any]] | None = None, bidirectional: bool = False
                    ) -> Callable[[MixerFactory], MixerFactory]:
   """Decorator: registers `factory(cfg) -> module` under `name`.
 
   `modes` (optional) names the ways the mixer can compute the same function, each as the `ModelConfig` overrides
   that select it (`seqjax.config.override`); every mode must build a module with the same parameters.
+  `bidirectional=True` declares a mixer with no causal form (every token sees the whole sequence, e.g. Linformer):
+  it still implements the contract's methods (its `step` raises a clear error), the conformance harness skips its
+  causality and decoding checks, and the LM task refuses it (`seqjax.config.BIDIRECTIONAL_MIXERS`).
 
   Raises ValueError if the name is taken, if a mode's overrides are not fields of `ModelConfig`, or if the module
   the factory builds from a default `ModelConfig` does not implement the mixer contract (`seqjax.nn.contract`);
@@ -75,6 +79,8 @@ def register_mixer(name: str, *, modes: Mapping[str, Mapping[str, Any]] | None =
                        f"seqjax.nn.contract: " + "; ".join(problems))
     _MIXERS[name] = factory
     _MODES[name] = {mode: dict(overrides) for mode, overrides in (modes or {}).items()}
+    if bidirectional:
+      _BIDIRECTIONAL.add(name)
     return factory
   return wrap
 
@@ -84,6 +90,7 @@ def unregister_mixer(name: str) -> None:
   if name not in _MIXERS:
     raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}")
   del _MIXERS[name], _MODES[name]
+  _BIDIRECTIONAL.discard(name)
 
 
 def mixer_modes(name: str) -> dict[str, Mapping[str, Any]]:
@@ -91,6 +98,13 @@ def mixer_modes(name: str) -> dict[str, Mapping[str, Any]]:
   if name not in _MIXERS:
     raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}")
   return dict(_MODES[name])
+
+
+def is_bidirectional(name: str) -> bool:
+  """Whether a registered mixer declared itself bidirectional (no causal form, no decoding)."""
+  if name not in _MIXERS:
+    raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}")
+  return name in _BIDIRECTIONAL
 
 
 def available_mixers() -> tuple[str, ...]:
@@ -135,10 +149,7 @@ class AttentionMixer(nn.Module):
     if return_state and not window and x_BTD.shape[1] > self.cfg.max_len:
       raise ValueError(f"AttentionMixer: a prompt of {x_BTD.shape[1]} tokens does not fit the KV cache of "
                        f"model.max_len={self.cfg.max_len} tokens; shorten it or raise model.max_len")
-    mask = masks.SlidingWindow(window - 1, 0) if window else masks.Causal()
-    if segment_ids is not None:
-      mask = mask & masks.SegmentIds(segment_ids, segment_ids)
-    out = self.attention(x_BTD, mask=mask, q_positions=positions, kv_positions=positions,
+    out = self.attention(x_BTD, mask=self.mask(segment_ids, positions), q_positions=positions, kv_positions=positions,
                          deterministic=deterministic, return_kv=return_state)
     if not return_state:
       return out
@@ -148,13 +159,27 @@ class AttentionMixer(nn.Module):
                                   self.cache_size(self.cfg.max_len))
     return y_BTD, state
 
+  def mask(self, segment_ids: jax.Array | None, positions: jax.Array | None) -> masks.Mask:
+    """The mask of the parallel form (subclasses: sparse patterns, seqjax.nn.sparse_attention)."""
+    del positions  # full and windowed attention look only at distances, the same in every document
+    window = self.cfg.attention.window
+    mask = masks.SlidingWindow(window - 1, 0) if window else masks.Causal()
+    if segment_ids is not None:
+      mask = mask & masks.SegmentIds(segment_ids, segment_ids)
+    return mask
+
+  def cache_mask(self) -> masks.Mask | None:
+    """A position mask restricting what a step sees in the cache (None: the whole document)."""
+    return None
+
   def init_state(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
     cfg = self.cfg
     return KVCache.empty(batch_size, self.cache_size(max_len), cfg.resolved_num_kv_heads, cfg.resolved_head_dim,
                          dtype or compute_dtype(cfg))
 
   def step(self, x_BD: jax.Array, state: KVCache, *, deterministic: bool = True) -> tuple[jax.Array, KVCache]:
-    y_B1D, state = self.attention(x_BD[:, None], cache=state, deterministic=deterministic)
+    y_B1D, state = self.attention(x_BD[:, None], cache=state, deterministic=deterministic,
+                                  cache_mask=self.cache_mask())
     return y_B1D[:, 0], state
 
 
@@ -231,3 +256,18 @@ _LINEAR_MODES = {mode: {"linear": {"mode": mode}} for mode in ("chunked", "paral
 
 for _variant in ("linear", "retnet", "gla", "deltanet", "performer"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
   register_mixer(_variant, modes=_LINEAR_MODES)(_make_linear_attention(_variant))
+
+
+def _make_sparse(kind: str) -> MixerFactory:
+  def factory(cfg: ModelConfig) -> nn.Module:
+    from seqjax.nn import sparse_attention  # pylint: disable=import-outside-toplevel
+    return sparse_attention.make(kind, cfg)
+  return factory
+
+
+# seqjax.config.SPARSE_ATTENTION_MIXERS (docs/sparse_attention.md)
+_SPARSE_MODES = {impl: {"attention": {"implementation": impl}} for impl in ("reference", "blockwise")}
+register_mixer("longformer", modes=_SPARSE_MODES)(_make_sparse("longformer"))
+register_mixer("bigbird", modes=_SPARSE_MODES)(_make_sparse("bigbird"))
+register_mixer("reformer")(_make_sparse("reformer"))
+register_mixer("linformer", bidirectional=True)(_make_sparse("linformer"))

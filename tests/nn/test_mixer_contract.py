@@ -26,7 +26,7 @@ import pytest
 from seqjax.config import AttentionConfig, LinearAttentionConfig, ModelConfig, MoeConfig, SsmConfig
 from seqjax.models.lm import DecoderLM
 from seqjax.nn import contract
-from seqjax.nn.mixers import available_mixers, make_mixer, register_mixer
+from seqjax.nn.mixers import available_mixers, is_bidirectional, make_mixer, register_mixer
 
 B, T, K_STEPS, D, VOCAB = 2, 10, 4, 16, 11
 LENGTHS = (T, T - 3)  # row 0 fills the prompt, row 1 is right-padded
@@ -41,10 +41,11 @@ def _config(mixer: str, *, window: int = 0, num_heads: int = 2, num_kv_heads: in
   return ModelConfig(**{**base, **model})
 
 
-MIXER_CASES = {name: _config(name, positions="rope") for name in available_mixers()}
+CAUSAL_MIXERS = [name for name in available_mixers() if not is_bidirectional(name)]  # bidirectional: no decoding
+MIXER_CASES = {name: _config(name, positions="rope") for name in CAUSAL_MIXERS}
 MIXER_CASES["attention_window_alibi_mqa"] = _config("attention", window=4, positions="alibi", num_kv_heads=1)
 
-MODEL_CASES = {name: _config(name) for name in available_mixers()}
+MODEL_CASES = {name: _config(name) for name in CAUSAL_MIXERS}
 MODEL_CASES.update({
     "hybrid_mamba_attention_lstm": _config("mamba,attention,lstm", num_layers=3, positions="sinusoidal"),
     "attention_window_alibi_mqa": _config("attention", window=4, positions="alibi", num_kv_heads=1),
