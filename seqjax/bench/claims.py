@@ -177,19 +177,29 @@ def train_recall(mixer: str, distance: int, steps: int, batch: int, d_model: int
 
 
 # ----------------------------------------------------------------------------------------------- 5. grad
+def embedded_input_loss(model: DecoderLM, params: Any, delta_BTD, tokens_BT, targets_BT, weights_BT) -> jax.Array:
+  """The summed per-row losses (the weighted mean x rows) with `delta` added to the embedding output x [B, T, D]."""
+  def add_delta(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, layers.Embed) and context.method_name == "__call__":
+      return out + delta_BTD.astype(out.dtype)
+    return out
+  with nn.intercept_methods(add_delta):
+    return _loss(model, params, tokens_BT, targets_BT, weights_BT) * tokens_BT.shape[0]
+
+
+def input_gradients(model: DecoderLM, params: Any, tokens_BT, targets_BT, weights_BT) -> np.ndarray:
+  """dL/dx [B, T, D]: each row's answer loss against the embedded inputs x_t of that row (read off with
+  `flax.linen.intercept_methods`, a zero added to the embedding output; the model is unchanged)."""
+  delta = jnp.zeros((*np.shape(tokens_BT), model.cfg.d_model), jnp.float32)
+  grad = jax.jit(jax.grad(functools.partial(embedded_input_loss, model), argnums=1))
+  return np.asarray(grad(params, delta, tokens_BT, targets_BT, weights_BT))
+
+
 def input_gradient_norms(model: DecoderLM, params: Any, tokens_BT, targets_BT, weights_BT) -> np.ndarray:
-  """||dL/dx_t|| [T], L the weighted loss, x_t the embedding output at t (mean over the batch of per-row norms)."""
-  def loss_of_delta(delta_BTD):
-    def add_delta(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      if isinstance(context.module, layers.Embed) and context.method_name == "__call__":
-        return out + delta_BTD.astype(out.dtype)
-      return out
-    with nn.intercept_methods(add_delta):
-      return _loss(model, params, tokens_BT, targets_BT, weights_BT) * tokens_BT.shape[0]  # per-row losses summed
-  delta = jnp.zeros((*tokens_BT.shape, model.cfg.d_model), jnp.float32)
-  grad_BTD = jax.jit(jax.grad(loss_of_delta))(delta)
-  return np.asarray(jnp.mean(jnp.linalg.norm(grad_BTD, axis=-1), axis=0))
+  """||dL/dx_t|| [T], the mean over the rows of each row's norm."""
+  grad_BTD = input_gradients(model, params, tokens_BT, targets_BT, weights_BT)
+  return np.linalg.norm(grad_BTD, axis=-1).mean(0)
 
 
 def recall_and_gradients(distances: Sequence[int], steps: int, batch: int, d_model: int, log) -> tuple[list, list]:
