@@ -137,6 +137,7 @@ def visualize_lm(model: Any, params: Any, config: Any, tokenizer: Any, text: str
     raise ValueError(f"seqjax.visualize: the run's mixers {config.model.mixer!r} have no attention layer to draw")
   tokens_T = lm_tokens(text, config, tokenizer)
   labels = _token_labels(tokenizer, tokens_T.tolist()) if len(tokens_T) <= max_labels else None
+  os.makedirs(outdir, exist_ok=True)
   paths = []
   for layer, weights_BNTS in capture_attention(model, params, tokens_T[None]).items():
     heads = weights_BNTS[0]
@@ -171,6 +172,7 @@ def visualize_seq2seq(model: Any, params: Any, config: Any, vocab: Any, source: 
   if not items or not all(p.isdigit() for p in items):
     raise ValueError(f"seqjax.visualize: the seq2seq run translates numbers written in digits; give --source as "
                      f"numbers separated by spaces or commas (e.g. --source='1204 77'), got {source!r}")
+  os.makedirs(outdir, exist_ok=True)
   paths = []
   for j, item in enumerate(items):
     output, out_labels, weights_TS = seq2seq_alignment(model, params, config, vocab, item)
@@ -193,14 +195,12 @@ def visualize(workdir: str, *, text: str | None = None, source: str | None = Non
   if config.task == "seq2seq":
     if source is None:
       raise ValueError("seqjax.visualize: this is a seq2seq run; give --source='1204 77' (numbers to translate)")
-    os.makedirs(outdir, exist_ok=True)
     return visualize_seq2seq(model, params, config, tokenizer, source, outdir, dpi=dpi)
   if text is None:
     raise ValueError("seqjax.visualize: give --text (for a decoder LM run; --source is for seq2seq runs)")
   if config.model.remat != "none":  # the same parameters; the capture runs without rematerialisation
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, remat="none"))
     model = type(model)(config.model)
-  os.makedirs(outdir, exist_ok=True)
   return visualize_lm(model, params, config, tokenizer, text, outdir, max_labels=max_labels, columns=columns,
                       dpi=dpi)
 

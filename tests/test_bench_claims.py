@@ -50,7 +50,7 @@ def test_verdict_rules():
                  for m in ("rnn", "lstm", "attention (blockwise)", "attention (reference)", "mamba")
                  for L in (512, 4096)],
       "recall": [{"mixer": m, "distance": d, "accuracy": a} for m, accs in
-                 (("rnn", (1.0, 0.1)), ("lstm", (1.0, 0.9)), ("attention", (1.0, 1.0)), ("mamba", (1.0, 1.0)))
+                 (("rnn", (0.3, 0.1)), ("lstm", (1.0, 0.2)), ("attention", (1.0, 1.0)), ("mamba", (1.0, 1.0)))
                  for d, a in zip((8, 96), accs)],
       "grad": [{"mixer": m, "stage": s, "norms": [r, 1.0]} for m, r in
                (("rnn", 1e-6), ("lstm", 1e-2), ("attention", 0.3), ("mamba", 1e-3)) for s in ("init", "trained")],
@@ -60,7 +60,7 @@ def test_verdict_rules():
                                      "blockwise kernel is linear", "holds", "holds for the tanh RNN"]
   result["throughput"] = [dict(r, tokens_per_s=1.0 if r["mixer"] == "attention" else 5.0)
                           for r in result["throughput"]]
-  result["recall"] = [dict(r, accuracy=1.0) for r in result["recall"]]
+  result["recall"] = [dict(r, accuracy=1.0) for r in result["recall"]]  # no drop with distance
   verdicts = [row["verdict"] for row in claims.verdicts(result)]
   assert verdicts[0] == "does not hold at this scale" and verdicts[4] == "does not hold at this scale"
 

@@ -101,8 +101,23 @@ def test_scanned_stack_and_hybrid_pattern(tmp_path):
       np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
 
 
-def test_command_line_and_its_errors(lm_run, tmp_path):
-  """The module runs as a program; bad input is one clear line and exit code 2, before any compute."""
+def test_bad_input_is_a_clear_error(lm_run, tmp_path):
+  """Each mistake names what was wrong and what to do, before any compute."""
+  outdir = str(tmp_path / "maps")
+  with pytest.raises(ValueError, match="exceed the run's model.max_len=32"):
+    visualize.visualize(lm_run, text="x" * 40, outdir=outdir)
+  with pytest.raises(ValueError, match="give --text"):
+    visualize.visualize(lm_run, source="12", outdir=outdir)
+  with pytest.raises(ValueError, match="--columns must be >= 1"):
+    visualize.visualize(lm_run, text="a", columns=0)
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    visualize.visualize(str(tmp_path / "nowhere"), text="a")
+  assert not os.path.exists(outdir)
+
+
+@pytest.mark.slow
+def test_command_line(lm_run, tmp_path):
+  """The module runs as a program (--dpi sets the size); a missing --text is one line on stderr and exit code 2."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   outdir = str(tmp_path / "cli")
   ok = subprocess.run([sys.executable, "-m", "seqjax.visualize", f"--workdir={lm_run}", "--text=ab",
@@ -111,12 +126,6 @@ def test_command_line_and_its_errors(lm_run, tmp_path):
   assert ok.returncode == 0, ok.stderr
   assert sorted(os.listdir(outdir)) == ["attention_layer_0.png", "attention_layer_1.png"]
   assert _pixels(os.path.join(outdir, "attention_layer_0.png")) == visualize.image_size(4, 4, dpi=50) == (600, 150)
-  with pytest.raises(ValueError, match="exceed the run's model.max_len=32"):
-    visualize.visualize(lm_run, text="x" * 40, outdir=outdir)
-  with pytest.raises(ValueError, match="give --text"):
-    visualize.visualize(lm_run, source="12", outdir=outdir)
-  with pytest.raises(FileNotFoundError, match="not a directory"):
-    visualize.visualize(str(tmp_path / "nowhere"), text="a")
   bad = subprocess.run([sys.executable, "-m", "seqjax.visualize", f"--workdir={lm_run}"], capture_output=True,
                        text=True, env=env, cwd=ROOT, check=False)
   assert bad.returncode == 2 and "give --text" in bad.stderr
