@@ -10,6 +10,7 @@ import sys
 
 BENCHMARKS = {
     "attention": "seqjax.bench.attention",
+    "claims": "seqjax.bench.claims",
     "decode": "seqjax.bench.decode",
     "lstm": "seqjax.bench.recurrent",
     "recurrent": "seqjax.bench.recurrent",

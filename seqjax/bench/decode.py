@@ -112,8 +112,8 @@ SWEEP_MIXERS = {
 }
 
 
-def _sweep_config(name: str, context: int, steps: int) -> ModelConfig:
-  kw = dict(SWEEP_MIXERS[name])
+def _sweep_config(name: str, context: int, steps: int, mixers: dict[str, dict] | None = None) -> ModelConfig:
+  kw = dict((mixers or SWEEP_MIXERS)[name])
   window = kw.pop("window", 0)
   return ModelConfig(d_model=256, num_layers=4, mlp_dim=1024, positions="rope", max_len=context + steps,
                      vocab_size=259, attention=AttentionConfig(num_heads=4, window=window),
@@ -139,11 +139,13 @@ def _steps(model: DecoderLM, steps: int, params: Any, cache: dict) -> jax.Array:
   return jax.lax.fori_loop(0, steps, body, (token_B, cache))[0]
 
 
-def context_sweep(contexts: Sequence[int], steps: int, repeats: int, log) -> list[dict]:
+def context_sweep(contexts: Sequence[int], steps: int, repeats: int, log,
+                  mixers: dict[str, dict] | None = None) -> list[dict]:
+  """ms per new token for each mixer (`mixers`: name -> ModelConfig fields, default SWEEP_MIXERS) and context."""
   rows = []
-  for name in SWEEP_MIXERS:
+  for name in mixers or SWEEP_MIXERS:
     for context in contexts:
-      model = DecoderLM(_sweep_config(name, context, steps))
+      model = DecoderLM(_sweep_config(name, context, steps, mixers))
       params = _params(model)
       cache = _filled(model.init_cache(1), context)
       seconds = _median_interleaved({name: lambda m=model, p=params, c=cache: _steps(m, steps, p, c)},

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from seqjax.config import ModelConfig
 from seqjax.nn import contract, layers
+from seqjax.nn.attention import WEIGHTS_COLLECTION
 from seqjax.nn.mixers import compute_dtype, make_mixer
 from seqjax.nn.moe import MoeMlp
 from seqjax.ops.dense.dot import flat_dot_general
@@ -190,7 +191,8 @@ class DecoderLM(nn.Module):
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       in_axes = (0,) if mode == "step" else (nn.broadcast, nn.broadcast)
-      stack = nn.scan(block_cls, variable_axes={"params": 0, "moe": 0}, split_rngs={"params": True, "dropout": True},
+      stack = nn.scan(block_cls, variable_axes={"params": 0, "moe": 0, WEIGHTS_COLLECTION: 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       block = stack(cfg, cfg.layer_mixers()[0], deterministic, mode, cfg.moe_layer(0), name="layers")
       x_BTD, states = block(x_BTD, states) if mode == "step" else block(x_BTD, segment_ids, positions)

@@ -140,14 +140,25 @@ class Seq2SeqLSTM(nn.Module):
   def greedy(self, src_BS: Array, src_lengths_B: Array, *, max_len: int, bos_id: int,
              eos_id: int, pad_id: int = 0) -> tuple[Array, Array]:
     """Greedy decoding: -> (tokens [B, max_len] with pad after EOS, lengths [B] incl. EOS)."""
+    tokens_BT, lengths_B, _ = self.greedy_alignment(src_BS, src_lengths_B, max_len=max_len, bos_id=bos_id,
+                                                    eos_id=eos_id, pad_id=pad_id)
+    return tokens_BT, lengths_B
+
+  def greedy_alignment(self, src_BS: Array, src_lengths_B: Array, *, max_len: int, bos_id: int,
+                       eos_id: int, pad_id: int = 0) -> tuple[Array, Array, Array]:
+    """`greedy` and its alignment: (tokens [B, T], lengths [B], attention weights float32 [B, T, S]).
+
+    Row t of the weights is the additive attention that produced output token t (zero on padded
+    source positions; rows past a row's length are what the decoder computed after its EOS).
+    """
     memory_BSU, keys_BSF, mask_BS, states = self.encode(src_BS, src_lengths_B)
     b = src_BS.shape[0]
     gold_BT = jnp.full((b, max_len), bos_id, jnp.int32)
     use_gold_BT = jnp.zeros((b, max_len), bool).at[:, 0].set(True)
-    logits_BTV, _ = self._decode(memory_BSU, keys_BSF, mask_BS, states, gold_BT, use_gold_BT,
-                                 True)
+    logits_BTV, weights_BTS = self._decode(memory_BSU, keys_BSF, mask_BS, states, gold_BT,
+                                           use_gold_BT, True)
     tokens_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
-    return stop_at_eos(tokens_BT, eos_id, pad_id)
+    return (*stop_at_eos(tokens_BT, eos_id, pad_id), weights_BTS)
 
 
 def scheduled_sampling_mask(rng: Array | None, shape: tuple[int, int],

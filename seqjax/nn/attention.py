@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec
 from seqjax.ops.attention import masks as masks_lib
 from seqjax.ops.attention import ring as ring_lib
 from seqjax.ops.attention import positions as positions_ops
-from seqjax.ops.attention import get_attention
+from seqjax.ops.attention import attention_weights, get_attention
 from seqjax.ops.dense.dot import flat_dot_general
 
 Dtype = Any
@@ -105,6 +105,11 @@ class _VisibleSlots(masks_lib.Mask):
 
 
 CONTEXT_PARALLEL = ("ring", "all_gather")
+
+# Applying a model with this collection mutable (`mutable=[WEIGHTS_COLLECTION]`) makes every attention call
+# without a cache also sow its probabilities [B, N, T, S] (float32, `attention_weights`) as
+# `("weights",)` (a tuple of one array per call); otherwise nothing extra is computed.
+WEIGHTS_COLLECTION = "attention_weights"
 
 
 def context_parallel_shards() -> int:
@@ -187,7 +192,8 @@ class MultiHeadAttention(nn.Module):
     """Attention of x_q [B, T, D] over x_kv [B, S, D] (default x_q); returns [B, T, out_features or D].
 
     `return_kv=True` (self-attention) also returns the keys (after RoPE) and values [B, T, K, H] for
-    `KVCache.from_sequence`. With a `cache`, x_q is one new token per row [B, 1, D]: it is appended to the cache
+    `KVCache.from_sequence`. Applied with the collection `WEIGHTS_COLLECTION` mutable, it also sows the dense
+    attention probabilities [B, N, T, S] of this call (the kernel's own result is unchanged). With a `cache`, x_q is one new token per row [B, 1, D]: it is appended to the cache
     and attends over it; returns (out [B, 1, out_features or D], the new cache). `mask` and the positions are
     then not used: the cache carries them; `cache_mask` (a position mask, e.g. a sparse pattern of
     `seqjax.ops.attention.sparse_masks`) further restricts the slots a step sees: it is evaluated at the new
@@ -244,6 +250,8 @@ class MultiHeadAttention(nn.Module):
                                                v_BSKH, mask)
       else:
         out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
+      if self.is_mutable_collection(WEIGHTS_COLLECTION) and not self.is_initializing():  # attention maps, on request
+        self.sow(WEIGHTS_COLLECTION, "weights", attention_weights(q_BTNH, k_BSKH, mask=mask, bias=bias))
     else:
       out_BTNH, cache = self._attend_cache(q_BTNH, k_BSKH, v_BSKH, cache, cache_mask)
     out_BTNH = nn.Dropout(self.dropout_rate)(out_BTNH, deterministic=deterministic)

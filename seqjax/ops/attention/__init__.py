@@ -10,6 +10,7 @@ Every implementation takes q [B, T, N, H], k and v [B, S, K, H] (the `jax.nn.dot
 forward and the backward pass, never NaN). Implementations (see `available_attentions()`):
 
 - "reference": `reference_attention` (`reference.py`), materialises the [B, N, T, S] scores. The oracle.
+  `attention_weights` there returns the probabilities themselves (attention maps).
 - "blockwise": `blockwise_attention` (`blockwise.py`), flash-style tiles with an online softmax and a
   memory-efficient custom_vjp. On a CPU it runs the C++ kernel of `seqjax.cpu_kernels.attention` where that covers
   the mask and bias (the switch: `seqjax.ops.backend`).
@@ -37,14 +38,14 @@ from seqjax.ops.attention._registry import (AttentionFn, Dims, available_attenti
                                             get_attention, group_heads, register_attention)
 from seqjax.ops.attention.blockwise import blockwise_attention  # registers "blockwise"
 from seqjax.ops.attention.pallas import pallas_attention  # registers "pallas"
-from seqjax.ops.attention.reference import reference_attention  # registers "reference"
+from seqjax.ops.attention.reference import attention_weights, reference_attention  # registers "reference"
 from seqjax.ops.attention.ring import all_gather_attention, ring_attention, ring_layout_permutation
 from seqjax.ops.attention.mask_parts import UnsupportedAttention
 from seqjax.ops.attention.splash import splash_attention  # registers "splash"
 from seqjax.ops.attention.gpu import cudnn_attention, cudnn_available, pallas_gpu_attention  # "pallas_gpu", "cudnn"
 from seqjax.ops.attention.auto import auto_attention, auto_choice  # registers "auto"
 
-__all__ = ["AttentionFn", "Dims", "all_gather_attention", "available_attentions", "blockwise_attention", "check_inputs", "default_scale",
+__all__ = ["AttentionFn", "Dims", "all_gather_attention", "attention_weights", "available_attentions", "blockwise_attention", "check_inputs", "default_scale",
            "get_attention", "group_heads", "masks", "pallas_attention", "positions", "reference_attention",
            "register_attention", "ring_attention", "ring_layout_permutation",
            "UnsupportedAttention", "auto_attention", "auto_choice", "cudnn_attention", "cudnn_available",
