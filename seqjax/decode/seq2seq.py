@@ -73,19 +73,32 @@ def decode(model: Any, params: Any, src: Any, src_lengths: Any, *, max_new_token
   Greedy for num_beams=1, beam search (`seqjax.decode.beam`) for more. A row ends at its EOS or after
   max_new_tokens tokens. Raises ValueError, before anything is compiled, for an argument out of range.
   """
+  return _run(model, params, src, src_lengths, "greedy" if num_beams == 1 else "beam", max_new_tokens=max_new_tokens,
+              bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, num_beams=num_beams, length_penalty=length_penalty)
+
+
+def beam_search(model: Any, params: Any, src: Any, src_lengths: Any, *, num_beams: int, max_new_tokens: int,
+                bos_id: int, eos_id: int, pad_id: int = 0, length_penalty: float = 0.6) -> GenerateResult:
+  """Beam search with any num_beams >= 1 (`decode` runs greedy for 1: the two agree, tested)."""
+  return _run(model, params, src, src_lengths, "beam", max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
+              pad_id=pad_id, num_beams=num_beams, length_penalty=length_penalty)
+
+
+def _run(model, params, src, src_lengths, algorithm, *, max_new_tokens, bos_id, eos_id, pad_id, num_beams,
+         length_penalty):
   _check(model, src, src_lengths, max_new_tokens=max_new_tokens, num_beams=num_beams,
          length_penalty=length_penalty, ids={"bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id})
-  return _decode(model, int(num_beams), int(max_new_tokens), float(length_penalty), int(bos_id), int(eos_id),
-                 int(pad_id), params, jnp.asarray(src, jnp.int32), jnp.asarray(src_lengths, jnp.int32))
+  return _decode(model, algorithm, int(num_beams), int(max_new_tokens), float(length_penalty), int(bos_id),
+                 int(eos_id), int(pad_id), params, jnp.asarray(src, jnp.int32), jnp.asarray(src_lengths, jnp.int32))
 
 
 def _take_rows(tree: Any, rows: jax.Array) -> Any:
   return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), tree)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _decode(model, num_beams: int, max_new_tokens: int, alpha: float, bos_id: int, eos_id: int, pad_id: int, params,
-            src_BS, src_lengths_B):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def _decode(model, algorithm: str, num_beams: int, max_new_tokens: int, alpha: float, bos_id: int, eos_id: int,
+            pad_id: int, params, src_BS, src_lengths_B):
   batch, k = src_BS.shape[0], num_beams
   variables = {"params": params}
   bos_B = jnp.full((batch,), bos_id, jnp.int32)
@@ -95,7 +108,7 @@ def _decode(model, num_beams: int, max_new_tokens: int, alpha: float, bos_id: in
   buffer_BL = common.output_buffer(bos_B[:, None], ones_B, max_new_tokens, pad_id)
   stop_BS = jnp.full((batch, 1), eos_id, jnp.int32)
   pad = jnp.int32(pad_id)
-  if k == 1:
+  if algorithm == "greedy":
     out = sample_loop(step, Sampler(), logits_BV, state, buffer_BL, ones_B, stop_BS, jax.random.key(0), pad,
                       max_new_tokens=max_new_tokens)
   else:
