@@ -72,28 +72,21 @@ def get_config(arg: str | None = None):
     s.teacher_forcing, s.teacher_forcing_prob = "constant", 1.0
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 100
-  if arg == "transformer_smoke":
+  if arg in ("smoke", "transformer_smoke"):  # Seconds on a laptop: 1-3-digit numbers, 12 small steps.
     config.data.name = "numbers_to_words/small"
     s.max_digits = 3
-    s.hidden, s.num_heads, s.mlp_dim, s.encoder_layers, s.decoder_layers = 16, 2, 32, 1, 1
-    s.max_len = 40
     s.curriculum_start, s.curriculum_warmup_steps, s.curriculum_every = 16, 6, 16
     s.decode_max_len = 32
     s.log_examples = 2
     config.optim.warmup_steps = 2
     t.num_steps, t.batch_size, t.eval_every, t.eval_batches = 12, 16, 6, 2
     t.checkpoint_every, t.log_every = 6, 3
-  elif arg == "smoke":
-    config.data.name = "numbers_to_words/small"
-    s.max_digits = 3
+  if arg == "smoke":
     s.embed_dim, s.hidden, s.attention_dim = 16, 32, 16
     s.teacher_forcing_k = 5.0
-    s.curriculum_start, s.curriculum_warmup_steps, s.curriculum_every = 16, 6, 16
-    s.decode_max_len = 32
-    s.log_examples = 2
-    config.optim.warmup_steps = 2
-    t.num_steps, t.batch_size, t.eval_every, t.eval_batches = 12, 16, 6, 2
-    t.checkpoint_every, t.log_every = 6, 3
+  elif arg == "transformer_smoke":
+    s.hidden, s.num_heads, s.mlp_dim, s.encoder_layers, s.decoder_layers = 16, 2, 32, 1, 1
+    s.max_len = 40
   elif arg and arg != "transformer":
     raise ValueError(f"unknown variant {arg!r} of configs/seq2seq_numbers.py; variants: smoke, transformer, "
                      f"transformer_smoke")

@@ -174,6 +174,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("retnet_decay_shifted", "RetNet's head decays gamma_n = 1 - 2^(-4 - n) instead of 2^(-5 - n)",
            "seqjax/ops/linear/variants.py", "jnp.exp2(-5.0 - jnp.arange(num_heads, dtype=jnp.float32))",
            "jnp.exp2(-4.0 - jnp.arange(num_heads, dtype=jnp.float32))", ("tests/ops/linear/test_numpy_oracle.py",)),
+    # The Transformer encoder-decoder.
+    Mutant("encdec_decoder_not_causal", "the decoder's teacher-forced self-attention sees later target tokens",
+           "seqjax/models/seq2seq_transformer.py",
+           "return self_attention(x_BTD, mask=masks_lib.Causal(), deterministic=deterministic)",
+           "return self_attention(x_BTD, mask=None, deterministic=deterministic)",
+           ("tests/models/test_seq2seq_transformer.py",)),
+    Mutant("encdec_cross_kv_wrong_rows", "a cached step attends over another row's precomputed encoder keys/values",
+           "seqjax/models/seq2seq_transformer.py", "kv=state[1], mask=source_mask",
+           "kv=jax.tree.map(lambda a: a[::-1], state[1]), mask=source_mask",
+           ("tests/models/test_seq2seq_transformer.py",)),
 )
 
 
