@@ -12,6 +12,7 @@ from seqjax.train import loop
 from tests.train.test_seq2seq_train import _config_dict, _records
 
 
+@pytest.mark.slow  # ~5 min of compiling and training on a loaded 2-core machine
 def test_transformer_smoke_run_with_beam_search_evaluation(tmp_path):
   """6 steps on the 8 simulated devices, evaluated with 2 beams at steps 3 and 6; then eval (greedy and beams) and
   generation from the checkpoint. Catches a task that does not build, train or decode the transformer."""
