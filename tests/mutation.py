@@ -164,6 +164,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "seqjax/decode/generate.py", "common.write_at(tokens_BL, lengths_B + t, token_B)",
            "common.write_at(tokens_BL, prompts_BP.shape[1] + t, token_B)",
            ("tests/decode/test_generate.py::test_ragged_cached_greedy_equals_the_uncached_greedy_of_each_row",)),
+    Mutant("encdec_decoder_not_causal", "the decoder's teacher-forced self-attention sees later target tokens",
+           "seqjax/models/seq2seq_transformer.py",
+           "return self_attention(x_BTD, mask=masks_lib.Causal(), deterministic=deterministic)",
+           "return self_attention(x_BTD, mask=None, deterministic=deterministic)",
+           ("tests/models/test_seq2seq_transformer.py",)),
+    Mutant("encdec_cross_kv_wrong_rows", "a cached step attends over another row's precomputed encoder keys/values",
+           "seqjax/models/seq2seq_transformer.py", "kv=state[1], mask=source_mask",
+           "kv=jax.tree.map(lambda a: a[::-1], state[1]), mask=source_mask",
+           ("tests/models/test_seq2seq_transformer.py",)),
     # Linear attention.
     Mutant("linear_attention_unnormalised", "causal linear attention drops the Katharopoulos normaliser",
            "seqjax/ops/linear/variants.py", "return o_aug[..., :-1] / (o_aug[..., -1:] + eps)",
@@ -174,16 +183,6 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("retnet_decay_shifted", "RetNet's head decays gamma_n = 1 - 2^(-4 - n) instead of 2^(-5 - n)",
            "seqjax/ops/linear/variants.py", "jnp.exp2(-5.0 - jnp.arange(num_heads, dtype=jnp.float32))",
            "jnp.exp2(-4.0 - jnp.arange(num_heads, dtype=jnp.float32))", ("tests/ops/linear/test_numpy_oracle.py",)),
-    # The Transformer encoder-decoder.
-    Mutant("encdec_decoder_not_causal", "the decoder's teacher-forced self-attention sees later target tokens",
-           "seqjax/models/seq2seq_transformer.py",
-           "return self_attention(x_BTD, mask=masks_lib.Causal(), deterministic=deterministic)",
-           "return self_attention(x_BTD, mask=None, deterministic=deterministic)",
-           ("tests/models/test_seq2seq_transformer.py",)),
-    Mutant("encdec_cross_kv_wrong_rows", "a cached step attends over another row's precomputed encoder keys/values",
-           "seqjax/models/seq2seq_transformer.py", "kv=state[1], mask=source_mask",
-           "kv=jax.tree.map(lambda a: a[::-1], state[1]), mask=source_mask",
-           ("tests/models/test_seq2seq_transformer.py",)),
 )
 
 
