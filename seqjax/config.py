@@ -461,8 +461,9 @@ class SampleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqConfig:
-  """The LSTM encoder-decoder with additive attention: `seqjax.models.seq2seq_lstm.Seq2SeqLSTM(cfg)` takes it as
-  is (also the section `config.seq2seq`, whose task fields the model does not read). Validated here only."""
+  """An encoder-decoder: the LSTM with additive attention (`seqjax.models.seq2seq_lstm.Seq2SeqLSTM(cfg)`) or the
+  Transformer (`seqjax.models.seq2seq_transformer.Seq2SeqTransformer(cfg)`), chosen by `arch`; each takes it as is
+  (also the section `config.seq2seq`, whose task fields the models do not read). Validated here only."""
 
   src_vocab: int = 0  # 0: the tokenizer's vocabulary size (set it only to pad the embedding table).
   tgt_vocab: int = 0  # 0: the tokenizer's vocabulary size.
@@ -473,11 +474,26 @@ class Seq2SeqConfig:
   bidirectional_encoder: bool = True
   attention_dim: int = 128
   dropout: float = 0.0
+  # "lstm": the model above (docs/recurrent.md). "transformer": `seqjax.models.seq2seq_transformer` of width
+  # `hidden`, `encoder_layers` / `decoder_layers` blocks and the fields below (embed_dim and attention_dim unused;
+  # docs/decoding.md).
+  arch: Literal["lstm", "transformer"] = "lstm"
+  num_heads: int = 4
+  mlp_dim: int = 0  # 0: 4 * hidden.
+  norm_position: Literal["pre", "post"] = "pre"
+  positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+  max_len: int = 128  # Longest source and target (tokens incl. BOS): position tables, the decoder's KV cache.
+  attention_implementation: str = "blockwise"  # A name in seqjax.ops.attention's registry.
 
   def _check(self, prefix: str) -> None:
-    for name in ("embed_dim", "hidden", "encoder_layers", "decoder_layers", "attention_dim"):
+    for name in ("embed_dim", "hidden", "encoder_layers", "decoder_layers", "attention_dim", "num_heads",
+                 "max_len"):
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+    if self.mlp_dim < 0:
+      _fail(f"{prefix}.mlp_dim", f"must be >= 0 (0: 4 * hidden), got {self.mlp_dim}")
+    if self.arch == "transformer" and self.hidden % self.num_heads:
+      _fail(f"{prefix}.num_heads", f"{self.num_heads} must divide hidden={self.hidden} (the model width)")
     for name in ("src_vocab", "tgt_vocab"):
       if getattr(self, name) < 0:
         _fail(f"{prefix}.{name}", f"must be >= 0 (0: the tokenizer's), got {getattr(self, name)}")
@@ -511,6 +527,8 @@ class Seq2SeqTaskConfig(Seq2SeqConfig):
   curriculum_every: int = 8
   decode_max_len: int = 0  # Greedy decoding stops after this many tokens (0: the longest training target).
   log_examples: int = 3  # Validation translations printed (and written to examples.jsonl) per evaluation.
+  num_beams: int = 1  # Evaluation and generation: 1 greedy, > 1 beam search (seqjax.decode.seq2seq).
+  length_penalty: float = 0.6  # Beam search: hypotheses ranked by log p / ((5 + n) / 6) ** length_penalty.
 
   def _check(self, prefix: str) -> None:
     super()._check(prefix)
@@ -532,6 +550,13 @@ class Seq2SeqTaskConfig(Seq2SeqConfig):
       _fail(f"{prefix}.teacher_forcing_base", f"must be in (0, 1) (e.g. 0.999), got {self.teacher_forcing_base}")
     if self.teacher_forcing == "inverse_sigmoid" and self.teacher_forcing_k < 1.0:
       _fail(f"{prefix}.teacher_forcing_k", f"must be >= 1 (e.g. 300), got {self.teacher_forcing_k}")
+    if self.arch == "transformer" and (self.teacher_forcing != "constant" or self.teacher_forcing_prob != 1.0):
+      _fail(f"{prefix}.teacher_forcing", "the transformer's decoder trains in parallel under teacher forcing "
+            "(scheduled sampling is the LSTM's): set teacher_forcing='constant' and teacher_forcing_prob=1.0")
+    if self.num_beams < 1:
+      _fail(f"{prefix}.num_beams", f"must be >= 1 (1: greedy), got {self.num_beams}")
+    if not math.isfinite(self.length_penalty):
+      _fail(f"{prefix}.length_penalty", f"must be a finite number, got {self.length_penalty}")
 
   def teacher_forcing_kwargs(self) -> dict[str, float]:
     """The arguments of `seqjax.train.schedules.make_teacher_forcing_schedule(self.teacher_forcing, ...)`."""

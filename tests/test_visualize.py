@@ -150,9 +150,9 @@ def test_alignment_of_a_seq2seq_run(tmp_path):
   output, labels, weights_TS = visualize.seq2seq_alignment(model, params, config, vocab, "1204")
   assert weights_TS.shape[1] == 4 and 1 <= weights_TS.shape[0] == len(labels) <= config.seq2seq.decode_max_len
   np.testing.assert_allclose(weights_TS.sum(-1), 1.0, atol=1e-5)
-  from seqjax.models.seq2seq_lstm import make_greedy_fn  # pylint: disable=import-outside-toplevel
   from seqjax.data import numbers  # pylint: disable=import-outside-toplevel
-  greedy = make_greedy_fn(model, max_len=config.seq2seq.decode_max_len, bos_id=numbers.BOS_ID,
-                          eos_id=numbers.EOS_ID, pad_id=numbers.PAD_ID)
-  tokens, _ = greedy({"params": params}, np.asarray([vocab.encode("1204")]), np.asarray([4]))
+  from seqjax.decode import seq2seq as seq2seq_decode  # pylint: disable=import-outside-toplevel
+  tokens = seq2seq_decode.decode(model, params, np.asarray([vocab.encode("1204")]), np.asarray([4]),
+                                 max_new_tokens=config.seq2seq.decode_max_len, bos_id=numbers.BOS_ID,
+                                 eos_id=numbers.EOS_ID, pad_id=numbers.PAD_ID).tokens
   assert output == vocab.decode(np.asarray(tokens[0]))

@@ -1,6 +1,7 @@
 """Beam search for any `DecoderLM` (every mixer family and hybrids), batched and jitted as one program.
 
-Called through `seqjax.decode.generate(..., num_beams=K)`. Each prompt is prefilled once; its cache is copied to K
+Called through `seqjax.decode.generate(..., num_beams=K)`, and for the encoder-decoders through
+`seqjax.decode.seq2seq.decode(..., num_beams=K)`: both run `search` below over their own step and state. Each prompt is prefilled once; its cache is copied to K
 beams (rows b * K ... b * K + K - 1 of a B * K batch). Every iteration:
 
 1. scores every one-token extension of each alive beam: log p(beam) + log_softmax(logits) [B, K, V];
@@ -29,7 +30,7 @@ best first (score -inf where fewer than K hypotheses exist, e.g. a tiny vocabula
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,13 +55,34 @@ def beam_search(model: Any, params: Any, prompts_BP: jax.Array, lengths_B: jax.A
 def _beam_search(model, num_beams: int, max_new_tokens: int, alpha: float, params, prompts_BP, lengths_B, stop_BS,
                  pad_id):
   batch, k = prompts_BP.shape[0], num_beams
-  vocab = model.cfg.vocab_size
-  num_candidates = min((1 + stop_BS.shape[1]) * k, k * vocab)
-  lp_last = length_penalty_factor(max_new_tokens, alpha)
-
   prompt_BL = common.output_buffer(prompts_BP, lengths_B, max_new_tokens, pad_id)
   logits_BV, cache = common.prefill(model, params, prompts_BP, lengths_B)
   cache = common.select_rows(model, cache, jnp.repeat(jnp.arange(batch), k))
+  step = lambda tokens, state: common.step(model, params, tokens, state)  # noqa: E731
+  reorder = lambda state, rows: common.select_rows(model, state, rows)  # noqa: E731
+  return search(step, reorder, logits_BV, cache, prompt_BL, lengths_B, stop_BS, num_beams=k,
+                max_new_tokens=max_new_tokens, alpha=alpha, pad_id=pad_id)
+
+
+def search(step: Callable[[jax.Array, Any], tuple[jax.Array, Any]], reorder: Callable[[Any, jax.Array], Any],
+           logits_BV: jax.Array, state: Any, prompt_BL: jax.Array, lengths_B: jax.Array, stop_BS: jax.Array, *,
+           num_beams: int, max_new_tokens: int, alpha: float, pad_id: jax.Array) -> GenerateResult:
+  """The beam search loop (module docstring) over any decoder state; traced inside the caller's jit.
+
+  Args:
+    step: (tokens [B * K], state) -> (float32 logits [B * K, V] of the next token, the new state).
+    reorder: (state, rows int [B * K]) -> the state of those rows, in that order (rows of one batch row only).
+    logits_BV: each row's next-token logits after its prompt [B, V].
+    state: the state after each row's prompt, already K copies per row (rows b * K ... b * K + K - 1).
+    prompt_BL: the output buffer [B, P + max_new_tokens] (`common.output_buffer`); row b's new tokens are written
+      from position lengths[b].
+    lengths_B, stop_BS: the prompt lengths and each row's stop tokens (`common.stop_table`).
+    num_beams, max_new_tokens, alpha (the length penalty), pad_id: as `seqjax.decode.generate`'s.
+  """
+  batch, k = prompt_BL.shape[0], num_beams
+  vocab = logits_BV.shape[-1]
+  num_candidates = min((1 + stop_BS.shape[1]) * k, k * vocab)
+  lp_last = length_penalty_factor(max_new_tokens, alpha)
   logits_BKV = jnp.repeat(logits_BV[:, None], k, axis=1)
   alive_BKL = jnp.repeat(prompt_BL[:, None], k, axis=1)
   alive_logp_BK = jnp.where(jnp.arange(k)[None] == 0, 0.0, -jnp.inf) * jnp.ones((batch, 1))
@@ -97,7 +119,7 @@ def _beam_search(model, num_beams: int, max_new_tokens: int, alpha: float, param
 
   def advance(cache, token_BK, parent_BK):
     rows = (jnp.arange(batch)[:, None] * k + parent_BK).reshape(-1)
-    logits, cache = common.step(model, params, token_BK.reshape(-1), common.select_rows(model, cache, rows))
+    logits, cache = step(token_BK.reshape(-1), reorder(cache, rows))
     return logits.reshape(batch, k, vocab), cache
 
   first = expand(0, logits_BKV, alive_BKL, alive_logp_BK, finished)
@@ -113,7 +135,7 @@ def _beam_search(model, num_beams: int, max_new_tokens: int, alpha: float, param
     return t + 1, cache, token_BK, parent_BK, alive_BKL, alive_logp_BK, done_B, finished
 
   token_BK, parent_BK, alive_BKL, alive_logp_BK, finished, done_B = first
-  carry = (jnp.int32(1), cache, token_BK, parent_BK, alive_BKL, alive_logp_BK, done_B, finished)
+  carry = (jnp.int32(1), state, token_BK, parent_BK, alive_BKL, alive_logp_BK, done_B, finished)
   fin_BKL, fin_score_BK, fin_len_BK = jax.lax.while_loop(cond, body, carry)[-1]
   beam_lengths_BK = lengths_B[:, None] + fin_len_BK
   return GenerateResult(tokens=fin_BKL[:, 0], lengths=beam_lengths_BK[:, 0], scores=fin_score_BK[:, 0],

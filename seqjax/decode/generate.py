@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,8 +95,20 @@ def generate(model: Any, params: Any, prompts: Any, *, prompt_lengths: Any = Non
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _sample(model, sampler: Sampler, max_new_tokens: int, params, prompts_BP, lengths_B, stop_BS, rng, pad_id):
   """Prefill, then one token per row per loop iteration until every row is done."""
-  batch = prompts_BP.shape[0]
   tokens_BL = common.output_buffer(prompts_BP, lengths_B, max_new_tokens, pad_id)
+  logits_BV, cache = common.prefill(model, params, prompts_BP, lengths_B)
+  step = lambda tokens, state: common.step(model, params, tokens, state)  # noqa: E731
+  return sample_loop(step, sampler, logits_BV, cache, tokens_BL, lengths_B, stop_BS, rng, pad_id,
+                     max_new_tokens=max_new_tokens)
+
+
+def sample_loop(step: Callable[[jax.Array, Any], tuple[jax.Array, Any]], sampler: Sampler, logits_BV: jax.Array,
+                state: Any, tokens_BL: jax.Array, lengths_B: jax.Array, stop_BS: jax.Array, rng: jax.Array,
+                pad_id: jax.Array, *, max_new_tokens: int) -> GenerateResult:
+  """The decoding loop over any decoder state (traced inside the caller's jit): `step(tokens [B], state) ->
+  (logits [B, V], state)`, the logits and state after each row's prompt, and the output buffer
+  (`common.output_buffer`) whose row b receives its new tokens from position lengths[b]."""
+  batch = tokens_BL.shape[0]
 
   def emit(t, logits_BV, tokens_BL, done_B, scores_B, count_B):
     """Picks token t of every row from its logits and records it for the rows not yet done."""
@@ -108,7 +120,6 @@ def _sample(model, sampler: Sampler, max_new_tokens: int, params, prompts_BP, le
     done_B = done_B | common.is_stop(token_B, stop_BS) | (t + 1 >= max_new_tokens)
     return token_B, tokens_BL, done_B, scores_B, count_B
 
-  logits_BV, cache = common.prefill(model, params, prompts_BP, lengths_B)
   zeros_B = jnp.zeros((batch,), jnp.int32)
   first = emit(0, logits_BV, tokens_BL, zeros_B.astype(bool), zeros_B.astype(jnp.float32), zeros_B)
 
@@ -116,9 +127,9 @@ def _sample(model, sampler: Sampler, max_new_tokens: int, params, prompts_BP, le
     return ~jnp.all(carry[3])
 
   def body(carry):
-    t, token_B, tokens_BL, done_B, scores_B, count_B, cache = carry
-    logits_BV, cache = common.step(model, params, token_B, cache)
-    return (t + 1, *emit(t, logits_BV, tokens_BL, done_B, scores_B, count_B), cache)
+    t, token_B, tokens_BL, done_B, scores_B, count_B, state = carry
+    logits_BV, state = step(token_B, state)
+    return (t + 1, *emit(t, logits_BV, tokens_BL, done_B, scores_B, count_B), state)
 
-  _, _, tokens_BL, _, scores_B, count_B, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), *first, cache))
+  _, _, tokens_BL, _, scores_B, count_B, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), *first, state))
   return GenerateResult(tokens=tokens_BL, lengths=lengths_B + count_B, scores=scores_B)

@@ -1,9 +1,10 @@
 """Text metrics for generated sequences: exact match, corpus BLEU (sacrebleu), ROUGE-L.
 
 All take parallel lists of hypothesis and reference strings (one reference per hypothesis).
-ROUGE-L is implemented here: the longest common subsequence of whitespace tokens,
-P = LCS / |hyp|, R = LCS / |ref|, F = (1 + b^2) P R / (R + b^2 P) (b = 1 -> F1), averaged over
-sentences (an empty hypothesis or reference scores 0, two empty strings score 1).
+ROUGE-L comes from Google's `rouge-score` package (the figures papers report): both strings are lower-cased and
+split into runs of [a-z0-9] (so "twenty-one" is two tokens), no stemming; with LCS the longest common subsequence of
+the token lists, P = LCS / |hyp|, R = LCS / |ref|, F1 = 2 P R / (P + R), averaged over sentences (a pair with an
+empty side scores 0).
 """
 from __future__ import annotations
 
@@ -33,36 +34,22 @@ def corpus_bleu(hyps: Sequence[str], refs: Sequence[str], **kwargs) -> float:
   return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)], **kwargs).score)
 
 
-def lcs_length(a: Sequence, b: Sequence) -> int:
-  """Length of the longest common subsequence (O(|a| |b|) time, O(|b|) memory)."""
-  if len(a) < len(b):
-    a, b = b, a
-  prev = [0] * (len(b) + 1)
-  for x in a:
-    cur = [0]
-    for j, y in enumerate(b):
-      cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-    prev = cur
-  return prev[-1]
+def _rouge_l_scorer():
+  from rouge_score import rouge_scorer  # pylint: disable=import-outside-toplevel  (imports nltk: ~0.5 s)
+  return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
-def rouge_l_sentence(hyp: str, ref: str, beta: float = 1.0) -> dict[str, float]:
-  """ROUGE-L precision, recall and F for one pair of whitespace-tokenised strings."""
-  h, r = hyp.split(), ref.split()
-  if not h and not r:
-    return {"precision": 1.0, "recall": 1.0, "f": 1.0}
-  if not h or not r:
-    return {"precision": 0.0, "recall": 0.0, "f": 0.0}
-  lcs = lcs_length(h, r)
-  p, rec = lcs / len(h), lcs / len(r)
-  f = 0.0 if lcs == 0 else (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
-  return {"precision": p, "recall": rec, "f": f}
+def rouge_l_sentence(hyp: str, ref: str) -> dict[str, float]:
+  """ROUGE-L precision, recall and F1 of one hypothesis against one reference (`rouge-score`, tokens as above)."""
+  score = _rouge_l_scorer().score(ref, hyp)["rougeL"]
+  return {"precision": float(score.precision), "recall": float(score.recall), "f": float(score.fmeasure)}
 
 
-def rouge_l(hyps: Sequence[str], refs: Sequence[str], beta: float = 1.0) -> float:
-  """Mean sentence ROUGE-L F over the corpus, in [0, 1]."""
+def rouge_l(hyps: Sequence[str], refs: Sequence[str]) -> float:
+  """Mean sentence ROUGE-L F1 over the corpus, in [0, 1] (`rouge-score`'s "rougeL", no stemming)."""
   _check(hyps, refs)
-  return sum(rouge_l_sentence(h, r, beta)["f"] for h, r in zip(hyps, refs)) / len(hyps)
+  scorer = _rouge_l_scorer()
+  return sum(float(scorer.score(r, h)["rougeL"].fmeasure) for h, r in zip(hyps, refs)) / len(hyps)
 
 
 def text_metrics(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:

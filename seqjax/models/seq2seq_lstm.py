@@ -10,8 +10,8 @@ positions masked by `src_lengths`. Decoder, one step per target token (Bahdanau)
 Training uses teacher forcing with optional **scheduled sampling**: at each step and for each row,
 the decoder input is the gold previous token with probability `teacher_forcing_prob`, otherwise the
 model's own previous argmax prediction. The per-step coin flips come from an explicit rng; with
-probability 1 the model is exactly teacher forced. Greedy decoding is the same step loop with
-probability 0 from a BOS token, jitted, with an EOS stop mask.
+probability 1 the model is exactly teacher forced. Decoding (greedy and beam search,
+`seqjax.decode.seq2seq`) runs the same decoder step through `decode_start` / `decode_step`.
 
 The model takes `seqjax.config.Seq2SeqConfig` (validated with the run's config, vocabulary sizes resolved from
 the tokenizer) as is.
@@ -20,8 +20,6 @@ Dimension legend (docs/ARCHITECTURE.md): B batch, S source length, T target leng
 state width, U memory width (R, or 2R when bidirectional), F attention (score MLP) width, V vocabulary.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -137,13 +135,6 @@ class Seq2SeqLSTM(nn.Module):
                                  deterministic)
     return logits_BTV
 
-  def greedy(self, src_BS: Array, src_lengths_B: Array, *, max_len: int, bos_id: int,
-             eos_id: int, pad_id: int = 0) -> tuple[Array, Array]:
-    """Greedy decoding: -> (tokens [B, max_len] with pad after EOS, lengths [B] incl. EOS)."""
-    tokens_BT, lengths_B, _ = self.greedy_alignment(src_BS, src_lengths_B, max_len=max_len, bos_id=bos_id,
-                                                    eos_id=eos_id, pad_id=pad_id)
-    return tokens_BT, lengths_B
-
   def greedy_alignment(self, src_BS: Array, src_lengths_B: Array, *, max_len: int, bos_id: int,
                        eos_id: int, pad_id: int = 0) -> tuple[Array, Array, Array]:
     """`greedy` and its alignment: (tokens [B, T], lengths [B], attention weights float32 [B, T, S]).
@@ -159,6 +150,23 @@ class Seq2SeqLSTM(nn.Module):
                                            use_gold_BT, True)
     tokens_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
     return (*stop_at_eos(tokens_BT, eos_id, pad_id), weights_BTS)
+
+  def decode_start(self, src_BS: Array, src_lengths_B: Array, bos_B: Array) -> tuple[Array, dict]:
+    """The decoding interface of `seqjax.decode.seq2seq`: encodes the source once and feeds the BOS tokens [B];
+    -> (float32 logits [B, V] of the first target token, the state {"decoder": the LSTM states, "memory": the
+    encoder's memory, attention keys and mask}). Beam search reorders only "decoder"."""
+    memory_BSU, keys_BSF, mask_BS, states = self.encode(src_BS, src_lengths_B)
+    return self.decode_step(bos_B, {"decoder": states,
+                                    "memory": {"memory": memory_BSU, "keys": keys_BSF, "mask": mask_BS}})
+
+  def decode_step(self, tokens_B: Array, state: dict) -> tuple[Array, dict]:
+    """One target token per row [B] -> (float32 logits [B, V] of the next one, the new state): the scanned
+    decoder step of training over a target of one token."""
+    memory = state["memory"]
+    (states, _), (logits_B1V, _) = self.decoder(
+        (state["decoder"], tokens_B), (tokens_B[:, None], jnp.ones(tokens_B.shape + (1,), bool)),
+        memory["memory"], memory["keys"], memory["mask"], True)
+    return logits_B1V[:, 0], {"decoder": states, "memory": memory}
 
 
 def scheduled_sampling_mask(rng: Array | None, shape: tuple[int, int],
@@ -205,15 +213,3 @@ def seq2seq_loss(logits_BTV: Array, tgt_out_BT: Array, tgt_lengths_B: Array,
   seq_correct_B = jnp.all(correct_BT | ~mask_BT, axis=1)
   return loss, {"loss": loss, "token_accuracy": correct_BT.sum() / n,
                 "sequence_accuracy": seq_correct_B.mean()}
-
-
-def make_greedy_fn(model: Seq2SeqLSTM, *, max_len: int, bos_id: int, eos_id: int,
-                   pad_id: int = 0) -> Any:
-  """A jitted `(params, src, src_lengths) -> (tokens, lengths)` greedy decoder."""
-
-  @jax.jit
-  def decode(params, src_BS, src_lengths_B):
-    return model.apply(params, src_BS, src_lengths_B, max_len=max_len, bos_id=bos_id,
-                       eos_id=eos_id, pad_id=pad_id, method=Seq2SeqLSTM.greedy)
-
-  return decode

@@ -13,6 +13,11 @@ Decoding uses an explicit cache, a `KVCache` pytree (no flax collections):
     cache = KVCache.from_sequence(k_BTKH, v_BTKH, lengths_B, next_positions_B, size)
     out_B1D, cache = mha(x_B1D, cache=cache)                                # one token per row
 
+Cross-attention keys and values are computed once and reused (an encoder-decoder's decoding steps):
+
+    out_BTD, kv = mha(x_BTD, memory_BSD, mask=..., return_kv=True)          # kv = (k_BSKH, v_BSKH)
+    out_BTD = mha(x_BTD, kv=kv, mask=...)                                    # the key/value projections skipped
+
 The cache is a ring of S slots: token number a of a row lives in slot a % S, so a cache of S = window slots is a
 causal sliding window of that many keys, and S = max_len a full cache. Keys are stored after RoPE, in the compute
 dtype, at K kv heads (grouped-query caches stay small). `index` [B] counts the tokens a row has seen and
@@ -188,7 +193,8 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x_q_BTD: jax.Array, x_kv_BSD: jax.Array | None = None, *,
                mask: masks_lib.Mask | None = None, q_positions: jax.Array | None = None,
                kv_positions: jax.Array | None = None, deterministic: bool = True, return_kv: bool = False,
-               cache: KVCache | None = None, cache_mask: masks_lib.Mask | None = None):
+               cache: KVCache | None = None, cache_mask: masks_lib.Mask | None = None,
+               kv: tuple[jax.Array, jax.Array] | None = None):
     """Attention of x_q [B, T, D] over x_kv [B, S, D] (default x_q); returns [B, T, out_features or D].
 
     `return_kv=True` (self-attention) also returns the keys (after RoPE) and values [B, T, K, H] for
@@ -198,6 +204,8 @@ class MultiHeadAttention(nn.Module):
     then not used: the cache carries them; `cache_mask` (a position mask, e.g. a sparse pattern of
     `seqjax.ops.attention.sparse_masks`) further restricts the slots a step sees: it is evaluated at the new
     token's position (query) and each slot's token position (key).
+    `kv=(k, v)` [B, S, K, H] (what `return_kv=True` returned for a
+    cross-attention call) attends over those keys and values without projecting them again.
     """
     N = self.num_heads
     K = self.num_kv_heads or N
@@ -206,14 +214,17 @@ class MultiHeadAttention(nn.Module):
     attention_fn = get_attention(self.implementation)  # ValueError on an unknown name, before any compute
     if x_q_BTD.ndim != 3:
       raise ValueError(f"MultiHeadAttention: expected x_q of shape [B, T, D], got {x_q_BTD.shape}")
-    self_attention = x_kv_BSD is None
-    if (cache is not None or return_kv) and not self_attention:
-      raise ValueError("MultiHeadAttention: a KV cache (cache=, return_kv=True) holds self-attention keys; for "
-                       "cross-attention compute the keys once and call without it")
+    if kv is not None and (x_kv_BSD is not None or cache is not None or return_kv):
+      raise ValueError("MultiHeadAttention: kv= holds precomputed cross-attention keys and values; give no x_kv, "
+                       "cache or return_kv with it")
+    self_attention = x_kv_BSD is None and kv is None
+    if cache is not None and not self_attention:
+      raise ValueError("MultiHeadAttention: a KV cache (cache=) holds self-attention keys; for cross-attention "
+                       "compute the keys once (return_kv=True) and pass them as kv=")
     if cache is not None and x_q_BTD.shape[1] != 1:
       raise ValueError(f"MultiHeadAttention: with a cache, give one token per row [B, 1, D], got {x_q_BTD.shape}")
     x_kv_BSD = x_q_BTD if self_attention else x_kv_BSD
-    if x_kv_BSD.ndim != 3 or x_kv_BSD.shape[0] != x_q_BTD.shape[0]:
+    if kv is None and (x_kv_BSD.ndim != 3 or x_kv_BSD.shape[0] != x_q_BTD.shape[0]):
       raise ValueError(f"MultiHeadAttention: expected x_kv of shape [B, S, D'] with B={x_q_BTD.shape[0]}, got "
                        f"{x_kv_BSD.shape}")
     D = x_q_BTD.shape[-1]
@@ -223,12 +234,19 @@ class MultiHeadAttention(nn.Module):
     T = x_q_BTD.shape[1]
 
     q_BTNH = self._dense((N, H), -1, ("embed", "heads", "head_dim"), "query")(x_q_BTD)
-    k_BSKH = self._dense((K, H), -1, ("embed", "kv", "head_dim"), "key")(x_kv_BSD)
-    v_BSKH = self._dense((K, H), -1, ("embed", "kv", "head_dim"), "value")(x_kv_BSD)
+    if kv is None:
+      k_BSKH = self._dense((K, H), -1, ("embed", "kv", "head_dim"), "key")(x_kv_BSD)
+      v_BSKH = self._dense((K, H), -1, ("embed", "kv", "head_dim"), "value")(x_kv_BSD)
+    else:
+      k_BSKH, v_BSKH = kv
+      if k_BSKH.shape != v_BSKH.shape or k_BSKH.shape[0] != x_q_BTD.shape[0] or k_BSKH.shape[2:] != (K, H):
+        raise ValueError(f"MultiHeadAttention: kv must be keys and values [B, S, K, H] with B={x_q_BTD.shape[0]}, "
+                         f"K={K}, H={H}, got {k_BSKH.shape} and {v_BSKH.shape}")
     if self.qk_norm:
       norm = lambda name: nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name,  # noqa: E731
                                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)))
-      q_BTNH, k_BSKH = norm("query_norm")(q_BTNH), norm("key_norm")(k_BSKH)
+      q_BTNH = norm("query_norm")(q_BTNH)
+      k_BSKH = norm("key_norm")(k_BSKH) if kv is None else k_BSKH
 
     if cache is not None:  # one step: this token's position comes from the cache
       q_positions = kv_positions = cache.position[:, None]
@@ -237,9 +255,10 @@ class MultiHeadAttention(nn.Module):
         q_positions = jnp.arange(T, dtype=jnp.int32)[None]
       if kv_positions is None:
         kv_positions = (q_positions if self_attention else
-                        jnp.arange(x_kv_BSD.shape[1], dtype=jnp.int32)[None])
+                        jnp.arange(k_BSKH.shape[1], dtype=jnp.int32)[None])
       q_BTNH = positions_ops.apply_rope(q_BTNH, q_positions, base=self.rope_base, scaling=self.rope_scaling)
-      k_BSKH = positions_ops.apply_rope(k_BSKH, kv_positions, base=self.rope_base, scaling=self.rope_scaling)
+      if kv is None:
+        k_BSKH = positions_ops.apply_rope(k_BSKH, kv_positions, base=self.rope_base, scaling=self.rope_scaling)
 
     if cache is None:
       bias = positions_ops.AlibiBias(positions_ops.alibi_slopes(N)) if self.alibi else None

@@ -61,8 +61,9 @@ def test_sentence_bleu_known_values():
 
 
 def test_rouge_l_by_hand():
-  """Catches (planted by replacing lcs_length): a greedy left-to-right matcher instead of the LCS dynamic program
-  (1 instead of 3 on the first pair), a contiguous longest common substring (2 instead of 3 on the second pair)."""
+  """The rouge-score package against LCS lengths counted by hand. Catches: a greedy left-to-right matcher instead
+  of the LCS (1 instead of 3 on the first pair), a contiguous longest common substring (2 instead of 3 on the second
+  pair), precision and recall swapped (second pair)."""
   # "x a b c" vs "a b c x": greedy matching takes x first and then nothing; the LCS is "a b c" = 3.
   # P = 3/4, R = 3/4, F = 3/4.
   s = tm.rouge_l_sentence("x a b c", "a b c x")

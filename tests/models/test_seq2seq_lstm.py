@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from seqjax.config import Seq2SeqConfig
+from seqjax.decode import seq2seq as seq2seq_decode
 from seqjax.models import seq2seq_lstm as s2s
 from seqjax.nn.additive_attention import AdditiveAttention
 
@@ -48,8 +49,8 @@ def test_teacher_forcing_prob_zero_is_greedy_decoding(model_and_params):
   model, params = model_and_params
   free = jax.jit(lambda p: model.apply(p, SRC, SRC_LEN, TGT_IN, teacher_forcing_prob=0.0,
                                        sampling_rng=jax.random.PRNGKey(0)))(params)
-  decode = s2s.make_greedy_fn(model, max_len=5, bos_id=1, eos_id=2)
-  tokens, lengths = decode(params, SRC, SRC_LEN)
+  out = seq2seq_decode.decode(model, params["params"], SRC, SRC_LEN, max_new_tokens=5, bos_id=1, eos_id=2)
+  tokens, lengths = out.tokens, out.lengths
   expected, expected_len = s2s.stop_at_eos(jnp.argmax(free, -1), eos_id=2)
   np.testing.assert_array_equal(tokens, expected)
   np.testing.assert_array_equal(lengths, expected_len)

@@ -1,6 +1,7 @@
-"""The seq2seq task (config.task="seq2seq"): the LSTM encoder-decoder with additive attention
-(`seqjax.models.seq2seq_lstm.Seq2SeqLSTM`) learns `numbers_to_words` (digits -> English words) with scheduled
-sampling and a length curriculum.
+"""The seq2seq task (config.task="seq2seq"): an encoder-decoder learns `numbers_to_words` (digits -> English words)
+with a length curriculum — `seq2seq.arch="lstm"`, the LSTM with additive attention
+(`seqjax.models.seq2seq_lstm.Seq2SeqLSTM`, with scheduled sampling), or `"transformer"`
+(`seqjax.models.seq2seq_transformer.Seq2SeqTransformer`, teacher forced).
 
 Batches (`seqjax.data.numbers.padded_batches`, one (source, target) pair per row): src [B, S], src_lengths [B],
 tgt_in [B, T] (BOS + gold target), tgt_out [B, T] (target + EOS), tgt_lengths [B], and weights [B, T] (1 on the
@@ -9,9 +10,10 @@ data position is the batch index, {"next_batch": s}. The update from state.step 
 with probability `teacher_forcing(s)` (its coin flips from the step's key) — `step_inputs(s)` reports both values,
 which the train record at step s + 1 logs.
 
-Evaluation: teacher-forced loss, perplexity, accuracy (next character) and bits per character, and greedy
-decoding scored by exact match, corpus BLEU (sacrebleu) and ROUGE-L, with a few example translations. Generation
-translates the numbers of `config.sample.prompt`.
+Evaluation: teacher-forced loss, perplexity, accuracy (next character) and bits per character, and decoding
+(`seqjax.decode.seq2seq`: greedy, or beam search with `seq2seq.num_beams` > 1 and `seq2seq.length_penalty`) scored
+by exact match, corpus BLEU (sacrebleu) and ROUGE-L (rouge-score), with a few example translations. Generation
+translates the numbers of `config.sample.prompt` the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from seqjax.data import numbers
 from seqjax.data.pipeline import load_builder
 from seqjax.evals.lm_metrics import summarize
 from seqjax.evals.text_metrics import text_metrics
-from seqjax.models.seq2seq_lstm import Seq2SeqLSTM, make_greedy_fn
+from seqjax.decode import seq2seq as seq2seq_decode
+from seqjax.models.seq2seq_lstm import Seq2SeqLSTM
+from seqjax.models.seq2seq_transformer import Seq2SeqTransformer
 from seqjax.train import sharding
 from seqjax.train.schedules import LengthCurriculum, make_teacher_forcing_schedule
 from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, HostBatch, Task
@@ -94,7 +98,7 @@ def _prompt_numbers(prompt: str) -> list[str]:
 
 
 class Seq2SeqTask(Task):
-  """numbers_to_words with the LSTM encoder-decoder (see the module docstring)."""
+  """numbers_to_words with an encoder-decoder (see the module docstring)."""
 
   name = "seq2seq"
 
@@ -108,10 +112,17 @@ class Seq2SeqTask(Task):
     self.curriculum = LengthCurriculum(start=min(sc.curriculum_start, end), end=end,
                                        warmup_steps=sc.curriculum_warmup_steps, every=sc.curriculum_every)
     self.teacher_forcing = make_teacher_forcing_schedule(sc.teacher_forcing, **sc.teacher_forcing_kwargs())
-    self.model = Seq2SeqLSTM(sc)
     self.src_len = max(len(s) for s, _ in self.train_pairs)
-    self._greedy = make_greedy_fn(self.model, max_len=sc.decode_max_len or longest, bos_id=numbers.BOS_ID,
-                                  eos_id=numbers.EOS_ID, pad_id=numbers.PAD_ID)
+    self.decode_len = sc.decode_max_len or longest
+    if sc.arch == "transformer":
+      longest_source = max(len(s) for s, _ in self.train_pairs + self.eval_pairs)
+      longest_target = max(len(t) for _, t in self.train_pairs + self.eval_pairs) + 1
+      for what, n in (("a source", longest_source), ("BOS + a target", longest_target),
+                      ("BOS + seq2seq.decode_max_len", 1 + self.decode_len)):
+        if n > sc.max_len:
+          raise ConfigError(f"seq2seq.max_len: {what} has {n} tokens, more than seq2seq.max_len={sc.max_len} (the "
+                            f"transformer's positions and decoder cache); raise it")
+    self.model = Seq2SeqTransformer(sc) if sc.arch == "transformer" else Seq2SeqLSTM(sc)
 
   @classmethod
   def check_generate(cls, config: Config) -> None:
@@ -152,6 +163,10 @@ class Seq2SeqTask(Task):
   # -- Loss and evaluation ---------------------------------------------------------------------------------------
 
   def _logits(self, params: Any, batch: DeviceBatch, rng: jax.Array | None, deterministic: bool) -> jax.Array:
+    if self.config.seq2seq.arch == "transformer":  # Teacher forced, in parallel.
+      rngs = None if deterministic else {"dropout": rng}
+      return self.model.apply({"params": params}, batch["src"], batch["src_lengths"], batch["tgt_in"],
+                              deterministic=deterministic, rngs=rngs)
     if deterministic:  # Plain teacher forcing.
       prob, sampling_rng, rngs = 1.0, None, None
     else:  # Scheduled sampling: the coin flips and dropout draw from the step's key.
@@ -178,10 +193,13 @@ class Seq2SeqTask(Task):
             "correct": jnp.sum(correct_BT * w_BT)}
 
   def decode(self, params: Any, batch: HostBatch) -> list[str]:
-    """Greedy translations of a batch's sources."""
+    """Translations of a batch's sources: greedy, or beam search with seq2seq.num_beams > 1."""
+    sc = self.config.seq2seq
     src = sharding.put_batch({"src": batch["src"], "src_lengths": batch["src_lengths"]}, self.mesh)
-    tokens, _ = self._greedy({"params": params}, src["src"], src["src_lengths"])
-    return [numbers.VOCAB.decode(row) for row in np.asarray(jax.device_get(tokens))]
+    out = seq2seq_decode.decode(self.model, params, src["src"], src["src_lengths"], max_new_tokens=self.decode_len,
+                                bos_id=numbers.BOS_ID, eos_id=numbers.EOS_ID, pad_id=numbers.PAD_ID,
+                                num_beams=sc.num_beams, length_penalty=sc.length_penalty)
+    return [numbers.VOCAB.decode(row) for row in np.asarray(jax.device_get(out.tokens))]
 
   def evaluate(self, params: Any, eval_step: EvalStep, max_batches: int | None) -> Evaluation:
     """Metrics: loss, perplexity, accuracy (next character under teacher forcing), bits_per_byte, exact_match,
