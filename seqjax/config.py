@@ -140,7 +140,7 @@ class LinearAttentionConfig:
     return self.key_dim or d_model // self.num_heads, self.value_dim or d_model // self.num_heads
 
 
-LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer")
+LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet")
 
 
 @dataclasses.dataclass(frozen=True)

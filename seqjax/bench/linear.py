@@ -32,7 +32,7 @@ from seqjax.nn.linear_attention import LinearAttention
 from seqjax.ops import linear
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 1, 4, 64, 64
-VARIANTS = ("linear", "retnet", "gla", "deltanet")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet")
 FORMS = ("chunked", "recurrent")
 
 
@@ -55,6 +55,10 @@ def _op(variant, mode, chunk):
     unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
     return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), mode=mode,
                                                 chunk_size=chunk)
+  if variant == "gated_deltanet":  # the gate per head and token: the first feature of GLA's log-decay
+    unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
+    return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), log_decay=g[..., 1],
+                                                mode=mode, chunk_size=chunk)
   return lambda q, k, v, g: linear.gated_linear_attention(q, k, v, g, mode=mode, chunk_size=chunk)
 
 

@@ -20,6 +20,9 @@ Each implements the mixer contract of `seqjax.nn.contract` (see docs/linear_atte
   not a parameter, so the optimizer never touches it), then the normalised causal linear attention (prefix sums).
 - "deltanet" (Schlag et al. 2021; Yang et al. 2024): q and k through SiLU and L2-normalised (q also scaled by
   P^-1/2), v, a write strength beta = sigmoid(x W_beta) per head; the delta rule; a per-head RMSNorm; out(o).
+- "gated_deltanet" (Yang et al. 2024, Gated DeltaNet): DeltaNet's q, k, v, beta plus a gate per head and token,
+  log a_t = -exp(A_log) softplus(x W_a + dt_bias) (Mamba-2's parametrisation), the gated delta rule
+  S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; a per-head RMSNorm; out(swish(x W_g) * RMSNorm(o)).
 
 Decode state: {"kv": float32 [B, N, P, H] (H + 1 for normalised "linear" and "performer": the last column is the key
 sum; the Performer's P is its number of random features),
@@ -40,12 +43,12 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.nn import contract
-from seqjax.nn.ssm import _dense, _param
+from seqjax.nn.ssm import _dense, _dt_bias_init, _param
 from seqjax.ops import linear as linear_ops
 from seqjax.ops.attention import positions as positions_ops
 
 Dtype = Any
-VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet")
 
 
 class LinearAttention(nn.Module):
@@ -79,11 +82,15 @@ class LinearAttention(nn.Module):
 
   @property
   def _gated(self) -> bool:
-    return self.variant in ("retnet", "gla")
+    return self.variant in ("retnet", "gla", "gated_deltanet")
 
   @property
   def _normed(self) -> bool:
-    return self._gated or self.variant == "deltanet" or (self.variant == "linear" and not self.normalize)
+    return self._gated or self._delta or (self.variant == "linear" and not self.normalize)
+
+  @property
+  def _delta(self) -> bool:
+    return self.variant in ("deltanet", "gated_deltanet")
 
   def setup(self):
     if self.variant not in VARIANTS:
@@ -102,8 +109,13 @@ class LinearAttention(nn.Module):
     if self.variant == "gla":
       self.gate_down = _dense(self.gate_rank, ("embed", None), self.dtype, self.param_dtype, "gate_down")
       self.gate_up = _dense(n * p, (None, "heads"), self.dtype, self.param_dtype, "gate_up", use_bias=True)
-    if self.variant == "deltanet":
+    if self._delta:
       self.beta_proj = _dense(n, ("embed", "heads"), self.dtype, self.param_dtype, "beta_proj", use_bias=True)
+    if self.variant == "gated_deltanet":  # Mamba-2's decay parametrisation: A in [1, 16], softplus(dt_bias) ~ 1e-3..0.1
+      self.a_proj = _dense(n, ("embed", "heads"), self.dtype, self.param_dtype, "a_proj")
+      self.dt_bias = _param(self, "dt_bias", _dt_bias_init(1e-3, 1e-1), (n,), ("heads",), jnp.float32)
+      self.A_log = _param(self, "A_log", lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1, 16)),
+                          (n,), ("heads",), jnp.float32)
     if self._normed:
       self.norm_scale = _param(self, "norm_scale", nn.initializers.ones, (n * h,), ("heads",), self.param_dtype)
     if self.variant == "retnet":
@@ -112,7 +124,7 @@ class LinearAttention(nn.Module):
 
   def _project(self, x_BTD, positions_BT):
     """q, k [B, T, N, P], v [B, T, N, H] and the variant's fourth input: the log-decay (None, [N] or [B, T, N, P]),
-    or DeltaNet's beta [B, T, N]."""
+    DeltaNet's beta [B, T, N], or Gated DeltaNet's (beta, log-decay), each [B, T, N]."""
     b, t = x_BTD.shape[:2]
     n, p, h = self.num_heads, self.key_dim, self.value_dim
     x_BTD = x_BTD.astype(self.dtype)
@@ -134,11 +146,14 @@ class LinearAttention(nn.Module):
       w_MP = linear_ops.orthogonal_random_features(jax.random.key(self.feature_seed), self.num_features, p)
       q_BTNP = linear_ops.favor_features(q_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=True)
       k_BTNP = linear_ops.favor_features(k_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=False)
-    elif self.variant == "deltanet":
+    elif self._delta:
       unit = lambda a: a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
       q_BTNP = unit(nn.silu(q_BTNP.astype(jnp.float32))) * p ** -0.5
       k_BTNP = unit(nn.silu(k_BTNP.astype(jnp.float32)))
       log_decay = jax.nn.sigmoid(self.beta_proj(x_BTD).astype(jnp.float32))  # beta [B, T, N]
+      if self.variant == "gated_deltanet":
+        dt_BTN = jax.nn.softplus(self.a_proj(x_BTD).astype(jnp.float32) + self.dt_bias)
+        log_decay = (log_decay, -jnp.exp(self.A_log) * dt_BTN)
     return q_BTNP, k_BTNP, v_BTNH, log_decay
 
   def _output(self, o_BTNH, x_BTD):
@@ -169,6 +184,8 @@ class LinearAttention(nn.Module):
       return linear_ops.retention(q, k, v, log_decay, **kwargs)
     if self.variant == "deltanet":
       return linear_ops.delta_rule(q, k, v, log_decay, **kwargs)
+    if self.variant == "gated_deltanet":
+      return linear_ops.delta_rule(q, k, v, log_decay[0], log_decay=log_decay[1], **kwargs)
     return linear_ops.gated_linear_attention(q, k, v, log_decay, **kwargs)
 
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -211,6 +228,9 @@ class LinearAttention(nn.Module):
           normalize=performer or self.normalize)
     elif self.variant == "deltanet":
       o_BNH, kv = linear_ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state["kv"])
+    elif self.variant == "gated_deltanet":
+      beta_BTN, g_BTN = log_decay
+      o_BNH, kv = linear_ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta_BTN[:, 0], state["kv"], g_BTN[:, 0])
     else:
       step_decay = log_decay if log_decay.ndim == 1 else log_decay[:, 0]
       o_BNH, kv = linear_ops.decayed_attention_step(q[:, 0], k[:, 0], v[:, 0], step_decay, state["kv"])

@@ -229,5 +229,5 @@ def _make_linear_attention(variant: str) -> MixerFactory:
 
 _LINEAR_MODES = {mode: {"linear": {"mode": mode}} for mode in ("chunked", "parallel", "recurrent")}
 
-for _variant in ("linear", "retnet", "gla", "deltanet", "performer"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
+for _variant in ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet"):  # config.LINEAR_ATTENTION_MIXERS
   register_mixer(_variant, modes=_LINEAR_MODES)(_make_linear_attention(_variant))
