@@ -124,9 +124,14 @@ class LinearAttentionConfig:
   gate_normalizer: float = 16.0  # "gla": alpha = sigmoid(gate) ** (1 / gate_normalizer) (the paper's tau).
   num_features: int = 64  # "performer": positive random features per head (the state's key width).
   feature_seed: int = 0  # "performer": the draw of the orthogonal random features (redraw: another seed).
+  # "rwkv": True: the mixer is the whole RWKV-6 block (time mix + channel mix, its own norms and residuals; the LM's
+  # block adds no MLP); False: the time mix alone inside an ordinary block with model.mlp. docs/linear_attention.md.
+  rwkv_channel_mix: bool = True
+  rwkv_mix_rank: int = 32  # "rwkv": rank of the ddlerp LoRA (the data-dependent token-shift interpolation).
+  rwkv_decay_rank: int = 64  # "rwkv": rank of the LoRA giving the data-dependent decay.
 
   def _check(self, prefix: str) -> None:
-    for name in ("num_heads", "gate_rank", "num_features"):
+    for name in ("num_heads", "gate_rank", "num_features", "rwkv_mix_rank", "rwkv_decay_rank"):
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
     for name in ("key_dim", "value_dim", "chunk"):
@@ -140,7 +145,7 @@ class LinearAttentionConfig:
     return self.key_dim or d_model // self.num_heads, self.value_dim or d_model // self.num_heads
 
 
-LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet")
+LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet", "rwkv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +219,9 @@ class ModelConfig:
         if getattr(lin, name) == 0 and self.d_model % lin.num_heads:
           _fail(f"{prefix}.linear.num_heads", f"{lin.num_heads} heads do not divide d_model={self.d_model}; choose "
                 f"a divisor of d_model or set model.linear.{name} explicitly")
+      if "rwkv" in pattern and lin.rwkv_channel_mix and self.norm_position != "pre":
+        _fail(f"{prefix}.norm_position", "rwkv with model.linear.rwkv_channel_mix=True is a whole pre-norm RWKV "
+              "block (its own norms and residuals); set norm_position='pre' or model.linear.rwkv_channel_mix=False")
       if "retnet" in pattern and lin.rotary and lin.resolved_dims(self.d_model)[0] % 2:
         _fail(f"{prefix}.linear.key_dim", f"retnet's rotary positions need an even key_dim, got "
               f"{lin.resolved_dims(self.d_model)[0]}; change it or set model.linear.rotary=False")

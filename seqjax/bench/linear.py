@@ -28,11 +28,12 @@ import jax.numpy as jnp
 from absl import flags
 
 from seqjax.bench.ssm import _compile, _time_round_robin
-from seqjax.nn.linear_attention import LinearAttention
+from seqjax.config import LinearAttentionConfig, ModelConfig
+from seqjax.nn.mixers import make_mixer
 from seqjax.ops import linear
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 1, 4, 64, 64
-VARIANTS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "rwkv")
 FORMS = ("chunked", "recurrent")
 
 
@@ -55,6 +56,9 @@ def _op(variant, mode, chunk):
     unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
     return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), mode=mode,
                                                 chunk_size=chunk)
+  if variant == "rwkv":  # GLA's per-channel decay, a fixed bonus u
+    bonus = jnp.linspace(-0.1, 0.1, HEADS * KEY_DIM).reshape(HEADS, KEY_DIM)
+    return lambda q, k, v, g: linear.rwkv6_wkv(q, k, v, g, bonus, mode=mode, chunk_size=chunk)
   if variant == "gated_deltanet":  # the gate per head and token: the first feature of GLA's log-decay
     unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
     return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), log_decay=g[..., 1],
@@ -92,7 +96,8 @@ def bench_decode(contexts: Sequence[int], repeats: int, log, variants=VARIANTS) 
   rows = []
   d_model = HEADS * VALUE_DIM
   for variant in variants:
-    block = LinearAttention(d_model=d_model, variant=variant, num_heads=HEADS, key_dim=KEY_DIM, value_dim=VALUE_DIM)
+    block = make_mixer(variant, ModelConfig(mixer=variant, d_model=d_model, linear=LinearAttentionConfig(
+        num_heads=HEADS, key_dim=KEY_DIM, value_dim=VALUE_DIM)))
     x = jax.random.normal(jax.random.PRNGKey(2), (BATCH, max(contexts) + 1, d_model))
     params = block.init(jax.random.PRNGKey(3), x[:, :8])
     prefill = jax.jit(functools.partial(block.apply, return_state=True))

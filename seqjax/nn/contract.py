@@ -40,7 +40,9 @@ mixer, against the parallel form):
     mamba2           {"conv": [B, W - 1, E + 2P] compute dtype, "ssm": float32 [B, N, H, P]}
     linear, retnet,  {"kv": float32 [B, N, P, H] (P key width or Performer features, H value width; H + 1 for
     gla, deltanet,    normalised "linear" and "performer"), "position": int32 [B]}
-    performer
+    performer,
+    gated_deltanet
+    rwkv             {"kv": float32 [B, N, P, H], "shift": [B, D], "channel_shift": [B, D] compute dtype}
 
 `register_mixer` checks a new mixer's module against this contract (`contract_problems`) when it is registered.
 """

@@ -231,3 +231,14 @@ _LINEAR_MODES = {mode: {"linear": {"mode": mode}} for mode in ("chunked", "paral
 
 for _variant in ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet"):  # config.LINEAR_ATTENTION_MIXERS
   register_mixer(_variant, modes=_LINEAR_MODES)(_make_linear_attention(_variant))
+
+
+@register_mixer("rwkv", modes=_LINEAR_MODES)
+def _make_rwkv(cfg: ModelConfig) -> nn.Module:
+  from seqjax.nn.rwkv import Rwkv6  # pylint: disable=import-outside-toplevel
+  lin = cfg.linear
+  key_dim, value_dim = lin.resolved_dims(cfg.d_model)
+  return Rwkv6(d_model=cfg.d_model, num_heads=lin.num_heads, key_dim=key_dim, value_dim=value_dim,
+               mix_rank=lin.rwkv_mix_rank, decay_rank=lin.rwkv_decay_rank, channel_mix=lin.rwkv_channel_mix,
+               ffn_dim=cfg.mlp_dim, norm=cfg.norm, mode=lin.mode, chunk_size=lin.chunk or None,
+               dtype=compute_dtype(cfg))
