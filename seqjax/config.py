@@ -117,7 +117,7 @@ class LinearAttentionConfig:
   value_dim: int = 0  # Per-head value width H (0: d_model // num_heads).
   mode: Literal["chunked", "parallel", "recurrent"] = "chunked"  # The training form (all three agree).
   chunk: int = 0  # Chunk length of the chunked form (0: the op's default: 64; 16 for "gla", 32 for "deltanet").
-  feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # "linear": phi applied to q and k.
+  feature_map: Literal["elu1", "relu", "identity", "taylor"] = "elu1"  # "linear": phi applied to q and k.
   normalize: bool = True  # "linear": divide by phi(q) . sum phi(k) (Katharopoulos); False: per-head RMSNorm instead.
   rotary: bool = True  # "retnet": rotate q and k by their position (RoPE; the rotation of the paper's xPos).
   gate_rank: int = 16  # "gla": rank of the low-rank projection giving the data-dependent decay.
@@ -129,9 +129,12 @@ class LinearAttentionConfig:
   rwkv_channel_mix: bool = True
   rwkv_mix_rank: int = 32  # "rwkv": rank of the ddlerp LoRA (the data-dependent token-shift interpolation).
   rwkv_decay_rank: int = 64  # "rwkv": rank of the LoRA giving the data-dependent decay.
+  based_feature_dim: int = 16  # "based": q, k width per head before the Taylor map (state key width 1 + P + P^2).
+  based_window: int = 64  # "based": the sliding-window softmax attention's window (keys incl. the query's own).
 
   def _check(self, prefix: str) -> None:
-    for name in ("num_heads", "gate_rank", "num_features", "rwkv_mix_rank", "rwkv_decay_rank"):
+    for name in ("num_heads", "gate_rank", "num_features", "rwkv_mix_rank", "rwkv_decay_rank", "based_feature_dim",
+                 "based_window"):
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
     for name in ("key_dim", "value_dim", "chunk"):
@@ -145,7 +148,7 @@ class LinearAttentionConfig:
     return self.key_dim or d_model // self.num_heads, self.value_dim or d_model // self.num_heads
 
 
-LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet", "rwkv")
+LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet", "rwkv", "based")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,7 @@ mixer, against the parallel form):
     performer,
     gated_deltanet
     rwkv             {"kv": float32 [B, N, P, H], "shift": [B, D], "channel_shift": [B, D] compute dtype}
+    based            {"linear": {"kv": float32 [B, N, 1 + P + P^2, H + 1], "position"}, "window": KVCache (W slots)}
 
 `register_mixer` checks a new mixer's module against this contract (`contract_problems`) when it is registered.
 """

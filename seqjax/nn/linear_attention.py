@@ -78,6 +78,8 @@ class LinearAttention(nn.Module):
 
   @property
   def _state_key_dim(self) -> int:
+    if self.variant == "linear" and self.feature_map == "taylor":  # Based's 1 + P + P^2 Taylor features
+      return 1 + self.key_dim + self.key_dim ** 2
     return self.num_features if self.variant == "performer" else self.key_dim
 
   @property

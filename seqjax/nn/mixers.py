@@ -242,3 +242,9 @@ def _make_rwkv(cfg: ModelConfig) -> nn.Module:
                mix_rank=lin.rwkv_mix_rank, decay_rank=lin.rwkv_decay_rank, channel_mix=lin.rwkv_channel_mix,
                ffn_dim=cfg.mlp_dim, norm=cfg.norm, mode=lin.mode, chunk_size=lin.chunk or None,
                dtype=compute_dtype(cfg))
+
+
+@register_mixer("based", modes=_LINEAR_MODES)
+def _make_based(cfg: ModelConfig) -> nn.Module:
+  from seqjax.nn.based import Based  # pylint: disable=import-outside-toplevel
+  return Based(cfg)

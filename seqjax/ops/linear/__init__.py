@@ -24,11 +24,11 @@ from seqjax.ops.linear.recurrence import (DEFAULT_CHUNK_SIZE, DEFAULT_FEATURE_DE
 from seqjax.ops.linear.variants import (FEATURE_MAPS, decayed_attention_step, favor_features, feature_map,
                                         gated_linear_attention, gla_log_decay, linear_attention,
                                         linear_attention_step, orthogonal_random_features, retention,
-                                        retnet_log_decay)
+                                        retnet_log_decay, taylor_features)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "DEFAULT_FEATURE_DECAY_CHUNK_SIZE", "FEATURE_MAPS", "MODES", "decayed_attention_step",
     "decayed_linear_attention", "decayed_step", "delta_rule", "delta_rule_step", "favor_features", "feature_map",
     "gated_linear_attention", "gla_log_decay", "linear_attention", "linear_attention_step", "orthogonal_random_features", "retention", "retnet_log_decay",
-    "rwkv6_wkv", "rwkv6_wkv_step", "token_shift",
+    "rwkv6_wkv", "rwkv6_wkv_step", "taylor_features", "token_shift",
 ]
