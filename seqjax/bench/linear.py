@@ -13,6 +13,12 @@ feature of GLA's log-decay input (so its gradient is part of fwd+bwd). fwd+bwd i
 q, k, v (and GLA's log-decay). Timing and memory as in `seqjax.bench.ssm` (jitted, warmed up, cases of one length
 round-robin, median; XLA's compiled memory analysis, temp + output bytes). The decode step is the whole mixer's
 `step` (projections, gates, norm) after a prefill of each context, timed round-robin.
+
+The later variants: "gated_deltanet" (the delta rule's inputs, and the gate log a = the second feature of GLA's
+log-decay), "rwkv" (RWKV-6's wkv: GLA's inputs as r, k, v and per-channel log-decay, a fixed bonus u) and "based"
+(its linear branch: Taylor features of the first 16 channels of q and k, 273 features; the sliding-window branch
+is softmax attention, benchmarked by `bench attention`). Their decode step is the whole mixer's (RWKV-6 with its
+channel mix; Based with its window of 64).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from seqjax.nn.mixers import make_mixer
 from seqjax.ops import linear
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 1, 4, 64, 64
-VARIANTS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "rwkv")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "rwkv", "based")
+BASED_FEATURE_DIM = 16  # Based's q, k width before the Taylor map (1 + 16 + 256 = 273 features)
 FORMS = ("chunked", "recurrent")
 
 
@@ -56,6 +63,10 @@ def _op(variant, mode, chunk):
     unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
     return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), mode=mode,
                                                 chunk_size=chunk)
+  if variant == "based":  # its linear branch: Taylor features of the first 16 channels (the window branch is softmax)
+    p = BASED_FEATURE_DIM
+    return lambda q, k, v, g: linear.linear_attention(q[..., :p], k[..., :p], v, feature_map_name="taylor",
+                                                      mode=mode, chunk_size=chunk)
   if variant == "rwkv":  # GLA's per-channel decay, a fixed bonus u
     bonus = jnp.linspace(-0.1, 0.1, HEADS * KEY_DIM).reshape(HEADS, KEY_DIM)
     return lambda q, k, v, g: linear.rwkv6_wkv(q, k, v, g, bonus, mode=mode, chunk_size=chunk)
