@@ -129,6 +129,9 @@ class LinearAttentionConfig:
   rwkv_channel_mix: bool = True
   rwkv_mix_rank: int = 32  # "rwkv": rank of the ddlerp LoRA (the data-dependent token-shift interpolation).
   rwkv_decay_rank: int = 64  # "rwkv": rank of the LoRA giving the data-dependent decay.
+  # "performer": > 0: the features are redrawn every this many steps — `model.init` then returns a non-trainable
+  # "performer" collection holding each layer's draw, set with seqjax.nn.linear_attention.set_feature_draw.
+  redraw_every: int = 0
   based_feature_dim: int = 16  # "based": q, k width per head before the Taylor map (state key width 1 + P + P^2).
   based_window: int = 64  # "based": the sliding-window softmax attention's window (keys incl. the query's own).
 
@@ -137,7 +140,7 @@ class LinearAttentionConfig:
                  "based_window"):
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
-    for name in ("key_dim", "value_dim", "chunk"):
+    for name in ("key_dim", "value_dim", "chunk", "redraw_every"):
       if getattr(self, name) < 0:
         _fail(f"{prefix}.{name}", f"must be >= 0 (0: the default), got {getattr(self, name)}")
     if self.gate_normalizer <= 0:
@@ -222,6 +225,9 @@ class ModelConfig:
         if getattr(lin, name) == 0 and self.d_model % lin.num_heads:
           _fail(f"{prefix}.linear.num_heads", f"{lin.num_heads} heads do not divide d_model={self.d_model}; choose "
                 f"a divisor of d_model or set model.linear.{name} explicitly")
+      if "performer" in pattern and lin.redraw_every and self.scan_layers:
+        _fail(f"{prefix}.linear.redraw_every", "the Performer's redraw collection is not scanned over layers; set "
+              "scan_layers=False or redraw_every=0")
       if "rwkv" in pattern and lin.rwkv_channel_mix and self.norm_position != "pre":
         _fail(f"{prefix}.norm_position", "rwkv with model.linear.rwkv_channel_mix=True is a whole pre-norm RWKV "
               "block (its own norms and residuals); set norm_position='pre' or model.linear.rwkv_channel_mix=False")

@@ -49,6 +49,23 @@ from seqjax.ops.attention import positions as positions_ops
 
 Dtype = Any
 VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet")
+FEATURE_DRAW_COLLECTION = "performer"  # the non-trainable collection holding each Performer's draw number
+
+
+def set_feature_draw(variables: dict, step: jax.Array | int, every: int) -> dict:
+  """The Performer's feature-redraw hook: `variables` with every Performer's draw set to step // every, so that
+  `model.apply(set_feature_draw(variables, step, N), ...)` uses features redrawn every N steps (draw d is
+  `fold_in(key(feature_seed), d)`, reproducible from the step; jittable with a traced step). `variables` must hold
+  the "performer" collection that `model.init` returned (each Performer's int32 draw; created when
+  `model.linear.redraw_every` > 0); without it the draw is 0."""
+  if every < 1:
+    raise ValueError(f"set_feature_draw: every must be a positive number of steps, got {every}")
+  if FEATURE_DRAW_COLLECTION not in variables:
+    raise ValueError(f"set_feature_draw: variables hold no {FEATURE_DRAW_COLLECTION!r} collection (collections: "
+                     f"{sorted(variables)}); pass the variables model.init returned, or the collection from it")
+  draw = jnp.asarray(step, jnp.int32) // every
+  draws = jax.tree.map(lambda d: jnp.full_like(d, draw), variables[FEATURE_DRAW_COLLECTION])
+  return {**variables, FEATURE_DRAW_COLLECTION: draws}
 
 
 class LinearAttention(nn.Module):
@@ -69,6 +86,7 @@ class LinearAttention(nn.Module):
   gate_normalizer: float = 16.0
   num_features: int = 64
   feature_seed: int = 0
+  redraw_every: int = 0  # "performer": > 0 keeps a draw number in the "performer" collection (`set_feature_draw`)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -123,6 +141,10 @@ class LinearAttention(nn.Module):
     if self.variant == "retnet":
       self.norm_bias = _param(self, "norm_bias", nn.initializers.zeros, (n * h,), ("heads",), self.param_dtype)
     self.out_proj = _dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")
+    self._has_draw = self.variant == "performer" and self.redraw_every > 0 and (
+        self.is_initializing() or self.has_variable(FEATURE_DRAW_COLLECTION, "draw"))
+    if self._has_draw:
+      self.feature_draw = self.variable(FEATURE_DRAW_COLLECTION, "draw", lambda: jnp.zeros((), jnp.int32))
 
   def _project(self, x_BTD, positions_BT):
     """q, k [B, T, N, P], v [B, T, N, H] and the variant's fourth input: the log-decay (None, [N] or [B, T, N, P]),
@@ -145,7 +167,7 @@ class LinearAttention(nn.Module):
       log_decay = linear_ops.gla_log_decay(self.gate_up(self.gate_down(x_BTD)).reshape(b, t, n, p),
                                            self.gate_normalizer)
     elif self.variant == "performer":
-      w_MP = linear_ops.orthogonal_random_features(jax.random.key(self.feature_seed), self.num_features, p)
+      w_MP = linear_ops.orthogonal_random_features(self._feature_key(), self.num_features, p)
       q_BTNP = linear_ops.favor_features(q_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=True)
       k_BTNP = linear_ops.favor_features(k_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=False)
     elif self._delta:
@@ -157,6 +179,15 @@ class LinearAttention(nn.Module):
         dt_BTN = jax.nn.softplus(self.a_proj(x_BTD).astype(jnp.float32) + self.dt_bias)
         log_decay = (log_decay, -jnp.exp(self.A_log) * dt_BTN)
     return q_BTNP, k_BTNP, v_BTNH, log_decay
+
+  def _feature_key(self):
+    """The Performer's projection key: key(feature_seed) without redraws; with `redraw_every` > 0,
+    fold_in(key(feature_seed), draw) with the "draw" variable of the "performer" collection (0 when the caller does
+    not pass the collection), which `set_feature_draw` sets to step // redraw_every (the redraw hook)."""
+    if not self.redraw_every:
+      return jax.random.key(self.feature_seed)
+    draw = self.feature_draw.value if self._has_draw else 0
+    return jax.random.fold_in(jax.random.key(self.feature_seed), draw)
 
   def _output(self, o_BTNH, x_BTD):
     """out_proj of the heads' outputs, through the per-head norm and swish gate where the variant has them."""

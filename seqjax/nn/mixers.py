@@ -223,7 +223,7 @@ def _make_linear_attention(variant: str) -> MixerFactory:
         mode=lin.mode, chunk_size=lin.chunk or None, feature_map=lin.feature_map, normalize=lin.normalize,
         rotary=lin.rotary, rope_base=cfg.attention.rope_base, gate_rank=lin.gate_rank,
         gate_normalizer=lin.gate_normalizer, num_features=lin.num_features, feature_seed=lin.feature_seed,
-        dtype=compute_dtype(cfg))
+        redraw_every=lin.redraw_every, dtype=compute_dtype(cfg))
   return factory
 
 

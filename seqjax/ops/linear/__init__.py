@@ -21,7 +21,8 @@ from seqjax.ops.linear.delta import delta_rule, delta_rule_step
 from seqjax.ops.linear.rwkv import rwkv6_wkv, rwkv6_wkv_step, token_shift
 from seqjax.ops.linear.recurrence import (DEFAULT_CHUNK_SIZE, DEFAULT_FEATURE_DECAY_CHUNK_SIZE, MODES,
                                          decayed_linear_attention, decayed_step)
-from seqjax.ops.linear.variants import (FEATURE_MAPS, decayed_attention_step, favor_features, feature_map,
+from seqjax.ops.linear.variants import (FEATURE_MAPS, decayed_attention_step, favor_features, feature_draw_key,
+                                        feature_map,
                                         gated_linear_attention, gla_log_decay, linear_attention,
                                         linear_attention_step, orthogonal_random_features, retention,
                                         retnet_log_decay, taylor_features)
@@ -30,5 +31,5 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE", "DEFAULT_FEATURE_DECAY_CHUNK_SIZE", "FEATURE_MAPS", "MODES", "decayed_attention_step",
     "decayed_linear_attention", "decayed_step", "delta_rule", "delta_rule_step", "favor_features", "feature_map",
     "gated_linear_attention", "gla_log_decay", "linear_attention", "linear_attention_step", "orthogonal_random_features", "retention", "retnet_log_decay",
-    "rwkv6_wkv", "rwkv6_wkv_step", "taylor_features", "token_shift",
+    "rwkv6_wkv", "rwkv6_wkv_step", "taylor_features", "token_shift", "feature_draw_key",
 ]

@@ -111,6 +111,14 @@ def orthogonal_random_features(key: jax.Array, num_features: int, dim: int) -> j
   return w_MP * norms_M[:, None]
 
 
+def feature_draw_key(seed: int, step: jax.Array | int, every: int) -> jax.Array:
+  """The key of draw number step // every of the seed's random features: redraw every `every` steps, reproducibly
+  (a resumed run gets the same features at the same step); step may be traced."""
+  if every < 1:
+    raise ValueError(f"feature_draw_key: every must be a positive number of steps, got {every}")
+  return jax.random.fold_in(jax.random.key(seed), jnp.asarray(step, jnp.int32) // every)
+
+
 def favor_features(x_BTNP: jax.Array, w_MP: jax.Array, *, is_query: bool) -> jax.Array:
   """FAVOR+ positive random features [B, T, N, M] of x (already scaled by P^-1/4), float32:
   phi(x) = exp(w_m . x - |x|^2 / 2 - c) / sqrt(M), so that E[phi(q) . phi(k)] = exp(q . k) (up to exp(-c) factors).
