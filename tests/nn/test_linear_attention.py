@@ -66,7 +66,7 @@ def test_packed_documents_equal_each_document_alone(variant):
   np.testing.assert_allclose(packed, jnp.concatenate([first, second], axis=1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ("rwkv", "based"))
 def test_tiny_lm_trains(variant):
   """The LM with this mixer learns: 15 Adam steps on one batch of a repeating pattern halve the loss."""
   cfg = dataclasses.replace(_config(variant), num_layers=1)

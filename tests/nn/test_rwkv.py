@@ -4,7 +4,8 @@
   data-dependent decay, the bonus, per-head GroupNorm, the SiLU gate; channel mix with squared ReLU and the
   receptance gate; LN and residuals), from the module's own parameters, with and without the channel mix;
 - packed documents = each document alone (token shifts and the wkv state do not cross);
-- in the LM, the mixer owns the block with the channel mix (no MLP parameters) and not without; a tiny LM trains;
+- in the LM, the mixer owns the block with the channel mix (no MLP parameters) and not without (a tiny LM trains:
+  tests/nn/test_linear_attention.py::test_tiny_lm_trains);
 - config mistakes name their field.
 """
 
@@ -14,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from seqjax.config import ConfigError, LinearAttentionConfig, ModelConfig, from_config_dict
@@ -111,35 +111,14 @@ def test_packed_documents_equal_each_document_alone():
   np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_in_the_lm_the_channel_mix_replaces_the_mlp_and_a_tiny_lm_trains():
+def test_in_the_lm_the_channel_mix_replaces_the_mlp():
   """With the channel mix the LM's blocks hold no MLP or block norms (the mixer is the RWKV block); without it the
-  ordinary block's are there. 15 Adam steps on one batch halve the loss."""
-  tokens = jnp.asarray(np.tile(np.arange(8), (4, 3)))[:, :24]
+  ordinary block's are there. (A tiny LM trains with it: tests/nn/test_linear_attention.py::test_tiny_lm_trains.)"""
+  tokens = jnp.zeros((2, 8), jnp.int32)
   shapes = {cm: jax.eval_shape(DecoderLM(dataclasses.replace(_config(cm), num_layers=1)).init,
                                jax.random.PRNGKey(0), tokens)["params"]["layer_0"] for cm in (True, False)}
   assert set(shapes[True]) == {"Rwkv6_0"} and "ck_proj" in shapes[True]["Rwkv6_0"]
   assert "mlp" in shapes[False] and "ck_proj" not in shapes[False]["Rwkv6_0"]
-
-  model = DecoderLM(dataclasses.replace(_config(), num_layers=1))
-  params = model.init(jax.random.PRNGKey(0), tokens[:, :-1])
-  optimizer = optax.adam(1e-2)
-
-  def loss_fn(p):
-    logits = model.apply(p, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  @jax.jit
-  def step(p, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt_state = optimizer.update(grads, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state, loss
-
-  opt_state = optimizer.init(params)
-  losses = []
-  for _ in range(15):
-    params, opt_state, loss = step(params, opt_state)
-    losses.append(float(loss))
-  assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
 
 
 def test_config_mistakes_name_their_field():

@@ -12,6 +12,7 @@ import numpy as np
 from absl.testing import parameterized
 
 from seqjax.ops import linear
+from tests.ops.linear.test_numpy_oracle import assert_directional_derivatives
 
 MODES = ("parallel", "recurrent", "chunked")
 B, T, N, P, H = 2, 11, 2, 3, 4
@@ -54,13 +55,5 @@ class TaylorTest(parameterized.TestCase):
     expected = taylor_attention_oracle(q, k, v, eps)
     np.testing.assert_allclose(np.asarray(run(q, k, v), np.float64), expected, rtol=2e-5, atol=2e-5)
     w = RNG.standard_normal((B, T, N, H))
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), argnums=(0, 1, 2)))(q, k, v)
-    args = [q, k, v]
-    for i, grad in enumerate(grads):
-      direction = RNG.standard_normal(args[i].shape)
-      h = 1e-5
-      shifted = lambda sign: [np.asarray(a, np.float64) + sign * h * direction if j == i else a  # noqa: E731
-                              for j, a in enumerate(args)]
-      fd = (np.sum(taylor_attention_oracle(*shifted(1), eps) * w)
-            - np.sum(taylor_attention_oracle(*shifted(-1), eps) * w)) / (2 * h)
-      np.testing.assert_allclose(float(np.sum(np.asarray(grad, np.float64) * direction)), fd, rtol=1e-3, atol=1e-3)
+    assert_directional_derivatives(lambda *a: jnp.sum(run(*a) * w),
+                                   lambda *a: np.sum(taylor_attention_oracle(*a, eps) * w), [q, k, v], rng=RNG)

@@ -15,6 +15,7 @@ import pytest
 from absl.testing import parameterized
 
 from seqjax.ops.linear import rwkv
+from tests.ops.linear.test_numpy_oracle import assert_directional_derivatives
 
 MODES = ("parallel", "recurrent", "chunked")
 B, T, N, P, H = 2, 13, 3, 4, 5
@@ -82,15 +83,7 @@ class WkvTest(parameterized.TestCase):
       y, s = wkv_oracle(*a, SEGMENTS)
       return np.sum(y * w_y) + np.sum(s * w_s)
 
-    grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
-    for i, grad in enumerate(grads):
-      direction = RNG.standard_normal(args[i].shape) * (0.1 if i == 3 else 1.0)
-      eps = 1e-5
-      shifted = lambda sign: [np.asarray(a, np.float64) + sign * eps * direction if j == i else a  # noqa: E731
-                              for j, a in enumerate(args)]
-      expected = (oracle_loss(*shifted(1)) - oracle_loss(*shifted(-1))) / (2 * eps)
-      np.testing.assert_allclose(float(np.sum(np.asarray(grad, np.float64) * direction)), expected, rtol=1e-3,
-                                 atol=1e-3, err_msg=f"argument {i}")
+    assert_directional_derivatives(loss, oracle_loss, args, small=(3,), rng=RNG)
 
   def test_prefill_then_steps_equal_the_whole_sequence(self):
     """Catches: a prefill end state that is not the one decoding continues from, a step that decays first."""
