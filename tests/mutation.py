@@ -174,6 +174,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("retnet_decay_shifted", "RetNet's head decays gamma_n = 1 - 2^(-4 - n) instead of 2^(-5 - n)",
            "seqjax/ops/linear/variants.py", "jnp.exp2(-5.0 - jnp.arange(num_heads, dtype=jnp.float32))",
            "jnp.exp2(-4.0 - jnp.arange(num_heads, dtype=jnp.float32))", ("tests/ops/linear/test_numpy_oracle.py",)),
+    Mutant("gated_delta_state_read_undecayed", "Gated DeltaNet's UT system subtracts the incoming state undecayed",
+           "seqjax/ops/linear/delta.py", "jnp.concatenate([k * first_MB1C1 * gamma_MBNC1, v], axis=-1)",
+           "jnp.concatenate([k * first_MB1C1, v], axis=-1)",
+           ("tests/ops/linear/test_numpy_oracle.py::GatedDeltaRuleTest",)),
+    Mutant("rwkv_bonus_dropped", "RWKV-6's wkv loses the bonus u of the current token",
+           "seqjax/ops/linear/rwkv.py", "y_BTNH = o_ext[:, :t] + _bonus(r, k, v, u)", "y_BTNH = o_ext[:, :t]",
+           ("tests/ops/linear/test_rwkv.py",)),
+    Mutant("based_window_one_longer", "Based's sliding window sees one key more than based_window",
+           "seqjax/nn/based.py", '{"attention": {"window": lin.based_window}}',
+           '{"attention": {"window": lin.based_window + 1}}', ("tests/nn/test_based.py",)),
 )
 
 
