@@ -134,8 +134,8 @@ class LinearAttention(nn.Module):
     if self.variant == "gated_deltanet":  # Mamba-2's decay parametrisation: A in [1, 16], softplus(dt_bias) ~ 1e-3..0.1
       self.a_proj = _dense(n, ("embed", "heads"), self.dtype, self.param_dtype, "a_proj")
       self.dt_bias = _param(self, "dt_bias", _dt_bias_init(1e-3, 1e-1), (n,), ("heads",), jnp.float32)
-      self.A_log = _param(self, "A_log", lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1, 16)),
-                          (n,), ("heads",), jnp.float32)
+      a_init = lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1, 16))  # noqa: E731
+      self.A_log = _param(self, "A_log", a_init, (n,), ("heads",), jnp.float32)
     if self._normed:
       self.norm_scale = _param(self, "norm_scale", nn.initializers.ones, (n * h,), ("heads",), self.param_dtype)
     if self.variant == "retnet":

@@ -229,7 +229,8 @@ def _make_linear_attention(variant: str) -> MixerFactory:
 
 _LINEAR_MODES = {mode: {"linear": {"mode": mode}} for mode in ("chunked", "parallel", "recurrent")}
 
-for _variant in ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet"):  # config.LINEAR_ATTENTION_MIXERS
+# seqjax.config.LINEAR_ATTENTION_MIXERS (with "rwkv" and "based", registered below)
+for _variant in ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet"):
   register_mixer(_variant, modes=_LINEAR_MODES)(_make_linear_attention(_variant))
 
 
