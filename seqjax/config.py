@@ -117,19 +117,30 @@ class LinearAttentionConfig:
   value_dim: int = 0  # Per-head value width H (0: d_model // num_heads).
   mode: Literal["chunked", "parallel", "recurrent"] = "chunked"  # The training form (all three agree).
   chunk: int = 0  # Chunk length of the chunked form (0: the op's default: 64; 16 for "gla", 32 for "deltanet").
-  feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # "linear": phi applied to q and k.
+  feature_map: Literal["elu1", "relu", "identity", "taylor"] = "elu1"  # "linear": phi applied to q and k.
   normalize: bool = True  # "linear": divide by phi(q) . sum phi(k) (Katharopoulos); False: per-head RMSNorm instead.
   rotary: bool = True  # "retnet": rotate q and k by their position (RoPE; the rotation of the paper's xPos).
   gate_rank: int = 16  # "gla": rank of the low-rank projection giving the data-dependent decay.
   gate_normalizer: float = 16.0  # "gla": alpha = sigmoid(gate) ** (1 / gate_normalizer) (the paper's tau).
   num_features: int = 64  # "performer": positive random features per head (the state's key width).
   feature_seed: int = 0  # "performer": the draw of the orthogonal random features (redraw: another seed).
+  # "rwkv": True: the mixer is the whole RWKV-6 block (time mix + channel mix, its own norms and residuals; the LM's
+  # block adds no MLP); False: the time mix alone inside an ordinary block with model.mlp. docs/linear_attention.md.
+  rwkv_channel_mix: bool = True
+  rwkv_mix_rank: int = 32  # "rwkv": rank of the ddlerp LoRA (the data-dependent token-shift interpolation).
+  rwkv_decay_rank: int = 64  # "rwkv": rank of the LoRA giving the data-dependent decay.
+  # "performer": > 0: the features are redrawn every this many steps — `model.init` then returns a non-trainable
+  # "performer" collection holding each layer's draw, set with seqjax.nn.linear_attention.set_feature_draw.
+  redraw_every: int = 0
+  based_feature_dim: int = 16  # "based": q, k width per head before the Taylor map (state key width 1 + P + P^2).
+  based_window: int = 64  # "based": the sliding-window softmax attention's window (keys incl. the query's own).
 
   def _check(self, prefix: str) -> None:
-    for name in ("num_heads", "gate_rank", "num_features"):
+    for name in ("num_heads", "gate_rank", "num_features", "rwkv_mix_rank", "rwkv_decay_rank", "based_feature_dim",
+                 "based_window"):
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
-    for name in ("key_dim", "value_dim", "chunk"):
+    for name in ("key_dim", "value_dim", "chunk", "redraw_every"):
       if getattr(self, name) < 0:
         _fail(f"{prefix}.{name}", f"must be >= 0 (0: the default), got {getattr(self, name)}")
     if self.gate_normalizer <= 0:
@@ -168,7 +179,7 @@ class MoeConfig:
       _fail(f"{prefix}.every", f"must be >= 1 (1: every block), got {self.every}")
 
 
-LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer")
+LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet", "rwkv", "based")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +285,12 @@ class ModelConfig:
         if getattr(lin, name) == 0 and self.d_model % lin.num_heads:
           _fail(f"{prefix}.linear.num_heads", f"{lin.num_heads} heads do not divide d_model={self.d_model}; choose "
                 f"a divisor of d_model or set model.linear.{name} explicitly")
+      if "performer" in pattern and lin.redraw_every and self.scan_layers:
+        _fail(f"{prefix}.linear.redraw_every", "the Performer's redraw collection is not scanned over layers; set "
+              "scan_layers=False or redraw_every=0")
+      if "rwkv" in pattern and lin.rwkv_channel_mix and self.norm_position != "pre":
+        _fail(f"{prefix}.norm_position", "rwkv with model.linear.rwkv_channel_mix=True is a whole pre-norm RWKV "
+              "block (its own norms and residuals); set norm_position='pre' or model.linear.rwkv_channel_mix=False")
       if "retnet" in pattern and lin.rotary and lin.resolved_dims(self.d_model)[0] % 2:
         _fail(f"{prefix}.linear.key_dim", f"retnet's rotary positions need an even key_dim, got "
               f"{lin.resolved_dims(self.d_model)[0]}; change it or set model.linear.rotary=False")

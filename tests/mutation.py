@@ -203,6 +203,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("moe_aux_losses_not_trained", "the MoE aux losses are logged but left out of the training loss",
            "seqjax/train/tasks/lm.py", "jnp.sum(losses_BT * w_BT) + objective * weight, weight, extras",
            "jnp.sum(losses_BT * w_BT), weight, extras", ("tests/nn/test_moe.py",)),
+    Mutant("gated_delta_state_read_undecayed", "Gated DeltaNet's UT system subtracts the incoming state undecayed",
+           "seqjax/ops/linear/delta.py", "jnp.concatenate([k * first_MB1C1 * gamma_MBNC1, v], axis=-1)",
+           "jnp.concatenate([k * first_MB1C1, v], axis=-1)",
+           ("tests/ops/linear/test_numpy_oracle.py::GatedDeltaRuleTest",)),
+    Mutant("rwkv_bonus_dropped", "RWKV-6's wkv loses the bonus u of the current token",
+           "seqjax/ops/linear/rwkv.py", "y_BTNH = o_ext[:, :t] + _bonus(r, k, v, u)", "y_BTNH = o_ext[:, :t]",
+           ("tests/ops/linear/test_rwkv.py",)),
+    Mutant("based_window_one_longer", "Based's sliding window sees one key more than based_window",
+           "seqjax/nn/based.py", '{"attention": {"window": lin.based_window}}',
+           '{"attention": {"window": lin.based_window + 1}}', ("tests/nn/test_based.py",)),
 )
 
 

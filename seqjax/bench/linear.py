@@ -13,6 +13,12 @@ feature of GLA's log-decay input (so its gradient is part of fwd+bwd). fwd+bwd i
 q, k, v (and GLA's log-decay). Timing and memory as in `seqjax.bench.ssm` (jitted, warmed up, cases of one length
 round-robin, median; XLA's compiled memory analysis, temp + output bytes). The decode step is the whole mixer's
 `step` (projections, gates, norm) after a prefill of each context, timed round-robin.
+
+The later variants: "gated_deltanet" (the delta rule's inputs, and the gate log a = the second feature of GLA's
+log-decay), "rwkv" (RWKV-6's wkv: GLA's inputs as r, k, v and per-channel log-decay, a fixed bonus u) and "based"
+(its linear branch: Taylor features of the first 16 channels of q and k, 273 features; the sliding-window branch
+is softmax attention, benchmarked by `bench attention`). Their decode step is the whole mixer's (RWKV-6 with its
+channel mix; Based with its window of 64).
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import jax.numpy as jnp
 from absl import flags
 
 from seqjax.bench.ssm import _compile, _time_round_robin
-from seqjax.nn.linear_attention import LinearAttention
+from seqjax.config import LinearAttentionConfig, ModelConfig
+from seqjax.nn.mixers import make_mixer
 from seqjax.ops import linear
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 1, 4, 64, 64
-VARIANTS = ("linear", "retnet", "gla", "deltanet")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "rwkv", "based")
+BASED_FEATURE_DIM = 16  # Based's q, k width before the Taylor map (1 + 16 + 256 = 273 features)
 FORMS = ("chunked", "recurrent")
 
 
@@ -55,6 +63,17 @@ def _op(variant, mode, chunk):
     unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
     return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), mode=mode,
                                                 chunk_size=chunk)
+  if variant == "based":  # its linear branch: Taylor features of the first 16 channels (the window branch is softmax)
+    p = BASED_FEATURE_DIM
+    return lambda q, k, v, g: linear.linear_attention(q[..., :p], k[..., :p], v, feature_map_name="taylor",
+                                                      mode=mode, chunk_size=chunk)
+  if variant == "rwkv":  # GLA's per-channel decay, a fixed bonus u
+    bonus = jnp.linspace(-0.1, 0.1, HEADS * KEY_DIM).reshape(HEADS, KEY_DIM)
+    return lambda q, k, v, g: linear.rwkv6_wkv(q, k, v, g, bonus, mode=mode, chunk_size=chunk)
+  if variant == "gated_deltanet":  # the gate per head and token: the first feature of GLA's log-decay
+    unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))  # noqa: E731
+    return lambda q, k, v, g: linear.delta_rule(q, unit(k), v, jax.nn.sigmoid(g[..., 0]), log_decay=g[..., 1],
+                                                mode=mode, chunk_size=chunk)
   return lambda q, k, v, g: linear.gated_linear_attention(q, k, v, g, mode=mode, chunk_size=chunk)
 
 
@@ -88,7 +107,8 @@ def bench_decode(contexts: Sequence[int], repeats: int, log, variants=VARIANTS) 
   rows = []
   d_model = HEADS * VALUE_DIM
   for variant in variants:
-    block = LinearAttention(d_model=d_model, variant=variant, num_heads=HEADS, key_dim=KEY_DIM, value_dim=VALUE_DIM)
+    block = make_mixer(variant, ModelConfig(mixer=variant, d_model=d_model, linear=LinearAttentionConfig(
+        num_heads=HEADS, key_dim=KEY_DIM, value_dim=VALUE_DIM)))
     x = jax.random.normal(jax.random.PRNGKey(2), (BATCH, max(contexts) + 1, d_model))
     params = block.init(jax.random.PRNGKey(3), x[:, :8])
     prefill = jax.jit(functools.partial(block.apply, return_state=True))

@@ -85,6 +85,10 @@ class Block(nn.Module):
       y_BD, new_state = mixer.step(y_BTD[:, 0], state, deterministic=self.deterministic)
       return y_BD[:, None]
 
+    if getattr(mixer, "owns_block", False):  # a whole block (e.g. RWKV's): its own norms, residuals and MLP
+      x_BTD = mix(x_BTD)
+      return x_BTD if self.mode == "parallel" else (x_BTD, new_state)
+
     if cfg.norm_position == "pre":
       x_BTD = x_BTD + drop(mix(norm1(x_BTD)))
       if mlp is not None:

@@ -40,10 +40,13 @@ mixer, against the parallel form):
     mamba2           {"conv": [B, W - 1, E + 2P] compute dtype, "ssm": float32 [B, N, H, P]}
     linear, retnet,  {"kv": float32 [B, N, P, H] (P key width or Performer features, H value width; H + 1 for
     gla, deltanet,    normalised "linear" and "performer"), "position": int32 [B]}
-    performer
+    performer,
+    gated_deltanet
     longformer,      KVCache of max_len slots, as attention (reformer: the normalised shared keys, float32);
     bigbird,         a step sees the slots its sparse pattern allows (docs/sparse_attention.md)
     reformer
+    rwkv             {"kv": float32 [B, N, P, H], "shift": [B, D], "channel_shift": [B, D] compute dtype}
+    based            {"linear": {"kv": float32 [B, N, 1 + P + P^2, H + 1], "position"}, "window": KVCache (W slots)}
 
 `register_mixer` checks a new mixer's module against this contract (`contract_problems`) when it is registered.
 """

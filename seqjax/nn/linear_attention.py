@@ -20,6 +20,9 @@ Each implements the mixer contract of `seqjax.nn.contract` (see docs/linear_atte
   not a parameter, so the optimizer never touches it), then the normalised causal linear attention (prefix sums).
 - "deltanet" (Schlag et al. 2021; Yang et al. 2024): q and k through SiLU and L2-normalised (q also scaled by
   P^-1/2), v, a write strength beta = sigmoid(x W_beta) per head; the delta rule; a per-head RMSNorm; out(o).
+- "gated_deltanet" (Yang et al. 2024, Gated DeltaNet): DeltaNet's q, k, v, beta plus a gate per head and token,
+  log a_t = -exp(A_log) softplus(x W_a + dt_bias) (Mamba-2's parametrisation), the gated delta rule
+  S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; a per-head RMSNorm; out(swish(x W_g) * RMSNorm(o)).
 
 Decode state: {"kv": float32 [B, N, P, H] (H + 1 for normalised "linear" and "performer": the last column is the key
 sum; the Performer's P is its number of random features),
@@ -40,12 +43,29 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.nn import contract
-from seqjax.nn.ssm import _dense, _param
+from seqjax.nn.ssm import _dense, _dt_bias_init, _param
 from seqjax.ops import linear as linear_ops
 from seqjax.ops.attention import positions as positions_ops
 
 Dtype = Any
-VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet")
+FEATURE_DRAW_COLLECTION = "performer"  # the non-trainable collection holding each Performer's draw number
+
+
+def set_feature_draw(variables: dict, step: jax.Array | int, every: int) -> dict:
+  """The Performer's feature-redraw hook: `variables` with every Performer's draw set to step // every, so that
+  `model.apply(set_feature_draw(variables, step, N), ...)` uses features redrawn every N steps (draw d is
+  `fold_in(key(feature_seed), d)`, reproducible from the step; jittable with a traced step). `variables` must hold
+  the "performer" collection that `model.init` returned (each Performer's int32 draw; created when
+  `model.linear.redraw_every` > 0); without it the draw is 0."""
+  if every < 1:
+    raise ValueError(f"set_feature_draw: every must be a positive number of steps, got {every}")
+  if FEATURE_DRAW_COLLECTION not in variables:
+    raise ValueError(f"set_feature_draw: variables hold no {FEATURE_DRAW_COLLECTION!r} collection (collections: "
+                     f"{sorted(variables)}); pass the variables model.init returned, or the collection from it")
+  draw = jnp.asarray(step, jnp.int32) // every
+  draws = jax.tree.map(lambda d: jnp.full_like(d, draw), variables[FEATURE_DRAW_COLLECTION])
+  return {**variables, FEATURE_DRAW_COLLECTION: draws}
 
 
 class LinearAttention(nn.Module):
@@ -66,6 +86,7 @@ class LinearAttention(nn.Module):
   gate_normalizer: float = 16.0
   num_features: int = 64
   feature_seed: int = 0
+  redraw_every: int = 0  # "performer": > 0 keeps a draw number in the "performer" collection (`set_feature_draw`)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -75,15 +96,21 @@ class LinearAttention(nn.Module):
 
   @property
   def _state_key_dim(self) -> int:
+    if self.variant == "linear" and self.feature_map == "taylor":  # Based's 1 + P + P^2 Taylor features
+      return 1 + self.key_dim + self.key_dim ** 2
     return self.num_features if self.variant == "performer" else self.key_dim
 
   @property
   def _gated(self) -> bool:
-    return self.variant in ("retnet", "gla")
+    return self.variant in ("retnet", "gla", "gated_deltanet")
 
   @property
   def _normed(self) -> bool:
-    return self._gated or self.variant == "deltanet" or (self.variant == "linear" and not self.normalize)
+    return self._gated or self._delta or (self.variant == "linear" and not self.normalize)
+
+  @property
+  def _delta(self) -> bool:
+    return self.variant in ("deltanet", "gated_deltanet")
 
   def setup(self):
     if self.variant not in VARIANTS:
@@ -102,17 +129,26 @@ class LinearAttention(nn.Module):
     if self.variant == "gla":
       self.gate_down = _dense(self.gate_rank, ("embed", None), self.dtype, self.param_dtype, "gate_down")
       self.gate_up = _dense(n * p, (None, "heads"), self.dtype, self.param_dtype, "gate_up", use_bias=True)
-    if self.variant == "deltanet":
+    if self._delta:
       self.beta_proj = _dense(n, ("embed", "heads"), self.dtype, self.param_dtype, "beta_proj", use_bias=True)
+    if self.variant == "gated_deltanet":  # Mamba-2's decay parametrisation: A in [1, 16], softplus(dt_bias) ~ 1e-3..0.1
+      self.a_proj = _dense(n, ("embed", "heads"), self.dtype, self.param_dtype, "a_proj")
+      self.dt_bias = _param(self, "dt_bias", _dt_bias_init(1e-3, 1e-1), (n,), ("heads",), jnp.float32)
+      a_init = lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1, 16))  # noqa: E731
+      self.A_log = _param(self, "A_log", a_init, (n,), ("heads",), jnp.float32)
     if self._normed:
       self.norm_scale = _param(self, "norm_scale", nn.initializers.ones, (n * h,), ("heads",), self.param_dtype)
     if self.variant == "retnet":
       self.norm_bias = _param(self, "norm_bias", nn.initializers.zeros, (n * h,), ("heads",), self.param_dtype)
     self.out_proj = _dense(self.d_model, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")
+    self._has_draw = self.variant == "performer" and self.redraw_every > 0 and (
+        self.is_initializing() or self.has_variable(FEATURE_DRAW_COLLECTION, "draw"))
+    if self._has_draw:
+      self.feature_draw = self.variable(FEATURE_DRAW_COLLECTION, "draw", lambda: jnp.zeros((), jnp.int32))
 
   def _project(self, x_BTD, positions_BT):
     """q, k [B, T, N, P], v [B, T, N, H] and the variant's fourth input: the log-decay (None, [N] or [B, T, N, P]),
-    or DeltaNet's beta [B, T, N]."""
+    DeltaNet's beta [B, T, N], or Gated DeltaNet's (beta, log-decay), each [B, T, N]."""
     b, t = x_BTD.shape[:2]
     n, p, h = self.num_heads, self.key_dim, self.value_dim
     x_BTD = x_BTD.astype(self.dtype)
@@ -131,15 +167,27 @@ class LinearAttention(nn.Module):
       log_decay = linear_ops.gla_log_decay(self.gate_up(self.gate_down(x_BTD)).reshape(b, t, n, p),
                                            self.gate_normalizer)
     elif self.variant == "performer":
-      w_MP = linear_ops.orthogonal_random_features(jax.random.key(self.feature_seed), self.num_features, p)
+      w_MP = linear_ops.orthogonal_random_features(self._feature_key(), self.num_features, p)
       q_BTNP = linear_ops.favor_features(q_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=True)
       k_BTNP = linear_ops.favor_features(k_BTNP.astype(jnp.float32) * p ** -0.25, w_MP, is_query=False)
-    elif self.variant == "deltanet":
+    elif self._delta:
       unit = lambda a: a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
       q_BTNP = unit(nn.silu(q_BTNP.astype(jnp.float32))) * p ** -0.5
       k_BTNP = unit(nn.silu(k_BTNP.astype(jnp.float32)))
       log_decay = jax.nn.sigmoid(self.beta_proj(x_BTD).astype(jnp.float32))  # beta [B, T, N]
+      if self.variant == "gated_deltanet":
+        dt_BTN = jax.nn.softplus(self.a_proj(x_BTD).astype(jnp.float32) + self.dt_bias)
+        log_decay = (log_decay, -jnp.exp(self.A_log) * dt_BTN)
     return q_BTNP, k_BTNP, v_BTNH, log_decay
+
+  def _feature_key(self):
+    """The Performer's projection key: key(feature_seed) without redraws; with `redraw_every` > 0,
+    fold_in(key(feature_seed), draw) with the "draw" variable of the "performer" collection (0 when the caller does
+    not pass the collection), which `set_feature_draw` sets to step // redraw_every (the redraw hook)."""
+    if not self.redraw_every:
+      return jax.random.key(self.feature_seed)
+    draw = self.feature_draw.value if self._has_draw else 0
+    return jax.random.fold_in(jax.random.key(self.feature_seed), draw)
 
   def _output(self, o_BTNH, x_BTD):
     """out_proj of the heads' outputs, through the per-head norm and swish gate where the variant has them."""
@@ -169,6 +217,8 @@ class LinearAttention(nn.Module):
       return linear_ops.retention(q, k, v, log_decay, **kwargs)
     if self.variant == "deltanet":
       return linear_ops.delta_rule(q, k, v, log_decay, **kwargs)
+    if self.variant == "gated_deltanet":
+      return linear_ops.delta_rule(q, k, v, log_decay[0], log_decay=log_decay[1], **kwargs)
     return linear_ops.gated_linear_attention(q, k, v, log_decay, **kwargs)
 
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -211,6 +261,9 @@ class LinearAttention(nn.Module):
           normalize=performer or self.normalize)
     elif self.variant == "deltanet":
       o_BNH, kv = linear_ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state["kv"])
+    elif self.variant == "gated_deltanet":
+      beta_BTN, g_BTN = log_decay
+      o_BNH, kv = linear_ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta_BTN[:, 0], state["kv"], g_BTN[:, 0])
     else:
       step_decay = log_decay if log_decay.ndim == 1 else log_decay[:, 0]
       o_BNH, kv = linear_ops.decayed_attention_step(q[:, 0], k[:, 0], v[:, 0], step_decay, state["kv"])

@@ -248,13 +248,14 @@ def _make_linear_attention(variant: str) -> MixerFactory:
         mode=lin.mode, chunk_size=lin.chunk or None, feature_map=lin.feature_map, normalize=lin.normalize,
         rotary=lin.rotary, rope_base=cfg.attention.rope_base, gate_rank=lin.gate_rank,
         gate_normalizer=lin.gate_normalizer, num_features=lin.num_features, feature_seed=lin.feature_seed,
-        dtype=compute_dtype(cfg))
+        redraw_every=lin.redraw_every, dtype=compute_dtype(cfg))
   return factory
 
 
 _LINEAR_MODES = {mode: {"linear": {"mode": mode}} for mode in ("chunked", "parallel", "recurrent")}
 
-for _variant in ("linear", "retnet", "gla", "deltanet", "performer"):  # seqjax.config.LINEAR_ATTENTION_MIXERS
+# seqjax.config.LINEAR_ATTENTION_MIXERS (with "rwkv" and "based", registered below)
+for _variant in ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet"):
   register_mixer(_variant, modes=_LINEAR_MODES)(_make_linear_attention(_variant))
 
 
@@ -271,3 +272,18 @@ register_mixer("longformer", modes=_SPARSE_MODES)(_make_sparse("longformer"))
 register_mixer("bigbird", modes=_SPARSE_MODES)(_make_sparse("bigbird"))
 register_mixer("reformer")(_make_sparse("reformer"))
 register_mixer("linformer", bidirectional=True)(_make_sparse("linformer"))
+@register_mixer("rwkv", modes=_LINEAR_MODES)
+def _make_rwkv(cfg: ModelConfig) -> nn.Module:
+  from seqjax.nn.rwkv import Rwkv6  # pylint: disable=import-outside-toplevel
+  lin = cfg.linear
+  key_dim, value_dim = lin.resolved_dims(cfg.d_model)
+  return Rwkv6(d_model=cfg.d_model, num_heads=lin.num_heads, key_dim=key_dim, value_dim=value_dim,
+               mix_rank=lin.rwkv_mix_rank, decay_rank=lin.rwkv_decay_rank, channel_mix=lin.rwkv_channel_mix,
+               ffn_dim=cfg.mlp_dim, norm=cfg.norm, mode=lin.mode, chunk_size=lin.chunk or None,
+               dtype=compute_dtype(cfg))
+
+
+@register_mixer("based", modes=_LINEAR_MODES)
+def _make_based(cfg: ModelConfig) -> nn.Module:
+  from seqjax.nn.based import Based  # pylint: disable=import-outside-toplevel
+  return Based(cfg)

@@ -19,7 +19,7 @@ from seqjax.config import ConfigError, LinearAttentionConfig, ModelConfig, from_
 from seqjax.models.lm import DecoderLM
 from seqjax.nn.mixers import make_mixer
 
-VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer")
+VARIANTS = ("linear", "retnet", "gla", "deltanet", "performer", "gated_deltanet")
 B, T, D = 2, 12, 16
 
 
@@ -28,7 +28,8 @@ def _config(mixer, **linear):
                      positions="none", linear=LinearAttentionConfig(num_heads=2, chunk=5, **linear))
 
 
-@pytest.mark.parametrize("variant", [pytest.param("gla", marks=pytest.mark.slow), "deltanet"])  # linear / retnet
+@pytest.mark.parametrize("variant", [pytest.param("gla", marks=pytest.mark.slow), "deltanet",
+                                     pytest.param("gated_deltanet", marks=pytest.mark.slow)])  # linear / retnet
 # reach the forms as GLA does; the ops tests cover GLA's forms, so its module-level run is in the slow set
 def test_training_forms_agree_through_the_module(variant):
   """Catches: a form-specific bug only visible with the module's projections and gates (e.g. the data-dependent
@@ -65,7 +66,7 @@ def test_packed_documents_equal_each_document_alone(variant):
   np.testing.assert_allclose(packed, jnp.concatenate([first, second], axis=1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ("rwkv", "based"))
 def test_tiny_lm_trains(variant):
   """The LM with this mixer learns: 15 Adam steps on one batch of a repeating pattern halve the loss."""
   cfg = dataclasses.replace(_config(variant), num_layers=1)

@@ -27,10 +27,20 @@ import jax.numpy as jnp
 from seqjax.ops.linear.recurrence import decayed_linear_attention, decayed_step
 from seqjax.ops.ssm._common import as_arrays
 
+def taylor_features(x: jax.Array) -> jax.Array:
+  """Based's 2nd-order Taylor feature map (Arora et al. 2024): [1, x', vec(x' x'^T) / sqrt(2)] with x' = x P^-1/4,
+  [..., 1 + P + P^2], so that phi(q) . phi(k) = 1 + z + z^2 / 2 with z = q . k / sqrt(P): the Taylor expansion of
+  exp(z), positive (>= 1/2), so the normaliser is > 0."""
+  x = jnp.asarray(x) * x.shape[-1] ** -0.25
+  outer = (x[..., :, None] * x[..., None, :]).reshape(x.shape[:-1] + (x.shape[-1] ** 2,)) * 0.5 ** 0.5
+  return jnp.concatenate([jnp.ones(x.shape[:-1] + (1,), x.dtype), x, outer], axis=-1)
+
+
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {  # "linear"; Performer's is `favor_features`
     "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al.: positive, so the normaliser is > 0
     "relu": jax.nn.relu,
     "identity": lambda x: x,
+    "taylor": taylor_features,  # Based: P -> 1 + P + P^2 features
 }
 DEFAULT_EPS = 1e-6
 
@@ -99,6 +109,14 @@ def orthogonal_random_features(key: jax.Array, num_features: int, dim: int) -> j
   w_MP = jnp.swapaxes(q_blocks, 1, 2).reshape(blocks * dim, dim)[:num_features]
   norms_M = jnp.linalg.norm(jax.random.normal(key_norms, (num_features, dim), jnp.float32), axis=-1)
   return w_MP * norms_M[:, None]
+
+
+def feature_draw_key(seed: int, step: jax.Array | int, every: int) -> jax.Array:
+  """The key of draw number step // every of the seed's random features: redraw every `every` steps, reproducibly
+  (a resumed run gets the same features at the same step); step may be traced."""
+  if every < 1:
+    raise ValueError(f"feature_draw_key: every must be a positive number of steps, got {every}")
+  return jax.random.fold_in(jax.random.key(seed), jnp.asarray(step, jnp.int32) // every)
 
 
 def favor_features(x_BTNP: jax.Array, w_MP: jax.Array, *, is_query: bool) -> jax.Array:

@@ -76,9 +76,11 @@ def recurrence_oracle(q, k, v, g, s0, seg):
   return o, s_final
 
 
-def delta_rule_oracle(q, k, v, beta, s0, seg):
-  """The delta rule in float64, one head at a time: o [B, T, N, H], final state [B, N, P, H]."""
+def delta_rule_oracle(q, k, v, beta, s0, seg, g=None):
+  """The delta rule in float64, one head at a time: o [B, T, N, H], final state [B, N, P, H]. With a log-decay g
+  [B, T, N], the gated delta rule S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T."""
   q, k, v, beta, s0 = (np.asarray(a, np.float64) for a in (q, k, v, beta, s0))
+  a = np.ones(beta.shape) if g is None else np.exp(np.asarray(g, np.float64))
   reset = _resets(seg)
   o = np.zeros(v.shape)
   s_final = np.zeros(s0.shape)
@@ -90,7 +92,7 @@ def delta_rule_oracle(q, k, v, beta, s0, seg):
         if reset[b, t]:
           s = np.zeros_like(s)
         kt = k[b, t, n]
-        s = (eye - beta[b, t, n] * np.outer(kt, kt)) @ s + beta[b, t, n] * np.outer(kt, v[b, t, n])
+        s = a[b, t, n] * (eye - beta[b, t, n] * np.outer(kt, kt)) @ s + beta[b, t, n] * np.outer(kt, v[b, t, n])
         o[b, t, n] = q[b, t, n] @ s
       s_final[b, n] = s
   return o, s_final
@@ -272,6 +274,64 @@ class DeltaRuleTest(parameterized.TestCase):
                   - np.sum(delta_rule_oracle(*shifted(-1), SEGMENTS)[0] * w_o)) / (2 * eps)
       np.testing.assert_allclose(float(np.sum(np.asarray(grad, np.float64) * direction)), expected, rtol=1e-3,
                                  atol=1e-3, err_msg=f"argument {i}")
+
+
+def assert_directional_derivatives(loss, oracle_loss, args, small=(), rng=RNG):
+  """jax.grad of `loss` along a random direction per argument = float64 central differences of `oracle_loss` (the
+  arguments at indices `small` get 10x shorter directions: log-decays, gates)."""
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+  for i, grad in enumerate(grads):
+    direction = rng.standard_normal(np.shape(args[i])) * (0.1 if i in small else 1.0)
+    eps = 1e-5
+    shifted = lambda sign: [np.asarray(a, np.float64) + sign * eps * direction if j == i else a  # noqa: E731
+                            for j, a in enumerate(args)]
+    expected = (oracle_loss(*shifted(1)) - oracle_loss(*shifted(-1))) / (2 * eps)
+    np.testing.assert_allclose(float(np.sum(np.asarray(grad, np.float64) * direction)), expected, rtol=1e-3,
+                               atol=1e-3, err_msg=f"argument {i}")
+
+
+class GatedDeltaRuleTest(parameterized.TestCase):
+  """Gated DeltaNet (Yang et al. 2024): the delta rule with a decay a_t = exp(g_t) per head and token."""
+
+  @parameterized.product(mode=MODES)
+  def test_forward_and_final_state_match_the_loop(self, mode):
+    """Catches: the gate applied after the correction instead of before it, the decay missing from the UT system
+    or from the incoming state's read, the chunk's end state decayed from the wrong position, a reset ignored."""
+    q, k, v, beta, s0 = _delta_inputs()
+    g = -np.abs(_normal(B, T, N))
+    o, s = delta.delta_rule(q, k, v, beta, log_decay=g, mode=mode, chunk_size=CHUNK, initial_state=s0,
+                            segment_ids=SEGMENTS, return_final_state=True)
+    o_ref, s_ref = delta_rule_oracle(q, k, v, beta, s0, SEGMENTS, g)
+    _assert_close(o, o_ref, what="output")
+    _assert_close(s, s_ref, what="final state")
+
+  @parameterized.product(mode=MODES)
+  def test_gradients_match_finite_differences_of_the_loop(self, mode):
+    """Catches: a wrong backward through the decays (e.g. a gradient through a masked exp), the triangular solve or
+    the chunk scan — directional derivatives w.r.t. q, k, v, beta, g and the initial state (output and end state)."""
+    args = list(_delta_inputs()) + [-np.abs(_normal(B, T, N))]
+    w_o, w_s = _normal(B, T, N, H), _normal(B, N, P, H)
+
+    def loss(q, k, v, beta, s0, g):
+      o, s = delta.delta_rule(q, k, v, beta, log_decay=g, mode=mode, chunk_size=CHUNK, initial_state=s0,
+                              segment_ids=SEGMENTS, return_final_state=True)
+      return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+
+    def oracle_loss(q, k, v, beta, s0, g):
+      o, s = delta_rule_oracle(q, k, v, beta, s0, SEGMENTS, g)
+      return np.sum(o * w_o) + np.sum(s * w_s)
+
+    assert_directional_derivatives(loss, oracle_loss, args, small=(3, 5))
+
+  def test_steps_equal_the_sequence(self):
+    """Catches: a decoding step that decays after the correction (or not at all)."""
+    q, k, v, beta, s0 = _delta_inputs()
+    g = -np.abs(_normal(B, T, N))
+    o_all = delta.delta_rule(q, k, v, beta, log_decay=g, mode="chunked", chunk_size=CHUNK, initial_state=s0)
+    state = s0
+    for t in range(T):
+      o_t, state = jax.jit(delta.delta_rule_step)(q[:, t], k[:, t], v[:, t], beta[:, t], state, g[:, t])
+      _assert_close(o_t, np.asarray(o_all[:, t], np.float64), what=f"step {t}")
 
 
 if __name__ == "__main__":
