@@ -141,6 +141,8 @@ class LinearAttentionConfig:
 
 
 LINEAR_ATTENTION_MIXERS = ("linear", "retnet", "gla", "deltanet", "performer")
+# Mixers whose state is a nonlinear step-by-step recurrence: they refuse a sequence-sharded mesh (mesh.seq > 1).
+RECURRENT_MIXERS = ("lstm", "gru", "rnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,6 +529,11 @@ class Config:
     if self.mesh.seq > 1 and self.model.positions == "alibi" and "attention" in self.model.mixer_pattern:
       _fail("model.positions", "alibi is not supported with a sequence-sharded mesh (mesh.seq > 1); use rope, "
             "learned or sinusoidal positions")
+    recurrent = [m for m in dict.fromkeys(self.model.mixer_pattern) if m in RECURRENT_MIXERS]
+    if self.mesh.seq > 1 and recurrent:
+      _fail("mesh.seq", f"the recurrent mixer(s) {', '.join(recurrent)} in model.mixer={self.model.mixer!r} carry a "
+            f"nonlinear state step by step, so a sequence cannot be split over devices; set mesh.seq=1 (got "
+            f"{self.mesh.seq}) and use the data or fsdp axis, or use attention / SSM / linear mixers")
     self._check_synthetic()
 
   def _check_synthetic(self) -> None:

@@ -85,15 +85,18 @@ def combine_states(decay, end_state, *, axis_name: str = "seq", combine: str = "
 
 
 def from_left(x_BT_: jax.Array, width: int, axis_name: str = "seq") -> jax.Array:
-  """The last `width` positions (axis 1) of the left neighbour's shard, [B, width, ...]; zeros on the first shard.
+  """The `width` positions (axis 1) just before this shard, [B, width, ...]; zeros before the sequence start.
 
   A causal convolution's halo (Mamba's conv takes its W - 1 previous inputs), or the neighbour's last segment id.
+  A halo longer than a shard is assembled from several shards to the left (one `ppermute` per shard).
   """
-  if width > x_BT_.shape[1]:
-    raise ValueError(f"from_left: a halo of {width} positions needs a local shard at least that long, got "
-                     f"{x_BT_.shape[1]}; use fewer shards or a longer sequence")
+  length = x_BT_.shape[1]
   num_shards = lax.axis_size(axis_name)
-  return lax.ppermute(x_BT_[:, x_BT_.shape[1] - width:], axis_name, [(i, i + 1) for i in range(num_shards - 1)])
+  hops = -(-width // length)
+  blocks = [lax.ppermute(x_BT_, axis_name, [(i, i + j) for i in range(num_shards - j)]) if j < num_shards
+            else jnp.zeros_like(x_BT_) for j in range(hops, 0, -1)]  # shards r - hops .. r - 1 (zeros before 0)
+  left = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+  return left[:, left.shape[1] - width:]
 
 
 def shard_keep(segment_ids: jax.Array | None, batch: int, length: int, axis_name: str = "seq") -> jax.Array:

@@ -158,10 +158,13 @@ def test_negative_control_shards_alone_differ(kind):
   assert np.max(np.abs(np.asarray(y) - want_y)) > 1e-2 * max(1.0, np.max(np.abs(want_y)))
 
 
-def test_combine_and_halo_errors():
+def test_combine_error_and_halo_across_shards():
   with pytest.raises(ValueError, match="combine must be one of"):
     cp.combine_states(jnp.ones(2), jnp.ones(2), combine="tree")
-  mesh = _mesh("seq8")
-  with pytest.raises(ValueError, match="at least that long"):
-    jax.shard_map(lambda x: cp.from_left(x, 3), mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))(
-        jnp.ones((1, 16)))
+  # A halo of 5 positions on shards of 2: assembled from three shards to the left, zeros before the sequence.
+  x = jnp.arange(1, 17, dtype=jnp.float32)[None]
+  halo = jax.shard_map(lambda x: cp.from_left(x, 5), mesh=_mesh("seq8"), in_specs=P(None, "seq"),
+                       out_specs=P(None, "seq"))(x)
+  padded = np.concatenate([np.zeros(5), np.arange(1, 17)])
+  want = np.concatenate([padded[2 * r:2 * r + 5] for r in range(8)])[None]
+  np.testing.assert_array_equal(np.asarray(halo), want)

@@ -63,3 +63,12 @@ def test_not_active_without_a_sequence_mesh():
   assert not sequence_parallel.active()
   with jax.set_mesh(jax.make_mesh((8, 1, 1, 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)):
     assert not sequence_parallel.active()
+
+
+def test_recurrent_mixer_refuses_a_sequence_sharded_mesh():
+  """An LSTM's state is a nonlinear step-by-step recurrence: on a "seq" mesh it must refuse, not run wrong."""
+  module = make_mixer("lstm", ModelConfig(mixer="lstm", d_model=D))
+  x = jnp.ones((B, T, D))
+  params = module.init(jax.random.key(0), x)
+  with jax.set_mesh(_mesh()), pytest.raises(ValueError, match="sequence-sharded mesh"):
+    module.apply(params, x)
