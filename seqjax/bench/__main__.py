@@ -16,6 +16,7 @@ BENCHMARKS = {
     "ring": "seqjax.bench.ring",
     "ssm": "seqjax.bench.ssm",
     "linear": "seqjax.bench.linear",
+    "ssm_context": "seqjax.bench.ssm_context",
 }
 
 
