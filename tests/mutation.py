@@ -174,6 +174,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("retnet_decay_shifted", "RetNet's head decays gamma_n = 1 - 2^(-4 - n) instead of 2^(-5 - n)",
            "seqjax/ops/linear/variants.py", "jnp.exp2(-5.0 - jnp.arange(num_heads, dtype=jnp.float32))",
            "jnp.exp2(-4.0 - jnp.arange(num_heads, dtype=jnp.float32))", ("tests/ops/linear/test_numpy_oracle.py",)),
+    Mutant("cp_ssm_document_start_on_shard_boundary", "a shard whose first token starts a document still takes the "
+           "incoming state", "seqjax/ops/ssm/context_parallel.py",
+           "  return keep_BT.at[:, 0].set(continues_B.astype(jnp.float32))", "  return keep_BT",
+           ("tests/ops/ssm/test_context_parallel.py",)),
+    Mutant("cp_conv_halo_dropped", "Mamba's causal conv on a seq shard sees zeros instead of the left neighbour's "
+           "last inputs", "seqjax/nn/sequence_parallel.py",
+           "x_ext = jnp.concatenate([cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
+           "x_ext = jnp.concatenate([0 * cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
+           ("tests/nn/test_sequence_parallel.py",)),
 )
 
 
