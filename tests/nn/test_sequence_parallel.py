@@ -30,7 +30,7 @@ def _cfg(mixer):
   return ModelConfig(mixer=mixer, d_model=D, ssm=SsmConfig(state=4, head_dim=8, chunk=4))
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "mamba", "s4d", "s5"])
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba", "s4d", "s5", "gla"])
 def test_mixer_on_sequence_sharded_mesh_equals_unsharded(mixer):
   module = make_mixer(mixer, _cfg(mixer))
   x = jax.random.normal(jax.random.key(0), (B, T, D))

@@ -110,12 +110,12 @@ def shard_keep(segment_ids: jax.Array | None, batch: int, length: int, axis_name
   return keep_BT.at[:, 0].set(continues_B.astype(jnp.float32))
 
 
-def _alive(keep_BT: jax.Array) -> jax.Array:
+def reach(keep_BT: jax.Array) -> jax.Array:
   """[B, T] float32: 1 at the positions the incoming state still reaches (before the shard's first reset)."""
   return (jnp.cumsum(1.0 - keep_BT, axis=1) == 0.0).astype(jnp.float32)
 
 
-def _varying(axis_name, *xs):
+def varying(axis_name, *xs):
   """The operands cast to varying over `axis_name` and every axis any of them varies over (None stays None): a
   replicated operand's gradient is then summed over the shards by the cast's transpose."""
   refs = (lax.axis_index(axis_name),) + tuple(x for x in xs if x is not None)
@@ -134,12 +134,12 @@ def ssd_context_parallel(x, dt, A, B, C, D=None, *, axis_name: str = "seq", mode
   sequence). Arguments as `ssd`, all local shards ([B, T, ...]); A [N] and D [N] replicated."""
   _check_combine(combine)
   x, dt, A, B, C, D, segment_ids = as_arrays(x, dt, A, B, C, D, segment_ids)
-  x, dt, A, B, C, D = _varying(axis_name, x, dt, A, B, C, D)
+  x, dt, A, B, C, D = varying(axis_name, x, dt, A, B, C, D)
   b, t = x.shape[:2]
   y0_BTNH, end_BNHP = ssd(x, dt, A, B, C, D, mode=mode, chunk_size=chunk_size, segment_ids=segment_ids,
                           return_final_state=True)
   f32 = jnp.float32
-  alive_BT = _alive(shard_keep(segment_ids, b, t, axis_name))
+  alive_BT = reach(shard_keep(segment_ids, b, t, axis_name))
   phi_BTN = jnp.exp(jnp.cumsum(dt.astype(f32) * A.astype(f32), axis=1)) * alive_BT[..., None]  # h_in's decay to t
   h_in, h_out = combine_states(phi_BTN[:, -1, :, None, None], end_BNHP, axis_name=axis_name, combine=combine)
   incoming_BTNH = jnp.einsum("btp,bnhp->btnh", C.astype(f32), h_in) * phi_BTN[..., None]
@@ -154,7 +154,7 @@ def selective_scan_context_parallel(x, delta, A, B, C, D=None, *, axis_name: str
   Arguments as `selective_scan`, all local shards; A [E, P] and D [E] replicated."""
   _check_combine(combine)
   x, delta, A, B, C, D, segment_ids = as_arrays(x, delta, A, B, C, D, segment_ids)
-  x, delta, A, B, C, D = _varying(axis_name, x, delta, A, B, C, D)
+  x, delta, A, B, C, D = varying(axis_name, x, delta, A, B, C, D)
   b, t = x.shape[:2]
   scan = lambda u, **kw: selective_scan(u, delta, A, B, C, mode=mode, chunk_size=chunk_size,  # noqa: E731
                                         segment_ids=segment_ids, **kw)
@@ -162,7 +162,7 @@ def selective_scan_context_parallel(x, delta, A, B, C, D=None, *, axis_name: str
   f32 = jnp.float32
   keep_BT = shard_keep(segment_ids, b, t, axis_name)
   total_BE = jnp.sum(delta.astype(f32), axis=1)
-  decay_BEP = jnp.exp(total_BE[..., None] * A.astype(f32)) * _alive(keep_BT)[:, -1, None, None]
+  decay_BEP = jnp.exp(total_BE[..., None] * A.astype(f32)) * reach(keep_BT)[:, -1, None, None]
   h_in, h_out = combine_states(decay_BEP, end_BEP, axis_name=axis_name, combine=combine)
   # h_in's contribution: the same scan with zero input from h_in (cut where the first token starts a document).
   incoming_BTE = scan(jnp.zeros_like(x), initial_state=h_in * keep_BT[:, 0, None, None]).astype(f32)
@@ -185,10 +185,10 @@ def s4d_context_parallel(u, dA, dB, C, D=None, *, axis_name: str = "seq", mode: 
   replicated."""
   _check_combine(combine)
   u, dA, dB, C, D, segment_ids = as_arrays(u, dA, dB, C, D, segment_ids)
-  u, dA, dB, C, D = _varying(axis_name, u, dA, dB, C, D)
+  u, dA, dB, C, D = varying(axis_name, u, dA, dB, C, D)
   b, t = u.shape[:2]
   y0_BTE, end_BEP = s4d_recurrent(u, dA, dB, C, D, mode=mode, segment_ids=segment_ids, return_final_state=True)
-  alive_BT = _alive(shard_keep(segment_ids, b, t, axis_name))
+  alive_BT = reach(shard_keep(segment_ids, b, t, axis_name))
   phi_TEP = _powers(dA, t)
   h_in, h_out = combine_states(phi_TEP[-1] * alive_BT[:, -1, None, None], end_BEP, axis_name=axis_name,
                                combine=combine)
@@ -204,10 +204,10 @@ def s5_context_parallel(u, dLambda, dB, C, D=None, *, axis_name: str = "seq", mo
   D [E] replicated."""
   _check_combine(combine)
   u, dLambda, dB, C, D, segment_ids = as_arrays(u, dLambda, dB, C, D, segment_ids)
-  u, dLambda, dB, C, D = _varying(axis_name, u, dLambda, dB, C, D)
+  u, dLambda, dB, C, D = varying(axis_name, u, dLambda, dB, C, D)
   b, t = u.shape[:2]
   y0_BTE, end_BP = s5_scan(u, dLambda, dB, C, D, mode=mode, segment_ids=segment_ids, return_final_state=True)
-  alive_BT = _alive(shard_keep(segment_ids, b, t, axis_name))
+  alive_BT = reach(shard_keep(segment_ids, b, t, axis_name))
   phi_TP = _powers(dLambda, t)
   h_in, h_out = combine_states(phi_TP[-1] * alive_BT[:, -1, None], end_BP, axis_name=axis_name, combine=combine)
   incoming_BTE = jnp.einsum("tp,ep,bp->bte", phi_TP, C.astype(jnp.complex64), h_in).real
