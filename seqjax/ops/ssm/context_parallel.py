@@ -178,23 +178,33 @@ def _powers(d, length):
   return jnp.exp(jnp.log(d.astype(jnp.complex64))[None] * steps_T)
 
 
+def _time_invariant(run, readout, u, decay, operands, *, axis_name, segment_ids, return_final_state, combine):
+  """S4D / S5: `run(u, decay, *operands, segment_ids=...)` -> (y0, end state) from a zero state, decay d the
+  diagonal of the discrete state matrix (time-invariant: its power d^(t+1) decays h_in to local step t), and
+  `readout(phi [T, ...], C, h_in)` the output of the decayed incoming state [B, T, E]."""
+  _check_combine(combine)
+  u, decay, *operands, segment_ids = as_arrays(u, decay, *operands, segment_ids)
+  u, decay, *operands = varying(axis_name, u, decay, *operands)
+  b, t = u.shape[:2]
+  y0_BTE, end = run(u, decay, *operands, segment_ids=segment_ids, return_final_state=True)
+  reach_BT = reach(shard_keep(segment_ids, b, t, axis_name))
+  phi = _powers(decay, t)
+  h_in, h_out = combine_states(phi[-1] * reach_BT[(slice(None), -1) + (None,) * decay.ndim], end,
+                               axis_name=axis_name, combine=combine)
+  y_BTE = y0_BTE.astype(jnp.float32) + readout(phi, operands[1].astype(jnp.complex64), h_in) * reach_BT[..., None]
+  return _finish(y_BTE.astype(u.dtype), h_out, return_final_state)
+
+
 def s4d_context_parallel(u, dA, dB, C, D=None, *, axis_name: str = "seq", mode: str = "parallel",
                          segment_ids=None, return_final_state: bool = False, combine: str = "all_gather"):
   """S4D (`s4.s4d_recurrent`) on the local shard of a sequence sharded over `axis_name`: y [B, T, E] in u's dtype,
   and with `return_final_state` the state after this shard [B, E, P] complex64. dA, dB, C [E, P] and D [E]
   replicated."""
-  _check_combine(combine)
-  u, dA, dB, C, D, segment_ids = as_arrays(u, dA, dB, C, D, segment_ids)
-  u, dA, dB, C, D = varying(axis_name, u, dA, dB, C, D)
-  b, t = u.shape[:2]
-  y0_BTE, end_BEP = s4d_recurrent(u, dA, dB, C, D, mode=mode, segment_ids=segment_ids, return_final_state=True)
-  alive_BT = reach(shard_keep(segment_ids, b, t, axis_name))
-  phi_TEP = _powers(dA, t)
-  h_in, h_out = combine_states(phi_TEP[-1] * alive_BT[:, -1, None, None], end_BEP, axis_name=axis_name,
-                               combine=combine)
-  incoming_BTE = 2.0 * jnp.einsum("tep,ep,bep->bte", phi_TEP, C.astype(jnp.complex64), h_in).real
-  y_BTE = y0_BTE.astype(jnp.float32) + incoming_BTE * alive_BT[..., None]
-  return _finish(y_BTE.astype(u.dtype), h_out, return_final_state)
+  return _time_invariant(
+      lambda *a, **kw: s4d_recurrent(*a, mode=mode, **kw),
+      lambda phi_TEP, C_EP, h_BEP: 2.0 * jnp.einsum("tep,ep,bep->bte", phi_TEP, C_EP, h_BEP).real,
+      u, dA, (dB, C, D), axis_name=axis_name, segment_ids=segment_ids, return_final_state=return_final_state,
+      combine=combine)
 
 
 def s5_context_parallel(u, dLambda, dB, C, D=None, *, axis_name: str = "seq", mode: str = "parallel",
@@ -202,14 +212,8 @@ def s5_context_parallel(u, dLambda, dB, C, D=None, *, axis_name: str = "seq", mo
   """S5 (`s4.s5_scan`) on the local shard of a sequence sharded over `axis_name`: y [B, T, E] in u's dtype, and
   with `return_final_state` the state after this shard [B, P] complex64. dLambda [P], dB [P, E], C [E, P] and
   D [E] replicated."""
-  _check_combine(combine)
-  u, dLambda, dB, C, D, segment_ids = as_arrays(u, dLambda, dB, C, D, segment_ids)
-  u, dLambda, dB, C, D = varying(axis_name, u, dLambda, dB, C, D)
-  b, t = u.shape[:2]
-  y0_BTE, end_BP = s5_scan(u, dLambda, dB, C, D, mode=mode, segment_ids=segment_ids, return_final_state=True)
-  alive_BT = reach(shard_keep(segment_ids, b, t, axis_name))
-  phi_TP = _powers(dLambda, t)
-  h_in, h_out = combine_states(phi_TP[-1] * alive_BT[:, -1, None], end_BP, axis_name=axis_name, combine=combine)
-  incoming_BTE = jnp.einsum("tp,ep,bp->bte", phi_TP, C.astype(jnp.complex64), h_in).real
-  y_BTE = y0_BTE.astype(jnp.float32) + incoming_BTE * alive_BT[..., None]
-  return _finish(y_BTE.astype(u.dtype), h_out, return_final_state)
+  return _time_invariant(
+      lambda *a, **kw: s5_scan(*a, mode=mode, **kw),
+      lambda phi_TP, C_EP, h_BP: jnp.einsum("tp,ep,bp->bte", phi_TP, C_EP, h_BP).real,
+      u, dLambda, (dB, C, D), axis_name=axis_name, segment_ids=segment_ids, return_final_state=return_final_state,
+      combine=combine)
