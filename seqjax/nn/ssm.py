@@ -15,6 +15,8 @@ the contract and unused (no dropout, no position encoding: the recurrence is the
 float32 (complex64 for S4D/S5) whatever the compute dtype, so step-by-step decoding equals the full forward.
 With `return_state` and segment ids, rows are rotated so that each one's last real token comes last
 (`contract.right_align`): the scan's final state is then each row's own, whatever its padding.
+On a sequence-sharded mesh (mesh.seq > 1, the trainer's `jax.set_mesh`) the training forward runs the convolution
+and the scan context-parallel over "seq" (`seqjax.nn.sequence_parallel`, docs/parallelism.md).
 
 Legend: B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim,
 W conv width, X a fused projection axis split right after (Mamba x‖z = 2E; Mamba-2 x‖B‖C = E + 2P).
