@@ -24,7 +24,7 @@ from typing import Sequence
 
 from absl import flags
 
-from seqjax.bench.ring import _shape_bytes
+from seqjax.bench.ring import _shape_bytes, simulated_devices
 
 BATCH, HEADS, HEAD_DIM, STATE = 1, 8, 64, 64
 COLLECTIVES = ("all-gather", "collective-permute", "all-reduce", "reduce-scatter")
@@ -95,13 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   shards = [int(p) for p in fv.shards]
   if min(shards) < 1 or fv.local_len < 1 or fv.repeats < 1:
     raise ValueError("bad flags: --shards >= 1, --local_len >= 1, --repeats >= 1")
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    jax.config.update("jax_num_cpu_devices", max(shards))  # before the backend starts
-  except RuntimeError:
-    pass  # the backend is already up (e.g. under the test suite's 8 devices): use what it has
-  if len(jax.devices()) < max(shards):
-    raise RuntimeError(f"{len(jax.devices())} devices, need {max(shards)}: run in a fresh process on a CPU")
+  jax = simulated_devices(max(shards))
   os.makedirs(fv.results_dir, exist_ok=True)
   log = lambda msg: print(msg, flush=True)  # noqa: E731
   log(f"jax {jax.__version__}, {len(jax.devices())} simulated {jax.devices()[0].platform} devices; SSD fwd+bwd, per "
