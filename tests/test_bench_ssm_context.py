@@ -6,9 +6,12 @@ doubling, forward and backward. Catches a combine that silently stops communicat
 kernel's) or a ppermute scan that is not log-depth.
 """
 
+import pytest
+
 from seqjax.bench import ssm_context
 
 
+@pytest.mark.slow  # six programs compiled and timed; the ops tests check the combines' results
 def test_collective_counts(tmp_path):
   result = ssm_context.main(["--local_len=8", "--shards=2,4", "--repeats=1", f"--results_dir={tmp_path}"])
   counts = {(r["P"], r["combine"]): r["collectives"] for r in result["rows"]}
