@@ -210,6 +210,8 @@ class SparseAttentionConfig:
 
 SPARSE_ATTENTION_MIXERS = ("longformer", "bigbird", "linformer", "reformer")
 BIDIRECTIONAL_MIXERS = ("linformer",)  # no causal form: encoders and classifiers only (refused by task "lm").
+# Mixers whose state is a nonlinear step-by-step recurrence: they refuse a sequence-sharded mesh (mesh.seq > 1).
+RECURRENT_MIXERS = ("lstm", "gru", "rnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,6 +656,11 @@ class Config:
       _fail("model.mixer", f"{bidirectional[0]!r} is bidirectional (every token sees the whole sequence): it cannot "
             f"train a causal language model. Use it with task='classify', or a causal mixer (e.g. 'longformer', "
             f"'bigbird', 'reformer') for the LM")
+    recurrent = [m for m in dict.fromkeys(self.model.mixer_pattern) if m in RECURRENT_MIXERS]
+    if self.mesh.seq > 1 and recurrent:
+      _fail("mesh.seq", f"the recurrent mixer(s) {', '.join(recurrent)} in model.mixer={self.model.mixer!r} carry a "
+            f"nonlinear state step by step, so a sequence cannot be split over devices; set mesh.seq=1 (got "
+            f"{self.mesh.seq}) and use the data or fsdp axis, or use attention / SSM / linear mixers")
     self._check_synthetic()
 
   def _check_synthetic(self) -> None:

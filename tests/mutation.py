@@ -213,6 +213,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("based_window_one_longer", "Based's sliding window sees one key more than based_window",
            "seqjax/nn/based.py", '{"attention": {"window": lin.based_window}}',
            '{"attention": {"window": lin.based_window + 1}}', ("tests/nn/test_based.py",)),
+    Mutant("cp_ssm_document_start_on_shard_boundary", "a shard whose first token starts a document still takes the "
+           "incoming state", "seqjax/ops/ssm/context_parallel.py",
+           "  return keep_BT.at[:, 0].set(continues_B.astype(jnp.float32))", "  return keep_BT",
+           ("tests/ops/ssm/test_context_parallel.py",)),
+    Mutant("cp_conv_halo_dropped", "Mamba's causal conv on a seq shard sees zeros instead of the left neighbour's "
+           "last inputs", "seqjax/nn/sequence_parallel.py",
+           "x_ext = jnp.concatenate([cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
+           "x_ext = jnp.concatenate([0 * cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
+           ("tests/nn/test_sequence_parallel.py",)),
 )
 
 

@@ -178,6 +178,7 @@ def test_override_applies_nested_fields_and_checks_them():
     ({"mesh": {"seq": 3, "data": 1}, "data": {"seq_len": 128}}, "must split evenly over mesh.seq=3"),
     ({"mesh": {"seq": 4, "data": 1}, "data": {"seq_len": 68}, "model": {"context_parallel_layout": "zigzag"}},
      "two chunks each"),
+    ({"mesh": {"seq": 2, "data": 1}, "model": {"mixer": "attention,lstm"}}, "the recurrent mixer.s. lstm in"),
 ])
 def test_context_parallel_choices_and_refusals(changes, expected):
   cfg = default_config_dict().to_dict()

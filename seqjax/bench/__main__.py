@@ -19,6 +19,7 @@ BENCHMARKS = {
     "linear": "seqjax.bench.linear",
     "moe": "seqjax.bench.moe",
     "sparse": "seqjax.bench.sparse",
+    "ssm_context": "seqjax.bench.ssm_context",
 }
 
 

@@ -43,6 +43,18 @@ def _define_flags(fv):
                        "this on P = max(--shards) devices); 0 skips it", flag_values=fv)
 
 
+def simulated_devices(count: int):
+  """jax, with at least `count` CPU devices simulated in this process (set before the backend starts)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.config.update("jax_num_cpu_devices", count)  # before the backend starts
+  except RuntimeError:
+    pass  # the backend is already up (e.g. under the test suite's 8 devices): use what it has
+  if len(jax.devices()) < count:
+    raise RuntimeError(f"{len(jax.devices())} devices, need {count}: run in a fresh process on a CPU")
+  return jax
+
+
 def _ring_program(P, local_len, block, layout, with_grad):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -155,13 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   shards = [int(p) for p in fv.shards]
   if min(shards) < 1 or fv.local_len < 2 or fv.local_len % 2 or fv.block < 1:
     raise ValueError("bad flags: --shards >= 1, --local_len even and >= 2, --block >= 1")
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    jax.config.update("jax_num_cpu_devices", max(shards))  # before the backend starts
-  except RuntimeError:
-    pass  # the backend is already up (e.g. under the test suite's 8 devices): use what it has
-  if len(jax.devices()) < max(shards):
-    raise RuntimeError(f"{len(jax.devices())} devices, need {max(shards)}: run in a fresh process on a CPU")
+  jax = simulated_devices(max(shards))
   os.makedirs(fv.results_dir, exist_ok=True)
   log = lambda msg: print(msg, flush=True)  # noqa: E731
   kv_bytes = 2 * BATCH * fv.local_len * KV_HEADS * HEAD_DIM * 4

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn import contract
+from seqjax.nn import contract, sequence_parallel
 from seqjax.nn.ssm import _dense, _dt_bias_init, _param
 from seqjax.ops import linear as linear_ops
 from seqjax.ops.attention import positions as positions_ops
@@ -221,6 +221,19 @@ class LinearAttention(nn.Module):
       return linear_ops.delta_rule(q, k, v, log_decay[0], log_decay=log_decay[1], **kwargs)
     return linear_ops.gated_linear_attention(q, k, v, log_decay, **kwargs)
 
+  def _mix_sequence_parallel(self, q, k, v, log_decay, segment_ids):
+    """`_mix` on a sequence-sharded mesh: the local shards in `shard_map` over "seq", the states passed across
+    them (`seqjax.ops.linear.context_parallel`). A per-head decay [N] enters replicated."""
+    per_head = log_decay is not None and log_decay.ndim == 1
+
+    def local(q, k, v, log_decay, segment_ids, *replicated):
+      return self._mix(q, k, v, replicated[0] if replicated else log_decay, mode=self.mode,
+                       chunk_size=self.chunk_size, segment_ids=segment_ids,
+                       context_parallel_axis=sequence_parallel.AXIS)
+
+    return sequence_parallel.shard_sequence(local, (q, k, v, None if per_head else log_decay, segment_ids),
+                                            (log_decay,) if per_head else ())
+
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True, return_state: bool = False):
     del deterministic
@@ -236,8 +249,11 @@ class LinearAttention(nn.Module):
     else:
       aligned_ids = segment_ids
     q, k, v, log_decay = self._project(x_BTD, positions)
-    out = self._mix(q, k, v, log_decay, mode=self.mode, chunk_size=self.chunk_size, segment_ids=aligned_ids,
-                    return_final_state=return_state)
+    if not return_state and self.variant not in ("deltanet", "gated_deltanet") and sequence_parallel.active():
+      out = self._mix_sequence_parallel(q, k, v, log_decay, segment_ids)
+    else:
+      out = self._mix(q, k, v, log_decay, mode=self.mode, chunk_size=self.chunk_size, segment_ids=aligned_ids,
+                      return_final_state=return_state)
     if not return_state:
       return self._output(out, x_BTD)
     o_BTNH, kv_BNPH = out

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn import contract
+from seqjax.nn import contract, sequence_parallel
 from seqjax.ops import recurrent as ops
 
 Array = jax.Array
@@ -263,6 +263,9 @@ class RecurrentMixer(nn.Module):
     """x [B, T, D] -> y [B, T, D] (and, with `return_state`, the state after each row's last
     real token); `positions` and `deterministic` are accepted and unused."""
     del positions, deterministic
+    if sequence_parallel.active():
+      raise ValueError(f"{type(self).__name__} ({self.cell}): a recurrent mixer cannot run on a sequence-sharded mesh "
+                       f"(mesh.seq > 1): its nonlinear state goes step by step; use mesh.seq=1")
     if x_BTD.ndim != 3 or x_BTD.shape[-1] != self.d_model:
       raise ValueError(f"{type(self).__name__} expects x [B, T, {self.d_model}], "
                        f"got {x_BTD.shape}.")

@@ -15,6 +15,8 @@ the contract and unused (no dropout, no position encoding: the recurrence is the
 float32 (complex64 for S4D/S5) whatever the compute dtype, so step-by-step decoding equals the full forward.
 With `return_state` and segment ids, rows are rotated so that each one's last real token comes last
 (`contract.right_align`): the scan's final state is then each row's own, whatever its padding.
+On a sequence-sharded mesh (mesh.seq > 1, the trainer's `jax.set_mesh`) the training forward runs the convolution
+and the scan context-parallel over "seq" (`seqjax.nn.sequence_parallel`, docs/parallelism.md).
 
 Legend: B batch, T length, D model width, E expanded (inner) width, P state size, N heads, H head dim,
 W conv width, X a fused projection axis split right after (Mamba x‖z = 2E; Mamba-2 x‖B‖C = E + 2P).
@@ -29,9 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn import contract
+from seqjax.nn import contract, sequence_parallel
 from seqjax.nn.layers import dense_init
 from seqjax.ops import ssm as ssm_ops
+from seqjax.ops.ssm import context_parallel as cp
 
 Dtype = Any
 
@@ -87,6 +90,15 @@ def causal_depthwise_conv(x_BTE: jax.Array, kernel_WE: jax.Array, bias_E: jax.Ar
       tap_BTE = jnp.where((seg_pad[:, k:k + t] == segment_ids)[..., None], tap_BTE, 0)
     y_BTE = y_BTE + tap_BTE
   return y_BTE + bias_E
+
+
+def _conv(x_BTE, kernel_WE, bias_E, segment_ids, context_parallel: bool):
+  """`causal_depthwise_conv`, on a sequence-sharded mesh with its halo from the left neighbour."""
+  if not context_parallel:
+    return causal_depthwise_conv(x_BTE, kernel_WE, bias_E, segment_ids)
+  return sequence_parallel.shard_sequence(
+      lambda x, seg, kernel, bias: sequence_parallel.halo_conv(causal_depthwise_conv, x, kernel, bias, seg),
+      (x_BTE, segment_ids), (kernel_WE, bias_E))
 
 
 def _conv_step(x_BE, window_BWE, kernel_WE, bias_E):
@@ -166,7 +178,12 @@ class S4D(nn.Module):
                                            return_final_state=True)
       h_BDP = contract.where_rows(lengths_B > 0, h_BDP, self.init_state(x_BTD.shape[0]))
       return contract.restore(self._read_out(y_BTD), lengths_B), h_BDP
-    if segment_ids is None and self.mode == "conv":
+    if sequence_parallel.active():  # the recurrence on the local shards, states passed across them
+      y_BTD = sequence_parallel.shard_sequence(
+          lambda u, seg, *operands: cp.s4d_context_parallel(u, *operands, mode=self._recurrent_mode,
+                                                            segment_ids=seg),
+          (x_BTD.astype(jnp.float32), segment_ids), (dA_DP, dB_DP, C_DP, self.skip))
+    elif segment_ids is None and self.mode == "conv":
       y_BTD = ssm_ops.s4d_conv(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip)
     else:
       y_BTD = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
@@ -237,8 +254,13 @@ class S5(nn.Module):
                                     segment_ids=segment_ids, return_final_state=True)
       h_BP = contract.where_rows(lengths_B > 0, h_BP, self.init_state(x_BTD.shape[0]))
       return contract.restore(self._read_out(y_BTD), lengths_B), h_BP
-    y_BTD = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip, mode=self.mode,
-                            segment_ids=segment_ids)
+    if sequence_parallel.active():  # the scan on the local shards, states passed across them
+      y_BTD = sequence_parallel.shard_sequence(
+          lambda u, seg, *operands: cp.s5_context_parallel(u, *operands, mode=self.mode, segment_ids=seg),
+          (x_BTD.astype(jnp.float32), segment_ids), (*self._operands(), self.skip))
+    else:
+      y_BTD = ssm_ops.s5_scan(x_BTD.astype(jnp.float32), *self._operands(), self.skip, mode=self.mode,
+                              segment_ids=segment_ids)
     return self._read_out(y_BTD)
 
   def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
@@ -320,11 +342,18 @@ class Mamba(nn.Module):
       x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
     xz_BTX = self.in_proj(x_BTD.astype(self.dtype))
     x_BTE, z_BTE = jnp.split(xz_BTX, 2, axis=-1)
-    x_conv = causal_depthwise_conv(x_BTE, *self._conv_params(), segment_ids)
+    context_parallel = not return_state and sequence_parallel.active()
+    x_conv = _conv(x_BTE, *self._conv_params(), segment_ids, context_parallel)
     u_BTE, delta_BTE, B_BTP, C_BTP = self._ssm_inputs(x_conv)
-    out = ssm_ops.selective_scan(u_BTE, delta_BTE, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip, mode=self.mode,
-                                 chunk_size=self.chunk_size, segment_ids=segment_ids,
-                                 return_final_state=return_state)
+    if context_parallel:  # the scan on the local shards, states passed across them
+      out = sequence_parallel.shard_sequence(
+          lambda u, delta, B, C, seg, A, D: cp.selective_scan_context_parallel(
+              u, delta, A, B, C, D, mode=self.mode, chunk_size=self.chunk_size, segment_ids=seg),
+          (u_BTE, delta_BTE, B_BTP, C_BTP, segment_ids), (-jnp.exp(self.A_log), self.skip))
+    else:
+      out = ssm_ops.selective_scan(u_BTE, delta_BTE, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip,
+                                   mode=self.mode, chunk_size=self.chunk_size, segment_ids=segment_ids,
+                                   return_final_state=return_state)
     y_BTE, h_BEP = out if return_state else (out, None)
     y_BTD = self.out_proj(y_BTE * nn.silu(z_BTE))
     if return_state:
@@ -423,10 +452,17 @@ class Mamba2(nn.Module):
     if return_state:
       x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
     z_BTE, xbc_BTX, dt_BTN = self._split(self.in_proj(x_BTD.astype(self.dtype)))
-    xbc_conv = causal_depthwise_conv(xbc_BTX, *self._conv_params(), segment_ids)
+    context_parallel = not return_state and sequence_parallel.active()
+    xbc_conv = _conv(xbc_BTX, *self._conv_params(), segment_ids, context_parallel)
     x_BTNH, dt_BTN, B_BTP, C_BTP = self._ssd_inputs(xbc_conv, dt_BTN)
-    out = ssm_ops.ssd(x_BTNH, dt_BTN, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip, mode=self.mode,
-                      chunk_size=self.chunk_size, segment_ids=segment_ids, return_final_state=return_state)
+    if context_parallel:  # SSD on the local shards, states passed across them
+      out = sequence_parallel.shard_sequence(
+          lambda x, dt, B, C, seg, A, D: cp.ssd_context_parallel(x, dt, A, B, C, D, mode=self.mode,
+                                                                 chunk_size=self.chunk_size, segment_ids=seg),
+          (x_BTNH, dt_BTN, B_BTP, C_BTP, segment_ids), (-jnp.exp(self.A_log), self.skip))
+    else:
+      out = ssm_ops.ssd(x_BTNH, dt_BTN, -jnp.exp(self.A_log), B_BTP, C_BTP, self.skip, mode=self.mode,
+                        chunk_size=self.chunk_size, segment_ids=segment_ids, return_final_state=return_state)
     y_BTNH, h_BNHP = out if return_state else (out, None)
     y_BTD = self._gated_out(y_BTNH, z_BTE)
     if return_state:

@@ -82,16 +82,32 @@ def cpu_kernels_mode(mode: str) -> ContextManager[None]:
 def cpu_kernel(family: str) -> ModuleType | None:
   """The `seqjax.cpu_kernels` binding of an op family, or None when the JAX code must run.
 
-  None when the mode is "off" or the family's kernel is unavailable here (mode "auto"; mode "on" raises
-  CpuKernelBuildError instead). The caller still checks `binding.supports(...)` and dispatches with `on_cpu`.
+  None when the mode is "off", the trace is partitioned over several devices (`partitioned_trace`), or the
+  family's kernel is unavailable here (mode "auto"; mode "on" raises CpuKernelBuildError instead). The caller still checks `binding.supports(...)` and dispatches with `on_cpu`.
   """
   if family not in FAMILIES:
     raise ValueError(f"unknown op family {family!r}; the families with a CPU kernel are {FAMILIES}")
   mode = get_cpu_kernels()
-  if mode == "off":
+  if mode == "off" or partitioned_trace():
     return None
   from seqjax import cpu_kernels  # pylint: disable=import-outside-toplevel  # platform code, loaded on first use
   return cpu_kernels.binding(family, required=mode == "on")
+
+
+def partitioned_trace() -> bool:
+  """Whether ops are being traced for a program XLA partitions over several devices: a mesh is set around the
+  trace (`jax.set_mesh`) with an axis of more than one device that is not manual.
+
+  XLA cannot partition a custom call: under such a program a CPU kernel would run on operands gathered onto every
+  device (an all-gather of the activations in every layer). There the ops run their JAX code, which XLA
+  partitions. Inside `shard_map` over every such axis the operands are already the local shards, and the kernels
+  run per shard. (The trainer traces its step under its mesh, `seqjax.train.sharding.mesh_context`.)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  manual = set(mesh.manual_axes)
+  return any(size > 1 and name not in manual for name, size in zip(mesh.axis_names, mesh.axis_sizes))
 
 
 def on_cpu(cpu_fn: Callable[..., Any], jax_fn: Callable[..., Any], *args: Any) -> Any:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from seqjax.config import MeshConfig
 from seqjax.nn.moe import EXPERT_MESH_AXIS
+from seqjax.ops import backend
 
 MESH_AXES = ("data", "fsdp", "tensor", "seq")
 BATCH_AXES = ("data", "fsdp")
@@ -104,9 +105,24 @@ def sequence_sharded(mesh: Mesh) -> bool:
 
 
 def mesh_context(mesh: Mesh):
-  """The context to trace and run a step in: `jax.set_mesh(mesh)` on a sequence-sharded mesh (attention then runs
-  context-parallel inside `shard_map` over it, see `seqjax.nn.attention`), else nothing."""
-  return jax.set_mesh(mesh) if sequence_sharded(mesh) else contextlib.nullcontext()
+  """The context to trace and run a train step in: `jax.set_mesh(mesh)` on a mesh of more than one device, else
+  nothing. On a sequence-sharded mesh attention and the SSM layers then run context-parallel inside `shard_map`
+  over it (`seqjax.nn.attention`, `seqjax.nn.sequence_parallel`); on any multi-device mesh the ops run their JAX
+  code instead of CPU kernels, which XLA cannot partition (`seqjax.ops.backend.partitioned_trace`)."""
+  return jax.set_mesh(mesh) if mesh.devices.size > 1 else contextlib.nullcontext()
+
+
+def without_cpu_kernels_if_partitioned(fn, mesh: Mesh):
+  """`fn` (a jitted step run outside `mesh_context`, e.g. evaluation) called with the CPU kernels off on a mesh of
+  more than one device: XLA cannot partition a custom call and would gather its operands onto every device."""
+  if mesh.devices.size == 1:
+    return fn
+
+  def run(*args, **kwargs):
+    with backend.cpu_kernels_mode("off"):
+      return fn(*args, **kwargs)
+
+  return run
 
 
 def process_rows(mesh: Mesh) -> tuple[int, int]:

@@ -128,12 +128,13 @@ def nonfinite_leaves(tree: Any) -> list[str]:
 
 
 def jit_train_step(step: Callable, state_shardings: Any, batch_sharding: Any) -> Callable:
-  """Jits with the state's shardings pinned and its buffers donated (updated in place). On a sequence-sharded mesh
-  the step is traced and run under `jax.set_mesh` (`sharding.mesh_context`), so attention runs context-parallel."""
+  """Jits with the state's shardings pinned and its buffers donated (updated in place). On a mesh of more than one
+  device the step is traced and run under `jax.set_mesh` (`sharding.mesh_context`): on a sequence-sharded mesh
+  attention and the SSM layers run context-parallel, and no CPU kernel gathers its operands (the ops' JAX code)."""
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                    donate_argnums=(0,))
   mesh = getattr(batch_sharding, "mesh", None)
-  if mesh is None or not sharding.sequence_sharded(mesh):
+  if mesh is None or mesh.devices.size == 1:
     return jitted
 
   @functools.wraps(step)

@@ -82,7 +82,9 @@ def test_mesh_context_only_on_sequence_sharded_meshes():
     pytest.param("attention", {"data": 2, "seq": 4}, "zigzag", id="attention_data2_seq4_zigzag"),
     pytest.param("attention", {"seq": 8, "data": 1}, "striped", id="attention_seq8_striped"),
     pytest.param("mamba2", {"data": 2, "seq": 4}, "contiguous", id="mamba2_data2_seq4"),
-    pytest.param("mamba2,attention", {"seq": 8, "data": 1}, "contiguous", id="hybrid_seq8")])
+    pytest.param("mamba2,attention", {"seq": 8, "data": 1}, "contiguous", id="hybrid_seq8"),
+    pytest.param("mamba2", {"seq": 8, "data": 1}, "contiguous", id="mamba2_seq8"),
+    pytest.param("mamba2,attention", {"data": 2, "seq": 4}, "contiguous", id="hybrid_data2_seq4")])
 def test_ten_adamw_steps_equal_1_device(mixer, mesh, layout):
   """Ten AdamW steps (the trainer's optimizer, warm-up and clipping) on a sequence-sharded mesh = one device."""
   from tests.train.test_trainer import _run, _setup  # pylint: disable=import-outside-toplevel
@@ -97,3 +99,22 @@ def test_ten_adamw_steps_equal_1_device(mixer, mesh, layout):
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
                state8.params, state1.params)
+
+
+@pytest.mark.parametrize("mixer, mesh", [
+    pytest.param("mamba2", {"seq": 8, "data": 1}, id="mamba2_seq8"),
+    pytest.param("mamba2,attention", {"data": 2, "seq": 4}, id="hybrid_data2_seq4",
+                 marks=pytest.mark.slow)])  # ~25 s of CPU; the ten-step tests below train the hybrid too
+def test_ssm_sequence_sharded_step_equals_1_device_and_data_8(mixer, mesh):
+  """Mamba-2 layers run context-parallel (`seqjax.nn.sequence_parallel`): the conv halo from the left neighbour
+  (on seq 8 a shard holds 2 tokens, so the 3-token halo spans two shards), the SSD states combined across "seq";
+  packed rows with documents crossing shard boundaries. One plain-SGD step = one device = (data 8)."""
+  cfg = config(model={"mixer": mixer, "num_layers": len(mixer.split(",")), "positions": "rope",
+                      "attention": {"implementation": "blockwise"}})
+  params = random_lm_params(DecoderLM(cfg.model), 16)
+  batch = uneven_batch()
+  single = one_sgd_step(cfg, params, batch, jax.devices()[:1])
+  data8 = one_sgd_step(dataclasses.replace(cfg, mesh=config(mesh={"data": 8}).mesh), params, batch)
+  sharded = one_sgd_step(dataclasses.replace(cfg, mesh=config(mesh=mesh).mesh), params, batch)
+  assert_same_step(sharded, single, params, rtol=5e-5, what=f"{mixer} on {mesh} vs 1 device")
+  assert_same_step(sharded, data8, params, rtol=5e-5, what=f"{mixer} on {mesh} vs (data 8)")

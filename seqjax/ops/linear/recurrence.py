@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqjax.ops.ssm._common import as_arrays, keep_mask
+from seqjax.ops.vma import vary_like
 
 MODES = ("parallel", "recurrent", "chunked")
 DEFAULT_CHUNK_SIZE = 64  # with no decay or a scalar decay per head (the fastest fwd+bwd on CPU, L = 4096)
@@ -110,6 +111,7 @@ def decayed_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay
   g_BTNX = _log_decay_BTNX(log_decay, b, t, n)
   s0_BNPH = jnp.zeros((b, n, p, v.shape[3]), f32) if initial_state is None else initial_state.astype(f32)
   keep_BT = keep_mask(segment_ids, b, t)
+  s0_BNPH = vary_like(s0_BNPH, q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT)  # a scan carry (check_vma)
   if mode == "recurrent":
     o_BTNH, s_BNPH = _recurrent(q_BTNP, k_BTNP, v_BTNH, g_BTNX, keep_BT, s0_BNPH)
   elif mode == "parallel":

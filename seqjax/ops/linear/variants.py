@@ -19,11 +19,13 @@ functions are the decoding step. Legend as in `recurrence.py` (B, T, N, P key fe
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from seqjax.ops.linear.context_parallel import decayed_linear_attention_context_parallel
 from seqjax.ops.linear.recurrence import decayed_linear_attention, decayed_step
 from seqjax.ops.ssm._common import as_arrays
 
@@ -63,7 +65,8 @@ def _normalised(o_aug, eps):
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_map_name: str = "elu1",
                      normalize: bool = True, eps: float = DEFAULT_EPS, mode: str = "chunked",
                      chunk_size: int | None = None, initial_state: jax.Array | None = None,
-                     segment_ids: jax.Array | None = None, return_final_state: bool = False):
+                     segment_ids: jax.Array | None = None, return_final_state: bool = False,
+                     context_parallel_axis: str | None = None):
   """Causal linear attention (Katharopoulos et al.): o [B, T, N, H] in v's dtype (and the final state, float32).
 
   q, k [B, T, N, P] are mapped by the feature map (`FEATURE_MAPS`); with `normalize` the output is divided by
@@ -73,9 +76,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_map_na
   q, k, v = as_arrays(q, k, v)
   phi = feature_map(feature_map_name)
   q_BTNP, k_BTNP = phi(q.astype(jnp.float32)), phi(k.astype(jnp.float32))
-  out = decayed_linear_attention(q_BTNP, k_BTNP, _with_ones(v) if normalize else v, mode=mode,
-                                 chunk_size=chunk_size, initial_state=initial_state, segment_ids=segment_ids,
-                                 return_final_state=True, name="linear_attention")
+  out = _core(context_parallel_axis)(q_BTNP, k_BTNP, _with_ones(v) if normalize else v, mode=mode,
+                                     chunk_size=chunk_size, initial_state=initial_state, segment_ids=segment_ids,
+                                     return_final_state=True, name="linear_attention")
   o_BTNH, s_BNPH = out
   if normalize:
     o_BTNH = _normalised(o_BTNH, eps)
@@ -145,10 +148,12 @@ def retnet_log_decay(num_heads: int) -> jax.Array:
 
 def retention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay_N: jax.Array, *, mode: str = "chunked",
               chunk_size: int | None = None, initial_state: jax.Array | None = None,
-              segment_ids: jax.Array | None = None, return_final_state: bool = False):
+              segment_ids: jax.Array | None = None, return_final_state: bool = False,
+              context_parallel_axis: str | None = None):
   """Retention: o_t = sum_{s<=t} gamma_n^(t-s) (q_t . k_s) v_s per head, in v's dtype (and the final state)."""
   return _decayed(q, k, v, jnp.asarray(log_decay_N), "retention", mode=mode, chunk_size=chunk_size,
-                  initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state)
+                  initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state,
+                  context_parallel_axis=context_parallel_axis)
 
 
 def gla_log_decay(gate_logits: jax.Array, normalizer: float = 16.0) -> jax.Array:
@@ -160,16 +165,25 @@ def gla_log_decay(gate_logits: jax.Array, normalizer: float = 16.0) -> jax.Array
 def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay_BTNP: jax.Array, *,
                            mode: str = "chunked", chunk_size: int | None = None,
                            initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                           return_final_state: bool = False):
+                           return_final_state: bool = False, context_parallel_axis: str | None = None):
   """GLA: S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t with log alpha [B, T, N, P]; in v's dtype."""
   return _decayed(q, k, v, log_decay_BTNP, "gated_linear_attention", mode=mode, chunk_size=chunk_size,
-                  initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state)
+                  initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state,
+                  context_parallel_axis=context_parallel_axis)
 
 
-def _decayed(q, k, v, log_decay, name, *, return_final_state, **kwargs):
-  """`decayed_linear_attention` with the output cast to v's dtype."""
+def _core(context_parallel_axis: str | None):
+  """The recurrence over a whole sequence, or over the local shard of one split along a mesh axis (inside
+  `shard_map`; `seqjax.ops.linear.context_parallel`)."""
+  if context_parallel_axis is None:
+    return decayed_linear_attention
+  return functools.partial(decayed_linear_attention_context_parallel, axis_name=context_parallel_axis)
+
+
+def _decayed(q, k, v, log_decay, name, *, return_final_state, context_parallel_axis=None, **kwargs):
+  """`decayed_linear_attention` (or its context-parallel form) with the output cast to v's dtype."""
   v = jnp.asarray(v)
-  o_BTNH, s_BNPH = decayed_linear_attention(q, k, v, log_decay, return_final_state=True, name=name, **kwargs)
+  o_BTNH, s_BNPH = _core(context_parallel_axis)(q, k, v, log_decay, return_final_state=True, name=name, **kwargs)
   o_BTNH = o_BTNH.astype(v.dtype)
   return (o_BTNH, s_BNPH) if return_final_state else o_BTNH
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqjax.ops.ssm._common import as_arrays, keep_mask
+from seqjax.ops.vma import vary_like
 
 DISCRETIZATIONS = ("zoh", "bilinear")
 RECURRENT_MODES = ("parallel", "sequential")
@@ -110,6 +111,8 @@ def diagonal_recurrence(a_BTP: jax.Array, b_BTP: jax.Array, h0_BP: jax.Array, ke
   extra = (None,) * (a_BTP.ndim - 2)
   a_BTP = a_BTP * keep_BT[(...,) + extra].astype(a_BTP.dtype)
   if mode == "sequential":
+    h0_BP = vary_like(h0_BP, a_BTP, b_BTP)  # a scan carry (check_vma)
+
     def step(h, ab):
       h = ab[0] * h + ab[1]
       return h, h

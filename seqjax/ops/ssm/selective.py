@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqjax.ops.ssm._common import as_arrays, keep_mask
+from seqjax.ops.vma import vary_like
 
 MODES = ("sequential", "parallel", "chunked")
 DEFAULT_CHUNK_SIZE = 64
@@ -94,6 +95,7 @@ def selective_scan(x: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
   A_EP, B_BLP, C_BLP = A.astype(f32), B.astype(f32), C.astype(f32)
   h0_BEP = jnp.zeros((b, e, p), f32) if initial_state is None else initial_state.astype(f32)
   keep_BT = keep_mask(segment_ids, b, l)
+  h0_BEP = vary_like(h0_BEP, x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT)  # a scan carry (check_vma)
   if mode == "sequential":
     y_BTE, h_BEP = _sequential(x_BTE, delta_BTE, A_EP, B_BLP, C_BLP, keep_BT, h0_BEP)
   elif mode == "parallel":
@@ -243,7 +245,7 @@ def _chunked_scan_bwd(residuals, cotangents):
                     reverse=True)
 
   (g0_BEP, dA_EP), (dx, dd, dB, dC) = lax.scan(
-      chunk_bwd, (dhT_BEP, jnp.zeros_like(A_EP)),
+      chunk_bwd, (dhT_BEP, vary_like(jnp.zeros_like(A_EP), x_MCBE, dy_MCBE, hin_MBEP)),
       (x_MCBE, d_MCBE, B_KCBP, C_KCBP, keep_MCB, hin_MBEP, dy_MCBE), reverse=True)
   return dx, dd, dA_EP, dB, dC, jnp.zeros_like(keep_MCB), g0_BEP
 
