@@ -27,6 +27,8 @@ class GenerateResult:
       filter) of the new tokens. Beam search: the length-penalised score of the returned hypothesis.
     beam_tokens, beam_scores, beam_lengths: beam search only (None otherwise): all `num_beams` finished
       hypotheses of each row, best first, [B, num_beams, P + max_new_tokens], [B, num_beams], [B, num_beams].
+    draft_proposed, draft_accepted: speculative decoding only (None otherwise): int32 [B], the draft tokens
+      proposed to and accepted by the target in each row's rounds (`acceptance_rate` is their ratio).
   """
 
   tokens: jax.Array
@@ -35,6 +37,15 @@ class GenerateResult:
   beam_tokens: jax.Array | None = None
   beam_scores: jax.Array | None = None
   beam_lengths: jax.Array | None = None
+  draft_proposed: jax.Array | None = None
+  draft_accepted: jax.Array | None = None
+
+  @property
+  def acceptance_rate(self) -> float | None:
+    """Speculative decoding: the fraction of proposed draft tokens the target accepted (all rows); else None."""
+    if self.draft_proposed is None:
+      return None
+    return float(jnp.sum(self.draft_accepted)) / max(float(jnp.sum(self.draft_proposed)), 1.0)
 
 
 def _concrete(x: Any) -> np.ndarray | None:
