@@ -131,7 +131,8 @@ def _speculative(model, draft_model, sampler: Sampler, max_new_tokens: int, k: i
     proposed_B = proposed_B + jnp.where(done_B, 0, k)
     accepted_B = accepted_B + jnp.where(done_B, 0, a_B)
     count_B = count_B + n_B
-    done_B = done_B | (n_B < a_B + 1) | (count_B >= max_new_tokens)
+    stopped_B = jnp.any(stops_BT & (t_1T < n_B[:, None]), axis=1)
+    done_B = done_B | stopped_B | (count_B >= max_new_tokens)
 
     # Restore: both caches after x0, d_1 .. d_a.
     cache = model.commit(cache, pending, a_B + 1)
