@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax.decode.quantize import materialize
+
 
 @flax.struct.dataclass
 class GenerateResult:
@@ -134,13 +136,18 @@ def write_at(buffer_BL: jax.Array, offsets_B: jax.Array, tokens_B: jax.Array) ->
 
 def prefill(model: Any, params: Any, prompts_BP: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, dict]:
   """The parallel forward over the prompts: (float32 logits [B, V] of each row's next token, the cache)."""
-  logits_BPV, cache = model.apply({"params": params}, prompts_BP, lengths=lengths_B, method="prefill")
+  logits_BPV, cache = model.apply({"params": materialize(params)}, prompts_BP, lengths=lengths_B, method="prefill")
   return logits_BPV[jnp.arange(prompts_BP.shape[0]), lengths_B - 1], cache
 
 
 def step(model: Any, params: Any, tokens_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
   """One cached step: (float32 logits [B, V] of the next token, the new cache)."""
-  return model.apply({"params": params}, tokens_B, cache, method="step")
+  return model.apply({"params": materialize(params)}, tokens_B, cache, method="step")
+
+
+def extend(model: Any, params: Any, tokens_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  """T new tokens per row from the cache (`DecoderLM.extend`): (float32 logits [B, T, V], pending)."""
+  return model.apply({"params": materialize(params)}, tokens_BT, cache, method="extend")
 
 
 def select_rows(model: Any, cache: dict, rows: jax.Array) -> dict:

@@ -106,7 +106,7 @@ def _speculative(model, draft_model, sampler: Sampler, max_new_tokens: int, k: i
     _, (d_KB, q_KBV) = jax.lax.scan(draft_step, (last_B, draft_cache), jax.random.split(key_draft, k))
     d_BK, q_BKV = d_KB.T, jnp.moveaxis(q_KBV, 0, 1)
     x_BT = jnp.concatenate([last_B[:, None], d_BK], axis=1)  # x0, d_1 .. d_k
-    logits_BTV, pending = model.apply({"params": params}, x_BT, cache, method="extend")
+    logits_BTV, pending = common.extend(model, params, x_BT, cache)
     p_BTV = probabilities(sampler, logits_BTV)
 
     accept_BK = jax.random.uniform(key_accept, (batch, k)) < acceptance_probability(p_BTV[:, :k], q_BKV, d_BK)
@@ -136,7 +136,7 @@ def _speculative(model, draft_model, sampler: Sampler, max_new_tokens: int, k: i
 
     # Restore: both caches after x0, d_1 .. d_a.
     cache = model.commit(cache, pending, a_B + 1)
-    _, draft_pending = draft_model.apply({"params": draft_params}, x_BT, draft_cache, method="extend")
+    _, draft_pending = common.extend(draft_model, draft_params, x_BT, draft_cache)
     draft_cache = draft_model.commit(draft_cache, draft_pending, a_B + 1)
     return (r + 1, next_B, cache, draft_cache, tokens_BL, done_B, scores_B, count_B, proposed_B, accepted_B)
 

@@ -61,11 +61,46 @@ def test_greedy_speculative_equals_greedy_target(name):
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
   np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(plain.lengths))
   np.testing.assert_allclose(np.asarray(out.scores), np.asarray(plain.scores), rtol=1e-4, atol=1e-4)
-  assert np.all(np.asarray(out.draft_accepted) <= np.asarray(out.draft_proposed))
+  proposed, accepted = _greedy_counts(model, params, *draft, table[:, 0], k=3)
+  np.testing.assert_array_equal(np.asarray(out.draft_proposed), proposed)
+  np.testing.assert_array_equal(np.asarray(out.draft_accepted), accepted)
   if draft_cfg is None:
     assert out.acceptance_rate == 1.0
   else:  # another model: some draft tokens are rejected, so restoring the caches was exercised
     assert 0.0 <= out.acceptance_rate < 1.0, out.acceptance_rate
+
+
+def _greedy_counts(model, params, draft_model, draft_params, stop_B, *, k):
+  """The draft tokens each row proposes and gets accepted in greedy speculative decoding, replayed in plain
+  Python with the uncached forward of both models over the whole text so far (catches a draft cache not restored
+  to the accepted prefix: its proposals, so the counts, change, though the output would not)."""
+  width = PROMPTS.shape[1] + NEW + k + 1
+
+  def argmax_after(m, p, text):  # the greedy next token after every prefix of text
+    buffer = np.zeros((1, width), np.int32)
+    buffer[0, :len(text)] = text
+    return np.argmax(full_log_probs(m, p, buffer)[0, :len(text)], axis=-1)
+
+  proposed, accepted = np.zeros(3, np.int32), np.zeros(3, np.int32)
+  for b, length in enumerate(LENGTHS):
+    text = list(PROMPTS[b, :length])
+    text.append(int(argmax_after(model, params, text)[-1]))
+    count = 1
+    while count < NEW and text[-1] != stop_B[b]:
+      draft_tokens = []
+      for _ in range(k):
+        draft_tokens.append(int(argmax_after(draft_model, draft_params, text + draft_tokens)[-1]))
+      target_next = argmax_after(model, params, text + draft_tokens)[len(text) - 1:]
+      a = 0
+      while a < k and draft_tokens[a] == target_next[a]:
+        a += 1
+      proposed[b] += k
+      accepted[b] += a
+      for token in draft_tokens[:a] + [int(target_next[a])]:
+        if count < NEW and text[-1] != stop_B[b]:
+          text.append(token)
+          count += 1
+  return proposed, accepted
 
 
 # ---------------------------------------------------------------------------------------------------------------
