@@ -17,6 +17,11 @@ against the context length for each mixer family.
    context (its step reads every slot: linear); the sliding window's holds 256 slots; the recurrent and SSM states
    do not grow.
 
+3. **Speculative decoding** (`--spec_target RUN --spec_draft RUN`, two trained runs on one tokenizer): tokens/s of
+   plain target decoding and of speculative decoding side by side, with the acceptance rate
+   (`seqjax.bench.decode_extras`).
+4. **int8 weights** (`--quant_workdir RUN`): validation bits/byte with float and int8 weights, parameter memory.
+
 Writes results/decode/decode.json and decode.png (the sweep).
 """
 
