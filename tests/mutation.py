@@ -222,6 +222,21 @@ MUTANTS: tuple[Mutant, ...] = (
            "x_ext = jnp.concatenate([cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
            "x_ext = jnp.concatenate([0 * cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
            ("tests/nn/test_sequence_parallel.py",)),
+    # Speculative decoding and int8 weights.
+    Mutant("speculative_accept_without_min", "speculative decoding accepts with p / q instead of min(1, p / q)",
+           "seqjax/decode/speculative.py", "return jnp.minimum(1.0, p / jnp.maximum(q, jnp.finfo(jnp.float32).tiny))",
+           "return p / jnp.maximum(q, jnp.finfo(jnp.float32).tiny)",
+           ("tests/decode/test_speculative.py::test_exact_output_distribution_equals_the_targets",)),
+    Mutant("speculative_residual_unnormalised", "a rejected position draws from max(0, p - q) not renormalised",
+           "seqjax/decode/speculative.py", "excess_V / jnp.where(total > 0, total, 1.0)", "excess_V",
+           ("tests/decode/test_speculative.py::test_exact_output_distribution_equals_the_targets",)),
+    Mutant("speculative_target_cache_not_restored", "the target's cache keeps every proposed token, rejected ones too",
+           "seqjax/decode/speculative.py", "    cache = model.commit(cache, pending, a_B + 1)",
+           "    cache = model.commit(cache, pending, jnp.full_like(a_B, k + 1))",
+           ("tests/decode/test_speculative.py::test_greedy_speculative_equals_greedy_target",)),
+    Mutant("int8_scale_per_tensor", "int8 quantization with one scale for the whole tensor",
+           "seqjax/ops/quant.py", "amax = jnp.max(jnp.abs(w32), axis=tuple(reduce_axes), keepdims=True)",
+           "amax = jnp.max(jnp.abs(w32), keepdims=True)", ("tests/decode/test_quantize.py",)),
 )
 
 

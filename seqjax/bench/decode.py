@@ -17,6 +17,11 @@ against the context length for each mixer family.
    context (its step reads every slot: linear); the sliding window's holds 256 slots; the recurrent and SSM states
    do not grow.
 
+3. **Speculative decoding** (`--spec_target RUN --spec_draft RUN`, two trained runs on one tokenizer): tokens/s of
+   plain target decoding and of speculative decoding side by side, with the acceptance rate
+   (`seqjax.bench.decode_extras`).
+4. **int8 weights** (`--quant_workdir RUN`): validation bits/byte with float and int8 weights, parameter memory.
+
 Writes results/decode/decode.json and decode.png (the sweep).
 """
 
@@ -187,6 +192,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--skip_sweep", action="store_true")
   parser.add_argument("--skip_compare", action="store_true")
   parser.add_argument("--results_dir", default="results/decode")
+  parser.add_argument("--spec_target", default="", help="a trained LM run: speculative decoding's target")
+  parser.add_argument("--spec_draft", default="", help="a trained LM run on the same tokenizer: the draft")
+  parser.add_argument("--spec_batches", default="1,8")
+  parser.add_argument("--spec_new_tokens", type=int, default=128)
+  parser.add_argument("--spec_draft_tokens", default="2,4")
+  parser.add_argument("--spec_temperatures", default="0,1")
+  parser.add_argument("--quant_workdir", default="", help="a trained LM run: int8 bits/byte and memory")
   flags = parser.parse_args(argv)
   out_dir = pathlib.Path(flags.results_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +211,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["per_token_vs_context"] = context_sweep([int(c) for c in flags.contexts.split(",")], flags.steps,
                                                    flags.repeats, log)
     plot(result["per_token_vs_context"], out_dir / "decode.png")
+  if flags.spec_target and flags.spec_draft:
+    from seqjax.bench import decode_extras  # pylint: disable=import-outside-toplevel
+    result["speculative"] = decode_extras.speculative_vs_plain(
+        flags.spec_target, flags.spec_draft, batches=[int(b) for b in flags.spec_batches.split(",")],
+        prompt_len=flags.prompt, num_new=flags.spec_new_tokens,
+        draft_tokens=[int(k) for k in flags.spec_draft_tokens.split(",")],
+        temperatures=[float(t) for t in flags.spec_temperatures.split(",")], repeats=flags.repeats,
+        median=_median_interleaved, log=log)
+  if flags.quant_workdir:
+    from seqjax.bench import decode_extras  # pylint: disable=import-outside-toplevel
+    result["int8"] = decode_extras.int8_report(flags.quant_workdir, log)
   with open(out_dir / "decode.json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   log(f"wrote {out_dir / 'decode.json'}" + ("" if flags.skip_sweep else f" and {out_dir / 'decode.png'}"))

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax.decode.quantize import materialize
+
 
 @flax.struct.dataclass
 class GenerateResult:
@@ -27,6 +29,8 @@ class GenerateResult:
       filter) of the new tokens. Beam search: the length-penalised score of the returned hypothesis.
     beam_tokens, beam_scores, beam_lengths: beam search only (None otherwise): all `num_beams` finished
       hypotheses of each row, best first, [B, num_beams, P + max_new_tokens], [B, num_beams], [B, num_beams].
+    draft_proposed, draft_accepted: speculative decoding only (None otherwise): int32 [B], the draft tokens
+      proposed to and accepted by the target in each row's rounds (`acceptance_rate` is their ratio).
   """
 
   tokens: jax.Array
@@ -35,6 +39,15 @@ class GenerateResult:
   beam_tokens: jax.Array | None = None
   beam_scores: jax.Array | None = None
   beam_lengths: jax.Array | None = None
+  draft_proposed: jax.Array | None = None
+  draft_accepted: jax.Array | None = None
+
+  @property
+  def acceptance_rate(self) -> float | None:
+    """Speculative decoding: the fraction of proposed draft tokens the target accepted (all rows); else None."""
+    if self.draft_proposed is None:
+      return None
+    return float(jnp.sum(self.draft_accepted)) / max(float(jnp.sum(self.draft_proposed)), 1.0)
 
 
 def _concrete(x: Any) -> np.ndarray | None:
@@ -123,13 +136,18 @@ def write_at(buffer_BL: jax.Array, offsets_B: jax.Array, tokens_B: jax.Array) ->
 
 def prefill(model: Any, params: Any, prompts_BP: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, dict]:
   """The parallel forward over the prompts: (float32 logits [B, V] of each row's next token, the cache)."""
-  logits_BPV, cache = model.apply({"params": params}, prompts_BP, lengths=lengths_B, method="prefill")
+  logits_BPV, cache = model.apply({"params": materialize(params)}, prompts_BP, lengths=lengths_B, method="prefill")
   return logits_BPV[jnp.arange(prompts_BP.shape[0]), lengths_B - 1], cache
 
 
 def step(model: Any, params: Any, tokens_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
   """One cached step: (float32 logits [B, V] of the next token, the new cache)."""
-  return model.apply({"params": params}, tokens_B, cache, method="step")
+  return model.apply({"params": materialize(params)}, tokens_B, cache, method="step")
+
+
+def extend(model: Any, params: Any, tokens_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  """T new tokens per row from the cache (`DecoderLM.extend`): (float32 logits [B, T, V], pending)."""
+  return model.apply({"params": materialize(params)}, tokens_BT, cache, method="extend")
 
 
 def select_rows(model: Any, cache: dict, rows: jax.Array) -> dict:

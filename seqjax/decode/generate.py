@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seqjax.decode import common
 from seqjax.decode.common import GenerateResult
@@ -52,7 +53,10 @@ def generate(model: Any, params: Any, prompts: Any, *, prompt_lengths: Any = Non
     rng: a JAX key; required when temperature > 0.
     num_beams: > 1 runs beam search (`seqjax.decode.beam`, greedy only); 1 is greedy / sampling.
     length_penalty: beam search's alpha: hypotheses are ranked by log p / ((5 + n) / 6) ** alpha, n = new tokens.
-    draft, num_draft_tokens: reserved for speculative decoding (not available yet: draft must be None).
+    draft: None, or a pair (draft_model, draft_params) — any `DecoderLM` on the same vocabulary — for
+      speculative decoding (`seqjax.decode.speculative`): the output distribution (greedy: the tokens) is the
+      target's; `GenerateResult.acceptance_rate` reports how many draft tokens the target accepted.
+    num_draft_tokens: the tokens the draft proposes per round (speculative decoding only).
     pad_id: the id written after each row's last token.
 
   Returns:
@@ -69,11 +73,11 @@ def generate(model: Any, params: Any, prompts: Any, *, prompt_lengths: Any = Non
   prompts_BP, lengths_B = common.check_prompts(prompts, prompt_lengths, max_new_tokens=max_new_tokens,
                                                max_len=cfg.max_len, vocab_size=cfg.vocab_size)
   stop_BS = common.stop_table(stop_tokens, prompts_BP.shape[0], cfg.vocab_size)
-  if draft is not None:
-    raise ValueError("speculative decoding (draft=) is not available yet; call generate without draft")
-  del num_draft_tokens
   if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
     raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+  if draft is not None:
+    draft_model, draft_params = _check_draft(draft, cfg, num_draft_tokens, num_beams, prompts_BP, lengths_B,
+                                             max_new_tokens)
   if not math.isfinite(length_penalty):
     raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
   if num_beams > 1:
@@ -88,8 +92,36 @@ def generate(model: Any, params: Any, prompts: Any, *, prompt_lengths: Any = Non
     raise ValueError(f"sampling (temperature={temperature} > 0) needs a seed: pass rng=jax.random.key(SEED), or "
                      f"temperature=0 for greedy decoding")
   rng = jax.random.key(0) if rng is None else rng
+  if draft is not None:
+    from seqjax.decode import speculative  # pylint: disable=import-outside-toplevel
+    return speculative.speculative(model, params, draft_model, draft_params, prompts_BP, lengths_B, stop_BS, rng,
+                                   sampler=sampler, num_draft_tokens=num_draft_tokens,
+                                   max_new_tokens=int(max_new_tokens), pad_id=int(pad_id))
   return _sample(model, sampler, int(max_new_tokens), params, prompts_BP, lengths_B, stop_BS, rng,
                  jnp.int32(pad_id))
+
+
+def _check_draft(draft: Any, cfg: Any, num_draft_tokens: Any, num_beams: int, prompts_BP: jax.Array,
+                 lengths_B: jax.Array, max_new_tokens: int) -> tuple[Any, Any]:
+  """(draft model, draft params) of speculative decoding, checked against the target; ValueError otherwise."""
+  if not (isinstance(draft, (tuple, list)) and len(draft) == 2):
+    raise ValueError(f"draft must be a pair (draft_model, draft_params) for speculative decoding, got "
+                     f"{type(draft).__name__}")
+  draft_model, draft_params = draft
+  common.check_model(draft_model)
+  if draft_model.cfg.vocab_size != cfg.vocab_size:
+    raise ValueError(f"the draft model's vocabulary ({draft_model.cfg.vocab_size} tokens) differs from the "
+                     f"target's ({cfg.vocab_size}); speculative decoding needs both on the same tokenizer")
+  if (isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, (int, np.integer))
+      or num_draft_tokens < 1):
+    raise ValueError(f"num_draft_tokens must be an int >= 1 (the tokens the draft proposes per round), got "
+                     f"{num_draft_tokens!r}")
+  if num_beams > 1:
+    raise ValueError(f"speculative decoding (draft=) samples or decodes greedily; it does not combine with beam "
+                     f"search (num_beams={num_beams}): pass num_beams=1 or draft=None")
+  common.check_prompts(prompts_BP, lengths_B, max_new_tokens=max_new_tokens, max_len=draft_model.cfg.max_len,
+                       vocab_size=cfg.vocab_size)
+  return draft_model, draft_params
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from seqjax.config import ModelConfig
 from seqjax.nn import contract, layers
+from seqjax.nn import extend as extend_lib
 from seqjax.nn.attention import WEIGHTS_COLLECTION
 from seqjax.nn.mixers import compute_dtype, make_mixer
 from seqjax.nn.moe import MoeMlp
@@ -46,12 +47,12 @@ _REMAT_POLICIES = {
 }
 
 
-_MODES = ("parallel", "prefill", "step")
+_MODES = ("parallel", "prefill", "step", "extend")
 
 
 class Block(nn.Module):
-  """One (mixer, MLP) block. `mode`: "parallel" (x -> x), "prefill" (x -> (x, state)) or "step" (x [B, 1, D] and
-  the mixer's state -> (x, state))."""
+  """One (mixer, MLP) block. `mode`: "parallel" (x -> x), "prefill" (x -> (x, state)), "step" (x [B, 1, D] and
+  the mixer's state -> (x, state)) or "extend" (x [B, T, D] and the state -> (x, pending); `seqjax.nn.extend`)."""
 
   cfg: ModelConfig
   mixer: str
@@ -81,6 +82,9 @@ class Block(nn.Module):
       if self.mode == "prefill":
         y_BTD, new_state = mixer(y_BTD, segment_ids=segment_ids, positions=positions,
                                  deterministic=self.deterministic, return_state=True)
+        return y_BTD
+      if self.mode == "extend":
+        y_BTD, new_state = extend_lib.extend(mixer, y_BTD, state, deterministic=self.deterministic)
         return y_BTD
       y_BD, new_state = mixer.step(y_BTD[:, 0], state, deterministic=self.deterministic)
       return y_BD[:, None]
@@ -114,7 +118,7 @@ class _ScannedBlock(Block):
   (segment_ids, positions) and emit nothing / the state; step scans over the stacked states."""
 
   def __call__(self, x_BTD, *args):  # pylint: disable=arguments-differ
-    if self.mode == "step":
+    if self.mode in ("step", "extend"):
       return super().__call__(x_BTD, state=args[0])
     out = super().__call__(x_BTD, *args)
     return (out, None) if self.mode == "parallel" else out
@@ -157,6 +161,26 @@ class DecoderLM(nn.Module):
                                        deterministic=True, mode="step")
     return logits_B1V[:, 0], {"position": position_B + 1, "layers": states}
 
+  def extend(self, tokens_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """T new tokens per row [B, T] from the cache -> (float32 logits [B, T, V], pending): the logits T `step`s
+    give, in one pass for attention layers (`seqjax.nn.extend`); the cache is not changed. `commit(cache,
+    pending, count_B)` is the cache after each row's first count[b] of the T tokens."""
+    position_B = cache["position"]
+    positions_BT = position_B[:, None] + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)[None]
+    logits_BTV, pending = self._forward(tokens_BT, None, positions_BT, cache["layers"], deterministic=True,
+                                        mode="extend")
+    return logits_BTV, {"position": position_B, "layers": pending}
+
+  @nn.nowrap
+  def commit(self, cache: dict, pending: dict, count_B: jax.Array) -> dict:
+    """The cache after the first count[b] (1 <= count[b] <= T) tokens of `extend`'s T for each row b."""
+    count_B = jnp.asarray(count_B, jnp.int32)
+    if self.cfg.scan_layers:  # states and pending stacked on a leading layers axis
+      layers_state = jax.vmap(extend_lib.commit, in_axes=(0, 0, None))(cache["layers"], pending["layers"], count_B)
+    else:
+      layers_state = tuple(extend_lib.commit(s, p, count_B) for s, p in zip(cache["layers"], pending["layers"]))
+    return {"position": cache["position"] + count_B, "layers": layers_state}
+
   @nn.nowrap
   def init_cache(self, batch_size: int, max_len: int | None = None) -> dict:
     """The cache before any token: zero states, attention caches of `max_len` (default model.max_len) slots.
@@ -194,12 +218,13 @@ class DecoderLM(nn.Module):
     if cfg.remat != "none" and mode == "parallel":
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      in_axes = (0,) if mode == "step" else (nn.broadcast, nn.broadcast)
+      in_axes = (0,) if mode in ("step", "extend") else (nn.broadcast, nn.broadcast)
       stack = nn.scan(block_cls, variable_axes={"params": 0, "moe": 0, WEIGHTS_COLLECTION: 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       block = stack(cfg, cfg.layer_mixers()[0], deterministic, mode, cfg.moe_layer(0), name="layers")
-      x_BTD, states = block(x_BTD, states) if mode == "step" else block(x_BTD, segment_ids, positions)
+      x_BTD, states = (block(x_BTD, states) if mode in ("step", "extend")
+                       else block(x_BTD, segment_ids, positions))
     else:
       new_states = []
       for i, mixer in enumerate(cfg.layer_mixers()):
@@ -209,7 +234,7 @@ class DecoderLM(nn.Module):
         elif mode == "prefill":
           x_BTD, state = block(x_BTD, segment_ids, positions)
           new_states.append(state)
-        else:
+        else:  # step, extend
           x_BTD, state = block(x_BTD, state=states[i])
           new_states.append(state)
       states = tuple(new_states)

@@ -83,6 +83,20 @@ class KVCache(NamedTuple):
 
     return cls(gather(k_BTKH), gather(v_BTKH), lengths_B.astype(jnp.int32), next_positions_B.astype(jnp.int32))
 
+  def extend(self, k_BTKH: jax.Array, v_BTKH: jax.Array, count_B: jax.Array) -> "KVCache":
+    """The cache with the first count[b] of T new tokens k, v [B, T, K, H] appended to each row b (token t into
+    slot (index + t) % S, in order, as `append` would). Speculative decoding's commit: the tokens a row accepted
+    go in, the others never touch its cache."""
+    size, new = self.key.shape[1], k_BTKH.shape[1]
+    slot_BS = jnp.arange(size, dtype=jnp.int32)[None]
+    key, value = self.key, self.value
+    for t in range(new):
+      write_BS = (slot_BS == jnp.mod(self.index + t, size)[:, None]) & (t < count_B)[:, None]
+      key = jnp.where(write_BS[..., None, None], k_BTKH[:, t, None].astype(key.dtype), key)
+      value = jnp.where(write_BS[..., None, None], v_BTKH[:, t, None].astype(value.dtype), value)
+    count_B = count_B.astype(jnp.int32)
+    return KVCache(key, value, self.index + count_B, self.position + count_B)
+
   def append(self, k_BKH: jax.Array, v_BKH: jax.Array) -> "KVCache":
     """The cache with one more token per row (written into slot index % S)."""
     rows_B = jnp.arange(self.key.shape[0])
@@ -90,6 +104,24 @@ class KVCache(NamedTuple):
     return KVCache(self.key.at[rows_B, slot_B].set(k_BKH.astype(self.key.dtype)),
                    self.value.at[rows_B, slot_B].set(v_BKH.astype(self.value.dtype)),
                    self.index + 1, self.position + 1)
+
+
+class _VisibleQuerySlots(masks_lib.Mask):
+  """A data mask over keys: query row t of batch row b sees key j where visible[b, t, j]."""
+
+  _arrays = ("visible_BTS",)
+
+  def __init__(self, visible_BTS: jax.Array):
+    self.visible_BTS = visible_BTS
+
+  def block(self, q_idx, kv_idx):
+    rows_BTS = jnp.take(self.visible_BTS, jnp.asarray(q_idx, jnp.int32), axis=1, mode="clip")
+    return jnp.take(rows_BTS, jnp.asarray(kv_idx, jnp.int32), axis=2, mode="clip")[:, None]
+
+  def check(self, batch, q_len, kv_len):
+    if tuple(self.visible_BTS.shape) != (batch, q_len, kv_len):
+      raise ValueError(f"_VisibleQuerySlots: expected [B, T, S] = {(batch, q_len, kv_len)}, got "
+                       f"{self.visible_BTS.shape}")
 
 
 class _VisibleSlots(masks_lib.Mask):
@@ -206,6 +238,10 @@ class MultiHeadAttention(nn.Module):
     token's position (query) and each slot's token position (key).
     `kv=(k, v)` [B, S, K, H] (what `return_kv=True` returned for a
     cross-attention call) attends over those keys and values without projecting them again.
+    With a cache and T > 1 new tokens per row [B, T, D] (an extension,
+    speculative decoding's verification), they attend over the cache and causally over each other in one pass
+    and the cache is left as it was: returns (out [B, T, ...], (k, v) [B, T, K, H] of the new tokens), and
+    `cache.extend(k, v, count_B)` commits the first count[b] of them.
     """
     N = self.num_heads
     K = self.num_kv_heads or N
@@ -221,8 +257,9 @@ class MultiHeadAttention(nn.Module):
     if cache is not None and not self_attention:
       raise ValueError("MultiHeadAttention: a KV cache (cache=) holds self-attention keys; for cross-attention "
                        "compute the keys once (return_kv=True) and pass them as kv=")
-    if cache is not None and x_q_BTD.shape[1] != 1:
-      raise ValueError(f"MultiHeadAttention: with a cache, give one token per row [B, 1, D], got {x_q_BTD.shape}")
+    if cache is not None and cache_mask is not None and x_q_BTD.shape[1] != 1:
+      raise ValueError(f"MultiHeadAttention: an extension of the cache by several tokens ({x_q_BTD.shape[1]}) does "
+                       f"not take a cache_mask (sparse patterns); step one token at a time")
     x_kv_BSD = x_q_BTD if self_attention else x_kv_BSD
     if kv is None and (x_kv_BSD.ndim != 3 or x_kv_BSD.shape[0] != x_q_BTD.shape[0]):
       raise ValueError(f"MultiHeadAttention: expected x_kv of shape [B, S, D'] with B={x_q_BTD.shape[0]}, got "
@@ -248,8 +285,8 @@ class MultiHeadAttention(nn.Module):
       q_BTNH = norm("query_norm")(q_BTNH)
       k_BSKH = norm("key_norm")(k_BSKH) if kv is None else k_BSKH
 
-    if cache is not None:  # one step: this token's position comes from the cache
-      q_positions = kv_positions = cache.position[:, None]
+    if cache is not None:  # cached: the new tokens' positions come from the cache
+      q_positions = kv_positions = cache.position[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
     if self.rope:
       if q_positions is None:
         q_positions = jnp.arange(T, dtype=jnp.int32)[None]
@@ -271,14 +308,47 @@ class MultiHeadAttention(nn.Module):
         out_BTNH = attention_fn(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias)
       if self.is_mutable_collection(WEIGHTS_COLLECTION) and not self.is_initializing():  # attention maps, on request
         self.sow(WEIGHTS_COLLECTION, "weights", attention_weights(q_BTNH, k_BSKH, mask=mask, bias=bias))
-    else:
+    elif T == 1:
       out_BTNH, cache = self._attend_cache(q_BTNH, k_BSKH, v_BSKH, cache, cache_mask)
+    else:
+      out_BTNH = self._attend_extension(q_BTNH, k_BSKH, v_BSKH, cache)
+      cache = (k_BSKH, v_BSKH)
     out_BTNH = nn.Dropout(self.dropout_rate)(out_BTNH, deterministic=deterministic)
     out_features = self.out_features or D
     out_BTD = self._dense(out_features, (-2, -1), ("heads", "head_dim", "embed"), "out")(out_BTNH)
     if cache is not None:
       return out_BTD, cache
     return (out_BTD, (k_BSKH, v_BSKH)) if return_kv else out_BTD
+
+  def _attend_extension(self, q_BTNH, k_BTKH, v_BTKH, cache: KVCache):
+    """T new tokens per row attend over the cache and causally over each other; the cache is not changed.
+
+    Query t is token number index + t. Old slot j holds token index - 1 - ((index - 1 - j) mod S) (the last one
+    written there); new key u is token index + u. A key at distance d = (query's token number - key's) is visible
+    when it exists, 0 <= d < S (the S tokens a stepped query sees: the window of a ring cache) and d <= position
+    + t (its own document). Keys are read before any new token is written, so a ring cache loses nothing that an
+    earlier query of the extension still needs. The reference kernel over [B, N, T, S + T].
+    """
+    size, new = cache.key.shape[1], q_BTNH.shape[1]
+    index_B11, position_B11 = cache.index[:, None, None], cache.position[:, None, None]
+    t_1T1 = jnp.arange(new, dtype=jnp.int32)[None, :, None]
+    back_11S = jnp.mod(index_B11 - 1 - jnp.arange(size, dtype=jnp.int32)[None, None], size)
+    old_distance_BTS = t_1T1 + 1 + back_11S
+    old_visible_BTS = (back_11S <= index_B11 - 1) & (old_distance_BTS < size) & (old_distance_BTS <= position_B11 + t_1T1)
+    new_distance_1TT = t_1T1 - jnp.arange(new, dtype=jnp.int32)[None, None]
+    new_visible_BTT = jnp.broadcast_to((new_distance_1TT >= 0) & (new_distance_1TT < size),
+                                       (q_BTNH.shape[0], new, new))
+    distance_BTS = jnp.concatenate([jnp.broadcast_to(old_distance_BTS, old_visible_BTS.shape),
+                                    jnp.broadcast_to(new_distance_1TT, new_visible_BTT.shape)], axis=2)
+    visible_BTS = jnp.concatenate([old_visible_BTS, new_visible_BTT], axis=2)
+    bias = None
+    if self.alibi:
+      slopes_N = positions_ops.alibi_slopes(self.num_heads)
+      bias = -slopes_N[None, :, None, None] * distance_BTS[:, None].astype(jnp.float32)
+    keys = jnp.concatenate([cache.key, k_BTKH.astype(cache.key.dtype)], axis=1)
+    values = jnp.concatenate([cache.value, v_BTKH.astype(cache.value.dtype)], axis=1)
+    reference = get_attention("reference")
+    return reference(q_BTNH, keys, values, mask=_VisibleQuerySlots(visible_BTS), bias=bias)
 
   def _attend_cache(self, q_B1NH, k_B1KH, v_B1KH, cache: KVCache, cache_mask: masks_lib.Mask | None = None):
     """Appends one token per row to the cache and attends over it: (out [B, 1, N, H], new cache).

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from seqjax.config import SSM_MODES, ModelConfig, override
 from seqjax.nn import contract
 from seqjax.nn.attention import KVCache, MultiHeadAttention
+from seqjax.nn import extend as extend_lib
+from seqjax.nn.extend import NewKeys
 from seqjax.nn.recurrent import RecurrentMixer
 from seqjax.nn import ssm as ssm_blocks
 from seqjax.ops.attention import masks
@@ -181,6 +183,15 @@ class AttentionMixer(nn.Module):
     y_B1D, state = self.attention(x_BD[:, None], cache=state, deterministic=deterministic,
                                   cache_mask=self.cache_mask())
     return y_B1D[:, 0], state
+
+  def extend(self, x_BTD: jax.Array, state: KVCache, *, deterministic: bool = True):
+    """T new tokens per row over the cache in one parallel pass (`seqjax.nn.extend`): (y [B, T, D], NewKeys);
+    the cache is not changed (`seqjax.nn.extend.commit` writes the accepted prefix). A sparse pattern
+    (`cache_mask`, e.g. Longformer / BigBird) is evaluated per step: such a mixer extends by cached steps."""
+    if self.cache_mask() is not None:
+      return extend_lib.stepped(self, x_BTD, state, deterministic=deterministic)
+    y_BTD, (k_BTKH, v_BTKH) = self.attention(x_BTD, cache=state, deterministic=deterministic)
+    return y_BTD, NewKeys(k_BTKH, v_BTKH)
 
 
 # The attention kernels compared by the conformance harness: the materialised reference, the blockwise tiles and

@@ -105,7 +105,7 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
     (dict(stop_tokens=(13,)), "stop_tokens must be ids"),
     (dict(num_beams=2, temperature=0.5, rng=jax.random.key(0)), "beam search"),
     (dict(num_beams=0), "num_beams must be"),
-    (dict(draft=object()), "speculative decoding"),
+    (dict(draft=object()), "draft must be a pair"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, message):
   model, params = make_lm(model_config("attention"))
