@@ -72,6 +72,7 @@ def get_config(arg: str | None = None):
     s.teacher_forcing, s.teacher_forcing_prob = "constant", 1.0
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 100
+    t.num_steps = 2000  # 1,000 steps reached exact match 0.979; the schedule's end at 1,500-1,600 gave 0.989-0.995.
   if arg in ("smoke", "transformer_smoke"):  # Seconds on a laptop: 1-3-digit numbers, 12 small steps.
     config.data.name = "numbers_to_words/small"
     s.max_digits = 3
