@@ -2,6 +2,8 @@
 
 import functools
 
+import pytest
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,3 +53,17 @@ def full_log_probs(model, params, tokens_BL) -> np.ndarray:
   logits = np.asarray(_jitted_apply(model)({"params": params}, jnp.asarray(tokens_BL)), np.float64)
   logits -= logits.max(-1, keepdims=True)
   return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+# One mixer of each family runs every per-mixer case in `make test`; the others run in `make test-slow`. Every
+# registered mixer's prefill + steps is still checked in `make test` by the conformance harness's decode check
+# (tests/test_conformance.py); these per-family cases add the plumbing around it (generate's loop, the LM's cache).
+REPRESENTATIVE_MIXERS = frozenset({"attention", "lstm", "mamba", "mamba2", "s4d", "gla", "deltanet", "longformer"})
+
+
+def tiered(names, registered=None):
+  """pytest params over `names`: a registered mixer outside REPRESENTATIVE_MIXERS is marked slow; composite cases
+  (hybrids, scanned stacks, windows: not registered names) always run."""
+  registered = set(available_mixers()) if registered is None else set(registered)
+  return [pytest.param(n, marks=pytest.mark.slow) if n in registered and n not in REPRESENTATIVE_MIXERS else n
+          for n in names]

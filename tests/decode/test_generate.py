@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from seqjax.decode import generate
-from tests.decode.helpers import CASES, full_log_probs, make_lm, model_config
+from tests.decode.helpers import CASES, full_log_probs, make_lm, model_config, tiered
 
 PROMPTS = np.asarray([[1, 5, 7, 2, 9], [1, 3, 0, 0, 0], [1, 11, 4, 6, 0]], np.int32)
 LENGTHS = np.asarray([5, 2, 4], np.int32)
@@ -36,7 +36,7 @@ def _check_greedy_rows(model, params, out, lengths, new_counts):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", tiered(list(CASES)))
 def test_ragged_cached_greedy_equals_the_uncached_greedy_of_each_row(case):
   model, params = make_lm(CASES[case])
   out = generate(model, params, PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=NEW)

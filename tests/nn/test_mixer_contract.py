@@ -9,6 +9,8 @@ sliding-window attention, a hybrid pattern and a scanned stack, at tiny sizes in
   (d) the jitted prefill and step compile once across all calls (`chex.assert_max_traces`), steps from the empty
       state and from prefilled states alike (so both have one structure);
   (e) registering a mixer that breaks the contract fails with a message naming the mixer and what is missing.
+(a)-(d) run for one mixer per family and every composite case in `make test` (`tests.decode.helpers.tiered`), for
+every mixer in `make test-slow`; the conformance harness checks (a) for every mixer in `make test`.
 The reference for each row is the parallel forward over that row's own tokens (right-padded in the batch, so by
 causality padding cannot reach them).
 """
@@ -27,6 +29,7 @@ from seqjax.config import AttentionConfig, LinearAttentionConfig, ModelConfig, M
 from seqjax.models.lm import DecoderLM
 from seqjax.nn import contract
 from seqjax.nn.mixers import available_mixers, is_bidirectional, make_mixer, register_mixer
+from tests.decode.helpers import tiered
 
 B, T, K_STEPS, D, VOCAB = 2, 10, 4, 16, 11
 LENGTHS = (T, T - 3)  # row 0 fills the prompt, row 1 is right-padded
@@ -97,7 +100,7 @@ def _check_prefill(outputs_BT, state, reference_BT, stepped_rows, what, row_of):
     _assert_close(row_of(state, b), stepped_rows[b], f"{what}: prefill state of row {b} (length {length})")
 
 
-@pytest.mark.parametrize("case", sorted(MIXER_CASES))
+@pytest.mark.parametrize("case", tiered(sorted(MIXER_CASES)))
 def test_mixer_prefill_then_steps_equal_parallel(case):
   chex.clear_trace_counter()
   cfg = MIXER_CASES[case]
@@ -125,7 +128,7 @@ def test_mixer_prefill_then_steps_equal_parallel(case):
     _assert_close(y_i, _rows_at(y, lengths + i), f"{case}: step {i} after prefill")
 
 
-@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+@pytest.mark.parametrize("case", tiered(sorted(MODEL_CASES)))
 def test_lm_prefill_then_steps_equal_parallel(case):
   chex.clear_trace_counter()
   cfg = MODEL_CASES[case]
