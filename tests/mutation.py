@@ -222,6 +222,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "x_ext = jnp.concatenate([cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
            "x_ext = jnp.concatenate([0 * cp.from_left(x_BTE, halo, AXIS), x_BTE], axis=1)",
            ("tests/nn/test_sequence_parallel.py",)),
+    Mutant("cp_delta_maps_composed_backwards", "the shards' delta-rule matrix maps composed in the wrong order",
+           "seqjax/ops/ssm/context_parallel.py", "  return act(a2, a1), act(a2, b1) + b2",
+           "  return act(a1, a2), act(a2, b1) + b2", ("tests/ops/linear/test_context_parallel.py",)),
+    Mutant("cp_delta_identity_not_cut", "a delta-rule shard whose first token starts a document still takes the "
+           "incoming state", "seqjax/ops/linear/context_parallel.py",
+           "identity_BNPP = continues_B[:, None, None, None] * jnp.eye", "identity_BNPP = jnp.eye",
+           ("tests/ops/linear/test_context_parallel.py",)),
     # Speculative decoding and int8 weights.
     Mutant("speculative_accept_without_min", "speculative decoding accepts with p / q instead of min(1, p / q)",
            "seqjax/decode/speculative.py", "return jnp.minimum(1.0, p / jnp.maximum(q, jnp.finfo(jnp.float32).tiny))",

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from seqjax.nn import contract, sequence_parallel
 from seqjax.nn.ssm import _dense, _dt_bias_init, _param
 from seqjax.ops import linear as linear_ops
+from seqjax.ops.linear import context_parallel as linear_cp
 from seqjax.ops.attention import positions as positions_ops
 
 Dtype = Any
@@ -224,6 +225,12 @@ class LinearAttention(nn.Module):
   def _mix_sequence_parallel(self, q, k, v, log_decay, segment_ids):
     """`_mix` on a sequence-sharded mesh: the local shards in `shard_map` over "seq", the states passed across
     them (`seqjax.ops.linear.context_parallel`). A per-head decay [N] enters replicated."""
+    if self._delta:  # the delta rule's matrix state maps (DeltaNet; Gated DeltaNet's beta and log-decay)
+      beta, g = (log_decay, None) if self.variant == "deltanet" else log_decay
+      return sequence_parallel.shard_sequence(
+          lambda q, k, v, beta, g, segment_ids: linear_cp.delta_rule_context_parallel(
+              q, k, v, beta, log_decay=g, axis_name=sequence_parallel.AXIS, mode=self.mode,
+              chunk_size=self.chunk_size, segment_ids=segment_ids), (q, k, v, beta, g, segment_ids))
     per_head = log_decay is not None and log_decay.ndim == 1
 
     def local(q, k, v, log_decay, segment_ids, *replicated):
@@ -249,7 +256,7 @@ class LinearAttention(nn.Module):
     else:
       aligned_ids = segment_ids
     q, k, v, log_decay = self._project(x_BTD, positions)
-    if not return_state and self.variant not in ("deltanet", "gated_deltanet") and sequence_parallel.active():
+    if not return_state and sequence_parallel.active():
       out = self._mix_sequence_parallel(q, k, v, log_decay, segment_ids)
     else:
       out = self._mix(q, k, v, log_decay, mode=self.mode, chunk_size=self.chunk_size, segment_ids=aligned_ids,

@@ -1,8 +1,9 @@
 """The SSM mixers on a sequence-sharded mesh (the trainer's `jax.set_mesh` with mesh.seq > 1) = unsharded.
 
-Each of s4d, s5, mamba, mamba2 runs on (data 2, seq 4) with packed documents (one starting on a shard boundary,
-one spanning shards): output and parameter gradients equal the unsharded module's, and the compiled program holds
-the combine's collective (it really ran context-parallel, not through XLA's gathering of the sequence). Catches:
+Each of s4d, s5, mamba, mamba2 and the linear mixers gla, deltanet, gated_deltanet runs on (data 2, seq 4) with
+packed documents (one starting on a shard boundary, one spanning shards): output and parameter gradients equal the
+unsharded module's, the step traces a `shard_map` and the compiled program holds the combine's collective (it
+really ran context-parallel, not through XLA's gathering of the sequence). Catches:
 Mamba's convolution without its halo from the left neighbour (or with the neighbour's tokens across a document
 start), a scan that drops the incoming state, a replicated parameter's gradient not summed over the shards.
 """
@@ -30,8 +31,8 @@ def _cfg(mixer):
   return ModelConfig(mixer=mixer, d_model=D, ssm=SsmConfig(state=4, head_dim=8, chunk=4))
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "mamba", "gla"] + [
-    pytest.param(m, marks=pytest.mark.slow) for m in ("s4d", "s5")])  # S4D / S5: their ops are in the fast set
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba", "gla", "deltanet"] + [
+    pytest.param(m, marks=pytest.mark.slow) for m in ("s4d", "s5", "gated_deltanet")])  # their ops: the fast set
 def test_mixer_on_sequence_sharded_mesh_equals_unsharded(mixer):
   module = make_mixer(mixer, _cfg(mixer))
   x = jax.random.normal(jax.random.key(0), (B, T, D))
@@ -49,6 +50,7 @@ def test_mixer_on_sequence_sharded_mesh_equals_unsharded(mixer):
   x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
   with jax.set_mesh(mesh):
     assert sequence_parallel.active()
+    assert "shard_map" in str(jax.make_jaxpr(step)(params, x_sharded))  # not left to XLA's partitioning
     compiled = step.lower(params, x_sharded).compile()
     (_, y), g = compiled(params, x_sharded)
     hlo = compiled.as_text()

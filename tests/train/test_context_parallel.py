@@ -103,12 +103,14 @@ def test_ten_adamw_steps_equal_1_device(mixer, mesh, layout):
 
 @pytest.mark.parametrize("mixer, mesh", [
     pytest.param("mamba2", {"seq": 8, "data": 1}, id="mamba2_seq8"),
+    pytest.param("deltanet", {"data": 2, "seq": 4}, id="deltanet_data2_seq4"),
     pytest.param("mamba2,attention", {"data": 2, "seq": 4}, id="hybrid_data2_seq4",
                  marks=pytest.mark.slow)])  # ~25 s of CPU; the ten-step tests below train the hybrid too
 def test_ssm_sequence_sharded_step_equals_1_device_and_data_8(mixer, mesh):
   """Mamba-2 layers run context-parallel (`seqjax.nn.sequence_parallel`): the conv halo from the left neighbour
   (on seq 8 a shard holds 2 tokens, so the 3-token halo spans two shards), the SSD states combined across "seq";
-  packed rows with documents crossing shard boundaries. One plain-SGD step = one device = (data 8)."""
+  DeltaNet's matrix state maps likewise (`delta_rule_context_parallel`); packed rows with documents crossing shard
+  boundaries. One plain-SGD step = one device = (data 8)."""
   cfg = config(model={"mixer": mixer, "num_layers": len(mixer.split(",")), "positions": "rope",
                       "attention": {"implementation": "blockwise"}})
   params = random_lm_params(DecoderLM(cfg.model), 16)

@@ -49,6 +49,7 @@ from jax import lax
 
 from seqjax.ops.linear.recurrence import check_inputs
 from seqjax.ops.ssm._common import as_arrays, keep_mask
+from seqjax.ops.vma import vary_like
 
 DEFAULT_CHUNK_SIZE = 32
 
@@ -89,6 +90,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, log
   g_BNT = None if log_decay is None else head_major(log_decay)
   s0_BNPH = jnp.zeros((b, n, p, v.shape[3]), f32) if initial_state is None else initial_state.astype(f32)
   keep_BT = keep_mask(segment_ids, b, t)
+  s0_BNPH = vary_like(s0_BNPH, q_BNTP, k_BNTP, v_BNTH, beta_BNT, g_BNT, keep_BT)  # a scan carry (check_vma)
   if mode == "recurrent":
     o_BNTH, s_BNPH = _recurrent(q_BNTP, k_BNTP, v_BNTH, beta_BNT, g_BNT, keep_BT, s0_BNPH)
   else:

@@ -48,26 +48,31 @@ def _check_combine(combine: str) -> None:
     raise ValueError(f"SSM context parallelism: combine must be one of {COMBINES}, got {combine!r}")
 
 
-def _compose(first, second):
-  """Affine maps h -> a h + b composed: `first` applied, then `second`."""
+def _compose(first, second, act=jnp.multiply):
+  """Affine maps h -> act(a, h) + b composed: `first` applied, then `second`."""
   a1, b1 = first
   a2, b2 = second
-  return a1 * a2, a2 * b1 + b2
+  return act(a2, a1), act(a2, b1) + b2
 
 
-def combine_states(decay, end_state, *, axis_name: str = "seq", combine: str = "all_gather"):
+def combine_states(decay, end_state, *, axis_name: str = "seq", combine: str = "all_gather",
+                   matrix: bool = False):
   """(h_in, h_out): the state before and after this shard, from every shard's map h -> decay * h + end_state.
 
-  `decay` broadcasts against `end_state` (e.g. [B, N, 1, 1] against [B, N, H, P]). The first shard's h_in is zero
-  (the sequence starts from a zero state); the last shard's h_out is the state after the whole sequence.
+  `decay` broadcasts against `end_state` (e.g. [B, N, 1, 1] against [B, N, H, P]); with `matrix`, it is a matrix
+  [..., P, P] acting on the state [..., P, H] from the left (h -> decay @ h + end_state: the delta rule's map). The
+  first shard's h_in is zero (the sequence starts from a zero state); the last shard's h_out is the state after the
+  whole sequence.
   """
   _check_combine(combine)
   num_shards = lax.axis_size(axis_name)
   r = lax.axis_index(axis_name)
+  act = jnp.matmul if matrix else jnp.multiply
   if combine == "all_gather":
     decay_R, end_R = lax.all_gather(decay, axis_name), lax.all_gather(end_state, axis_name)
-    decay_R = jnp.broadcast_to(decay_R, end_R.shape)
-    _, after_R = lax.associative_scan(_compose, (decay_R, end_R), axis=0)  # state after each shard, from 0
+    if not matrix:
+      decay_R = jnp.broadcast_to(decay_R, end_R.shape)
+    _, after_R = lax.associative_scan(lambda x, y: _compose(x, y, act), (decay_R, end_R), axis=0)  # from 0
     h_in = jnp.where(r > 0, after_R[jnp.maximum(r - 1, 0)], jnp.zeros_like(end_state))
     return h_in, after_R[r]
   # Hillis-Steele: after the round with distance d, (a, h) is the composition of shards max(0, r - 2d + 1) .. r.
@@ -77,8 +82,8 @@ def combine_states(decay, end_state, *, axis_name: str = "seq", combine: str = "
     perm = [(i, i + d) for i in range(num_shards - d)]
     a_left, h_left = lax.ppermute(a, axis_name, perm), lax.ppermute(h, axis_name, perm)
     has_left = r >= d
-    h = jnp.where(has_left, a * h_left + h, h)
-    a = jnp.where(has_left, a_left * a, a)
+    h = jnp.where(has_left, act(a, h_left) + h, h)
+    a = jnp.where(has_left, act(a, a_left), a)
     d *= 2
   h_in = lax.ppermute(h, axis_name, [(i, i + 1) for i in range(num_shards - 1)])  # zeros on shard 0
   return h_in, h
