@@ -19,3 +19,18 @@ def test_collective_counts(tmp_path):
   assert counts[(2, "all_gather")] == counts[(4, "all_gather")] == 5
   assert counts[(2, "ppermute")] == 5 and counts[(4, "ppermute")] == 9
   assert (tmp_path / "ssm_context.json").exists()
+
+
+@pytest.mark.slow  # eight programs compiled and timed; tests/ops/linear checks the results
+def test_delta_rule_collectives_and_what_xla_partitioning_moves(tmp_path):
+  """`--op=delta`: the context-parallel delta rule's all-gather combine keeps 4 collectives as P doubles (the two
+  maps gathered forward, their reduce-scatters backward) and moves a few maps, while XLA's partitioning of the
+  single-device program moves bytes that grow with the whole sequence (more than the context-parallel program)."""
+  result = ssm_context.main(["--op=delta", "--local_len=64", "--shards=2,4", "--repeats=1",
+                             f"--results_dir={tmp_path}"])
+  rows = {(r["P"], r["combine"]): r for r in result["rows"]}
+  assert rows[(2, "local only")]["collectives"] == rows[(4, "local only")]["collectives"] == 0
+  assert rows[(2, "all_gather")]["collectives"] == rows[(4, "all_gather")]["collectives"] == 4
+  assert rows[(2, "ppermute")]["collectives"] == 4 and rows[(4, "ppermute")]["collectives"] == 8
+  assert rows[(4, "xla")]["bytes"] > 2 * rows[(4, "all_gather")]["bytes"]
+  assert (tmp_path / "delta.json").exists()
