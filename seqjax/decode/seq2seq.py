@@ -37,6 +37,14 @@ from seqjax.decode.generate import sample_loop
 from seqjax.decode.samplers import Sampler
 
 
+def _readable_values(x: Any) -> np.ndarray:
+  """The values of `x` this process can read: all of them, or those of its devices' shards of a global array that
+  spans several processes (each checks its own rows)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.concatenate([np.asarray(shard.data).ravel() for shard in x.addressable_shards])
+  return np.asarray(x)
+
+
 def _check(model: Any, src: Any, src_lengths: Any, *, max_new_tokens: int, num_beams: int, length_penalty: float,
            ids: dict[str, int]) -> None:
   if not (hasattr(model, "decode_start") and hasattr(model, "decode_step")):
@@ -49,7 +57,7 @@ def _check(model: Any, src: Any, src_lengths: Any, *, max_new_tokens: int, num_b
     raise ValueError(f"src_lengths must have one entry per source row, shape {np.shape(src)[:1]}, got "
                      f"{np.shape(src_lengths)}")
   if not isinstance(src_lengths, jax.core.Tracer):
-    lengths = np.asarray(src_lengths)
+    lengths = _readable_values(src_lengths)
     if np.any(lengths < 1) or np.any(lengths > np.shape(src)[1]):
       raise ValueError(f"src_lengths must be in [1, {np.shape(src)[1]}], got {lengths.tolist()}")
   for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):

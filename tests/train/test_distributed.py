@@ -1,5 +1,6 @@
 """Multi-process training: two `seqjax.main` processes joined by `jax.distributed` train exactly like one process
-holding both devices; and the multi-process flags are validated before anything starts."""
+holding both devices (the LM, and in the slow set seq2seq); each process's rows of a global batch; and the
+multi-process flags are validated before anything starts."""
 
 import json
 import os
@@ -48,6 +49,36 @@ def _saved_state(workdir: str, step: int) -> dict:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
+def _train_single_and_two_processes(common: list[str], tmp_path) -> tuple[str, str, list]:
+  """Runs `seqjax.main *common` as one process with two devices (workdir "single"), then as two processes of one
+  device each joined by `jax.distributed` ("multi"); (single, multi, the two processes' (stdout, stderr))."""
+  single = str(tmp_path / "single")
+  proc = subprocess.run([sys.executable, "-m", "seqjax.main", *common, f"--workdir={single}"], cwd=ROOT,
+                        env=_env(2), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  multi = str(tmp_path / "multi")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "seqjax.main", *common, f"--workdir={multi}",
+                             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return single, multi, outputs
+
+
+def _assert_same_losses(single: str, multi: str, num_steps: int) -> tuple[dict, dict]:
+  """Every step's train loss (log_every=1: not averages over a window) equal in the two workdirs; their
+  final_metrics.json."""
+  single_losses, multi_losses = _train_losses(single), _train_losses(multi)
+  steps = list(range(1, num_steps + 1))
+  assert sorted(multi_losses) == sorted(single_losses) == steps
+  np.testing.assert_allclose([multi_losses[s] for s in steps], [single_losses[s] for s in steps], rtol=1e-5,
+                             atol=1e-6)
+  return tuple(json.load(open(os.path.join(d, "final_metrics.json"))) for d in (single, multi))
+
+
 @pytest.mark.parametrize("mesh", [
     pytest.param([], id="data_across_processes"),
     # The sequence split across the two processes: each holds every row, half of its columns (ring attention's
@@ -62,29 +93,10 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, mesh):
   common = ["--config=configs/lm_pysrc.py:smoke", f"--config.data.data_dir={data_dir}",
             "--config.data.name=python_source/small", "--config.train.num_steps=10",
             "--config.train.log_every=1", "--config.train.eval_every=10", "--config.train.checkpoint_every=10", *mesh]
-  single = str(tmp_path / "single")
-  proc = subprocess.run([sys.executable, "-m", "seqjax.main", *common, f"--workdir={single}"], cwd=ROOT,
-                        env=_env(2), capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-
-  multi = str(tmp_path / "multi")
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-m", "seqjax.main", *common, f"--workdir={multi}",
-                             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  single, multi, outputs = _train_single_and_two_processes(common, tmp_path)
   assert "process 0 of 2: 1 local devices, 2 in all" in outputs[0][1] + outputs[0][0]
 
-  # Every step's loss (log_every=1: not averages over a window).
-  single_losses, multi_losses = _train_losses(single), _train_losses(multi)
-  assert sorted(multi_losses) == sorted(single_losses) == list(range(1, 11))
-  np.testing.assert_allclose([multi_losses[s] for s in range(1, 11)], [single_losses[s] for s in range(1, 11)],
-                             rtol=1e-5, atol=1e-6)
-  final_single = json.load(open(os.path.join(single, "final_metrics.json")))
-  final_multi = json.load(open(os.path.join(multi, "final_metrics.json")))
+  final_single, final_multi = _assert_same_losses(single, multi, 10)
   assert final_multi["step"] == 10
   assert final_multi["loss"] == pytest.approx(final_single["loss"], rel=1e-5)
   assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["10"]
@@ -95,6 +107,44 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, mesh):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                {k: state_multi[k] for k in ("params", "opt_state")},
                {k: state_single[k] for k in ("params", "opt_state")})
+
+
+@pytest.mark.slow  # ~5 min on a loaded 2-core machine: three seq2seq training processes
+def test_two_processes_train_seq2seq_like_one_process_with_two_devices(tmp_path):
+  """The seq2seq task with data parallelism across two processes: each builds every global batch and puts its own
+  row block (`process_row_block`), and evaluation decodes with every row gathered on every process; every step's
+  loss, the evaluation (loss, exact match, BLEU) and the final parameters equal one process holding both devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  common = ["--config=configs/seq2seq_numbers.py:smoke", f"--config.data.data_dir={tmp_path / 'tfds'}",
+            "--config.train.num_steps=4", "--config.train.log_every=1", "--config.train.eval_every=4",
+            "--config.train.eval_batches=1", "--config.train.checkpoint_every=4"]
+  single, multi, _ = _train_single_and_two_processes(common, tmp_path)
+  final_single, final_multi = _assert_same_losses(single, multi, 4)
+  for key in ("loss", "exact_match", "bleu", "examples"):
+    assert final_multi[key] == pytest.approx(final_single[key], rel=1e-5), key
+  state_single, state_multi = _saved_state(single, 4), _saved_state(multi, 4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state_multi["params"],
+               state_single["params"])
+
+
+@pytest.mark.parametrize("process_ids, shape, expected_rows", [
+    pytest.param([0, 0, 0, 0, 1, 1, 1, 1], (2, 2, 1, 2), [range(0, 4), range(4, 8)], id="data_across_processes"),
+    pytest.param([0, 1, 0, 1], (1, 2, 2, 1), [range(0, 8), range(0, 8)], id="tensor_across_processes")])
+def test_seq2seq_batches_follow_process_rows(monkeypatch, process_ids, shape, expected_rows):
+  """Each process keeps the row block `process_rows` names of every global seq2seq batch (the rows `put_batch`
+  expects from it): disjoint halves with data across processes, all rows when the processes split a row's work."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from seqjax.train import sharding  # pylint: disable=import-outside-toplevel
+  from seqjax.train.tasks.seq2seq import process_row_block  # pylint: disable=import-outside-toplevel
+  batch = {"src": np.arange(8 * 3).reshape(8, 3), "src_lengths": np.arange(8)}
+  for process, want in enumerate(expected_rows):
+    monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+    rows = process_row_block(batch, sharding.process_rows(_Mesh(process_ids, shape)))
+    np.testing.assert_array_equal(rows["src"], batch["src"][list(want)])
+    np.testing.assert_array_equal(rows["src_lengths"], batch["src_lengths"][list(want)])
+  with pytest.raises(ValueError, match="train.batch_size a multiple of 2"):
+    process_row_block({"src": np.zeros((7, 3))}, (0, 2))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -3,7 +3,8 @@ with a length curriculum — `seq2seq.arch="lstm"`, the LSTM with additive atten
 (`seqjax.models.seq2seq_lstm.Seq2SeqLSTM`, with scheduled sampling), or `"transformer"`
 (`seqjax.models.seq2seq_transformer.Seq2SeqTransformer`, teacher forced).
 
-Batches (`seqjax.data.numbers.padded_batches`, one (source, target) pair per row): src [B, S], src_lengths [B],
+Batches (`seqjax.data.numbers.padded_batches`, one (source, target) pair per row; each process builds every global
+batch and puts its own row block, `process_row_block`): src [B, S], src_lengths [B],
 tgt_in [B, T] (BOS + gold target), tgt_out [B, T] (target + EOS), tgt_lengths [B], and weights [B, T] (1 on the
 target positions). Batch s is a pure function of (seed, s) with targets of at most `curriculum(s)` tokens, so the
 data position is the batch index, {"next_batch": s}. The update from state.step = s feeds the gold previous token
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from seqjax import config as config_lib
 from seqjax.config import Config, ConfigError
@@ -75,6 +77,20 @@ class _IndexedBatches:
     pass
 
 
+def process_row_block(batch: HostBatch, rows: tuple[int, int]) -> HostBatch:
+  """Row block `index` of `count` equal blocks of a global host batch (`rows` = `sharding.process_rows(mesh)`):
+  what this process's devices hold, the rows `sharding.put_batch` expects from it."""
+  index, count = rows
+  if count == 1:
+    return batch
+  size = len(next(iter(batch.values())))
+  if size % count:
+    raise ValueError(f"a global batch of {size} rows does not split into {count} row blocks (one per group of "
+                     f"processes along the mesh's batch axes); make train.batch_size a multiple of {count}")
+  per = size // count
+  return {k: v[index * per:(index + 1) * per] for k, v in batch.items()}
+
+
 def _load_pairs(config: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
   dc, sc = config.data, config.seq2seq
   name = dc.name if "/" in dc.name else f"{dc.name}/standard"
@@ -106,6 +122,7 @@ class Seq2SeqTask(Task):
     self.train_pairs, self.eval_pairs = _load_pairs(config)
     config = config_lib.with_seq2seq_vocab_sizes(config, numbers.VOCAB.size, numbers.VOCAB.size)
     super().__init__(config, mesh)
+    self.rows = sharding.process_rows(mesh)  # this process's row block of each global batch
     sc = config.seq2seq
     longest = max(len(t) for _, t in self.train_pairs) + 1  # Target tokens incl. EOS.
     end = sc.curriculum_end or longest
@@ -154,7 +171,10 @@ class Seq2SeqTask(Task):
     return {"teacher_forcing_prob": float(self.teacher_forcing(step)), "max_target_length": self.curriculum(step)}
 
   def _put(self, batch: HostBatch, **extra: np.ndarray) -> DeviceBatch:
-    return sharding.put_batch({**{k: batch[k] for k in _DEVICE_KEYS}, **extra}, self.mesh)
+    """The global device batch from a global host batch: every process builds each batch (a pure function of the
+    seed and the step) and gives `put_batch` its own row block, as the LM's data pipeline does."""
+    return sharding.put_batch(process_row_block({**{k: batch[k] for k in _DEVICE_KEYS}, **extra}, self.rows),
+                              self.mesh)
 
   def device_batch(self, batch: HostBatch, step: int) -> DeviceBatch:
     prob = np.full((batch["src"].shape[0],), self.step_inputs(step)["teacher_forcing_prob"], np.float32)
@@ -195,11 +215,13 @@ class Seq2SeqTask(Task):
   def decode(self, params: Any, batch: HostBatch) -> list[str]:
     """Translations of a batch's sources: greedy, or beam search with seq2seq.num_beams > 1."""
     sc = self.config.seq2seq
-    src = sharding.put_batch({"src": batch["src"], "src_lengths": batch["src_lengths"]}, self.mesh)
+    src = sharding.put_batch(process_row_block({"src": batch["src"], "src_lengths": batch["src_lengths"]},
+                                               self.rows), self.mesh)
     out = seq2seq_decode.decode(self.model, params, src["src"], src["src_lengths"], max_new_tokens=self.decode_len,
                                 bos_id=numbers.BOS_ID, eos_id=numbers.EOS_ID, pad_id=numbers.PAD_ID,
                                 num_beams=sc.num_beams, length_penalty=sc.length_penalty)
-    return [numbers.VOCAB.decode(row) for row in np.asarray(jax.device_get(out.tokens))]
+    tokens = multihost_utils.process_allgather(out.tokens, tiled=True)  # every row, on every process
+    return [numbers.VOCAB.decode(row) for row in np.asarray(tokens)]
 
   def evaluate(self, params: Any, eval_step: EvalStep, max_batches: int | None) -> Evaluation:
     """Metrics: loss, perplexity, accuracy (next character under teacher forcing), bits_per_byte, exact_match,
