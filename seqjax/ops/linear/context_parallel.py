@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from seqjax.ops.linear.delta import delta_rule
+from seqjax.ops.linear import delta
 from seqjax.ops.linear.recurrence import _log_decay_BTNX, decayed_linear_attention
 from seqjax.ops.ssm._common import as_arrays
 from seqjax.ops.ssm.context_parallel import combine_states, reach, shard_keep, varying
@@ -70,6 +70,7 @@ def delta_rule_context_parallel(q, k, v, beta, *, log_decay=None, axis_name: str
   [B, T, N], segment_ids [B, T]: all local shards (module docstring for the scheme)."""
   _refuse_initial_state("delta_rule_context_parallel", axis_name, initial_state)
   q, k, v, beta, log_decay, segment_ids = as_arrays(q, k, v, beta, log_decay, segment_ids)
+  delta.check_arguments(q, k, v, beta, log_decay, mode, chunk_size, None, segment_ids)  # before widening v
   q, k, v, beta, log_decay = varying(axis_name, q, k, v, beta, log_decay)
   b, t, n, p = q.shape
   h = v.shape[3]
@@ -80,7 +81,7 @@ def delta_rule_context_parallel(q, k, v, beta, *, log_decay=None, axis_name: str
   s0_BNPX = vary_like(jnp.concatenate([jnp.zeros((b, n, p, h), f32), jnp.broadcast_to(identity_BNPP, (b, n, p, p))],
                                       axis=-1), q, k, v, beta, log_decay, continues_B)
   v_BTNX = jnp.concatenate([v.astype(f32), jnp.zeros((b, t, n, p), f32)], axis=-1)
-  o_BTNX, end_BNPX = delta_rule(q, k, v_BTNX, beta, log_decay=log_decay, mode=mode, chunk_size=chunk_size,
+  o_BTNX, end_BNPX = delta.delta_rule(q, k, v_BTNX, beta, log_decay=log_decay, mode=mode, chunk_size=chunk_size,
                                 initial_state=s0_BNPX, segment_ids=segment_ids, return_final_state=True)
   s_in, s_out = combine_states(end_BNPX[..., h:], end_BNPX[..., :h], axis_name=axis_name, combine=combine,
                                matrix=True)

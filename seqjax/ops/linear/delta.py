@@ -54,7 +54,8 @@ from seqjax.ops.vma import vary_like
 DEFAULT_CHUNK_SIZE = 32
 
 
-def _check(q, k, v, beta, log_decay, mode, chunk_size, initial_state, segment_ids):
+def check_arguments(q, k, v, beta, log_decay, mode, chunk_size, initial_state, segment_ids):
+  """Clear errors for `delta_rule`'s arguments (also its context-parallel form's, `context_parallel.py`)."""
   check_inputs("delta_rule", q, k, v, mode, chunk_size, initial_state, segment_ids)
   if beta.shape != q.shape[:3]:
     raise ValueError(f"delta_rule: beta must be [B, T, N] = {q.shape[:3]}, got {beta.shape}")
@@ -82,7 +83,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, log
   """
   q, k, v, beta, log_decay, initial_state, segment_ids = as_arrays(q, k, v, beta, log_decay, initial_state,
                                                                    segment_ids)
-  _check(q, k, v, beta, log_decay, mode, chunk_size, initial_state, segment_ids)
+  check_arguments(q, k, v, beta, log_decay, mode, chunk_size, initial_state, segment_ids)
   b, t, n, p = q.shape
   f32 = jnp.float32
   head_major = lambda a: jnp.swapaxes(a.astype(f32), 1, 2)  # noqa: E731  [B, T, N, ...] -> [B, N, T, ...]

@@ -172,3 +172,5 @@ def test_delta_rule_negative_control_and_refusal():
   assert np.max(np.abs(np.asarray(alone) - want_o)) > 1e-2
   with pytest.raises(ValueError, match="starts from a zero state"):
     delta_rule_context_parallel(q, k, v, beta, initial_state=jnp.zeros((B, N, KP, H)))
+  with pytest.raises(ValueError, match=r"beta must be \[B, T, N\]"):
+    delta_rule_context_parallel(q, k, v, beta[..., :1])
