@@ -171,8 +171,8 @@ def _train(config: Config, workdir: str, preemption: Preemption, wrap_jitted: Wr
                                                 on_nan=tc.on_nan)),
       state_shardings, sharding.batch_sharding(job.mesh))
   skip_fn = jax.jit(skip_step, in_shardings=(state_shardings,), out_shardings=state_shardings)
-  eval_step = sharding.without_cpu_kernels_if_partitioned(jax.jit(wrap_jitted("eval_step", task.eval_sums)),
-                                                          job.mesh)
+  eval_step = sharding.eval_in_mesh_context(jax.jit(wrap_jitted("eval_step", task.eval_sums)), job.mesh,
+                                            config.model.context_parallel_layout)
   eval_batches = tc.eval_batches or None
   lr_at = learning_rate_schedule(config.optim, tc.num_steps)
   rate_name, units_per_step = task.throughput
@@ -324,7 +324,8 @@ def evaluate_checkpoint(config: Config, workdir: str) -> dict[str, float]:
   """Evaluates the newest checkpoint in WORKDIR on the validation split (the task's metrics, and its step)."""
   job = build_job(config, workdir)
   step, params = _restore_params(job)
-  eval_step = sharding.without_cpu_kernels_if_partitioned(jax.jit(job.task.eval_sums), job.mesh)
+  eval_step = sharding.eval_in_mesh_context(jax.jit(job.task.eval_sums), job.mesh,
+                                            config.model.context_parallel_layout)
   evaluation = job.task.evaluate(params, eval_step, config.train.eval_batches or None)
   log.info("the checkpoint at step %d: %s", step, evaluation.summary)
   return {"step": step, **evaluation.metrics}

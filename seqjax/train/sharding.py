@@ -125,6 +125,27 @@ def without_cpu_kernels_if_partitioned(fn, mesh: Mesh):
   return run
 
 
+def eval_in_mesh_context(fn, mesh: Mesh, layout: str = "contiguous"):
+  """`fn(params, batch, ...)` (a jitted evaluation step) traced and run under `mesh_context(mesh)`, like the train
+  step: on a sequence-sharded mesh attention and the SSM / linear layers run context-parallel (and the LM deals the
+  batch in `layout`'s order), and the CPU kernels are off on any multi-device mesh. A batch whose length the "seq"
+  devices do not split (times 2 for "zigzag"; e.g. a synthetic task's longer evaluation split) runs outside the
+  context instead (XLA partitions it, the CPU kernels off: `without_cpu_kernels_if_partitioned`)."""
+  if mesh.devices.size == 1:
+    return fn
+  outside = without_cpu_kernels_if_partitioned(fn, mesh)
+  shards = dict(zip(mesh.axis_names, mesh.devices.shape)).get("seq", 1) * (2 if layout == "zigzag" else 1)
+
+  def run(params, batch, *args, **kwargs):
+    lengths = {np.shape(v)[1] for v in batch.values() if v is not None and np.ndim(v) >= 2}
+    if any(length % shards for length in lengths):
+      return outside(params, batch, *args, **kwargs)
+    with mesh_context(mesh):
+      return fn(params, batch, *args, **kwargs)
+
+  return run
+
+
 def process_rows(mesh: Mesh) -> tuple[int, int]:
   """(index, count): this process's devices hold row block `index` of `count` equal blocks of every global batch.
 

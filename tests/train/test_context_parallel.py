@@ -120,3 +120,32 @@ def test_ssm_sequence_sharded_step_equals_1_device_and_data_8(mixer, mesh):
   sharded = one_sgd_step(dataclasses.replace(cfg, mesh=config(mesh=mesh).mesh), params, batch)
   assert_same_step(sharded, single, params, rtol=5e-5, what=f"{mixer} on {mesh} vs 1 device")
   assert_same_step(sharded, data8, params, rtol=5e-5, what=f"{mixer} on {mesh} vs (data 8)")
+
+
+def test_evaluation_runs_context_parallel_and_equals_1_device():
+  """The trainer's evaluation step (`sharding.eval_in_mesh_context`) is traced under the mesh like the train step:
+  on (data 2, seq 4) with the zigzag layout the LM's attention runs as ring attention and the sums equal one
+  device's; a batch whose length the seq devices (x 2 for zigzag) do not split falls back to XLA's partitioning."""
+  from seqjax.nn import attention as attention_nn  # pylint: disable=import-outside-toplevel
+  from seqjax.train.tasks.lm import lm_eval_sums  # pylint: disable=import-outside-toplevel
+  cfg, params, batch, _ = shared_case("blockwise")
+  cfg = _with(cfg, {"data": 2, "seq": 4}, "ring", "zigzag")
+  model = DecoderLM(cfg.model)
+  mesh = sharding.make_mesh(cfg.mesh)
+  traced_shards = []
+
+  def sums(params, batch):
+    traced_shards.append(attention_nn.context_parallel_shards())
+    return lm_eval_sums(model, params, batch)
+
+  want = jax.device_get(jax.jit(sums)(params, batch))
+  step = sharding.eval_in_mesh_context(jax.jit(sums), mesh, cfg.model.context_parallel_layout)
+  got = jax.device_get(step(params, sharding.put_batch(batch, mesh)))
+  assert traced_shards == [1, 4]  # one device, then context-parallel over the 4 seq devices
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
+  short = {k: v[:, :12] for k, v in batch.items()}  # 12 tokens: not a multiple of 2 x 4
+  want_short = jax.device_get(jax.jit(sums)(params, short))
+  got_short = jax.device_get(step(params, sharding.put_batch(short, mesh)))
+  assert traced_shards[2:] == [1, 1]
+  np.testing.assert_allclose(got_short["loss_sum"], want_short["loss_sum"], rtol=2e-5)

@@ -125,7 +125,8 @@ def _sharded_delta(mesh_name, fn):
 
 
 @pytest.mark.parametrize("gated, mesh, combine, chunk", [
-    pytest.param(False, "data2_seq4", "all_gather", 4, id="deltanet_data2_seq4_all_gather"),
+    pytest.param(False, "data2_seq4", "all_gather", 4, id="deltanet_data2_seq4_all_gather",
+                 marks=pytest.mark.slow),  # the same scheme as the gated case; DeltaNet runs in the nn and LM tests
     pytest.param(True, "data2_seq4", "all_gather", 3, id="gated_data2_seq4_all_gather_ragged_chunks"),
     pytest.param(True, "seq8", "ppermute", 4, id="gated_seq8_ppermute", marks=pytest.mark.slow)])
 def test_context_parallel_delta_rule_equals_the_whole_sequence(gated, mesh, combine, chunk):
