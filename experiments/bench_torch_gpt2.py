@@ -118,20 +118,18 @@ def step():
     opt.step()
     return loss.detach().item()
 
-print(json.dumps({"ready": True, "params": sum(p.numel() for p in model.parameters()),
-                  "torch": torch.__version__, "transformers": transformers.__version__,
-                  "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}), flush=True)
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["op"] == "quit":
-        break
+
+def handle(command):
     times, cpu, loss = [], [], None
-    for _ in range(cmd["steps"]):
+    for _ in range(command["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    print(json.dumps({"times": times, "cpu_times": cpu, "loss": loss}), flush=True)
+    return {"times": times, "cpu_times": cpu, "loss": loss}
+
+
+serve(model, handle)
 '''
 
 

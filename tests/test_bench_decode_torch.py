@@ -21,22 +21,30 @@ from seqjax.models.lm import DecoderLM
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HF_SECONDS = 0.5  # what the stand-in reports per generate call
 
-# Answers like the real worker; `mode` in the spec plants a failure.
+# Plays the PyTorch side through the shared protocol loop (torch_side.WORKER_SERVE's serve), with stand-ins for the
+# torch and transformers modules it reports versions from; `mode` in the spec plants a failure.
 FAKE_WORKER = textwrap.dedent('''
-    import json, sys
+    import json, sys, types
     spec = json.loads(sys.argv[1])
     if spec.get("mode") == "broken":
         print(json.dumps({"error": "ImportError: no torch here"}), flush=True)
         raise SystemExit(1)
-    print(json.dumps({"ready": True, "params": 123, "torch": "fake", "transformers": "fake", "threads": spec["threads"],
-                      "attention": spec["attention"], "spec": spec}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "quit":
-            break
+    sys.modules["torch"] = types.SimpleNamespace(__version__="fake", get_num_threads=lambda: spec["threads"])
+    sys.modules["transformers"] = types.SimpleNamespace(__version__="fake")
+
+    class Model:
+        config = types.SimpleNamespace(_attn_implementation=spec["attention"])
+        def parameters(self):
+            return [types.SimpleNamespace(numel=lambda: 100), types.SimpleNamespace(numel=lambda: 23)]
+
+    def handle(command):
+        if command["op"] == "spec":
+            return spec
         short = 1 if spec.get("mode") == "short" else 0
-        print(json.dumps({"seconds": %r, "cpu_seconds": 0.1, "new_tokens": spec["new_tokens"] - short,
-                          "batch": cmd["batch"]}), flush=True)
+        return {"seconds": %r, "cpu_seconds": 0.1, "new_tokens": spec["new_tokens"] - short,
+                "batch": command["batch"]}
+
+    serve(Model(), handle)
 ''' % HF_SECONDS)
 
 
@@ -101,7 +109,9 @@ def test_the_worker_gets_gpt2_of_the_same_dimensions():
   spec = {"gpt2": torch_side.gpt2_config_kwargs(model.cfg), "attention": "sdpa", "threads": 1, "prompt": 4,
           "new_tokens": 6}
   with torch_side.TorchWorker(python, FAKE_WORKER, spec, threads=1) as worker:
-    sent = worker.info["spec"]["gpt2"]
+    assert worker.info == {"ready": True, "params": 123, "torch": "fake", "transformers": "fake", "threads": 1,
+                           "attention": "sdpa"}
+    sent = worker.request("spec")["gpt2"]
     assert (sent["n_embd"], sent["n_layer"], sent["n_head"], sent["n_inner"], sent["vocab_size"]) == (32, 1, 2, 64, 19)
     assert worker.request("generate", batch=3)["batch"] == 3
   assert worker.proc.poll() == 0  # quit ends the worker

@@ -54,21 +54,19 @@ except Exception as e:  # reported to the driver instead of a bare exit
     print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
     raise SystemExit(1)
 P, N, V = spec["prompt"], spec["new_tokens"], spec["gpt2"]["vocab_size"]
-print(json.dumps({"ready": True, "params": sum(p.numel() for p in model.parameters()),
-                  "torch": torch.__version__, "transformers": transformers.__version__,
-                  "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}), flush=True)
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["op"] == "quit":
-        break
-    ids = torch.randint(3, V, (cmd["batch"], P), generator=torch.Generator().manual_seed(cmd["batch"]))
+
+
+def handle(command):
+    ids = torch.randint(3, V, (command["batch"], P), generator=torch.Generator().manual_seed(command["batch"]))
     with torch.inference_mode():
         t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
                              use_cache=True, max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "new_tokens": out.shape[1] - P,
-                      "batch": out.shape[0]}), flush=True)
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "new_tokens": out.shape[1] - P, "batch": out.shape[0]}
+
+
+serve(model, handle)
 '''
 
 

@@ -100,8 +100,28 @@ def ensure_torch_venv(venv: str | Path = DEFAULT_VENV, version: str = DEFAULT_VE
   return python
 
 
+# Put before every worker script: the protocol's loop. A script builds its model and calls serve(model, handle).
+WORKER_SERVE = r'''
+def serve(model, handle):
+    """Reports ready (the model's parameter count, versions, threads, attention implementation), then answers each
+    command line with one line, handle(command), until {"op": "quit"}."""
+    import json, sys, torch, transformers
+    print(json.dumps({"ready": True, "params": sum(p.numel() for p in model.parameters()),
+                      "torch": torch.__version__, "transformers": transformers.__version__,
+                      "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}),
+          flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "quit":
+            break
+        print(json.dumps(handle(command)), flush=True)
+'''
+
+
 class TorchWorker:
   """A worker script (module docstring) in a subprocess; `request(op, **args)` sends one command, returns the reply.
+
+  The script runs after `WORKER_SERVE`, so it may end with `serve(model, handle)`.
 
   `info` is the worker's first line (what it reports when ready). `threads` sets OMP/MKL threads; `omp_wait_policy`
   "PASSIVE" keeps libgomp's idle threads from spinning (on a shared, loaded CPU the default policy made every
@@ -115,8 +135,8 @@ class TorchWorker:
     env.pop("OMP_WAIT_POLICY", None)
     if omp_wait_policy:
       env["OMP_WAIT_POLICY"] = omp_wait_policy
-    self.proc = subprocess.Popen([str(python), "-c", script, json.dumps(spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env)
+    self.proc = subprocess.Popen([str(python), "-c", WORKER_SERVE + script, json.dumps(spec)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.info = self._read()
 
   def _read(self) -> dict[str, Any]:
