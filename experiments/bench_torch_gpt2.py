@@ -34,14 +34,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from seqjax.bench.torch_side import (DEFAULT_VENV, DEFAULT_VERSION, TorchWorker, ensure_torch_venv,
+                                     gpt2_config_kwargs, gpt2_differences)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lm_pysrc.py", "seqjax config file (both models' "
                                           "dimensions, batch size and sequence length come from it).",
@@ -57,59 +58,15 @@ _OMP_WAIT_POLICY = flags.DEFINE_string(
     "from spinning: on a shared, loaded CPU the default policy made every parallel torch op ~40x slower (an "
     "elementwise op on 1M floats: 7.8 ms vs 0.3 ms), so PASSIVE is the stronger, fairer baseline. '' = library "
     "default.")
-_TORCH_VENV = flags.DEFINE_string("torch_venv", ".venv-torch", "Virtualenv of the PyTorch side (created if missing).")
-_TORCH_VERSION = flags.DEFINE_string("torch_version", "2.13.0", "Pinned torch version installed into --torch_venv.")
+_TORCH_VENV = flags.DEFINE_string("torch_venv", DEFAULT_VENV, "Virtualenv of the PyTorch side (created if missing).")
+_TORCH_VERSION = flags.DEFINE_string("torch_version", DEFAULT_VERSION,
+                                     "Pinned torch version installed into --torch_venv.")
 
 TARGET_RATIO = 1.5
 
 # ----------------------------------------------------------------------------------------------------------------
-# The config mapping (pure Python: importable and testable without torch or jax)
+# The FLOP count (the GPT-2 config mapping, the virtualenv and the worker machinery are seqjax.bench.torch_side)
 # ----------------------------------------------------------------------------------------------------------------
-
-_GPT2_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu"}  # flax nn.gelu is the tanh form = gelu_new
-
-
-def gpt2_config_kwargs(model_cfg: Any) -> dict[str, Any]:
-  """Keyword arguments of `transformers.GPT2Config` for a model of the same dimensions as a seqjax `ModelConfig`.
-
-  Positions: GPT-2 always has a learned table; a seqjax model with RoPE, sinusoidal or no positions is compared
-  with it anyway (see `gpt2_differences`). Raises ValueError for a seqjax model that GPT-2 cannot mirror (another
-  mixer, ALiBi, RMSNorm, post-norm, gated MLP, grouped-query heads, a head_dim other than d_model / num_heads,
-  bfloat16).
-  """
-  m = model_cfg
-  problems = []
-  if m.mixer_pattern != ("attention",):
-    problems.append(f"model.mixer={m.mixer!r} (GPT-2 has attention layers only)")
-  if m.positions == "alibi":
-    problems.append(f"model.positions={m.positions!r} (GPT-2 has learned positions and no attention bias)")
-  if m.norm != "layernorm" or m.norm_position != "pre":
-    problems.append(f"model.norm={m.norm!r}, norm_position={m.norm_position!r} (GPT-2 is pre-norm LayerNorm)")
-  if m.mlp != "mlp":
-    problems.append(f"model.mlp={m.mlp!r} (GPT-2 has a plain MLP)")
-  if m.resolved_num_kv_heads != m.attention.num_heads:
-    problems.append(f"model.attention.num_kv_heads={m.attention.num_kv_heads} (GPT-2 is multi-head)")
-  if m.resolved_head_dim * m.attention.num_heads != m.d_model:
-    problems.append(f"model.attention.head_dim={m.attention.head_dim} (GPT-2 has head_dim = d_model / num_heads)")
-  if m.attention.qk_norm:
-    problems.append("model.attention.qk_norm=True (GPT-2 has no QK-norm)")
-  if m.dtype != "float32":
-    problems.append(f"model.dtype={m.dtype!r} (this benchmark compares float32 training on CPU)")
-  if problems:
-    raise ValueError("bench_torch_gpt2: the seqjax model has no GPT-2 counterpart: " + "; ".join(problems)
-                     + ". Use a config with a plain pre-norm LayerNorm Transformer (e.g. configs/lm_pysrc.py).")
-  return dict(vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers,
-              n_head=m.attention.num_heads, n_inner=m.mlp_dim, activation_function=_GPT2_ACTIVATIONS[m.activation],
-              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=m.tie_embeddings,
-              bos_token_id=None, eos_token_id=None, use_cache=False)
-
-
-def gpt2_differences(model_cfg: Any) -> list[str]:
-  """What differs between the seqjax model and its GPT-2 counterpart beyond the shared dimensions."""
-  diffs = ["GPT-2 has biases on its projections (seqjax has none)"]
-  if model_cfg.positions != "learned":
-    diffs.append(f"seqjax uses {model_cfg.positions!r} positions, GPT-2 a learned table of n_positions vectors")
-  return diffs
 
 
 def train_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float:
@@ -124,7 +81,7 @@ def train_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The PyTorch side: a worker in its own virtualenv, driven over stdin/stdout (one JSON object per line)
+# The PyTorch side: a worker script for seqjax.bench.torch_side.TorchWorker (one JSON object per line)
 # ----------------------------------------------------------------------------------------------------------------
 
 _TORCH_WORKER = r'''
@@ -161,70 +118,19 @@ def step():
     opt.step()
     return loss.detach().item()
 
-print(json.dumps({"ready": True, "params": sum(p.numel() for p in model.parameters()),
-                  "torch": torch.__version__, "transformers": transformers.__version__,
-                  "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}), flush=True)
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["op"] == "quit":
-        break
+
+def handle(command):
     times, cpu, loss = [], [], None
-    for _ in range(cmd["steps"]):
+    for _ in range(command["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    print(json.dumps({"times": times, "cpu_times": cpu, "loss": loss}), flush=True)
+    return {"times": times, "cpu_times": cpu, "loss": loss}
+
+
+serve(model, handle)
 '''
-
-
-def ensure_torch_venv(venv: Path, version: str) -> Path:
-  """The Python of `venv`, creating it and installing torch==version (CPU wheel) + transformers if needed."""
-  python = venv / "bin" / "python"
-  probe = "import torch, transformers; print(torch.__version__)"
-  if python.exists():
-    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-    if out.returncode == 0 and out.stdout.strip().split("+")[0] == version:
-      return python
-  print(f"creating {venv} with torch=={version} and transformers (once; ~1-2 min) ...", flush=True)
-  base = getattr(sys, "_base_executable", None) or sys.executable
-  subprocess.run([base, "-m", "venv", str(venv)], check=True)
-  subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"torch=={version}", "transformers"], check=True)
-  out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-  if out.returncode != 0:
-    raise RuntimeError(f"torch does not import in {venv}:\n{out.stderr[-2000:]}")
-  return python
-
-
-class TorchWorker:
-  """The PyTorch GPT-2 in a subprocess; `run(k)` times k training steps there."""
-
-  def __init__(self, python: Path, spec: dict[str, Any], omp_wait_policy: str = "PASSIVE"):
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("OMP_WAIT_POLICY", None)
-    if omp_wait_policy:
-      env["OMP_WAIT_POLICY"] = omp_wait_policy
-    self.proc = subprocess.Popen([str(python), "-c", _TORCH_WORKER, json.dumps(spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env)
-    self.info = self._read()
-
-  def _read(self) -> dict[str, Any]:
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f"the torch worker exited (status {self.proc.wait()}); see its stderr above")
-    return json.loads(line)
-
-  def run(self, steps: int) -> dict[str, Any]:
-    self.proc.stdin.write(json.dumps({"op": "run", "steps": steps}) + "\n")
-    self.proc.stdin.flush()
-    return self._read()
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-      self.proc.stdin.flush()
-      self.proc.wait(timeout=60)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,7 +235,7 @@ def main(argv: list[str]) -> None:
   spec = {"gpt2": gpt2, "attention": _TORCH_ATTENTION.value, "threads": _THREADS.value, "batch_size": B,
           "seq_len": T, "optim": optim}
   load_before = os.getloadavg()
-  worker = TorchWorker(python, spec, _OMP_WAIT_POLICY.value)
+  worker = TorchWorker(python, _TORCH_WORKER, spec, threads=_THREADS.value, omp_wait_policy=_OMP_WAIT_POLICY.value)
   try:
     import jax
     seqjax = SeqjaxRunner(config)

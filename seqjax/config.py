@@ -443,6 +443,7 @@ class SampleConfig:
   stop_tokens: str = ""  # Comma-separated token ids or "eos" (the tokenizer's), e.g. "eos,13"; "": none.
   num_beams: int = 1  # > 1: beam search (needs temperature=0).
   length_penalty: float = 1.0  # Beam search: log p / ((5 + n) / 6) ** length_penalty.
+  quantize: bool = False  # Decode with int8 weight-only quantized parameters (seqjax.decode.quantize).
 
   def _check(self, prefix: str) -> None:
     if self.temperature < 0:

@@ -197,6 +197,7 @@ def test_context_parallel_choices_and_refusals(changes, expected):
     ("num_beams", 4, "config.sample.num_beams: beam search is deterministic"),  # default temperature 0.8
     ("stop_tokens", "eos,newline", "config.sample.stop_tokens: entries are token ids"),
     ("length_penalty", float("nan"), "config.sample.length_penalty: must be a finite number"),
+    ("quantize", "yes", "config.sample.quantize: got 'yes' of type str; expected bool"),
 ])
 def test_bad_sample_options_name_the_field(field, value, expected):
   cfg = default_config_dict().to_dict()

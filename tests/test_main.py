@@ -6,6 +6,7 @@ sees another's steps, whatever the order or the xdist worker.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,18 @@ def test_generate_with_beam_search_and_stop_tokens_reports_tokens_per_second(smo
   assert "--- sample 0 ---\ndef " in proc.stdout and "tokens/s" in proc.stderr
   proc = _run(*_common(workdir, data_dir), "--mode=generate", "--config.sample.top_p=1.5", timeout=60)
   assert proc.returncode == 2 and "config.sample.top_p: must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_generate_with_int8_weights_reports_the_memory_ratio(smoke_run):
+  workdir, data_dir = smoke_run
+  proc = _run(*_common(workdir, data_dir), "--mode=generate", "--config.sample.prompt=def ",
+              "--config.sample.num_tokens=8", "--config.sample.temperature=0", "--config.sample.quantize=True")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "--- sample 0 ---\ndef " in proc.stdout and "tokens/s" in proc.stderr
+  ratio = re.search(r"int8 weights: parameters (\d+) -> (\d+) bytes \(ratio ([0-9.]+)\)", proc.stderr)
+  assert ratio, proc.stderr[-3000:]
+  float_bytes, int8_bytes, value = int(ratio[1]), int(ratio[2]), float(ratio[3])
+  assert int8_bytes < 0.5 * float_bytes and value == pytest.approx(int8_bytes / float_bytes, abs=1e-3)
 
 
 def test_longer_run_resumes_from_the_workdir(smoke_run, tmp_path):

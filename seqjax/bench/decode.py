@@ -21,6 +21,11 @@ against the context length for each mixer family.
    plain target decoding and of speculative decoding side by side, with the acceptance rate
    (`seqjax.bench.decode_extras`).
 4. **int8 weights** (`--quant_workdir RUN`): validation bits/byte with float and int8 weights, parameter memory.
+5. **Against Hugging Face GPT-2** (`seqjax.bench.decode_torch`): greedy tokens/s of `generate` and of
+   `transformers`' `GPT2LMHeadModel.generate` with its KV cache (PyTorch CPU) at the demo model's size, batches
+   `--batches`, the two taking turns. It runs when PyTorch's virtualenv (`--torch_venv`, default .venv-torch)
+   holds torch and transformers; `--torch` creates it first (pip, once), `--skip_torch` leaves the comparison out;
+   without either and without the virtualenv the benchmark says how to get it and goes on.
 
 Writes results/decode/decode.json and decode.png (the sweep).
 """
@@ -183,7 +188,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m seqjax.bench decode", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batches", default="1,8", help="batch sizes of the cached-vs-uncached comparison")
+  parser.add_argument("--batches", default="1,8", help="batch sizes of the cached-vs-uncached and the HF GPT-2 comparisons")
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--new_tokens", type=int, default=256)
   parser.add_argument("--contexts", default="128,512,2048,8192", help="contexts of the per-token sweep")
@@ -199,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--spec_draft_tokens", default="2,4")
   parser.add_argument("--spec_temperatures", default="0,1")
   parser.add_argument("--quant_workdir", default="", help="a trained LM run: int8 bits/byte and memory")
+  parser.add_argument("--torch", action="store_true", help="compare with HF GPT-2, creating --torch_venv if needed")
+  parser.add_argument("--skip_torch", action="store_true", help="leave out the HF GPT-2 comparison")
+  parser.add_argument("--torch_venv", default=".venv-torch", help="PyTorch's virtualenv for the HF comparison")
+  parser.add_argument("--torch_rounds", type=int, default=5, help="alternating timed calls per side and batch")
+  parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads of the HF side")
   flags = parser.parse_args(argv)
   out_dir = pathlib.Path(flags.results_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +221,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["per_token_vs_context"] = context_sweep([int(c) for c in flags.contexts.split(",")], flags.steps,
                                                    flags.repeats, log)
     plot(result["per_token_vs_context"], out_dir / "decode.png")
+  if not flags.skip_torch:
+    from seqjax.bench import decode_torch, torch_side  # pylint: disable=import-outside-toplevel
+    if flags.torch or torch_side.torch_ready(flags.torch_venv):
+      model = DecoderLM(demo_model_config(flags.prompt + flags.new_tokens))
+      result["hf_gpt2"] = decode_torch.hf_comparison(
+          model, _params(model), batches=[int(b) for b in flags.batches.split(",")], prompt_len=flags.prompt,
+          num_new=flags.new_tokens, rounds=flags.torch_rounds, venv=flags.torch_venv, threads=flags.threads,
+          log=log, create=flags.torch)
+    else:
+      result["hf_gpt2"] = {"skipped": decode_torch.how_to_get_it(flags.torch_venv)}
+      log(f"skipped: {result['hf_gpt2']['skipped']}")
   if flags.spec_target and flags.spec_draft:
     from seqjax.bench import decode_extras  # pylint: disable=import-outside-toplevel
     result["speculative"] = decode_extras.speculative_vs_plain(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.decode.quantize import materialize
+from seqjax.ops import backend
 
 
 @flax.struct.dataclass
@@ -140,14 +141,24 @@ def prefill(model: Any, params: Any, prompts_BP: jax.Array, lengths_B: jax.Array
   return logits_BPV[jnp.arange(prompts_BP.shape[0]), lengths_B - 1], cache
 
 
+# Cached steps and extensions are traced with the portable JAX ops (`seqjax.ops.backend` mode "off"), whatever the
+# process's CPU-kernel mode: the C++ kernels (matmul, MLP, LayerNorm; docs/native.md) pay a thread-pool dispatch
+# per call that only the row counts of training and prefill repay. For the B rows of a step they cost more than
+# they save: the demo model's greedy step at batch 1 took ~2x as long with them (docs/decoding.md). The prefill
+# keeps the process's mode.
+_STEP_CPU_KERNELS = "off"
+
+
 def step(model: Any, params: Any, tokens_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
   """One cached step: (float32 logits [B, V] of the next token, the new cache)."""
-  return model.apply({"params": materialize(params)}, tokens_B, cache, method="step")
+  with backend.cpu_kernels_mode(_STEP_CPU_KERNELS):
+    return model.apply({"params": materialize(params)}, tokens_B, cache, method="step")
 
 
 def extend(model: Any, params: Any, tokens_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
   """T new tokens per row from the cache (`DecoderLM.extend`): (float32 logits [B, T, V], pending)."""
-  return model.apply({"params": materialize(params)}, tokens_BT, cache, method="extend")
+  with backend.cpu_kernels_mode(_STEP_CPU_KERNELS):
+    return model.apply({"params": materialize(params)}, tokens_BT, cache, method="extend")
 
 
 def select_rows(model: Any, cache: dict, rows: jax.Array) -> dict:

@@ -20,7 +20,8 @@ Cross-attention keys and values are computed once and reused (an encoder-decoder
 
 The cache is a ring of S slots: token number a of a row lives in slot a % S, so a cache of S = window slots is a
 causal sliding window of that many keys, and S = max_len a full cache. Keys are stored after RoPE, in the compute
-dtype, at K kv heads (grouped-query caches stay small). `index` [B] counts the tokens a row has seen and
+dtype, at K kv heads (grouped-query caches stay small), laid out [B, K, S, H] (kv heads before slots: a step's
+attention reads the cache where it lies, `seqjax.ops.attention.decode`). `index` [B] counts the tokens a row has seen and
 `position` [B] is its next token's position, so rows may be at different places (ragged prompts). A stepped
 token sees the keys of its own document only (those at most `position` tokens back); ALiBi's bias is
 `-slope * distance` in tokens, as in the parallel form.
@@ -39,6 +40,7 @@ from seqjax.ops.attention import masks as masks_lib
 from seqjax.ops.attention import ring as ring_lib
 from seqjax.ops.attention import positions as positions_ops
 from seqjax.ops.attention import attention_weights, get_attention
+from seqjax.ops.attention.decode import cache_attention
 from seqjax.ops.dense.dot import flat_dot_general
 
 Dtype = Any
@@ -51,7 +53,7 @@ class KVCache(NamedTuple):
   window. Callers keep prompt + new tokens within the context (`seqjax.decode.generate` checks it).
 
   Attributes:
-    key, value: [B, S, K, H] in the compute dtype; token number a of row b is in slot a % S (zeros where empty).
+    key, value: [B, K, S, H] in the compute dtype; token number a of row b is in slot a % S (zeros where empty).
     index: int32 [B], tokens seen so far (the number of the next token).
     position: int32 [B], the next token's position in its document (RoPE; it bounds what the token sees).
   """
@@ -63,7 +65,7 @@ class KVCache(NamedTuple):
 
   @classmethod
   def empty(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int, dtype: Dtype) -> "KVCache":
-    zeros = jnp.zeros((batch_size, size, num_kv_heads, head_dim), dtype)
+    zeros = jnp.zeros((batch_size, num_kv_heads, size, head_dim), dtype)
     counter = jnp.zeros((batch_size,), jnp.int32)
     return cls(zeros, zeros, counter, counter)
 
@@ -79,7 +81,8 @@ class KVCache(NamedTuple):
     source_BS11 = jnp.clip(token_BS, 0, length - 1)[..., None, None]
 
     def gather(x_BTKH):
-      return jnp.where(valid_BS11, jnp.take_along_axis(x_BTKH, source_BS11, axis=1), 0).astype(x_BTKH.dtype)
+      x_BSKH = jnp.where(valid_BS11, jnp.take_along_axis(x_BTKH, source_BS11, axis=1), 0).astype(x_BTKH.dtype)
+      return jnp.swapaxes(x_BSKH, 1, 2)
 
     return cls(gather(k_BTKH), gather(v_BTKH), lengths_B.astype(jnp.int32), next_positions_B.astype(jnp.int32))
 
@@ -87,58 +90,23 @@ class KVCache(NamedTuple):
     """The cache with the first count[b] of T new tokens k, v [B, T, K, H] appended to each row b (token t into
     slot (index + t) % S, in order, as `append` would). Speculative decoding's commit: the tokens a row accepted
     go in, the others never touch its cache."""
-    size, new = self.key.shape[1], k_BTKH.shape[1]
+    size, new = self.key.shape[2], k_BTKH.shape[1]
     slot_BS = jnp.arange(size, dtype=jnp.int32)[None]
     key, value = self.key, self.value
     for t in range(new):
-      write_BS = (slot_BS == jnp.mod(self.index + t, size)[:, None]) & (t < count_B)[:, None]
-      key = jnp.where(write_BS[..., None, None], k_BTKH[:, t, None].astype(key.dtype), key)
-      value = jnp.where(write_BS[..., None, None], v_BTKH[:, t, None].astype(value.dtype), value)
+      write_B1S1 = ((slot_BS == jnp.mod(self.index + t, size)[:, None]) & (t < count_B)[:, None])[:, None, :, None]
+      key = jnp.where(write_B1S1, k_BTKH[:, t, :, None].astype(key.dtype), key)
+      value = jnp.where(write_B1S1, v_BTKH[:, t, :, None].astype(value.dtype), value)
     count_B = count_B.astype(jnp.int32)
     return KVCache(key, value, self.index + count_B, self.position + count_B)
 
   def append(self, k_BKH: jax.Array, v_BKH: jax.Array) -> "KVCache":
     """The cache with one more token per row (written into slot index % S)."""
     rows_B = jnp.arange(self.key.shape[0])
-    slot_B = jnp.mod(self.index, self.key.shape[1])
-    return KVCache(self.key.at[rows_B, slot_B].set(k_BKH.astype(self.key.dtype)),
-                   self.value.at[rows_B, slot_B].set(v_BKH.astype(self.value.dtype)),
+    slot_B = jnp.mod(self.index, self.key.shape[2])
+    return KVCache(self.key.at[rows_B, :, slot_B].set(k_BKH.astype(self.key.dtype)),
+                   self.value.at[rows_B, :, slot_B].set(v_BKH.astype(self.value.dtype)),
                    self.index + 1, self.position + 1)
-
-
-class _VisibleQuerySlots(masks_lib.Mask):
-  """A data mask over keys: query row t of batch row b sees key j where visible[b, t, j]."""
-
-  _arrays = ("visible_BTS",)
-
-  def __init__(self, visible_BTS: jax.Array):
-    self.visible_BTS = visible_BTS
-
-  def block(self, q_idx, kv_idx):
-    rows_BTS = jnp.take(self.visible_BTS, jnp.asarray(q_idx, jnp.int32), axis=1, mode="clip")
-    return jnp.take(rows_BTS, jnp.asarray(kv_idx, jnp.int32), axis=2, mode="clip")[:, None]
-
-  def check(self, batch, q_len, kv_len):
-    if tuple(self.visible_BTS.shape) != (batch, q_len, kv_len):
-      raise ValueError(f"_VisibleQuerySlots: expected [B, T, S] = {(batch, q_len, kv_len)}, got "
-                       f"{self.visible_BTS.shape}")
-
-
-class _VisibleSlots(masks_lib.Mask):
-  """A data mask over cache slots: query rows see key slot j of row b where visible[b, j] (any query row)."""
-
-  _arrays = ("visible_BS",)
-
-  def __init__(self, visible_BS: jax.Array):
-    self.visible_BS = visible_BS
-
-  def block(self, q_idx, kv_idx):
-    visible_BS = jnp.take(self.visible_BS, jnp.asarray(kv_idx, jnp.int32), axis=1, mode="clip")
-    return visible_BS[:, None, None, :] & jnp.ones((1, 1, jnp.shape(q_idx)[0], 1), bool)
-
-  def check(self, batch, q_len, kv_len):
-    if tuple(self.visible_BS.shape) != (batch, kv_len):
-      raise ValueError(f"_VisibleSlots: expected [B, S] = {(batch, kv_len)}, got {self.visible_BS.shape}")
 
 
 CONTEXT_PARALLEL = ("ring", "all_gather")
@@ -327,9 +295,9 @@ class MultiHeadAttention(nn.Module):
     written there); new key u is token index + u. A key at distance d = (query's token number - key's) is visible
     when it exists, 0 <= d < S (the S tokens a stepped query sees: the window of a ring cache) and d <= position
     + t (its own document). Keys are read before any new token is written, so a ring cache loses nothing that an
-    earlier query of the extension still needs. The reference kernel over [B, N, T, S + T].
+    earlier query of the extension still needs. `cache_attention` over the S + T keys.
     """
-    size, new = cache.key.shape[1], q_BTNH.shape[1]
+    size, new = cache.key.shape[2], q_BTNH.shape[1]
     index_B11, position_B11 = cache.index[:, None, None], cache.position[:, None, None]
     t_1T1 = jnp.arange(new, dtype=jnp.int32)[None, :, None]
     back_11S = jnp.mod(index_B11 - 1 - jnp.arange(size, dtype=jnp.int32)[None, None], size)
@@ -345,21 +313,20 @@ class MultiHeadAttention(nn.Module):
     if self.alibi:
       slopes_N = positions_ops.alibi_slopes(self.num_heads)
       bias = -slopes_N[None, :, None, None] * distance_BTS[:, None].astype(jnp.float32)
-    keys = jnp.concatenate([cache.key, k_BTKH.astype(cache.key.dtype)], axis=1)
-    values = jnp.concatenate([cache.value, v_BTKH.astype(cache.value.dtype)], axis=1)
-    reference = get_attention("reference")
-    return reference(q_BTNH, keys, values, mask=_VisibleQuerySlots(visible_BTS), bias=bias)
+    keys = jnp.concatenate([cache.key, jnp.swapaxes(k_BTKH, 1, 2).astype(cache.key.dtype)], axis=2)
+    values = jnp.concatenate([cache.value, jnp.swapaxes(v_BTKH, 1, 2).astype(cache.value.dtype)], axis=2)
+    return cache_attention(q_BTNH, keys, values, visible_BTS, bias)
 
   def _attend_cache(self, q_B1NH, k_B1KH, v_B1KH, cache: KVCache, cache_mask: masks_lib.Mask | None = None):
     """Appends one token per row to the cache and attends over it: (out [B, 1, N, H], new cache).
 
     Slot j holds the token `distance[b, j]` tokens back (0: the new one). It is visible when that token exists
-    (distance <= index) and belongs to this document (distance <= position). The reference kernel: for one query
+    (distance <= index) and belongs to this document (distance <= position). `cache_attention`: for one query
     it materialises only [B, N, 1, S].
     """
     index_B1, position_B1 = cache.index[:, None], cache.position[:, None]
     cache = cache.append(k_B1KH[:, 0], v_B1KH[:, 0])
-    size = cache.key.shape[1]
+    size = cache.key.shape[2]
     distance_BS = jnp.mod(index_B1 - jnp.arange(size, dtype=jnp.int32)[None], size)
     visible_BS = (distance_BS <= index_B1) & (distance_BS <= position_B1)
     if cache_mask is not None:  # the pattern's row for the new position, over each slot's token position
@@ -369,6 +336,5 @@ class MultiHeadAttention(nn.Module):
     if self.alibi:
       slopes_N = positions_ops.alibi_slopes(self.num_heads)
       bias = -slopes_N[None, :, None, None] * distance_BS[:, None, None, :].astype(jnp.float32)
-    reference = get_attention("reference")
-    out_B1NH = reference(q_B1NH, cache.key, cache.value, mask=_VisibleSlots(visible_BS), bias=bias)
+    out_B1NH = cache_attention(q_B1NH, cache.key, cache.value, visible_BS[:, None], bias)
     return out_B1NH, cache

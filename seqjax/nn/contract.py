@@ -30,7 +30,7 @@ three methods, each called through `module.apply(variables, ..., method=...)`:
 States of the built-in mixers (tests/nn/test_mixer_contract.py checks all of them, and every newly registered
 mixer, against the parallel form):
 
-    attention        KVCache(key [B, S, K, H], value [B, S, K, H] compute dtype, index int32 [B], position int32 [B])
+    attention        KVCache(key [B, K, S, H], value [B, K, S, H] compute dtype, index int32 [B], position int32 [B])
                      S = max_len, or the window when model.attention.window > 0 (a ring buffer)
     lstm             (h [B, R], c [B, R]) float32
     gru, rnn         (h [B, R],) float32

@@ -125,10 +125,10 @@ class ReformerMixer(nn.Module):
     qk_B1NH, v_B1NH = self._project(x_BD[:, None], state.position[:, None])
     index_B1, position_B1 = state.index[:, None], state.position[:, None]
     state = state.append(lsh._normalize(qk_B1NH)[:, 0], v_B1NH[:, 0])  # pylint: disable=protected-access
-    size = state.key.shape[1]
+    size = state.key.shape[2]  # the cache is [B, N, S, H]
     distance_D = jnp.arange(size, dtype=jnp.int32)[None]
     slot_BD = jnp.mod(index_B1 - distance_D, size)
-    gather = lambda x: jnp.take_along_axis(x, slot_BD[:, :, None, None], axis=1)  # noqa: E731
+    gather = lambda x: jnp.swapaxes(jnp.take_along_axis(x, slot_BD[:, None, :, None], axis=2), 1, 2)  # noqa: E731
     visible_BD = (distance_D <= index_B1) & (distance_D <= position_B1)
     y_BNH = lsh.lsh_attention_step(qk_B1NH[:, 0], gather(state.key), gather(state.value), visible_BD,
                                    self._rotations(), chunk=self.cfg.sparse.chunk)

@@ -5,6 +5,10 @@
   target whose window is shorter than an extension, hybrids, a scanned stack), ragged prompts and stop tokens.
   Bugs caught: a cache not restored to the accepted prefix (the next round starts from a state that has seen a
   rejected token), a wrong accepted count, an extension reading the wrong positions.
+- The draft's cache after a rejection: a target / draft pair whose greedy tokens depend on the position alone
+  (zero token embeddings) and disagree at every third position; the per-row proposed / accepted counts must equal
+  a replay in which the draft reads only the accepted text. Bug caught: the draft's cache committed with every
+  proposed token (the output stays the target's; only the proposals, hence the counts, change).
 - The exact output distribution on a 4-token vocabulary: every draft proposal and acceptance event of the
   algorithm is enumerated in float64 NumPy over the models' own next-token distributions, with the rule evaluated
   in closed form by the implementation's `acceptance_probability` / `residual_distribution`; the probability of
@@ -117,6 +121,46 @@ def _greedy_counts(model, params, draft_model, draft_params, stop_B, *, k):
           text.append(token)
           count += 1
   return proposed, accepted
+
+
+def _position_driven_pair():
+  """A target and a draft whose greedy next token is a function of the position alone, so what the draft proposes
+  is decided by the position its cache says it is at.
+
+  Token embeddings are zero (the input is the learned position table only, untied read-out), so each model's
+  argmax at position t is a fixed function of t whatever the text. The draft is the target with the position rows
+  t = 2 mod 3 replaced by other random rows: it agrees with the target at the other positions and (mostly)
+  disagrees at those, so rounds stop at different places and accept 0 .. k-1 tokens. A draft cache that keeps a
+  rejected token is at a later position in the next round and proposes the tokens of other positions.
+  """
+  model, params = make_lm(_cfg("attention", num_layers=1, positions="learned"), seed=3, embed_scale=1.0)
+  params = jax.tree.map(lambda x: x, params)  # a copy to edit
+  params["embed"]["embedding"] = jnp.zeros_like(params["embed"]["embedding"])
+  table = 4.0 * params["pos_embed"]["table"]
+  params["pos_embed"]["table"] = table
+  other = jax.random.normal(jax.random.key(11), table.shape, table.dtype) * jnp.std(table)
+  swapped = (jnp.arange(table.shape[0]) % 3 == 2)[:, None]
+  draft_params = jax.tree.map(lambda x: x, params)
+  draft_params["pos_embed"]["table"] = jnp.where(swapped, other, table)
+  return model, params, draft_params
+
+
+def test_draft_cache_keeps_only_the_accepted_tokens():
+  """The replayed per-row proposed / accepted counts equal the jitted program's. The replay's draft reads only the
+  accepted text; had the draft's cache committed every proposed token after a rejection, its next proposals would
+  come from later positions and the counts would differ (planted: `draft_model.commit(..., k + 1)` fails here)."""
+  model, params, draft_params = _position_driven_pair()
+  k = 3
+  no_stop = np.full((3,), -1)
+  proposed, accepted = _greedy_counts(model, params, model, draft_params, no_stop, k=k)
+  # The case has teeth: several rounds per row, and rounds that end in a rejection after some acceptances.
+  assert np.all(proposed > k) and np.all(accepted > 0) and np.all(accepted < proposed)
+  kw = dict(prompt_lengths=LENGTHS, max_new_tokens=NEW)
+  plain = generate(model, params, PROMPTS, **kw)
+  out = generate(model, params, PROMPTS, draft=(model, draft_params), num_draft_tokens=k, **kw)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
+  np.testing.assert_array_equal(np.asarray(out.draft_proposed), proposed)
+  np.testing.assert_array_equal(np.asarray(out.draft_accepted), accepted)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_prefill_then_cached_steps_equal_full_forward(implementation, rope, alib
   out, (k, v) = mod.apply({"params": params}, x[:, :prefill], mask=mask, return_kv=True)
   lengths = jnp.full((2,), prefill, jnp.int32)
   cache = KVCache.from_sequence(k, v, lengths, lengths, size=window or T)
-  assert cache.key.shape == (2, window or T, 2, 8)
+  assert cache.key.shape == (2, 2, window or T, 8)
   step = jax.jit(lambda cache, x_t: mod.apply({"params": params}, x_t, cache=cache))
   outs = [out]
   for t in range(prefill, T):
@@ -97,9 +97,9 @@ def test_kv_cache_ring_slots():
   k = jnp.arange(1, 6, dtype=jnp.float32).reshape(1, 5, 1, 1) * jnp.ones((2, 1, 1, 1))
   cache = KVCache.from_sequence(k, k, jnp.asarray([5, 2]), jnp.asarray([5, 2]), size=3)
   # Row 0 saw tokens 1..5: token a sits in slot a % 3 (numbering from 0); row 1 saw two tokens, slot 2 is empty.
-  np.testing.assert_array_equal(cache.key[..., 0, 0], [[4, 5, 3], [1, 2, 0]])
+  np.testing.assert_array_equal(cache.key[:, 0, :, 0], [[4, 5, 3], [1, 2, 0]])
   cache = cache.append(jnp.full((2, 1, 1), 9.0), jnp.full((2, 1, 1), 9.0))
-  np.testing.assert_array_equal(cache.key[..., 0, 0], [[4, 5, 9], [1, 2, 9]])
+  np.testing.assert_array_equal(cache.key[:, 0, :, 0], [[4, 5, 9], [1, 2, 9]])
   np.testing.assert_array_equal(cache.index, [6, 3])
 
 

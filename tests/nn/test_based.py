@@ -72,7 +72,7 @@ def test_decode_state_is_constant_in_the_context():
   mixer = make_mixer("based", _config())
   for max_len in (16, 4096):
     state = mixer.init_state(B, max_len)
-    assert state["window"].key.shape == (B, W, N, D // N)
+    assert state["window"].key.shape == (B, N, W, D // N)
     assert state["linear"]["kv"].shape == (B, N, 1 + P + P * P, D // N + 1)
 
 

@@ -221,10 +221,10 @@ def test_init_cache_needs_no_parameters_and_matches_the_layout():
   assert cache["position"].shape == (3,)
   mamba, attention, lstm = cache["layers"]
   assert mamba["conv"].shape == (3, 3, 32) and mamba["ssm"].shape == (3, 32, 4)
-  assert attention.key.shape == (3, 8, 2, 8) and attention.key.dtype == jnp.float32
+  assert attention.key.shape == (3, 2, 8, 8) and attention.key.dtype == jnp.float32
   assert [s.shape for s in lstm] == [(3, D), (3, D)]
   windowed = DecoderLM(MODEL_CASES["attention_window_alibi_mqa"]).init_cache(2)
-  assert windowed["layers"][0].key.shape == (2, 4, 1, 8)  # a ring of `window` slots, one kv head
+  assert windowed["layers"][0].key.shape == (2, 1, 4, 8)  # one kv head, a ring of `window` slots
 
 
 def test_prompt_longer_than_the_kv_cache_is_a_clear_error():

@@ -27,7 +27,7 @@ from seqjax.config import Config, ConfigError
 from seqjax.data import synthetic
 from seqjax.data.pipeline import make_lm_data
 from seqjax.data.tokenizer import ByteTokenizer
-from seqjax.decode import generate
+from seqjax.decode import generate, parameter_bytes, quantize
 from seqjax.evals.lm_metrics import summarize
 from seqjax.models.lm import DecoderLM
 from seqjax.nn import attention as attention_nn
@@ -294,7 +294,13 @@ def sample_text(model: DecoderLM, params: Any, tokenizer: ByteTokenizer, sc: con
                 seed: int) -> list[str]:
   """`sc.num_samples` continuations of `sc.prompt` (`seqjax.decode.generate` with every option of config.sample),
   each the prompt and its continuation up to its stop token. Logs the decoding rate in new tokens per second,
-  measured on a second run of the compiled program."""
+  measured on a second run of the compiled program. `sc.quantize` decodes with int8 weights
+  (`seqjax.decode.quantize`) and logs the parameter memory ratio int8 / float."""
+  if sc.quantize:
+    float_bytes = parameter_bytes(params)
+    params = quantize(params)
+    log.info("int8 weights: parameters %d -> %d bytes (ratio %.3f)", float_bytes, parameter_bytes(params),
+             parameter_bytes(params) / float_bytes)
   prompt = np.asarray(tokenizer.encode(sc.prompt, add_bos=True), np.int32)
   prompts = jnp.asarray(np.tile(prompt[None], (sc.num_samples, 1)))
 
