@@ -6,6 +6,9 @@ r"""Byte-level decoder-only LM on the Python standard library's source (`python_
       mamba2, lstm, hybrid (mamba,mamba,attention), each at about the Transformer's parameter count
   python -m seqjax.main --config=configs/lm_pysrc.py:moe --workdir=workdirs/lm_moe    # 8 experts, top-2, each half
       the Transformer's MLP width (the same active parameters per token); moe,smoke: seconds (docs/moe.md)
+  python -m seqjax.main --config=configs/lm_pysrc.py:gla --workdir=workdirs/lm_gla    # the variant zoo (ZOO below):
+      linear, performer, retnet, gla, deltanet, gated_deltanet, based, rwkv, longformer, bigbird, reformer, s4d, s5,
+      gru, rnn, moe_every2; each at about the Transformer's parameters (docs/comparison.md)
   python -m seqjax.main --config=configs/lm_pysrc.py --workdir=workdirs/lm_pysrc --mode=generate \
       --config.sample.prompt='def main('
 """

@@ -5,11 +5,12 @@ r"""The mixer comparison: Transformer, Mamba, Mamba-2, LSTM, a hybrid and every 
     .venv/bin/python experiments/compare_mixers.py --collect_only                    # rebuild table/plot only
 
 Every variant is a variant of `configs/lm_pysrc.py` (the default Transformer, `:mamba`, `:mamba2`, `:lstm`,
-`:hybrid`, and the zoo of configs/lm_pysrc.py's ZOO: `:linear`, `:performer`, ... `:moe_every2`; each sized to
-about the Transformer's ~0.8M parameters; Linformer, bidirectional only, is listed as not applicable) trained by the same trainer with the SAME
-overrides: `train.num_steps`, `train.batch_size`, `data.seq_len`, `optim.learning_rate`, `optim.warmup_steps`,
-`seed`, `train.eval_every`, `train.eval_batches` (the optimizer and its schedule come from the config and are the
-same for all). Same seed and data pipeline, so every variant sees the same batches in the same order.
+`:hybrid`, and the zoo of configs/lm_pysrc.py's ZOO: `:linear`, `:performer`, ... `:moe_every2`; each sized to about
+the Transformer's ~0.8M parameters; Linformer, bidirectional only, is listed as not applicable) trained by the same
+trainer with the SAME overrides: `train.num_steps`, `train.batch_size`, `data.seq_len`, `optim.learning_rate`,
+`optim.warmup_steps`, `seed`, `train.eval_every`, `train.eval_batches` (the optimizer and its schedule come from the
+config and are the same for all). Same seed and data pipeline, so every variant sees the same batches in the same
+order.
 
 Each variant trains in its own subprocess (`python -m seqjax.main`; memory and compilation caches do not interfere)
 into `--results_dir/<variant>/`, run one after another. The script then collects, per variant:

@@ -241,7 +241,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("performer_redraw_not_applied", "the LM loss ignores the step in the batch (draw 0 throughout training)",
            "seqjax/train/tasks/lm.py", "  if not every or FEATURE_STEP_KEY not in batch:",
            "  if True or not every or FEATURE_STEP_KEY not in batch:",
-           ("tests/train/test_performer_redraw_training.py::test_loss_uses_draw_step_over_every_and_evaluation_draw_0",)),
+           ("tests/train/test_performer_redraw_training.py::"
+            "test_loss_uses_draw_step_over_every_and_evaluation_draw_0",)),
 )
 
 

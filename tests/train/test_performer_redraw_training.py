@@ -20,8 +20,8 @@ EVERY = 2
 
 
 def _performer(**linear):
-  return tiny_config(model={"mixer": "performer", "num_layers": 1, "linear": {"num_heads": 2, "num_features": 8, "redraw_every": EVERY,
-                                                             **linear}})
+  linear = {"num_heads": 2, "num_features": 8, "redraw_every": EVERY, **linear}
+  return tiny_config(model={"mixer": "performer", "num_layers": 1, "linear": linear})
 
 
 def test_loss_uses_draw_step_over_every_and_evaluation_draw_0():
