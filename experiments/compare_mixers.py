@@ -103,7 +103,8 @@ class Settings:
             "data.seq_len": self.seq_len, "model.max_len": self.seq_len,
             "optim.learning_rate": self.learning_rate, "optim.warmup_steps": min(self.warmup_steps, self.steps),
             "train.eval_every": every, "train.eval_batches": self.eval_batches,
-            "train.checkpoint_every": every, "train.log_every": max(min(25, self.steps // 8), 1)}
+            "train.checkpoint_every": every, "train.log_every": max(min(25, self.steps // 8), 1),
+            "sample.num_tokens": min(200, self.seq_len // 2)}  # Generation is not run; the config must fit max_len.
 
 
 def check_variants(names: Sequence[str]) -> list[str]:
