@@ -6,11 +6,42 @@ r"""Byte-level decoder-only LM on the Python standard library's source (`python_
       mamba2, lstm, hybrid (mamba,mamba,attention), each at about the Transformer's parameter count
   python -m seqjax.main --config=configs/lm_pysrc.py:moe --workdir=workdirs/lm_moe    # 8 experts, top-2, each half
       the Transformer's MLP width (the same active parameters per token); moe,smoke: seconds (docs/moe.md)
+  python -m seqjax.main --config=configs/lm_pysrc.py:gla --workdir=workdirs/lm_gla    # the variant zoo (ZOO below):
+      linear, performer, retnet, gla, deltanet, gated_deltanet, based, rwkv, longformer, bigbird, reformer, s4d, s5,
+      gru, rnn, moe_every2; each at about the Transformer's parameters (docs/comparison.md)
   python -m seqjax.main --config=configs/lm_pysrc.py --workdir=workdirs/lm_pysrc --mode=generate \
       --config.sample.prompt='def main('
 """
 
 from seqjax.config import default_config_dict
+
+# The variant zoo (docs/comparison.md, "All causal mixers"): model overrides of the Transformer above (4 layers,
+# d_model 128, MLP 512, 821,888 parameters) that put each causal registered mixer at about the same parameter count.
+# Attention-like mixers keep the Transformer's blocks (4 layers, MLP) and absorb their extra or missing mixer
+# parameters in the MLP width; recurrent stacks drop the MLP and are sized by their layer count (as :lstm);
+# RWKV's mixer is the whole RWKV block (its channel mix of width mlp_dim replaces the MLP): 3 of them.
+ZOO: dict[str, dict] = {
+    "linear": {"mixer": "linear"},
+    "performer": {"mixer": "performer"},
+    "retnet": {"mixer": "retnet", "mlp_dim": 448},
+    "gla": {"mixer": "gla", "mlp_dim": 432},
+    "deltanet": {"mixer": "deltanet"},
+    "gated_deltanet": {"mixer": "gated_deltanet", "mlp_dim": 444},
+    "based": {"mixer": "based", "mlp_dim": 320},
+    "rwkv": {"mixer": "rwkv", "num_layers": 3, "mlp_dim": 416, "mlp": "none"},
+    "longformer": {"mixer": "longformer"},
+    "bigbird": {"mixer": "bigbird"},
+    "reformer": {"mixer": "reformer", "mlp_dim": 576},
+    "s4d": {"mixer": "s4d", "mlp_dim": 640, "ssm.mode": "parallel"},  # "conv" falls back to the recurrence when
+    # documents are packed (segment ids); the parallel scan computes the same function (both ~0.05x attention).
+    "s5": {"mixer": "s5", "mlp_dim": 576},
+    "gru": {"mixer": "gru", "num_layers": 7, "mlp": "none"},
+    "rnn": {"mixer": "rnn", "mlp_dim": 576},
+    # The Transformer with a mixture of experts in every 2nd block: 8 experts of width 64, each token to 2, so the
+    # total parameters stay the Transformer's (8 x 64 = its 512 MLP units) and a MoE block's active MLP is a quarter.
+    "moe_every2": {"moe.num_experts": 8, "moe.top_k": 2, "moe.expert_dim": 64, "moe.every": 2,
+                   "moe.capacity_factor": 1.25},
+}
 
 
 def get_config(arg: str | None = None):
@@ -55,7 +86,15 @@ def get_config(arg: str | None = None):
     # Mixture of experts (docs/moe.md): 8 experts of half the MLP width, each token to 2 (the dense MLP's active
     # parameters), capacity factor 1.25, load-balancing and z losses at the Switch / ST-MoE weights.
     m.moe.num_experts, m.moe.top_k, m.moe.expert_dim, m.moe.capacity_factor = 8, 2, m.mlp_dim // 2, 1.25
-  arg = size or (None if variant in ("mamba", "mamba2", "lstm", "hybrid", "moe") else arg)
+  if variant in ZOO:
+    # The variant zoo of docs/comparison.md: every causal registered mixer at about the Transformer's parameters.
+    for field, value in ZOO[variant].items():
+      node = m
+      *parents, leaf = field.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  arg = size or (None if variant in ("mamba", "mamba2", "lstm", "hybrid", "moe") or variant in ZOO else arg)
 
   if arg == "smoke":
     m.d_model, m.num_layers, m.attention.num_heads, m.mlp_dim, m.max_len = 64, 2, 2, 128, 64
@@ -67,5 +106,5 @@ def get_config(arg: str | None = None):
     config.sample.num_tokens = 32
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/lm_pysrc.py; variants: smoke, mamba, mamba2, lstm, "
-                     f"hybrid, moe, and VARIANT,smoke")
+                     f"hybrid, moe, {', '.join(ZOO)}, and VARIANT,smoke")
   return config

@@ -1,14 +1,16 @@
-r"""The mixer comparison: Transformer, Mamba, Mamba-2, LSTM and a Mamba/attention hybrid LM on the same budget.
+r"""The mixer comparison: Transformer, Mamba, Mamba-2, LSTM, a hybrid and every other causal mixer, same budget.
 
-    .venv/bin/python experiments/compare_mixers.py                                   # all five, --steps=400
+    .venv/bin/python experiments/compare_mixers.py                                   # every variant, --steps=400
     .venv/bin/python experiments/compare_mixers.py --steps=200 --variants=transformer,mamba
     .venv/bin/python experiments/compare_mixers.py --collect_only                    # rebuild table/plot only
 
 Every variant is a variant of `configs/lm_pysrc.py` (the default Transformer, `:mamba`, `:mamba2`, `:lstm`,
-`:hybrid`; each sized to about the Transformer's ~0.8M parameters) trained by the same trainer with the SAME
-overrides: `train.num_steps`, `train.batch_size`, `data.seq_len`, `optim.learning_rate`, `optim.warmup_steps`,
-`seed`, `train.eval_every`, `train.eval_batches` (the optimizer and its schedule come from the config and are the
-same for all). Same seed and data pipeline, so every variant sees the same batches in the same order.
+`:hybrid`, and the zoo of configs/lm_pysrc.py's ZOO: `:linear`, `:performer`, ... `:moe_every2`; each sized to about
+the Transformer's ~0.8M parameters; Linformer, bidirectional only, is listed as not applicable) trained by the same
+trainer with the SAME overrides: `train.num_steps`, `train.batch_size`, `data.seq_len`, `optim.learning_rate`,
+`optim.warmup_steps`, `seed`, `train.eval_every`, `train.eval_batches` (the optimizer and its schedule come from the
+config and are the same for all). Same seed and data pipeline, so every variant sees the same batches in the same
+order.
 
 Each variant trains in its own subprocess (`python -m seqjax.main`; memory and compilation caches do not interfere)
 into `--results_dir/<variant>/`, run one after another. The script then collects, per variant:
@@ -46,6 +48,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # variant name -> the `configs/lm_pysrc.py:ARG` argument.
 VARIANTS: dict[str, str] = {"transformer": "", "mamba": "mamba", "mamba2": "mamba2", "lstm": "lstm",
                             "hybrid": "hybrid"}
+# The variant zoo (configs/lm_pysrc.py's ZOO: every other causal registered mixer, and a MoE Transformer), each a
+# config variant of the same name sized to about the Transformer's parameters.
+ZOO_VARIANTS = ("linear", "performer", "retnet", "gla", "deltanet", "gated_deltanet", "based", "rwkv", "longformer",
+                "bigbird", "reformer", "s4d", "s5", "gru", "rnn", "moe_every2")
+VARIANTS.update({name: name for name in ZOO_VARIANTS})
+# Registered mixers that have no row, and why (listed under the table).
+NOT_APPLICABLE: dict[str, str] = {
+    "linformer": "bidirectional only: keys and values are projected along the whole length, so it has no causal "
+                 "form; the LM task refuses it (it is for encoders and classifiers)"}
 
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Which variants to run, in order: {', '.join(VARIANTS)}.")
 _CONFIG = flags.DEFINE_string("config", "configs/lm_pysrc.py", "The config file whose variants are compared.")
@@ -92,7 +103,8 @@ class Settings:
             "data.seq_len": self.seq_len, "model.max_len": self.seq_len,
             "optim.learning_rate": self.learning_rate, "optim.warmup_steps": min(self.warmup_steps, self.steps),
             "train.eval_every": every, "train.eval_batches": self.eval_batches,
-            "train.checkpoint_every": every, "train.log_every": max(min(25, self.steps // 8), 1)}
+            "train.checkpoint_every": every, "train.log_every": max(min(25, self.steps // 8), 1),
+            "sample.num_tokens": min(200, self.seq_len // 2)}  # Generation is not run; the config must fit max_len.
 
 
 def check_variants(names: Sequence[str]) -> list[str]:
@@ -198,6 +210,8 @@ def collect_variant(workdir: Path, steps: int) -> dict[str, Any]:
       "tokens_per_sec_median": _median([r.get("tokens_per_sec") for r in trains]),
       "wall_time_s": run.get("wall_time_s"),
       "returncode": run.get("returncode"),
+      "load_average_at_start": run.get("load_average_at_start"),
+      "load_average_at_end": run.get("load_average_at_end"),
       "curve": [[r["step"], r["bits_per_byte"]] for r in evals if "bits_per_byte" in r],
       "train_loss_curve": [[r["step"], r["loss"]] for r in sorted(trains, key=lambda r: r["step"]) if "loss" in r],
   }
@@ -207,18 +221,40 @@ def _fmt(value: Any, spec: str) -> str:
   return "—" if value is None else format(value, spec)
 
 
-def format_table(rows: dict[str, dict[str, Any]]) -> str:
-  """A markdown table of the rows (variant -> collected row with `params`, `mixer`, `num_layers` added)."""
+def describe_model(cfg) -> str:
+  """The table's "mixer" cell: the mixer pattern, its MLP (or none) and any mixture of experts."""
+  m = cfg.model
+  text = f"{m.mixer} ({'no MLP' if m.mlp == 'none' else f'MLP {m.mlp_dim}'}"
+  if m.mixer == "rwkv" and m.linear.rwkv_channel_mix:
+    text = f"rwkv (whole RWKV-6 block, channel mix {m.mlp_dim}"
+  if m.moe.num_experts:
+    every = "every block" if m.moe.every == 1 else f"every {m.moe.every}nd block" if m.moe.every == 2 else \
+        f"every {m.moe.every}th block"
+    text += (f"; MoE {m.moe.num_experts} x {m.moe.expert_dim or m.mlp_dim}, top-{m.moe.top_k}, {every}")
+  return text + ")"
+
+
+def format_table(rows: dict[str, dict[str, Any]], not_applicable: dict[str, str] | None = None) -> str:
+  """A markdown table of the rows (variant -> collected row with `params`, `mixer`, `num_layers` added).
+
+  Tokens/s is also given relative to the "transformer" row when there is one (rows of one run share the machine's
+  load, so the ratio is the figure to read). `not_applicable` (mixer -> reason) adds a row for each mixer left out.
+  """
+  base = rows.get("transformer", {}).get("tokens_per_sec_median")
   lines = ["| variant | mixer | layers | params | val bits/byte | val loss (nats) | val accuracy | "
-           "train tokens/s (median) | wall time | status |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "train tokens/s (median) | tokens/s / transformer | wall time | status |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for name, r in rows.items():
     wall = r.get("wall_time_s")
+    tps = r.get("tokens_per_sec_median")
+    ratio = None if tps is None or not base else tps / base
     lines.append(
         f"| {name} | {r.get('mixer', '?')} | {r.get('num_layers', '?')} | {_fmt(r.get('params'), ',d')} | "
         f"{_fmt(r.get('bits_per_byte'), '.4f')} | {_fmt(r.get('loss'), '.4f')} | {_fmt(r.get('accuracy'), '.4f')} | "
-        f"{_fmt(r.get('tokens_per_sec_median'), ',.0f')} | {'—' if wall is None else f'{wall / 60:.1f} min'} | "
+        f"{_fmt(tps, ',.0f')} | {_fmt(ratio, '.2f')} | {'—' if wall is None else f'{wall / 60:.1f} min'} | "
         f"{r['status']} |")
+  for name, reason in (not_applicable or {}).items():
+    lines.append(f"| {name} | {name} | — | — | — | — | — | — | — | — | not applicable: {reason} |")
   return "\n".join(lines) + "\n"
 
 
@@ -228,6 +264,8 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for ax in axes:  # Up to 20 distinct colours (the zoo has 18 rows).
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
   for name, r in rows.items():
     if r["curve"]:
       axes[0].plot(*zip(*r["curve"]), "o-", label=f"{name} ({_fmt(r.get('params'), ',d')})", markersize=4)
@@ -255,6 +293,7 @@ def run_variant(cmd: list[str], workdir: Path, max_minutes: float) -> dict[str, 
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   stopped = False
+  load_start = os.getloadavg()
   with open(workdir / "train.log", "a", encoding="utf-8") as log:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
@@ -276,7 +315,8 @@ def run_variant(cmd: list[str], workdir: Path, max_minutes: float) -> dict[str, 
   wall = time.perf_counter() - start
   previous = json.loads((workdir / "run.json").read_text()) if (workdir / "run.json").exists() else {}
   run = {"returncode": proc.returncode, "stopped_after_max_minutes": stopped,
-         "wall_time_s": wall + previous.get("wall_time_s", 0.0), "command": cmd}  # A resumed run adds up.
+         "wall_time_s": wall + previous.get("wall_time_s", 0.0), "command": cmd,  # A resumed run adds up.
+         "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
   (workdir / "run.json").write_text(json.dumps(run, indent=2))
   return run
 
@@ -320,11 +360,11 @@ def main(argv: list[str]) -> None:
   for name in variants:
     cfg = load_config(_CONFIG.value, name, settings)
     row = collect_variant(results_dir / name, settings.steps)
-    row.update(mixer=cfg.model.mixer, num_layers=cfg.model.num_layers, mlp=cfg.model.mlp,
+    row.update(mixer=describe_model(cfg), num_layers=cfg.model.num_layers, mlp=cfg.model.mlp,
                params=count_parameters(cfg), config=config_spec(_CONFIG.value, name))
     rows[name] = row
 
-  table = format_table(rows)
+  table = format_table(rows, NOT_APPLICABLE if set(variants) & set(ZOO_VARIANTS) else None)
   header = (f"{settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens, lr {settings.learning_rate}, "
             f"warm-up {min(settings.warmup_steps, settings.steps)}, seed {settings.seed}, "
             f"{settings.eval_batches} validation batches\n\n")

@@ -244,6 +244,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("int8_scale_per_tensor", "int8 quantization with one scale for the whole tensor",
            "seqjax/ops/quant.py", "amax = jnp.max(jnp.abs(w32), axis=tuple(reduce_axes), keepdims=True)",
            "amax = jnp.max(jnp.abs(w32), keepdims=True)", ("tests/decode/test_quantize.py",)),
+    # The Performer's feature redraw in training.
+    Mutant("performer_redraw_not_applied", "the LM loss ignores the step in the batch (draw 0 throughout training)",
+           "seqjax/train/tasks/lm.py", "  if not every or FEATURE_STEP_KEY not in batch:",
+           "  if True or not every or FEATURE_STEP_KEY not in batch:",
+           ("tests/train/test_performer_redraw_training.py::"
+            "test_loss_uses_draw_step_over_every_and_evaluation_draw_0",)),
 )
 
 

@@ -44,7 +44,7 @@ def test_every_variant_gets_the_same_overrides(cm):
 
 def test_bad_input_raises(cm):
   with pytest.raises(ValueError, match="unknown or no variants"):
-    cm.check_variants(["transformer", "gru"])
+    cm.check_variants(["transformer", "nope"])
   with pytest.raises(ValueError, match="--steps must be positive"):
     cm.Settings(steps=0).validate()
 
@@ -82,3 +82,48 @@ def test_table_and_plot(cm, tmp_path):
   assert "| lstm | lstm | 6 | 926,592 | — |" in table[3] and "not run" in table[3]
   cm.plot(rows, tmp_path / "p.png", "t")
   assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_every_causal_registered_mixer_has_a_variant_or_a_reason(cm):
+  """The comparison covers the registry: each causal mixer is some variant's mixer; the rest say why not."""
+  from seqjax.nn.mixers import available_mixers, is_bidirectional  # pylint: disable=import-outside-toplevel
+  settings = cm.Settings(steps=10)
+  compared = {m.strip() for v in cm.VARIANTS for m in cm.load_config("configs/lm_pysrc.py", v, settings).model.mixer
+              .split(",")}
+  missing = [m for m in available_mixers() if m not in compared and m not in cm.NOT_APPLICABLE]
+  assert not missing, (f"registered mixers with no variant in experiments/compare_mixers.py: {missing}; add a "
+                       f"config variant (configs/lm_pysrc.py ZOO) or a NOT_APPLICABLE reason")
+  assert all(is_bidirectional(m) for m in cm.NOT_APPLICABLE)
+  moe = cm.load_config("configs/lm_pysrc.py", "moe_every2", settings).model.moe
+  assert (moe.num_experts, moe.top_k, moe.every) == (8, 2, 2)
+
+
+def test_every_variant_builds_at_about_the_transformers_parameters(cm):
+  """Every variant's config validates, and its parameter count (jax.eval_shape: nothing is trained or allocated)
+  is within 15% of the Transformer's."""
+  from seqjax.config import from_config_dict  # pylint: disable=import-outside-toplevel
+  settings = cm.Settings(steps=10)
+  counts = {}
+  for variant in cm.VARIANTS:
+    cfg = cm.load_config("configs/lm_pysrc.py", variant, settings)
+    from_config_dict(cfg)
+    counts[variant] = cm.count_parameters(cfg)
+  assert counts["transformer"] == 821888
+  off = {v: round(n / counts["transformer"] - 1, 3) for v, n in counts.items()
+         if abs(n / counts["transformer"] - 1) > 0.15}
+  assert not off, f"variants more than 15% away from the Transformer's {counts['transformer']:,} parameters: {off}"
+
+
+def test_table_names_the_model_and_lists_not_applicable_mixers(cm, tmp_path):
+  settings = cm.Settings(steps=10)
+  assert cm.describe_model(cm.load_config("configs/lm_pysrc.py", "transformer", settings)) == "attention (MLP 512)"
+  assert cm.describe_model(cm.load_config("configs/lm_pysrc.py", "gru", settings)) == "gru (no MLP)"
+  assert cm.describe_model(cm.load_config("configs/lm_pysrc.py", "moe_every2", settings)) == (
+      "attention (MLP 512; MoE 8 x 64, top-2, every 2nd block)")
+  _write_run(tmp_path / "t", final_step=30, evals=[(30, 2.5)], train_tps=[200.0])
+  _write_run(tmp_path / "g", final_step=30, evals=[(30, 2.4)], train_tps=[50.0])
+  rows = {"transformer": {**cm.collect_variant(tmp_path / "t", 30), "params": 1, "mixer": "a", "num_layers": 4},
+          "gla": {**cm.collect_variant(tmp_path / "g", 30), "params": 1, "mixer": "g", "num_layers": 4}}
+  table = cm.format_table(rows, cm.NOT_APPLICABLE).splitlines()
+  assert "| 200 | 1.00 |" in table[2] and "| 50 | 0.25 |" in table[3]  # Tokens/s and its ratio to the Transformer.
+  assert table[4].startswith("| linformer |") and "not applicable: bidirectional only" in table[4]

@@ -31,12 +31,13 @@ from seqjax.decode import generate, parameter_bytes, quantize
 from seqjax.evals.lm_metrics import summarize
 from seqjax.models.lm import DecoderLM
 from seqjax.nn import attention as attention_nn
+from seqjax.nn import linear_attention as linear_attention_nn
 from seqjax.nn import moe as moe_nn
 from seqjax.ops.attention import ring_layout_permutation
 from seqjax.train import sharding
 from seqjax.train.state import token_init
 from seqjax.train.step import LossFn
-from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, Task
+from seqjax.train.task import DataStream, DeviceBatch, EvalStep, Evaluation, HostBatch, Task
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,40 @@ def in_context_parallel_layout(model: nn.Module, batch: DeviceBatch) -> DeviceBa
   return {k: v[:, perm] if v is not None and v.ndim >= 2 and v.shape[:2] == (B, T) else v for k, v in batch.items()}
 
 
+# The batch field (int32 [B], every row the same) that carries the update's step to the Performer's feature redraw.
+FEATURE_STEP_KEY = "performer_step"
+
+
+def performer_redraw_every(model_cfg: Any) -> int:
+  """`model.linear.redraw_every` if the model's stack has a Performer layer, else 0 (no redraws)."""
+  if model_cfg is None or "performer" not in model_cfg.mixer_pattern:
+    return 0
+  return model_cfg.linear.redraw_every
+
+
+def performer_draws(model: nn.Module, batch: DeviceBatch, every: int) -> dict[str, Any]:
+  """The extra variables of a training update whose batch carries its step (`FEATURE_STEP_KEY`): the "performer"
+  collection with every Performer's feature draw set to step // every (`set_feature_draw`), so the random features
+  are redrawn every `every` steps, deterministically from the step and model.linear.feature_seed. {} without
+  redraws or without the field (evaluation, generation, `seqjax.load`: draw 0, the first `every` steps' features).
+  """
+  if not every or FEATURE_STEP_KEY not in batch:
+    return {}
+  tokens = jax.ShapeDtypeStruct((1, batch["inputs"].shape[1]), jnp.int32)
+  shapes = jax.eval_shape(lambda t: model.init({"params": jax.random.key(0)}, t), tokens)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[linear_attention_nn.FEATURE_DRAW_COLLECTION])
+  return linear_attention_nn.set_feature_draw({linear_attention_nn.FEATURE_DRAW_COLLECTION: zeros},
+                                              batch[FEATURE_STEP_KEY][0], every)
+
+
 def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.Array | None = None,
-                 deterministic: bool = True, mutable: list[str] | None = None):
+                 deterministic: bool = True, mutable: list[str] | None = None,
+                 collections: dict[str, Any] | None = None):
   """Per-token cross-entropy [B, T] (float32) and the logits [B, T, V] of a model applied to batch["inputs"]; with
-  `mutable` collections (e.g. ["moe"]), ((losses, logits), the sown collections)."""
+  `mutable` collections (e.g. ["moe"]), ((losses, logits), the sown collections). `collections`: variables besides
+  the params (e.g. the Performer's feature draws, `performer_draws`)."""
   rngs = None if deterministic else {"dropout": rng}
-  out = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+  out = model.apply({"params": params, **(collections or {})}, batch["inputs"], segment_ids=batch.get("segment_ids"),
                     positions=batch.get("positions"), deterministic=deterministic, rngs=rngs,
                     mutable=mutable or False)
   logits_BTV, sown = out if mutable else (out, None)
@@ -77,18 +106,23 @@ def lm_loss_sum(model: nn.Module) -> LossFn:
   (what `seqjax.train.step.make_train_step` takes). With mixture-of-experts blocks (config.model.moe) the sum also
   holds weight * (load_balance_weight * sum over MoE layers of the Switch loss + z_loss_weight * sum of the
   z-losses), and a third value, {"moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction"} (their
-  means over the MoE layers) times the weight, which the step logs (docs/moe.md)."""
+  means over the MoE layers) times the weight, which the step logs (docs/moe.md). With Performer layers and
+  model.linear.redraw_every > 0, a batch carrying its step (`FEATURE_STEP_KEY`, added by `LMTask.device_batch`)
+  uses the features of draw step // redraw_every (`performer_draws`)."""
 
-  moe = getattr(getattr(model, "cfg", None), "moe", None)
+  cfg = getattr(model, "cfg", None)
+  moe = getattr(cfg, "moe", None)
+  redraw_every = performer_redraw_every(cfg)
 
   def loss_sum(params, batch, rng, deterministic):
     batch = in_context_parallel_layout(model, batch)
+    draws = performer_draws(model, batch, redraw_every)
     if moe is None or not moe.num_experts:
-      losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic)
+      losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic, collections=draws)
       w_BT = batch["weights"].astype(jnp.float32)
       return jnp.sum(losses_BT * w_BT), jnp.sum(w_BT)
     (losses_BT, _), sown = token_losses(model, params, batch, rng=rng, deterministic=deterministic,
-                                        mutable=["moe"])
+                                        mutable=["moe"], collections=draws)
     w_BT = batch["weights"].astype(jnp.float32)
     weight = jnp.sum(w_BT)
     aux = moe_nn.moe_losses(sown.get("moe", {}))
@@ -156,6 +190,7 @@ class LMTask(Task):
     self.model = DecoderLM(self.config.model)
     self._init = token_init(self.model, self.config.data.seq_len)
     self._loss_sum = lm_loss_sum(self.model)
+    self._redraw_every = performer_redraw_every(self.config.model)
 
   @staticmethod
   def _open_text(config: Config, rows: tuple[int, int] | None = None):
@@ -193,6 +228,19 @@ class LMTask(Task):
   def train_stream(self, step: int, position: Any | None) -> DataStream:
     del step  # The grain iterator's own state says where it is.
     return resume_iterator(self.data, position)
+
+  def step_inputs(self, step: int) -> dict[str, float]:
+    """With Performer feature redraws: the draw the update from `step` uses (logged with the train record)."""
+    return {"performer_feature_draw": step // self._redraw_every} if self._redraw_every else {}
+
+  def device_batch(self, batch: HostBatch, step: int) -> DeviceBatch:
+    """The device batch; with Performer feature redraws (model.linear.redraw_every > 0) it also carries the
+    update's step (`FEATURE_STEP_KEY`, int32 [B]), from which the loss sets the draw: step // redraw_every. A
+    function of the step only, so a resumed or rolled-back run redraws the same features at the same steps."""
+    if not self._redraw_every:
+      return super().device_batch(batch, step)
+    rows = batch["inputs"].shape[0]
+    return sharding.put_batch({**batch, FEATURE_STEP_KEY: np.full((rows,), step, np.int32)}, self.mesh)
 
   def loss_sum(self, params, batch, rng, deterministic):
     return self._loss_sum(params, batch, rng, deterministic)
