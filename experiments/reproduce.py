@@ -322,6 +322,11 @@ def table(study: Study, records: list[dict]) -> str:
       second = _pct(r.get("sequence_accuracy")) if extra != "loss" else (
           f"{r['loss']:.3f}" if "loss" in r else "—")
       lines.append(f"| {_model(r)} | {_pct(r.get(study.metric))} | {second} | {r.get('step', '—')} |")
+  pending = [f"{_model(r)}{' ' + r['setting'] + ' width ' + r['width'] if 'setting' in r else ''} "
+             f"({'started, not finished: rerunning resumes it' if r['status'] == 'started' else 'not run yet'})"
+             for r in records if r["status"] in ("started", "missing")]
+  if pending:
+    lines += ["", "Not finished: " + "; ".join(pending) + "."]
   return "\n".join(lines) + "\n"
 
 

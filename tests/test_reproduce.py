@@ -100,6 +100,7 @@ def test_report_tables_every_length_and_marks_runs_not_done(rp, tmp_path):
   assert "| attention (rope positions) | 100.0% | 50.0% | 20.0% | 10.0% | 7.0% |" in text
   assert "| attention (learned positions) | — | — | — | — | — |" in text
   assert "2/3 runs finished" in text and study.reductions in text
+  assert "Not finished: attention (learned positions) (not run yet)." in text
   records = json.load(open(results, encoding="utf-8"))["runs"]
   assert [r["status"] for r in records] == ["finished", "finished", "missing"]
   assert all(r["command"].split()[1:3] == ["-m", "seqjax.main"] for r in records)
