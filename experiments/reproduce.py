@@ -355,7 +355,7 @@ def plot(study: Study, records: list[dict], path: str) -> None:
     for r in records:
       if r.get("splits"):
         ax.plot(list(lengths.values()), [r["splits"].get(s, float("nan")) for s in lengths], "o-", label=_model(r))
-    ax.set_xticks(list(lengths.values()), [s.replace("test_len", "") if s != "validation" else "train length"
+    ax.set_xticks(list(lengths.values()), [s.replace("test_len", "") if s != "validation" else "training length"
                                           for s in lengths])
     ax.set(xlabel="evaluation length", ylabel="answer accuracy", title=study.title, ylim=(0, 1.02))
     ax.grid(alpha=0.3)
