@@ -63,6 +63,7 @@ class Study:
   published: str  # The paper's figures and where they are.
   eval_splits: tuple[str, ...] = ()  # Evaluated after training (induction heads' longer splits).
   eval_batches: int = 0
+  paper_values: tuple[tuple[str, float], ...] = ()  # (mixer, published accuracy) drawn beside the bars.
 
 
 def _train(steps: int, batch: int, lr: float, warmup: int, evals: int = 2, eval_batches: int = 16) -> tuple[str, ...]:
@@ -98,7 +99,7 @@ def selective_copying(scale: str) -> Study:
       (Part("sweep", f"{CONFIG}:selective_copying", "model.mixer=mamba,s4d,mamba2", fixed),),
       "answer_accuracy", reductions,
       "Mamba (Gu & Dao, 2023), Table 1, 2-layer models at length 4,096: S4 18.3%, H3 57.0%, Hyena 30.1%, "
-      "Mamba (S6) 99.8%; Mamba-2 is not in that table.")
+      "Mamba (S6) 99.8%; Mamba-2 is not in that table.", paper_values=(("s4d", 0.183), ("mamba", 0.998)))
 
 
 def induction_heads(scale: str) -> Study:
@@ -145,7 +146,8 @@ def listops(scale: str) -> Study:
       "listops", "ListOps (Long Range Arena)",
       (Part("sweep", f"{CONFIG}:listops", "model.mixer=attention,mamba,s4d", fixed),), "accuracy", reductions,
       "LRA (Tay et al., 2021), Table 1: Transformer 36.37% on ListOps (lengths up to 2,000); S4 (Gu et al., "
-      "2022) 59.60%. The Mamba paper reports no LRA figures. Chance: ~10% (the majority class ~17%).")
+      "2022) 59.60%. The Mamba paper reports no LRA figures. Chance: ~10% (the majority class ~17%).",
+      paper_values=(("attention", 0.3637), ("s4d", 0.596)))
 
 
 def mqar(scale: str, settings: tuple[str, ...] = MQAR_SETTINGS) -> Study:
@@ -362,8 +364,13 @@ def plot(study: Study, records: list[dict], path: str) -> None:
     ax.legend(fontsize=8)
   else:
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([_model(r) for r in done], [r.get(study.metric, 0) for r in done])
-    ax.set(ylabel=study.metric.replace("_", " "), title=study.title, ylim=(0, 1))
+    ax.bar([_model(r) for r in done], [r.get(study.metric, 0) for r in done], label="this run (CPU scale)")
+    published = dict(study.paper_values)
+    shown = [(i, published[r["mixer"]]) for i, r in enumerate(done) if r["mixer"] in published]
+    if shown:
+      ax.plot([i for i, _ in shown], [v for _, v in shown], "kx", markersize=12, mew=2, label="published")
+      ax.legend(fontsize=8)
+    ax.set(ylabel=study.metric.replace("_", " "), title=study.title, ylim=(0, 1.05))
     ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
