@@ -344,10 +344,24 @@ class DataConfig:
   train_split: str = "train"
   eval_split: str = "validation"
   num_workers: int = 0  # grain worker processes (0: in the main process).
+  # --mode=eval only: a comma list of splits (e.g. "validation,test_len512,test_len1024") each evaluated in one run,
+  # written to WORKDIR/eval_<split>.json and together to WORKDIR/eval_splits.json ("": data.eval_split alone).
+  eval_splits: str = ""
+
+  @property
+  def eval_split_list(self) -> tuple[str, ...]:
+    """The splits --mode=eval evaluates: data.eval_splits, or data.eval_split alone."""
+    return tuple(s.strip() for s in self.eval_splits.split(",")) if self.eval_splits.strip() else (self.eval_split,)
 
   def _check(self, prefix: str) -> None:
     if self.seq_len <= 1:
       _fail(f"{prefix}.seq_len", f"must be at least 2, got {self.seq_len}")
+    splits = self.eval_split_list
+    if not all(splits):
+      _fail(f"{prefix}.eval_splits", f"{self.eval_splits!r} has an empty name; write split names separated by "
+            f"commas, e.g. 'validation,test_len512'")
+    if len(set(splits)) < len(splits):
+      _fail(f"{prefix}.eval_splits", f"{self.eval_splits!r} names a split twice")
     if self.num_workers < 0:
       _fail(f"{prefix}.num_workers", "must be >= 0")
 
@@ -683,6 +697,10 @@ class Config:
       if getattr(self.data, split) not in lengths:
         _fail(f"data.{split}", f"{self.data.name!r} has no split {getattr(self.data, split)!r}; splits: "
               f"{', '.join(lengths)}")
+    unknown = [s for s in self.data.eval_split_list if s not in lengths]
+    if self.data.eval_splits and unknown:
+      _fail("data.eval_splits", f"{self.data.name!r} has no split {', '.join(map(repr, unknown))}; splits: "
+            f"{', '.join(lengths)}")
     if self.data.seq_len < lengths[self.data.train_split]:
       _fail("data.seq_len", f"{self.data.seq_len} is shorter than the {self.data.train_split!r} examples of "
             f"{self.data.name!r} ({lengths[self.data.train_split]} tokens); set data.seq_len="

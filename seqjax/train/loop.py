@@ -320,15 +320,33 @@ def _restore_params(job: Job) -> tuple[int, Any]:
   return step, state.params
 
 
-def evaluate_checkpoint(config: Config, workdir: str) -> dict[str, float]:
-  """Evaluates the newest checkpoint in WORKDIR on the validation split (the task's metrics, and its step)."""
-  job = build_job(config, workdir)
+def evaluate_checkpoint(config: Config, workdir: str) -> dict[str, Any]:
+  """Evaluates the newest checkpoint in WORKDIR on `config.data.eval_split`, or on every split of
+  `config.data.eval_splits` in one run (e.g. an induction-heads model at 2x ... 16x its training length).
+
+  Each split's metrics (and the checkpoint's step) are written to WORKDIR/eval_<split>.json. One split: returns
+  {"step", **metrics}. Several: returns {"step", "splits": {split: metrics}}, also written to
+  WORKDIR/eval_splits.json. Every split's data are opened (and checked against the model, e.g. a learned position
+  table shorter than the split's examples) before the checkpoint is restored or anything is compiled."""
+  splits = config.data.eval_split_list
+  configs = [dataclasses.replace(config, data=dataclasses.replace(config.data, eval_split=s, eval_splits=""))
+             for s in splits]
+  job = build_job(configs[0], workdir)
+  tasks = [job.task] + [get_task(c.task)(c, job.mesh) for c in configs[1:]]
   step, params = _restore_params(job)
-  eval_step = sharding.eval_in_mesh_context(jax.jit(job.task.eval_sums), job.mesh,
-                                            config.model.context_parallel_layout)
-  evaluation = job.task.evaluate(params, eval_step, config.train.eval_batches or None)
-  log.info("the checkpoint at step %d: %s", step, evaluation.summary)
-  return {"step": step, **evaluation.metrics}
+  results = {}
+  for split, task in zip(splits, tasks):
+    eval_step = sharding.eval_in_mesh_context(jax.jit(task.eval_sums), job.mesh,
+                                              config.model.context_parallel_layout)
+    evaluation = task.evaluate(params, eval_step, config.train.eval_batches or None)
+    log.info("the checkpoint at step %d on %r: %s", step, split, evaluation.summary)
+    results[split] = evaluation.metrics
+    write_json(os.path.join(workdir, f"eval_{split}.json"), {"step": step, "split": split, **evaluation.metrics})
+  if not config.data.eval_splits:
+    return {"step": step, **results[splits[0]]}
+  combined = {"step": step, "splits": results}
+  write_json(os.path.join(workdir, "eval_splits.json"), combined)
+  return combined
 
 
 def generate(config: Config, workdir: str) -> list[str]:

@@ -12,7 +12,7 @@ marker positions have loss_mask = 1. Because the data tokens sit at random place
 remember by content — what a time-invariant convolution (S4) cannot do and a selective SSM (Mamba) can.
 
 The paper: V = 16, M = 16, length 4096 (the copied region), 99.8% for Mamba against 18.3% for S4. The settings
-here keep V = 16 and M = 16 at CPU lengths T = 256, 1024 and 4096 (the model's input length, markers included).
+here keep V = 16 and M = 16 at CPU lengths T = 128, 256, 1024 and 4096 (the model's input length, markers included).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class SelectiveCopyingSetting(base.Setting):
     return self.vocab_size - 1
 
 
-SETTINGS = {f"len{t}": SelectiveCopyingSetting(seq_len=t) for t in (256, 1024, 4096)}
+SETTINGS = {f"len{t}": SelectiveCopyingSetting(seq_len=t) for t in (128, 256, 1024, 4096)}
 # "small": 8 tokens to copy in 64, few examples, for tests and smoke runs.
 SETTINGS["small"] = SelectiveCopyingSetting(seq_len=64, num_tokens=8, num_train=2048, num_validation=256,
                                             num_test=256)

@@ -1,0 +1,143 @@
+"""experiments/reproduce.py: each study's grid (commands validated, reductions stated), the report (table, JSON, plot)
+from runs' files, and (slow) one study end to end at smoke scale through real seqjax.main processes, resumed as a
+no-op."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.experiments_loader import load_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def rp():
+  with load_experiment("reproduce") as module:
+    yield module
+
+
+def _commands(rp, name, scale, tmp_path, **kw):
+  lines = []
+  assert rp.reproduce(rp.make_study(name, scale, **kw), str(tmp_path), print_commands=True, echo=lines.append) == 0
+  return [shlex.split(line) for line in lines]
+
+
+@pytest.mark.parametrize("name, scale, count", [
+    ("selective_copying", "cpu", 3), ("induction_heads", "cpu", 6), ("listops", "cpu", 3), ("mqar", "cpu", 45),
+    ("selective_copying", "paper", 3), ("induction_heads", "paper", 6), ("listops", "paper", 3),
+    ("mqar", "paper", 225), ("mqar", "smoke", 45)])
+def test_each_study_plans_its_grid(rp, tmp_path, name, scale, count):
+  """The issue's grids (MQAR: 3 settings x 3 widths x 5 mixers, x 5 learning rates at paper scale); every command's
+  config is validated by the sweep's planner (it raises otherwise); the cpu scale names what it reduced."""
+  commands = _commands(rp, name, scale, tmp_path)
+  assert len(commands) == count
+  assert all(c[1:3] == ["-m", "seqjax.main"] for c in commands)
+  study = rp.make_study(name, scale)
+  assert study.reductions and study.published
+  if scale == "cpu":
+    assert "steps" in study.reductions and "width" in study.reductions
+
+
+def test_induction_heads_trains_at_one_length_and_evaluates_to_16x(rp, tmp_path):
+  commands = _commands(rp, "induction_heads", "cpu", tmp_path)
+  train, evals = commands[0::2], commands[1::2]
+  models = {(a.split("=")[-1], b.split("=")[-1]) for c in train for a in c if a.startswith("--config.model.mixer=")
+            for b in c if b.startswith("--config.model.positions=")}
+  assert models == {("mamba", "none"), ("attention", "rope"), ("attention", "learned")}
+  assert all("--config.data.name=induction_heads/len64" in c and "--config.model.max_len=1024" in c for c in train)
+  for t, e in zip(train, evals):
+    assert e[:len(t)] == t and "--mode=eval" in e
+    assert "--config.data.eval_splits=validation,test_len128,test_len256,test_len512,test_len1024" in e
+
+
+def test_mqar_cells_set_width_and_setting(rp, tmp_path):
+  commands = _commands(rp, "mqar", "cpu", tmp_path, settings=("len256_pairs16",))
+  assert len(commands) == 15
+  cells = {(a, b) for c in commands for a in c if a.startswith("--config.model.d_model=")
+           for b in c if b.startswith("--config.model.mlp_dim=")}
+  assert cells == {(f"--config.model.d_model={w}", f"--config.model.mlp_dim={2 * w}") for w in (64, 128, 256)}
+  assert all("--config.data.name=mqar/len256_pairs16" in c and "--config.data.seq_len=256" in c for c in commands)
+
+
+def test_bad_study_scale_or_setting_is_refused(rp):
+  with pytest.raises(rp.sweep_lib.SweepError, match="unknown study 'copy'.*selective_copying"):
+    rp.make_study("copy")
+  with pytest.raises(rp.sweep_lib.SweepError, match="--scale='gpu'.*cpu, paper, smoke"):
+    rp.make_study("listops", "gpu")
+  with pytest.raises(rp.sweep_lib.SweepError, match="len64_pairs8.*len64_pairs4"):
+    rp.make_study("mqar", settings=("len64_pairs8",))
+  assert rp.main(["mqar", "--settings=len1_pairs1", "--print_commands"]) == 2
+
+
+def _finish(run, metrics, splits=None):
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+    json.dump({"step": 500, **metrics}, f)
+  if splits:
+    with open(os.path.join(run.workdir, "eval_splits.json"), "w", encoding="utf-8") as f:
+      json.dump({"step": 500, "splits": {s: {"answer_accuracy": a} for s, a in splits.items()}}, f)
+
+
+def test_report_tables_every_length_and_marks_runs_not_done(rp, tmp_path):
+  """Induction heads from hand-written run files: one row per model with each length's accuracy, a run without
+  results shown as missing and counted, the JSON holding every run's command, a PNG."""
+  study = rp.make_study("induction_heads")
+  runs = {r.name: r for p in study.parts for r in rp.part_runs(study, p, str(tmp_path))}
+  lengths = study.eval_splits
+  _finish(runs["model.mixer=mamba"], {"answer_accuracy": 0.99},
+          dict(zip(lengths, (0.99, 0.98, 0.97, 0.96, 0.955))))
+  _finish(runs["model.positions=rope"], {"answer_accuracy": 1.0}, dict(zip(lengths, (1.0, 0.5, 0.2, 0.1, 0.07))))
+  table, results, png = rp.write_report(study, str(tmp_path))
+  text = open(table, encoding="utf-8").read()
+  assert "| mamba | 99.0% | 98.0% | 97.0% | 96.0% | 95.5% |" in text
+  assert "| attention (rope positions) | 100.0% | 50.0% | 20.0% | 10.0% | 7.0% |" in text
+  assert "| attention (learned positions) | — | — | — | — | — |" in text
+  assert "2/3 runs finished" in text and study.reductions in text
+  assert "Not finished: attention (learned positions) (not run yet)." in text
+  records = json.load(open(results, encoding="utf-8"))["runs"]
+  assert [r["status"] for r in records] == ["finished", "finished", "missing"]
+  assert all(r["command"].split()[1:3] == ["-m", "seqjax.main"] for r in records)
+  assert Image.open(png).size == (650, 400)
+
+
+def test_mqar_report_pivots_mixers_by_width(rp, tmp_path):
+  study = rp.make_study("mqar", settings=("len64_pairs4",))
+  for part in study.parts:
+    for run in rp.part_runs(study, part, str(tmp_path)):
+      mixer = dict(run.values)["model.mixer"]
+      if mixer in ("attention", "mamba") and part.name.endswith(("64", "128")):
+        _finish(run, {"answer_accuracy": {"attention": 0.995, "mamba": 0.5}[mixer]})
+  table, _, png = rp.write_report(study, str(tmp_path))
+  text = open(table, encoding="utf-8").read()
+  assert "| attention | 99.5% | 99.5% | — |" in text and "| mamba | 50.0% | 50.0% | — |" in text
+  assert "| lstm | — | — | — |" in text and "4/15 runs finished" in text
+  assert Image.open(png).size == (450, 400)
+
+
+@pytest.mark.slow
+def test_induction_heads_end_to_end_at_smoke_scale(tmp_path):
+  """The command itself (smoke scale): three training runs through seqjax.sweep, each evaluated on every longer
+  split in one --mode=eval process, the table filled; a second call runs nothing (finished runs and evaluations
+  are skipped) and rewrites the same table."""
+  cmd = [sys.executable, "experiments/reproduce.py", "induction_heads", "--scale=smoke",
+         f"--results_dir={tmp_path}"]
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+  assert first.returncode == 0, first.stdout + first.stderr
+  table = (tmp_path / "induction_heads" / "table.md").read_text()
+  rows = [line for line in table.splitlines() if line.startswith("| mamba") or line.startswith("| attention")]
+  assert len(rows) == 3 and "—" not in "".join(rows)
+  for row in rows:
+    values = [float(v.strip(" %")) for v in row.split("|")[2:-1]]
+    assert len(values) == 3 and all(0 <= v <= 100 for v in values) and np.isfinite(values).all()
+  second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert second.returncode == 0 and "starting" not in second.stdout and "evaluating" not in second.stdout
+  assert second.stdout.count("finished before, skipped") == 3
+  assert (tmp_path / "induction_heads" / "table.md").read_text() == table
