@@ -91,6 +91,8 @@ def test_longer_run_resumes_from_the_workdir(smoke_run, tmp_path):
   assert _steps(workdir, "train") == [5, 10, 15, 20, 25, 30], "the resumed run repeated or lost steps"
 
 
+@pytest.mark.slow  # make test: the seq2seq smoke run in process (tests/train/test_seq2seq_train.py), its rollback
+                  # and resume from the command line (tests/train/test_faults.py, nan_rollback[seq2seq])
 def test_seq2seq_smoke_trains_with_rollback(tmp_path):
   """The seq2seq task runs through the same loop with every on_nan mode (rollback too)."""
   workdir = str(tmp_path / "s2s")
