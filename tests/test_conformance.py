@@ -218,3 +218,24 @@ def test_train_flag_trains_attention_to_recall():
   assert "recall (answer accuracy)" in proc.stdout and "(chance 0.25," in proc.stdout, proc.stdout
   result = recall.train_recall("attention", seconds=1e9, max_steps=RECALL_STEPS)
   assert result.steps == RECALL_STEPS and result.accuracy > 0.9, result
+
+
+def test_programs_are_shared_by_lowering_and_keyed_by_the_cpu_kernel_mode():
+  """`checks.Program`: two functions that lower to the same program share one executable; a function traced under
+  another CPU-kernel mode is lowered again (else the kernels check would compare a program with itself); another
+  input shape is another program."""
+  from seqjax.ops import backend  # pylint: disable=import-outside-toplevel
+  executables = {}
+  double, twice = (checks.Program(f, executables, None) for f in (lambda x: x * 2.0, lambda x: x + x * 1.0))
+  same = checks.Program(lambda x: x * 2.0, executables, None)
+  x = np.ones((2, 3), np.float32)
+  assert float(double(x)[0, 0]) == 2.0 and float(same(x)[0, 0]) == 2.0 and len(executables) == 1
+  twice(x)
+  double(np.ones((3, 3), np.float32))
+  assert len(executables) == 3
+  by_mode = checks.Program(lambda x: x * (2.0 if backend.get_cpu_kernels() == "off" else 3.0), {}, None)
+  with backend.cpu_kernels_mode("off"):
+    off = float(by_mode(x)[0, 0])
+  with backend.cpu_kernels_mode("auto"):
+    auto = float(by_mode(x)[0, 0])
+  assert (off, auto) == (2.0, 3.0)
