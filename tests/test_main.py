@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  if os.environ.get("SEQJAX_TEST_FAST_XLA_FLAGS"):  # the test session's fast compiles (tests/conftest.py)
+    env["XLA_FLAGS"] = os.environ["SEQJAX_TEST_FAST_XLA_FLAGS"]
   env.pop("SEQJAX_FAULTS", None)
   env.pop("SEQJAX_CPU_KERNELS", None)  # The config's cpu_kernels decides (default "auto").
   return subprocess.run([sys.executable, "-m", "seqjax.main", *args], cwd=ROOT, env=env, capture_output=True,
