@@ -14,6 +14,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl.testing import parameterized
 
@@ -182,3 +183,59 @@ def test_the_tutorial_mixer_conforms_and_its_page_shows_its_code():
     import sys  # pylint: disable=import-outside-toplevel
     sys.modules.pop(module.__name__, None)
   assert report.passed, "\n" + conformance.table([report])
+
+
+def test_the_recall_column_and_bad_budgets():
+  """The table's recall column shows accuracy against chance; a non-positive budget is refused before any work."""
+  from seqjax.conformance import recall  # pylint: disable=import-outside-toplevel
+  report = conformance.Report("attention", (checks.CheckResult("causal", checks.PASS, 0.0),), 1.0)
+  row = conformance.table([conformance.with_recall(report, recall.RecallResult("attention", 0.97, 0.25, 1500, 120.0,
+                                                                              0.1))])
+  assert "recall (answer accuracy)" in row and "0.97 (chance 0.25, 1500 steps)" in row
+  assert "recall" not in conformance.table([report])
+  with pytest.raises(ValueError, match="positive seconds"):
+    recall.train_recall("attention", seconds=0)
+  batch = recall.batch_of(recall.mqar.generate(recall.SETTING, "test", np.random.default_rng(0), 3))
+  assert batch["inputs"].shape == (3, recall.SETTING.seq_len)
+  assert batch["weights"].sum(1).tolist() == [recall.SETTING.num_pairs] * 3  # the loss sees the answers only
+
+
+RECALL_STEPS = 1000  # attention: 0.25 (copying) after ~260 steps, 0.995 after 1,000 (docs/conformance.md)
+
+
+@pytest.mark.slow
+def test_train_flag_trains_attention_to_recall():
+  """`python -m seqjax.conformance attention --quick --train` prints the recall column; attention, trained a fixed
+  number of steps (deterministic, whatever the machine's speed), recalls far above the 1/4 of copying a value."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from seqjax.conformance import recall  # pylint: disable=import-outside-toplevel
+  proc = subprocess.run([sys.executable, "-m", "seqjax.conformance", "attention", "--quick", "--train",
+                         "--train_seconds=5"], capture_output=True, text=True, timeout=900,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "recall (answer accuracy)" in proc.stdout and "(chance 0.25," in proc.stdout, proc.stdout
+  result = recall.train_recall("attention", seconds=1e9, max_steps=RECALL_STEPS)
+  assert result.steps == RECALL_STEPS and result.accuracy > 0.9, result
+
+
+def test_programs_are_shared_by_lowering_and_keyed_by_the_cpu_kernel_mode():
+  """`checks.Program`: two functions that lower to the same program share one executable; a function traced under
+  another CPU-kernel mode is lowered again (else the kernels check would compare a program with itself); another
+  input shape is another program."""
+  from seqjax.ops import backend  # pylint: disable=import-outside-toplevel
+  executables = {}
+  double, twice = (checks.Program(f, executables, None) for f in (lambda x: x * 2.0, lambda x: x + x * 1.0))
+  same = checks.Program(lambda x: x * 2.0, executables, None)
+  x = np.ones((2, 3), np.float32)
+  assert float(double(x)[0, 0]) == 2.0 and float(same(x)[0, 0]) == 2.0 and len(executables) == 1
+  twice(x)
+  double(np.ones((3, 3), np.float32))
+  assert len(executables) == 3
+  by_mode = checks.Program(lambda x: x * (2.0 if backend.get_cpu_kernels() == "off" else 3.0), {}, None)
+  with backend.cpu_kernels_mode("off"):
+    off = float(by_mode(x)[0, 0])
+  with backend.cpu_kernels_mode("auto"):
+    auto = float(by_mode(x)[0, 0])
+  assert (off, auto) == (2.0, 3.0)

@@ -19,6 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  if os.environ.get("SEQJAX_TEST_FAST_XLA_FLAGS"):  # the test session's fast compiles (tests/conftest.py)
+    env["XLA_FLAGS"] = os.environ["SEQJAX_TEST_FAST_XLA_FLAGS"]
   env.pop("SEQJAX_FAULTS", None)
   env.pop("SEQJAX_CPU_KERNELS", None)  # The config's cpu_kernels decides (default "auto").
   return subprocess.run([sys.executable, "-m", "seqjax.main", *args], cwd=ROOT, env=env, capture_output=True,
@@ -104,6 +106,8 @@ def test_longer_run_resumes_from_the_workdir(smoke_run, tmp_path):
   assert _steps(workdir, "train") == [5, 10, 15, 20, 25, 30], "the resumed run repeated or lost steps"
 
 
+@pytest.mark.slow  # make test: the seq2seq smoke run in process (tests/train/test_seq2seq_train.py), its rollback
+                  # and resume from the command line (tests/train/test_faults.py, nan_rollback[seq2seq])
 def test_seq2seq_smoke_trains_with_rollback(tmp_path):
   """The seq2seq task runs through the same loop with every on_nan mode (rollback too)."""
   workdir = str(tmp_path / "s2s")

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 from seqjax.config import AttentionConfig, ModelConfig, SparseAttentionConfig, SsmConfig, override
 from seqjax.conformance.checks import CHECKS, FAIL, NA, PASS, CheckResult, Subject, Tolerances
 
-__all__ = ["CHECKS", "CheckResult", "Report", "Tolerances", "default_config", "run", "table"]
+__all__ = ["CHECKS", "CheckResult", "Report", "Tolerances", "default_config", "run", "table", "with_recall"]
 
 
 def default_config(name: str, overrides: Mapping[str, Any] | None = None) -> ModelConfig:
@@ -51,6 +51,7 @@ class Report:
   mixer: str
   results: tuple[CheckResult, ...]
   seconds: float
+  recall: Any = None  # a `recall.RecallResult` when the training smoke run ran (`--train`)
 
   @property
   def passed(self) -> bool:
@@ -66,10 +67,10 @@ def run(name: str, *, quick: bool = True, overrides: Mapping[str, Any] | None = 
 
   `overrides` are `ModelConfig` overrides applied to `default_config(name)` (e.g. a mixer's own section).
   An exception inside a check is a failure of that check, reported with its message. Raises ValueError for an
-  unknown mixer or check name before anything runs. `quick` only matters to `python -m seqjax.conformance`,
-  which profiles against length unless it is set; the checks are the same.
+  unknown mixer or check name before anything runs. `quick` compiles the checks' programs with XLA's CPU
+  optimisations off (`checks.QUICK_COMPILER_OPTIONS`: the same checks, compiled several times faster);
+  `python -m seqjax.conformance` also profiles against length unless it is set.
   """
-  del quick
   from seqjax.nn.mixers import available_mixers  # pylint: disable=import-outside-toplevel
   if name not in available_mixers():
     raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}. Register "
@@ -79,7 +80,7 @@ def run(name: str, *, quick: bool = True, overrides: Mapping[str, Any] | None = 
   if unknown:
     raise ValueError(f"unknown check(s) {', '.join(unknown)}; checks: {', '.join(CHECKS)}")
   start = time.perf_counter()
-  subject = Subject(name, default_config(name, overrides))
+  subject = Subject(name, default_config(name, overrides), quick=quick)
   results = []
   for check in names:
     try:
@@ -87,6 +88,12 @@ def run(name: str, *, quick: bool = True, overrides: Mapping[str, Any] | None = 
     except Exception as e:  # pylint: disable=broad-except
       results.append(CheckResult(check, FAIL, float("inf"), f"raised {type(e).__name__}: {e}"))
   return Report(name, tuple(results), time.perf_counter() - start)
+
+
+def with_recall(report: Report, recall: Any) -> Report:
+  """The report with the associative-recall smoke run's result (`seqjax.conformance.recall.train_recall`), shown
+  in the table's "recall" column."""
+  return dataclasses.replace(report, recall=recall)
 
 
 _MARK = {PASS: "ok", FAIL: "FAIL", NA: "-"}
@@ -97,7 +104,9 @@ def table(reports: Sequence[Report]) -> str:
   checks = list(dict.fromkeys(r.check for report in reports for r in report.results))
   widths = [max(len(c), 8) for c in checks]
   width = max([len("mixer")] + [len(r.mixer) for r in reports])
+  recall = any(report.recall is not None for report in reports)
   header = f"{'mixer':<{width}} | " + " | ".join(f"{c:>{w}}" for c, w in zip(checks, widths)) + " | seconds"
+  header += " | recall (answer accuracy)" if recall else ""
   lines = [header, "-" * len(header)]
   for report in reports:
     by_check = {r.check: r for r in report.results}
@@ -106,7 +115,10 @@ def table(reports: Sequence[Report]) -> str:
       r = by_check.get(c)
       text = "" if r is None else _MARK[r.status] + (f" {r.error:.0e}" if r.status == PASS else "")
       cells.append(f"{text:>{w}}")
-    lines.append(f"{report.mixer:<{width}} | " + " | ".join(cells) + f" | {report.seconds:7.1f}")
+    row = f"{report.mixer:<{width}} | " + " | ".join(cells) + f" | {report.seconds:7.1f}"
+    if recall:
+      row += " | " + (report.recall.cell() if report.recall is not None else "")
+    lines.append(row)
   for report in reports:
     for r in report.failures():
       lines.append(f"FAIL {report.mixer}/{r.check}: {r.detail}")

@@ -1,8 +1,10 @@
-"""python -m seqjax.conformance NAME... | all [--quick] [--imports=my.module] [--out=DIR] [--lengths=256,512,...]
+"""python -m seqjax.conformance NAME... | all [--quick] [--train] [--imports=my.module] [--out=DIR] [--lengths=...]
 
 Runs the conformance checks on each named registered mixer ("all": every one) and prints one table row per mixer;
 without --quick it then profiles time and memory against length and writes DIR/conformance_profile.png and .csv.
-Exits with status 1 if any check failed. Runs on 8 simulated CPU devices unless XLA_FLAGS says otherwise.
+With --train each row also gets the associative-recall smoke run (`seqjax.conformance.recall`: the mixer in the LM
+trained on MQAR for --train_seconds, answer accuracy against chance). Exits with status 1 if any check failed.
+Runs on 8 simulated CPU devices unless XLA_FLAGS says otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ _QUICK = flags.DEFINE_bool("quick", False, "Only the checks (no profile against 
 _OUT = flags.DEFINE_string("out", "results/conformance", "Where the profile's PNG and CSV go.")
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024", "2048", "4096"], "Profile lengths.")
 _D_MODEL = flags.DEFINE_integer("profile_d_model", 64, "Model width of the profile.")
+_TRAIN = flags.DEFINE_bool("train", False, "Also train each mixer in the LM on associative recall (MQAR) and "
+                           "report its answer accuracy against chance (about --train_seconds a mixer).")
+_TRAIN_SECONDS = flags.DEFINE_float("train_seconds", 120.0, "Wall-clock training budget of --train, per mixer.")
 _IMPORTS = flags.DEFINE_list("imports", [], "Modules to import first: ones that register your own mixers.")
 
 
@@ -45,9 +50,14 @@ def main(argv: list[str]) -> int:
     lengths = [int(n) for n in _LENGTHS.value]
   except ValueError as e:
     raise app.UsageError(f"--lengths must be integers, got {_LENGTHS.value}") from e
+  if _TRAIN_SECONDS.value <= 0:
+    raise app.UsageError(f"--train_seconds must be positive, got {_TRAIN_SECONDS.value}")
   reports = []
   for name in names:
     reports.append(conformance.run(name, quick=_QUICK.value))
+    if _TRAIN.value:
+      from seqjax.conformance import recall  # pylint: disable=import-outside-toplevel
+      reports[-1] = conformance.with_recall(reports[-1], recall.train_recall(name, seconds=_TRAIN_SECONDS.value))
     print(conformance.table(reports[-1:]).splitlines()[-1 - len(reports[-1].failures())], flush=True)
   print()
   print(conformance.table(reports))

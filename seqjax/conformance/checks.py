@@ -48,21 +48,71 @@ class Tolerances:
   bfloat16: float = 8e-2  # bfloat16 compute against float32
 
 
-class Subject:
-  """One mixer under test: its module (in any mode), parameters and inputs x [B, T, D] at tiny sizes."""
+# Compiler options of the quick run on a CPU: LLVM optimisation off and the classic elemental emitters compile the
+# checks' programs about 5x faster. The programs compute the same functions (only slower, which does not matter at
+# the checks' sizes); the full run compiles with XLA's defaults.
+QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
-  def __init__(self, name: str, cfg: ModelConfig, *, batch: int = 2, length: int = 13, seed: int = 0):
+
+class Program:
+  """`fn` compiled once per argument signature; programs of a subject that lower to the same StableHLO share one
+  executable (the default module and the mode it defaults to; the two CPU-kernel modes where no kernel applies).
+
+  The CPU-kernel mode (`seqjax.ops.backend`) is part of the signature, as it is of `jax.jit`'s cache key.
+  """
+
+  def __init__(self, fn: Callable[..., Any], executables: dict[str, Any], compiler_options: dict[str, Any] | None):
+    self.fn, self._executables, self._options = fn, executables, compiler_options
+    self._by_signature: dict[Any, Any] = {}
+
+  def __call__(self, *args: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(args)
+    signature = (treedef, backend.get_cpu_kernels(), tuple(
+        (jax.typeof(leaf), leaf.sharding if isinstance(leaf, jax.Array) and not isinstance(
+            leaf.sharding, jax.sharding.SingleDeviceSharding) else None) for leaf in leaves))
+    executable = self._by_signature.get(signature)
+    if executable is None:
+      lowered = jax.jit(lambda *a: self.fn(*a)).lower(*args)
+      text = lowered.as_text()
+      executable = self._executables.get(text)
+      if executable is None:
+        executable = self._executables[text] = lowered.compile(compiler_options=self._options)
+      self._by_signature[signature] = executable
+    return executable(*args)
+
+
+class Subject:
+  """One mixer under test: its module (in any mode), parameters and inputs x [B, T, D] at tiny sizes.
+
+  Inputs are host (NumPy) arrays, so that the checks' own arithmetic on them compiles nothing; every program a check
+  runs goes through `program` (compiled once, shared between checks). `quick` compiles with
+  `QUICK_COMPILER_OPTIONS` on a CPU.
+  """
+
+  def __init__(self, name: str, cfg: ModelConfig, *, batch: int = 2, length: int = 13, seed: int = 0,
+               quick: bool = False):
     self.name, self.cfg, self.batch, self.length = name, cfg, batch, length
     rng = np.random.default_rng(seed)
-    self.x_BTD = jnp.asarray(rng.standard_normal((batch, length, cfg.d_model)), jnp.float32)
-    self.cotangent_BTD = jnp.asarray(rng.standard_normal((batch, length, cfg.d_model)), jnp.float32)
+    self.x_BTD = rng.standard_normal((batch, length, cfg.d_model)).astype(np.float32)
+    self.cotangent_BTD = rng.standard_normal((batch, length, cfg.d_model)).astype(np.float32)
     self.rng = rng
+    self.compiler_options = dict(QUICK_COMPILER_OPTIONS) if quick and jax.default_backend() == "cpu" else None
+    self._executables: dict[str, Any] = {}
     self.module = self.build()
     shapes = jax.ShapeDtypeStruct(self.x_BTD.shape, jnp.float32)
-    self.params = self.module.lazy_init(jax.random.key(seed), shapes)["params"]
-    # The jitted programs of the default mode, shared by the checks (one compile per input structure).
-    self.forward = jax.jit(_forward(self.module))
-    self.grads = jax.jit(functools.partial(_loss_and_grads, self.module))
+    self.params = self.program(lambda key: self.module.lazy_init(key, shapes)["params"])(jax.random.key(seed))
+    self._grads = self.program(functools.partial(_loss_and_grads, self.module))
+
+  def program(self, fn: Callable[..., Any]) -> Program:
+    return Program(fn, self._executables, self.compiler_options)
+
+  def grads(self, params, x_BTD, cotangent_BTD, segment_ids_BT=None, positions_BT=None):
+    """(y, (d params, d x)) of the default mode: one program per input structure, shared by the checks."""
+    return self._grads(params, x_BTD, cotangent_BTD, segment_ids_BT, positions_BT)
+
+  def forward(self, params, x_BTD, segment_ids_BT=None, positions_BT=None) -> np.ndarray:
+    """y of the default mode, from the same program as `grads`."""
+    return np.asarray(self.grads(params, x_BTD, self.cotangent_BTD, segment_ids_BT, positions_BT)[0])
 
   def build(self, **overrides: Any) -> nn.Module:
     return make_mixer(self.name, override(self.cfg, overrides) if overrides else self.cfg)
@@ -136,51 +186,61 @@ def causality(s: Subject, tol: Tolerances) -> CheckResult:
   if (skip := _bidirectional(s, "causal")) is not None:
     return skip
   cut = s.length // 2 + 1
-  x2 = s.x_BTD.at[:, cut:].set(jnp.asarray(s.rng.standard_normal(s.x_BTD[:, cut:].shape), jnp.float32))
+  x2 = s.x_BTD.copy()
+  x2[:, cut:] = s.rng.standard_normal(x2[:, cut:].shape)
   y, y2 = s.forward(s.params, s.x_BTD), s.forward(s.params, x2)
   forward_error = _error(y2[:, :cut], y[:, :cut])
-  _, (_, dx) = s.grads(s.params, s.x_BTD, s.cotangent_BTD.at[:, cut:].set(0.0))
-  leak = float(np.max(np.abs(np.asarray(dx[:, cut:])))) / max(1.0, float(np.max(np.abs(np.asarray(dx)))))
+  cotangent = s.cotangent_BTD.copy()
+  cotangent[:, cut:] = 0.0
+  _, (_, dx) = s.grads(s.params, s.x_BTD, cotangent)
+  leak = _leak(dx, slice(cut, None))
   return _verdict("causal", max(forward_error, leak), tol.exact,
                   f"future inputs from t={cut}: outputs before moved {forward_error:.1e}, gradient leak {leak:.1e}")
 
 
+def _leak(dx_BTD, where: slice) -> float:
+  """The largest input gradient at the times `where`, relative to the largest anywhere (at least 1)."""
+  dx_BTD = np.asarray(dx_BTD)
+  return float(np.max(np.abs(dx_BTD[:, where]))) / max(1.0, float(np.max(np.abs(dx_BTD))))
+
+
 def packing(s: Subject, tol: Tolerances) -> CheckResult:
   """Packed documents are isolated: each document of a packed row (positions restarting at 0, padding at the end)
-  gives what it gives alone, and no gradient crosses a document boundary."""
+  gives what it gives alone, and no gradient crosses a document boundary. The two documents are equally long (both
+  run alone in one batch) and the second starts inside a chunk (at 5 with chunks of 4)."""
   if (skip := _bidirectional(s, "packing")) is not None:
     return skip
-  first, pad = s.length // 3, 2
-  second = s.length - first - pad
-  segment_ids = np.array([[1] * first + [2] * second + [0] * pad] * s.batch, np.int32)
+  pad = 2 + s.length % 2
+  doc = (s.length - pad) // 2
+  segment_ids = np.array([[1] * doc + [2] * doc + [0] * pad] * s.batch, np.int32)
   positions = positions_of(segment_ids)
-  segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
   packed = s.forward(s.params, s.x_BTD, segment_ids, positions)
-  errors = []
-  for start, length in ((0, first), (first, second)):
-    alone = s.forward(s.params, s.x_BTD[:, start:start + length], None,
-                      jnp.broadcast_to(jnp.arange(length), (s.batch, length)))
-    errors.append(_error(packed[:, start:start + length], alone))
-  cotangent = s.cotangent_BTD.at[:, :first].set(0.0)  # only the second document's outputs
+  documents = np.concatenate([s.x_BTD[:, :doc], s.x_BTD[:, doc:2 * doc]])  # [2B, doc, D]
+  forward = s.program(_forward(s.module))
+  alone = np.asarray(forward(s.params, documents, None, np.broadcast_to(np.arange(doc), documents.shape[:2])))
+  error = _error(np.concatenate([packed[:, :doc], packed[:, doc:2 * doc]]), alone)
+  cotangent = s.cotangent_BTD.copy()
+  cotangent[:, :doc] = 0.0  # only the second document's outputs
   _, (_, dx) = s.grads(s.params, s.x_BTD, cotangent, segment_ids, positions)
-  leak = float(np.max(np.abs(np.asarray(dx[:, :first])))) / max(1.0, float(np.max(np.abs(np.asarray(dx)))))
-  return _verdict("packing", max(errors + [leak]), tol.exact,
-                  f"documents of {first} and {second} tokens + {pad} padding: alone vs packed "
-                  f"{max(errors):.1e}, gradient across the boundary {leak:.1e}")
+  leak = _leak(dx, slice(0, doc))
+  return _verdict("packing", max(error, leak), tol.exact,
+                  f"two documents of {doc} tokens + {pad} padding: alone vs packed {error:.1e}, gradient across "
+                  f"the boundary {leak:.1e}")
 
 
 def modes_agree(s: Subject, tol: Tolerances) -> CheckResult:
   """Every declared mode computes the same outputs and gradients (parameters and inputs) as the first, on packed
-  documents when the mixer takes segment ids (so the resetting paths are compared too)."""
+  documents with restarting positions when the mixer takes segment ids (so the resetting paths are compared too)."""
   modes = s.modes()
   if len(modes) < 2:
     return CheckResult("modes", NA, detail="one way of computing declared")
-  segment_ids = jnp.asarray([[1] * (s.length - 4) + [2] * 4] * s.batch, jnp.int32)
+  segment_ids = np.array([[1] * (s.length - 4) + [2] * 4] * s.batch, np.int32)
+  positions = positions_of(segment_ids)
   results = {}
   for mode, module in modes.items():
     try:
-      results[mode] = jax.jit(lambda p, x, sid, m=module: _loss_and_grads(m, p, x, s.cotangent_BTD, sid))(
-          s.params, s.x_BTD, segment_ids)
+      grads = s.program(functools.partial(_loss_and_grads, module))
+      results[mode] = grads(s.params, s.x_BTD, s.cotangent_BTD, segment_ids, positions)
     except Exception as e:  # pylint: disable=broad-except
       return CheckResult("modes", FAIL, float("inf"), f"mode {mode!r} failed: {type(e).__name__}: {e}")
   (first, reference), *others = results.items()
@@ -196,7 +256,7 @@ def kernels(s: Subject, tol: Tolerances) -> CheckResult:
   if jax.default_backend() != "cpu":
     return CheckResult("kernels", NA, detail="CPU kernels apply on the CPU only")
   results = {}
-  for mode in ("off", "auto"):  # the mode is part of the jit cache key: each compiles its own program
+  for mode in ("off", "auto"):  # the mode is part of a program's signature: each lowers its own program
     with backend.cpu_kernels_mode(mode):
       results[mode] = s.grads(s.params, s.x_BTD, s.cotangent_BTD)
   error = max(_error(results["auto"][0], results["off"][0]), _error(results["auto"][1], results["off"][1]))
@@ -211,18 +271,18 @@ def decode(s: Subject, tol: Tolerances) -> CheckResult:
     return skip
   module, prompt = s.module, s.length - 4
   lengths_B = np.array([prompt] * (s.batch - 1) + [prompt - 2])
-  segment_ids = jnp.asarray((np.arange(prompt)[None] < lengths_B[:, None]).astype(np.int32))
+  segment_ids = (np.arange(prompt)[None] < lengths_B[:, None]).astype(np.int32)
   parallel = s.forward(s.params, s.x_BTD)
-  prefill = jax.jit(lambda p, x, sid: module.apply({"params": p}, x, segment_ids=sid, return_state=True))
-  step = jax.jit(lambda p, x, state: module.apply({"params": p}, x, state, method="step"))
+  prefill = s.program(lambda p, x, sid: module.apply({"params": p}, x, segment_ids=sid, return_state=True))
+  step = s.program(lambda p, x, state: module.apply({"params": p}, x, state, method="step"))
   y_prefill, state = prefill(s.params, s.x_BTD[:, :prompt], segment_ids)
-  real = np.asarray(segment_ids, bool)
-  errors = [_error(np.asarray(y_prefill)[real], np.asarray(parallel[:, :prompt])[real])]
+  real = segment_ids.astype(bool)
+  errors = [_error(np.asarray(y_prefill)[real], parallel[:, :prompt][real])]
   rows = np.arange(s.batch)
   for j in range(s.length - prompt):
     y_t, state = step(s.params, s.x_BTD[rows, lengths_B + j], state)
     errors.append(_error(y_t, parallel[rows, lengths_B + j]))
-  state = module.init_state(s.batch, s.cfg.max_len)
+  state = s.program(lambda: module.init_state(s.batch, s.cfg.max_len))()
   for t in range(3):
     y_t, state = step(s.params, s.x_BTD[:, t], state)
     errors.append(_error(y_t, parallel[:, t]))
@@ -231,41 +291,36 @@ def decode(s: Subject, tol: Tolerances) -> CheckResult:
                   f"init_state, vs parallel")
 
 
-def _perturbed(tree, direction, h):
-  return jax.tree.map(lambda a, d: a + h * d, tree, direction)
-
-
 def gradients(s: Subject, tol: Tolerances) -> CheckResult:
   """Reverse-mode gradients (inputs and parameters) against central differences of the outputs along random
   directions, the differences taken in float64 from float32 outputs and Richardson-extrapolated (O(h^4))."""
   _, (dparams, dx) = s.grads(s.params, s.x_BTD, s.cotangent_BTD)
-  w = np.asarray(s.cotangent_BTD, np.float64)
+  w = s.cotangent_BTD.astype(np.float64)
 
   def loss64(params, x):
-    return float(np.sum(np.asarray(s.forward(params, x), np.float64) * w))
+    return float(np.sum(s.forward(params, x).astype(np.float64) * w))
 
   def central(g, h):
     return (g(h) - g(-h)) / (2 * h)
 
   errors, details = [], []
-  leaves, treedef = jax.tree.flatten(s.params)
+  leaves, treedef = jax.tree.flatten(jax.tree.map(np.asarray, s.params))
   # Each parameter moves in proportion to its own size (a projection of fan-in F has entries ~ F^-1/2), so one
   # step h is as small for every leaf and the differences stay in their quadratic regime.
-  sigmas = [max(float(jnp.sqrt(jnp.mean(jnp.square(leaf)))), 1e-2) for leaf in leaves]
-  direction_p = treedef.unflatten([jnp.asarray(s.rng.standard_normal(leaf.shape) * sigma, leaf.dtype)
-                                   for leaf, sigma in zip(leaves, sigmas)])
+  sigmas = [max(float(np.sqrt(np.mean(np.square(leaf, dtype=np.float64)))), 1e-2) for leaf in leaves]
+  directions = [(s.rng.standard_normal(leaf.shape) * sigma).astype(leaf.dtype) for leaf, sigma in zip(leaves, sigmas)]
   # The typical size of a directional derivative along such a random direction (its standard deviation), the unit
   # of the error: a direction that happens to be nearly orthogonal to the gradient must not inflate it.
-  typical_p = float(np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) * sigma ** 2
-                                for g, sigma in zip(jax.tree.leaves(dparams), sigmas))))
+  grads = [np.asarray(g, np.float64) for g in jax.tree.leaves(dparams)]
+  typical_p = float(np.sqrt(sum(np.sum(np.square(g)) * sigma ** 2 for g, sigma in zip(grads, sigmas))))
   typical_x = float(np.sqrt(np.sum(np.square(np.asarray(dx, np.float64)))))
-  direction_x = jnp.asarray(s.rng.standard_normal(s.x_BTD.shape), jnp.float32)
+  direction_x = s.rng.standard_normal(s.x_BTD.shape).astype(np.float32)
+  perturbed = lambda h: treedef.unflatten([a + np.float32(h) * d for a, d in zip(leaves, directions)])
   cases = {
-      "inputs": (typical_x, lambda h: loss64(s.params, s.x_BTD + h * direction_x),
-                 float(np.sum(np.asarray(dx, np.float64) * np.asarray(direction_x, np.float64)))),
-      "parameters": (typical_p, lambda h: loss64(_perturbed(s.params, direction_p, h), s.x_BTD),
-                     sum(float(np.sum(np.asarray(g, np.float64) * np.asarray(d, np.float64)))
-                         for g, d in zip(jax.tree.leaves(dparams), jax.tree.leaves(direction_p)))),
+      "inputs": (typical_x, lambda h: loss64(s.params, s.x_BTD + np.float32(h) * direction_x),
+                 float(np.sum(np.asarray(dx, np.float64) * direction_x))),
+      "parameters": (typical_p, lambda h: loss64(perturbed(h), s.x_BTD),
+                     sum(float(np.sum(g * d)) for g, d in zip(grads, directions))),
   }
   for what, (typical, g, autodiff) in cases.items():
     h = 2e-3
@@ -286,20 +341,25 @@ def jit_agrees(s: Subject, tol: Tolerances) -> CheckResult:
 
 def sharded(s: Subject, tol: Tolerances) -> CheckResult:
   """The batch sharded over every device (a "data" mesh axis; parameters replicated) computes what one device
-  computes, forward and gradients."""
+  computes, forward and gradients. The batch is the subject's rows repeated, so the one-device reference is the
+  default program's result repeated (gradients of the parameters summed over the copies)."""
   devices = jax.devices()
   if len(devices) < 2:
     return CheckResult("sharded", NA, detail="one device (set XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   n = len(devices)
-  x = jnp.concatenate([s.x_BTD] * -(-n // s.batch))[:n]
-  cotangent = jnp.concatenate([s.cotangent_BTD] * -(-n // s.batch))[:n]
-  run = lambda p, x: _loss_and_grads(s.module, p, x, cotangent)
-  with jax.default_device(devices[0]):
-    reference = jax.jit(run)(jax.device_put(s.params, devices[0]), jax.device_put(x, devices[0]))
+  copies = -(-n // s.batch)
+  x, cotangent = (np.concatenate([a] * copies)[:n] for a in (s.x_BTD, s.cotangent_BTD))
+  grads = s.program(lambda p, x: _loss_and_grads(s.module, p, x, cotangent))
+  if n % s.batch == 0:
+    y, (dparams, dx) = s.grads(s.params, s.x_BTD, s.cotangent_BTD)
+    reference = (np.concatenate([y] * copies), (jax.tree.map(lambda g: copies * np.asarray(g), dparams),
+                                                np.concatenate([dx] * copies)))
+  else:
+    reference = grads(jax.device_put(s.params, devices[0]), jax.device_put(x, devices[0]))
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  out = jax.jit(run)(jax.device_put(s.params, replicated), jax.device_put(x, batch_sharding))
+  out = grads(jax.device_put(s.params, replicated), jax.device_put(x, batch_sharding))
   error = max(_error(out[0], reference[0]), _error(out[1], reference[1]))
   return _verdict("sharded", error, tol.modes, f"batch of {n} sharded over {n} devices vs one device")
 
@@ -307,8 +367,8 @@ def sharded(s: Subject, tol: Tolerances) -> CheckResult:
 def bfloat16(s: Subject, tol: Tolerances) -> CheckResult:
   """With model.dtype="bfloat16" (parameters stay float32) outputs and gradients are finite and within bfloat16
   rounding of the float32 run."""
-  module = s.build(dtype="bfloat16")
-  low = jax.jit(lambda p, x: _loss_and_grads(module, p, x, s.cotangent_BTD))(s.params, s.x_BTD)
+  low = s.program(functools.partial(_loss_and_grads, s.build(dtype="bfloat16")))(
+      s.params, s.x_BTD, s.cotangent_BTD, None, None)
   if not all(bool(np.all(np.isfinite(np.asarray(leaf, np.float32)))) for leaf in jax.tree.leaves(low)):
     return CheckResult("bfloat16", FAIL, float("inf"), "non-finite outputs or gradients in bfloat16")
   high = s.grads(s.params, s.x_BTD, s.cotangent_BTD)

@@ -64,10 +64,13 @@ def _env(faults: str = "", devices: int = 1) -> dict[str, str]:
   env.pop("SEQJAX_FAULTS", None)
   if faults:
     env["SEQJAX_FAULTS"] = faults
+  # The test session's fast-compile flags (tests/conftest.py), if any, and the number of devices.
+  flags = [os.environ.get("SEQJAX_TEST_FAST_XLA_FLAGS", "")]
   if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  else:
-    env.pop("XLA_FLAGS", None)
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags).strip()
+  if not env["XLA_FLAGS"]:
+    env.pop("XLA_FLAGS")
   return env
 
 
