@@ -5,7 +5,8 @@ One recurrence family, several exact ways to compute it, proven equal by tests (
   decoding step `selective_step`                                                (implementation: `selective.py`);
 - Mamba-2's SSD, `ssd` in modes "sequential" / "chunked" (default), and `ssd_step`               (`ssd.py`);
 - S4D: `discretize`, the Vandermonde kernel `s4d_kernel`, `causal_fft_conv`, `s4d_conv`, the recurrent forms
-  `s4d_recurrent` / `s4d_step`; S5: `s5_scan` / `s5_step`                                   (`s4.py`).
+  `s4d_recurrent` / `s4d_step`; S5: `s5_scan` / `s5_step`                                   (`s4.py`);
+- S4D in chunks, exact with segment resets, `s4d_chunked`                                        (`s4_chunked.py`).
 
 Legend: B batch, T length, E expanded width / channels, P state size (the Mamba paper's N), N heads (SSD),
 H head dim, C chunk length. States are accumulated in float32 (complex64 for S4D/S5). Every scan takes
@@ -17,6 +18,7 @@ array-like (NumPy arrays included).
 from seqjax.ops.ssm._common import keep_mask
 from seqjax.ops.ssm.s4 import (DISCRETIZATIONS, RECURRENT_MODES, causal_fft_conv, diagonal_recurrence, discretize,
                                s4d_conv, s4d_kernel, s4d_recurrent, s4d_step, s5_scan, s5_step)
+from seqjax.ops.ssm.s4_chunked import s4d_chunked
 from seqjax.ops.ssm.selective import MODES, selective_scan, selective_step
 from seqjax.ops.ssm.ssd import MODES as SSD_MODES
 from seqjax.ops.ssm.ssd import ssd, ssd_step
@@ -24,5 +26,5 @@ from seqjax.ops.ssm.ssd import ssd, ssd_step
 __all__ = [
     "DISCRETIZATIONS", "MODES", "RECURRENT_MODES", "SSD_MODES", "causal_fft_conv", "diagonal_recurrence",
     "discretize", "keep_mask", "s4d_conv", "s4d_kernel", "s4d_recurrent", "s4d_step", "s5_scan", "s5_step",
-    "selective_scan", "selective_step", "ssd", "ssd_step",
+    "selective_scan", "selective_step", "ssd", "ssd_step", "s4d_chunked",
 ]
