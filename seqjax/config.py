@@ -80,7 +80,7 @@ class RecurrentConfig:
 
 
 # The modes of each SSM mixer, the first its default (the ops' MODES; not imported: validating a config stays light).
-SSM_MODES = {"s4d": ("conv", "parallel", "sequential"), "s5": ("parallel", "sequential"),
+SSM_MODES = {"s4d": ("conv", "chunked", "parallel", "sequential"), "s5": ("parallel", "sequential"),
              "mamba": ("chunked", "parallel", "sequential"), "mamba2": ("chunked", "sequential")}
 
 
@@ -92,9 +92,9 @@ class SsmConfig:
   expand: int = 2  # Mamba / Mamba-2 inner width = expand * d_model.
   conv: int = 4  # Mamba / Mamba-2 causal depthwise convolution width.
   head_dim: int = 32  # Mamba-2 head width.
-  chunk: int = 0  # Chunk length of the chunked scan (0: the op's default).
+  chunk: int = 0  # Chunk length of the chunked scan (0: the op's default); S4D's chunked form too.
   # How the sequence is computed ("": each block's default); every SSM mixer of the pattern must know it:
-  # s4d "conv" (default; the recurrence where segment ids need resets) | "parallel" | "sequential";
+  # s4d "conv" (default; the chunked form where segment ids need resets) | "chunked" | "parallel" | "sequential";
   # s5 "parallel" (default) | "sequential"; mamba "chunked" (default) | "parallel" | "sequential";
   # mamba2 "chunked" (default) | "sequential". All modes compute the same function (python -m seqjax.conformance).
   mode: str = ""

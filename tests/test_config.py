@@ -150,9 +150,9 @@ def test_ssm_mode_must_be_a_mode_of_every_ssm_mixer_in_the_pattern():
   cfg.model.mixer = "mamba2,attention"
   cfg.model.ssm.mode = "sequential"
   assert from_config_dict(cfg).model.ssm.mode == "sequential"
-  cfg.model.mixer = "mamba2,s4d"
+  cfg.model.mixer = "mamba2,s5"
   cfg.model.ssm.mode = "chunked"
-  with pytest.raises(ConfigError, match=r"config.model.ssm.mode: 'chunked' is not a mode of the 's4d' mixer"):
+  with pytest.raises(ConfigError, match=r"config.model.ssm.mode: 'chunked' is not a mode of the 's5' mixer"):
     from_config_dict(cfg)
 
 

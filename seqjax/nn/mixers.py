@@ -229,7 +229,7 @@ def _ssm_modes(mixer: str) -> dict[str, dict]:
 
 @register_mixer("s4d", modes=_ssm_modes("s4d"))
 def _make_s4d(cfg: ModelConfig) -> nn.Module:
-  return ssm_blocks.S4D(**_ssm_kwargs(cfg))
+  return ssm_blocks.S4D(**_ssm_kwargs(cfg, chunk_size=cfg.ssm.chunk or None))
 
 
 @register_mixer("s5", modes=_ssm_modes("s5"))

@@ -124,11 +124,15 @@ def _conv_tail(x_BTE: jax.Array, width: int, segment_ids: jax.Array | None = Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
+S4D_MODES = ("conv", "chunked") + ssm_ops.RECURRENT_MODES
+
+
 class S4D(nn.Module):
   """S4D mixer: D independent SISO diagonal SSMs (S4D-Lin init), GELU, output projection.
 
-  Training without segment ids runs the FFT convolution; with segment ids (packed sequences) the associative
-  recurrence, which can reset. Decoding keeps the complex state [B, D, P].
+  Training without segment ids runs the FFT convolution; with segment ids (packed sequences) and for prefill the
+  chunked form (`s4d_chunked`: a masked Toeplitz inside each chunk, the state passed between chunks), which can
+  reset. Decoding keeps the complex state [B, D, P].
   """
 
   d_model: int
@@ -136,17 +140,18 @@ class S4D(nn.Module):
   discretization: str = "zoh"
   dt_min: float = 1e-3
   dt_max: float = 1e-1
-  # "conv": the FFT convolution (the recurrence where segment ids need resets, and for prefill); "parallel" /
-  # "sequential": the recurrence by associative scan / lax.scan everywhere.
+  # "conv": the FFT convolution (the chunked form where segment ids need resets, and for prefill); "chunked": the
+  # chunked form everywhere; "parallel" / "sequential": the recurrence by associative scan / lax.scan everywhere.
   mode: str = "conv"
+  chunk_size: int | None = None  # C of the chunked form (None: `s4d_chunked`'s default, 64)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     if self.discretization not in ssm_ops.DISCRETIZATIONS:
       raise ValueError(f"S4D: discretization={self.discretization!r} is not one of {ssm_ops.DISCRETIZATIONS}")
-    if self.mode not in ("conv",) + ssm_ops.RECURRENT_MODES:
-      raise ValueError(f"S4D: mode={self.mode!r} is not one of {('conv',) + ssm_ops.RECURRENT_MODES}")
+    if self.mode not in S4D_MODES:
+      raise ValueError(f"S4D: mode={self.mode!r} is not one of {S4D_MODES}")
     d, p = self.d_model, self.d_state
     log_dt_init = lambda k, s, dt: jnp.log(_log_uniform_init(self.dt_min, self.dt_max)(k, s, dt))
     self.log_dt = _param(self, "log_dt", log_dt_init, (d,), ("embed",), jnp.float32)
@@ -173,9 +178,7 @@ class S4D(nn.Module):
     dA_DP, dB_DP, C_DP = self._operands()
     if return_state:
       x_BTD, segment_ids, lengths_B = contract.right_align(x_BTD, segment_ids)
-      y_BTD, h_BDP = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
-                                           mode=self._recurrent_mode, segment_ids=segment_ids,
-                                           return_final_state=True)
+      y_BTD, h_BDP = self._sequence(x_BTD, segment_ids, dA_DP, dB_DP, C_DP, return_final_state=True)
       h_BDP = contract.where_rows(lengths_B > 0, h_BDP, self.init_state(x_BTD.shape[0]))
       return contract.restore(self._read_out(y_BTD), lengths_B), h_BDP
     if sequence_parallel.active():  # the recurrence on the local shards, states passed across them
@@ -186,13 +189,20 @@ class S4D(nn.Module):
     elif segment_ids is None and self.mode == "conv":
       y_BTD = ssm_ops.s4d_conv(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip)
     else:
-      y_BTD = ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
-                                    mode=self._recurrent_mode, segment_ids=segment_ids)
+      y_BTD = self._sequence(x_BTD, segment_ids, dA_DP, dB_DP, C_DP)
     return self._read_out(y_BTD)
+
+  def _sequence(self, x_BTD, segment_ids, dA_DP, dB_DP, C_DP, **kw):
+    """The forms that reset at segment starts and return the state: chunked (modes conv, chunked) or recurrent."""
+    if self._recurrent_mode == "chunked":
+      return ssm_ops.s4d_chunked(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
+                                 segment_ids=segment_ids, chunk=self.chunk_size or ssm_ops.S4D_DEFAULT_CHUNK, **kw)
+    return ssm_ops.s4d_recurrent(x_BTD.astype(jnp.float32), dA_DP, dB_DP, C_DP, self.skip,
+                                 mode=self._recurrent_mode, segment_ids=segment_ids, **kw)
 
   @property
   def _recurrent_mode(self) -> str:
-    return "parallel" if self.mode == "conv" else self.mode
+    return "chunked" if self.mode == "conv" else self.mode
 
   def init_state(self, batch_size: int, max_len: int = 0, dtype: Dtype = None):
     del max_len, dtype

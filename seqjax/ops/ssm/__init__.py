@@ -18,6 +18,7 @@ array-like (NumPy arrays included).
 from seqjax.ops.ssm._common import keep_mask
 from seqjax.ops.ssm.s4 import (DISCRETIZATIONS, RECURRENT_MODES, causal_fft_conv, diagonal_recurrence, discretize,
                                s4d_conv, s4d_kernel, s4d_recurrent, s4d_step, s5_scan, s5_step)
+from seqjax.ops.ssm.s4_chunked import DEFAULT_CHUNK as S4D_DEFAULT_CHUNK
 from seqjax.ops.ssm.s4_chunked import s4d_chunked
 from seqjax.ops.ssm.selective import MODES, selective_scan, selective_step
 from seqjax.ops.ssm.ssd import MODES as SSD_MODES
@@ -26,5 +27,5 @@ from seqjax.ops.ssm.ssd import ssd, ssd_step
 __all__ = [
     "DISCRETIZATIONS", "MODES", "RECURRENT_MODES", "SSD_MODES", "causal_fft_conv", "diagonal_recurrence",
     "discretize", "keep_mask", "s4d_conv", "s4d_kernel", "s4d_recurrent", "s4d_step", "s5_scan", "s5_step",
-    "selective_scan", "selective_step", "ssd", "ssd_step", "s4d_chunked",
+    "selective_scan", "selective_step", "ssd", "ssd_step", "s4d_chunked", "S4D_DEFAULT_CHUNK",
 ]

@@ -36,6 +36,7 @@ from jax import lax
 
 from seqjax.ops.ssm._common import as_arrays, keep_mask
 from seqjax.ops.ssm.s4 import s4d_recurrent, s5_scan
+from seqjax.ops.ssm.s4_chunked import s4d_chunked
 from seqjax.ops.ssm.selective import selective_scan
 from seqjax.ops.ssm.ssd import ssd
 from seqjax.ops.vma import vary_like
@@ -204,9 +205,9 @@ def s4d_context_parallel(u, dA, dB, C, D=None, *, axis_name: str = "seq", mode: 
                          segment_ids=None, return_final_state: bool = False, combine: str = "all_gather"):
   """S4D (`s4.s4d_recurrent`) on the local shard of a sequence sharded over `axis_name`: y [B, T, E] in u's dtype,
   and with `return_final_state` the state after this shard [B, E, P] complex64. dA, dB, C [E, P] and D [E]
-  replicated."""
+  replicated. mode "chunked" runs `s4d_chunked` on the shard, the others `s4d_recurrent`."""
   return _time_invariant(
-      lambda *a, **kw: s4d_recurrent(*a, mode=mode, **kw),
+      s4d_chunked if mode == "chunked" else lambda *a, **kw: s4d_recurrent(*a, mode=mode, **kw),
       lambda phi_TEP, C_EP, h_BEP: 2.0 * jnp.einsum("tep,ep,bep->bte", phi_TEP, C_EP, h_BEP).real,
       u, dA, (dB, C, D), axis_name=axis_name, segment_ids=segment_ids, return_final_state=return_final_state,
       combine=combine)
