@@ -151,6 +151,51 @@ def bench_ssd(lengths: Sequence[int], repeats: int, log) -> list[dict]:
   return rows
 
 
+S4D_BATCH, S4D_WIDTH, S4D_STATE, S4D_DOC = 8, 128, 32, 200  # S4D with segment ids: B, E, P, mean document length
+
+
+def _s4d_inputs(length):
+  """u and S4D's real parameters (S4D-Lin init), the 6 differentiated arguments, and packed segment ids [B, T]."""
+  ks = jax.random.split(jax.random.PRNGKey(2), 5)
+  a_im = jnp.broadcast_to(jnp.pi * jnp.arange(S4D_STATE, dtype=jnp.float32), (S4D_WIDTH, S4D_STATE))
+  args = (jax.random.normal(ks[0], (S4D_BATCH, length, S4D_WIDTH)),
+          jnp.full((S4D_WIDTH, S4D_STATE), -0.5), a_im,
+          jax.random.uniform(ks[1], (S4D_WIDTH,), minval=jnp.log(1e-3), maxval=jnp.log(1e-1)),
+          jax.random.normal(ks[2], (S4D_WIDTH, S4D_STATE, 2)) * 0.5 ** 0.5, jnp.ones((S4D_WIDTH,)))
+  starts_BT = jax.random.bernoulli(ks[3], 1.0 / S4D_DOC, (S4D_BATCH, length))
+  return args, jnp.cumsum(starts_BT, axis=1).astype(jnp.int32)
+
+
+def bench_s4d(lengths: Sequence[int], repeats: int, log) -> list[dict]:
+  """S4D with segment ids (packed documents): the chunked form vs the associative and the sequential scans."""
+  rows = []
+  for length in lengths:
+    args, segment_ids = _s4d_inputs(length)
+
+    def make(mode):
+      def fn(u, a_re, a_im, log_dt, c, D):
+        dA, dB = ssm.discretize(a_re + 1j * a_im, jnp.exp(log_dt)[:, None])
+        C = c[..., 0] + 1j * c[..., 1]
+        if mode == "chunked":
+          return ssm.s4d_chunked(u, dA, dB, C, D, segment_ids=segment_ids)
+        return ssm.s4d_recurrent(u, dA, dB, C, D, mode=mode, segment_ids=segment_ids)
+      return fn
+
+    impls = ("chunked", "parallel", "sequential")
+    compiled, memory = {}, {}
+    for impl in impls:
+      for kind, f in _fwd_and_fwdbwd(make(impl)).items():
+        compiled[(impl, kind)], memory[(impl, kind)] = _compile(f, args)
+    times = _time_round_robin(compiled, args, repeats)
+    for (impl, kind), seconds in times.items():
+      rows.append(dict(kernel="s4d_segments", impl=impl, pass_=kind, length=length, seconds=seconds,
+                       xla_bytes=memory[(impl, kind)]))
+    log(f"s4d+segments   L={length:6d}  B={S4D_BATCH} E={S4D_WIDTH} P={S4D_STATE}  " + "  ".join(
+        f"{impl}:{times[(impl, 'fwd')] * 1e3:.1f}/{times[(impl, 'fwdbwd')] * 1e3:.1f}ms "
+        f"({memory[(impl, 'fwdbwd')] / 2 ** 20:.0f} MiB)" for impl in impls) + "   (fwd/fwd+bwd, fwd+bwd memory)")
+  return rows
+
+
 def bench_decode(contexts: Sequence[int], repeats: int, log) -> list[dict]:
   """Per-token step time of the Mamba and Mamba-2 blocks (d_model 256, E 512) after a prefill of each length.
 
@@ -192,6 +237,11 @@ def summarize(rows: list[dict], lengths: Sequence[int], contexts: Sequence[int])
                                                                         "chunked", kind, length)
       summary[f"ssd sequential/chunked {kind} L={length}"] = _ratio(rows, "ssd", "sequential", "chunked", kind,
                                                                     length)
+  for length in {r["length"] for r in rows if r["kernel"] == "s4d_segments"}:
+    for den in ("parallel", "sequential"):
+      for kind in ("fwd", "fwdbwd"):
+        summary[f"s4d+segments {den}/chunked {kind} L={length}"] = _ratio(rows, "s4d_segments", den, "chunked",
+                                                                          kind, length)
   for name in ("mamba", "mamba2"):
     steps = [r["seconds"] for r in rows if r["kernel"] == f"{name}_decode_step"]
     if steps:
@@ -242,7 +292,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list("decode_contexts", ["128", "1024", "4096", "16384"], "Prefill lengths before timing a step.",
                     flag_values=fv)
   flags.DEFINE_integer("repeats", 5, "Timed repeats per case (median reported).", flag_values=fv)
-  flags.DEFINE_list("only", ["selective", "ssd", "decode"], "Which parts to run.", flag_values=fv)
+  flags.DEFINE_list("only", ["selective", "ssd", "decode"], "Which parts to run (also: s4d, S4D with segment ids).",
+                    flag_values=fv)
+  flags.DEFINE_list("s4d_lengths", ["1024"], "Sequence lengths of the S4D part (--only=s4d).", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -252,9 +304,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   fv(["python -m seqjax.bench ssm"] + list(sys.argv[1:] if argv is None else argv))
   lengths = [int(v) for v in fv.lengths]
   contexts = [int(v) for v in fv.decode_contexts]
-  unknown = set(fv.only) - {"selective", "ssd", "decode"}
+  unknown = set(fv.only) - {"selective", "ssd", "decode", "s4d"}
   if unknown or fv.repeats < 1 or min(lengths) < 1:
-    raise ValueError(f"bad flags: --only may hold selective,ssd,decode (got unknown {sorted(unknown)}), "
+    raise ValueError(f"bad flags: --only may hold selective,ssd,decode,s4d (got unknown {sorted(unknown)}), "
                      f"--repeats >= 1, lengths >= 1")
   os.makedirs(fv.results_dir, exist_ok=True)
   log = lambda msg: print(msg, flush=True)
@@ -265,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows += bench_selective(lengths, fv.repeats, log)
   if "ssd" in fv.only:
     rows += bench_ssd(lengths, fv.repeats, log)
+  if "s4d" in fv.only:
+    rows += bench_s4d([int(v) for v in fv.s4d_lengths], fv.repeats, log)
   if "decode" in fv.only:
     rows += bench_decode(contexts, fv.repeats, log)
   summary = summarize(rows, lengths, contexts)

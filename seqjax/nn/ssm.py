@@ -143,7 +143,7 @@ class S4D(nn.Module):
   # "conv": the FFT convolution (the chunked form where segment ids need resets, and for prefill); "chunked": the
   # chunked form everywhere; "parallel" / "sequential": the recurrence by associative scan / lax.scan everywhere.
   mode: str = "conv"
-  chunk_size: int | None = None  # C of the chunked form (None: `s4d_chunked`'s default, 64)
+  chunk_size: int | None = None  # C of the chunked form (None: `s4d_chunked`'s default, 16)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -31,7 +31,7 @@ from seqjax.ops.ssm._common import as_arrays, keep_mask
 from seqjax.ops.ssm.s4 import s4d_kernel
 from seqjax.ops.vma import vary_like
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 16
 
 
 def _powers(log_dA_EP: jax.Array, exponents_L: jax.Array) -> jax.Array:
@@ -58,7 +58,7 @@ def s4d_chunked(u_BTE: jax.Array, dA_EP: jax.Array, dB_EP: jax.Array, C_EP: jax.
                 chunk: int = DEFAULT_CHUNK):
   """S4D in chunks (module docstring): y [B, T, E] in u's dtype, and optionally the final state [B, E, P] complex64.
 
-  Same arguments and results as `s4d_recurrent`, plus `chunk` (C, default 64; min(C, T) is used).
+  Same arguments and results as `s4d_recurrent`, plus `chunk` (C, default 16; min(C, T) is used).
   """
   u_BTE, dA_EP, dB_EP, C_EP, D_E, initial_state, segment_ids = as_arrays(u_BTE, dA_EP, dB_EP, C_EP, D_E,
                                                                          initial_state, segment_ids)

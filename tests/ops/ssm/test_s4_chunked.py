@@ -179,3 +179,25 @@ class S4dChunkedTest(parameterized.TestCase):
       ssm.s4d_chunked(u, dA, dA, dA, initial_state=jnp.zeros((2, 3, 5), jnp.complex64))
     with pytest.raises(ValueError, match="s4d_chunked: chunk"):
       ssm.s4d_chunked(u, dA, dA, dA, chunk=0)
+
+
+def test_context_parallel_shards_run_the_chunked_form():
+  """`s4d_context_parallel(mode="chunked")` on (data 2, seq 4) shards = the float64 loop over the whole sequence."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from seqjax.ops.ssm import context_parallel as cp  # pylint: disable=import-outside-toplevel
+  from tests.ops.ssm import test_context_parallel as cpt  # pylint: disable=import-outside-toplevel
+  args = cpt._inputs("s4d")  # pylint: disable=protected-access
+  want_y, want_h = cpt._oracle("s4d", args)  # pylint: disable=protected-access
+
+  def body(*a):
+    *a, seg = a
+    y, h = cp.s4d_context_parallel(*cpt._complex_operands(a), segment_ids=seg,  # pylint: disable=protected-access
+                                   return_final_state=True, mode="chunked")
+    return y, h[None]
+
+  seq = P("data", "seq")
+  specs = (seq,) + (P(),) * (len(args) - 1) + (seq,)
+  y, h_R = jax.jit(jax.shard_map(body, mesh=cpt._mesh("data2_seq4"), in_specs=specs,  # pylint: disable=protected-access
+                                 out_specs=(seq, P("seq", "data"))))(*args, jnp.asarray(cpt.SEGMENTS))
+  np.testing.assert_allclose(np.asarray(y), want_y, rtol=0, atol=5e-5 * max(1.0, np.max(np.abs(want_y))))
+  np.testing.assert_allclose(np.asarray(h_R[-1]), want_h, rtol=0, atol=5e-5 * max(1.0, np.max(np.abs(want_h))))
