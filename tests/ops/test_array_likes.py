@@ -59,6 +59,8 @@ SSM_CASES = {  # name -> (function, NumPy positional arguments, keyword argument
                                dict(mode="parallel", segment_ids=SEGMENTS, initial_state=_complex(B, E, P))),
     "s4d_recurrent_sequential": (ssm.s4d_recurrent, (_normal(B, L, E), dA_EP, dB_EP, C_EP, _normal(E)),
                                  dict(mode="sequential", segment_ids=SEGMENTS)),
+    "s4d_chunked": (ssm.s4d_chunked, (_normal(B, L, E), dA_EP, dB_EP, C_EP, _normal(E)),
+                    dict(segment_ids=SEGMENTS, initial_state=_complex(B, E, P), chunk=4)),
     "s4d_step": (ssm.s4d_step, (_normal(B, E), dA_EP, dB_EP, C_EP, _normal(E), _complex(B, E, P)), {}),
     "s5_scan_parallel": (ssm.s5_scan, (_normal(B, L, E), dLambda_P, dB_PE, C_EP, _normal(E)),
                          dict(mode="parallel", segment_ids=SEGMENTS, initial_state=_complex(B, P))),
