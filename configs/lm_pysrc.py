@@ -32,8 +32,8 @@ ZOO: dict[str, dict] = {
     "longformer": {"mixer": "longformer"},
     "bigbird": {"mixer": "bigbird"},
     "reformer": {"mixer": "reformer", "mlp_dim": 576},
-    "s4d": {"mixer": "s4d", "mlp_dim": 640, "ssm.mode": "parallel"},  # "conv" falls back to the recurrence when
-    # documents are packed (segment ids); the parallel scan computes the same function (both ~0.05x attention).
+    "s4d": {"mixer": "s4d", "mlp_dim": 640, "ssm.mode": "chunked"},  # packed documents (segment ids) need resets:
+    # the chunked form (docs/ssm.md); the associative scan ("parallel") computes the same function ~40x slower.
     "s5": {"mixer": "s5", "mlp_dim": 576},
     "gru": {"mixer": "gru", "num_layers": 7, "mlp": "none"},
     "rnn": {"mixer": "rnn", "mlp_dim": 576},
