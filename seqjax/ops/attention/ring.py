@@ -164,32 +164,33 @@ def hop_kind_index(r, s):
 
 def _plan_for(layout, pos_mask, T, S):
   """The static hop plan that covers this call, or None (the dynamic path)."""
-  causal = (type(pos_mask) is masks_lib.Causal and isinstance(pos_mask.q_offset, int)  # pylint: disable=unidiomatic-typecheck
+  causal = (isinstance(pos_mask, masks_lib.Causal) and isinstance(pos_mask.q_offset, int)
             and isinstance(pos_mask.kv_offset, int) and pos_mask.q_offset == 0 and pos_mask.kv_offset == 0)
   return HOP_PLANS[layout] if _use_plans and causal and T == S else None
 
 
+def _row_slice(length, part):
+  """The rows of `length` that `part` ("all", or the "first" / "second" half) names."""
+  return {"all": slice(0, length), "first": slice(0, length // 2), "second": slice(length // 2, length)}[part]
+
+
 def _rows_len(length, part):
-  return length if part == "all" else length // 2 if part == "first" else length - length // 2
+  return len(range(length)[_row_slice(length, part)])
 
 
 def _rows(x, part):
-  """The rows (axis 1) of `x` that `part` ("all", "first", "second" half) names."""
-  half = x.shape[1] // 2
-  return x if part == "all" else x[:, :half] if part == "first" else x[:, half:]
+  """x's rows (axis 1) that `part` names."""
+  return x if part == "all" else x[:, _row_slice(x.shape[1], part)]
 
 
 def _add_rows(x, part, y):
-  """x with y added to the rows `part` names (y has those rows only)."""
-  if part == "all":
-    return x + y
-  return x.at[:, :x.shape[1] // 2].add(y) if part == "first" else x.at[:, x.shape[1] // 2:].add(y)
+  """x with y (holding the rows `part` names only) added to those rows."""
+  return x + y if part == "all" else x.at[:, _row_slice(x.shape[1], part)].add(y)
 
 
 def _set_rows(x, part, y):
-  if part == "all":
-    return y
-  return x.at[:, :x.shape[1] // 2].set(y) if part == "first" else x.at[:, x.shape[1] // 2:].set(y)
+  """x with the rows `part` names replaced by y."""
+  return y if part == "all" else x.at[:, _row_slice(x.shape[1], part)].set(y)
 
 
 class _Ring:
@@ -242,6 +243,7 @@ class _Ring:
     return branches[0](carry) if len(branches) == 1 else lax.switch(index, branches, carry)
 
   def plan_branch(self, kind, kv_seg, run, carry):
+    """`run` for a hop of static `kind` (None: skipped), with the segment ids of the rows it covers."""
     if kind is None:
       return carry
     mask = kind.mask
@@ -291,9 +293,8 @@ def _ring_backward(q, k, v, seg, pos_mask, out, lse, d_out, axis_name, layout, s
   for kind in (_ALL_ROWS,) if ring.plan is None else [kind for kind in ring.plan if kind is not None]:
     if kind.q_rows not in query_side:
       bq_h = ring.blocks(kind)[0]
-      q_h = _rows(q, kind.q_rows)
-      nq_h = -(-q_h.shape[1] // bq_h)
-      query_side[kind.q_rows] = (_as_rows(q_h * jnp.asarray(scale, q.dtype), ring.K, nq_h, bq_h),
+      nq_h = -(-_rows_len(ring.T, kind.q_rows) // bq_h)
+      query_side[kind.q_rows] = (_as_rows(_rows(q, kind.q_rows) * jnp.asarray(scale, q.dtype), ring.K, nq_h, bq_h),
                                  _as_rows(_rows(out, kind.q_rows), ring.K, nq_h, bq_h),
                                  _lse_blocks(_rows(lse, kind.q_rows), ring.K, nq_h, bq_h))
 
