@@ -419,7 +419,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str =
     q: this shard's queries [B, T, N, H] (T = global length / P, in `layout` order).
     k, v: this shard's keys and values [B, S, K, H], N a multiple of K (grouped-query attention).
     axis_name: the mesh axis the sequence is sharded over (the ring).
-    causal: add `masks.Causal()` (in global positions).
+    causal: add `masks.Causal()` (in global positions). Causal without `mask` (segment ids allowed) runs the
+      layout's static hop plan (`HOP_PLANS`; `hop_plans(False)` turns it off); anything else the dynamic path.
     layout: "contiguous", "striped" or "zigzag" (default; balanced causal work): the order the shards hold the
       sequence in; permute inputs with `ring_layout_permutation` (and outputs back with its inverse).
     mask: a position mask in global positions (`masks.SlidingWindow(w - 1, 0)` for a causal window of w keys,
