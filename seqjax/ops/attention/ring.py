@@ -204,7 +204,6 @@ class _Ring:
     self.axis_name, self.layout, self.bq, self.bk = axis_name, layout, bq, bk
     self.seg, self.pos_mask = seg, pos_mask
     self.q_pos = shard_positions(layout, self.T, self.P, self.r)
-    self.nq, self.nk = -(-self.T // bq), -(-self.S // bk)
     self.plan = _plan_for(layout, pos_mask, self.T, self.S)
 
   def blocks(self, kind):
