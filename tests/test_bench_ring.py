@@ -9,7 +9,8 @@ from seqjax.bench import ring as ring_bench
 
 
 def test_ring_bench_counts_the_expected_traffic(tmp_path):
-  result = ring_bench.main(["--shards=4", "--local_len=32", "--block=8", "--lm_context=0", f"--results_dir={tmp_path}"])
+  result = ring_bench.main(["--shards=4", "--local_len=32", "--block=8", "--lm_context=0", "--time_len=0",
+                            f"--results_dir={tmp_path}"])
   (row,) = result["rows"]
   assert row["fwd_sent_bytes"] == 3 * row["kv_bytes"]
   assert row["bwd_sent_bytes"] == 7 * row["kv_bytes"]
@@ -23,6 +24,18 @@ def test_balanced_layouts_are_balanced_and_contiguous_is_not():
               for layout in ("contiguous", "striped", "zigzag")}
     assert ratios["zigzag"] <= 1.05 and ratios["striped"] <= 1.05, ratios
     assert ratios["contiguous"] > 1.3, ratios
+
+
+def test_static_plans_balance_and_mask_less():
+  """The static hop plans keep the balanced layouts balanced, and only diagonal tiles (and striped's near-diagonal
+  ones) evaluate a mask: in zigzag at P = 4, 256 tokens, tiles of 32, the diagonal hop's 8 tiles of 40."""
+  for P in (2, 4, 8):
+    plan = {layout: ring_bench.plan_tile_balance(P, 256, 32, layout) for layout in ("contiguous", "striped", "zigzag")}
+    assert plan["zigzag"]["busiest_over_mean"] <= 1.05 and plan["striped"]["busiest_over_mean"] <= 1.05, plan
+    assert plan["contiguous"]["busiest_over_mean"] > 1.3, plan
+  zigzag = ring_bench.plan_tile_balance(4, 256, 32, "zigzag")
+  assert zigzag["tiles_per_device"] == [36 + 3 * 32] * 4, zigzag
+  assert zigzag["masked_tiles_per_device"] == [8] * 4, zigzag
 
 
 def test_permute_bytes_reads_loop_bodies_and_entry():

@@ -12,6 +12,11 @@ Three figures:
   forward (P - 1) |K + V|, backward (P - 1) (|K + V| + |dK + dV|) + |dK + dV| (the gradients' last hop home).
 - balance: the causal work per device in tiles, counted with the kernel's own run-time tile test
   (`masks.AtPositions(Causal(), ...)`) over every hop; the busiest device over the mean (1.0 = perfect) per layout.
+  Then the same for the static hop plans (`ring.HOP_PLANS`, what plain causal attention runs): tiles per device,
+  and the share of them that pay the mask arithmetic (PARTIAL tiles; the dynamic path masks every tile).
+- plan vs dynamic: wall-clock fwd+bwd of the jitted ring with the static hop plans and with the dynamic
+  position-mask path (`ring.hop_plans(False)`), side by side in one run (--time_shards devices, --time_len tokens
+  each; 0 skips), interleaved repeats, median.
 - LM: per-device temporary bytes of the LM's compiled train step on 1 device at --lm_context tokens, and on
   P = max(--shards) devices (mesh seq P, ring, zigzag) at P times that context.
 
@@ -39,6 +44,9 @@ def _define_flags(fv):
   flags.DEFINE_integer("block", 256, "tile side of the blockwise kernel", flag_values=fv)
   flags.DEFINE_string("layout", "zigzag", "layout for the memory and traffic figures", flag_values=fv)
   flags.DEFINE_string("results_dir", "results/ring", "where ring.json goes", flag_values=fv)
+  flags.DEFINE_integer("time_shards", 4, "plan vs dynamic timing: ring size P", flag_values=fv)
+  flags.DEFINE_integer("time_len", 1024, "plan vs dynamic timing: tokens per device; 0 skips it", flag_values=fv)
+  flags.DEFINE_integer("time_repeats", 5, "plan vs dynamic timing: interleaved repeats (median)", flag_values=fv)
   flags.DEFINE_integer("lm_context", 2048, "LM figure: context of the 1-device step (the sharded step gets P times "
                        "this on P = max(--shards) devices); 0 skips it", flag_values=fv)
 
@@ -55,12 +63,13 @@ def simulated_devices(count: int):
   return jax
 
 
-def _ring_program(P, local_len, block, layout, with_grad):
+def _ring_program(P, local_len, block, layout, with_grad, plans=True):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, PartitionSpec  # pylint: disable=import-outside-toplevel
 
   from seqjax.ops.attention import ring_attention  # pylint: disable=import-outside-toplevel
+  from seqjax.ops.attention.ring import hop_plans  # pylint: disable=import-outside-toplevel
   mesh = Mesh(np.array(jax.devices()[:P]), ("seq",))
   spec = PartitionSpec(None, "seq")
   attend = jax.shard_map(lambda q, k, v: ring_attention(q, k, v, layout=layout, block_q=block, block_kv=block),
@@ -72,7 +81,8 @@ def _ring_program(P, local_len, block, layout, with_grad):
   L = P * local_len
   q = jax.ShapeDtypeStruct((BATCH, L, HEADS, HEAD_DIM), jnp.float32)
   kv = jax.ShapeDtypeStruct((BATCH, L, KV_HEADS, HEAD_DIM), jnp.float32)
-  return jax.jit(fn).lower(q, kv, kv).compile()
+  with hop_plans(plans):
+    return jax.jit(fn).lower(q, kv, kv).compile()
 
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
@@ -121,6 +131,55 @@ def tile_balance(P: int, local_len: int, block: int, layout: str) -> dict:
       tiles += int(np.asarray(visible).sum())
     work.append(tiles)
   return {"layout": layout, "P": P, "tiles_per_device": work, "busiest_over_mean": max(work) / np.mean(work)}
+
+
+def plan_tile_balance(P: int, local_len: int, block: int, layout: str) -> dict:
+  """Causal tiles each device computes over all hops under the static hop plans (`ring.HOP_PLANS`, the kernel's
+  own static tile tables), busiest / mean, and the tiles that evaluate a mask (PARTIAL)."""
+  from seqjax.ops.attention.blockwise import make_plan  # pylint: disable=import-outside-toplevel
+  from seqjax.ops.attention.ring import HOP_PLANS, _rows_len, hop_kind_index  # pylint: disable=import-outside-toplevel
+  work, masked = [], []
+  for r in range(P):
+    tiles = partial = 0
+    for s in range(P):
+      kind = HOP_PLANS[layout][int(hop_kind_index(r, s))]
+      if kind is None:
+        continue
+      T, S = _rows_len(local_len, kind.q_rows), _rows_len(local_len, kind.kv_rows)
+      plan = make_plan(kind.mask, T, S, min(block, T), min(block, S))
+      tiles += plan.visited_tiles
+      partial += int(plan.n_part_kv.sum())
+    work.append(tiles)
+    masked.append(partial)
+  return {"layout": layout, "P": P, "tiles_per_device": work, "masked_tiles_per_device": masked,
+          "busiest_over_mean": max(work) / np.mean(work), "masked_share": sum(masked) / sum(work)}
+
+
+def time_plan_vs_dynamic(P: int, local_len: int, block: int, repeats: int) -> list[dict]:
+  """Median seconds of the jitted causal ring fwd+bwd per layout, static hop plans vs the dynamic path, the two
+  programs run alternately (so load changes hit both)."""
+  import time  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  L = P * local_len
+  key_q, key_kv = jax.random.split(jax.random.key(0))
+  q = jax.random.normal(key_q, (BATCH, L, HEADS, HEAD_DIM), jnp.float32)
+  kv = jax.random.normal(key_kv, (BATCH, L, KV_HEADS, HEAD_DIM), jnp.float32)
+  rows = []
+  for layout in ("contiguous", "striped", "zigzag"):
+    programs = {name: _ring_program(P, local_len, block, layout, with_grad=True, plans=name == "plan")
+                for name in ("plan", "dynamic")}
+    seconds = {name: [] for name in programs}
+    for _ in range(repeats + 1):  # the first round warms up
+      for name, program in programs.items():
+        began = time.perf_counter()
+        jax.block_until_ready(program(q, kv, kv))
+        seconds[name].append(time.perf_counter() - began)
+    plan, dynamic = (float(np.median(seconds[name][1:])) for name in ("plan", "dynamic"))
+    rows.append({"layout": layout, "P": P, "local_len": local_len, "plan_s": plan, "dynamic_s": dynamic,
+                 "dynamic_over_plan": dynamic / plan})
+  return rows
 
 
 def lm_step_memory(context: int, seq_shards: int, batch: int = 1, layout: str = "zigzag") -> int:
@@ -198,6 +257,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for P in shards:
     cells = "  ".join(f"{b['layout']} {b['busiest_over_mean']:.3f}" for b in balance if b["P"] == P)
     log(f"  P={P}: {cells}")
+  plan_balance = [plan_tile_balance(P, fv.local_len, fv.block, layout) for P in shards
+                  for layout in ("contiguous", "striped", "zigzag")]
+  log("static hop plans: busiest device over the mean; busiest device's tiles; share of tiles masked:")
+  for P in shards:
+    cells = "  ".join(f"{b['layout']} {b['busiest_over_mean']:.3f} ({max(b['tiles_per_device'])} tiles, "
+                      f"{b['masked_share']:.0%} masked)" for b in plan_balance if b["P"] == P)
+    log(f"  P={P}: {cells}")
+  timing = None
+  if fv.time_len:
+    timing = time_plan_vs_dynamic(fv.time_shards, fv.time_len, fv.block, fv.time_repeats)
+    log(f"causal fwd+bwd, P={fv.time_shards}, {fv.time_len} tokens per device, median of {fv.time_repeats}:")
+    for t in timing:
+      log(f"  {t['layout']:>10}: plan {t['plan_s'] * 1e3:8.1f} ms  dynamic {t['dynamic_s'] * 1e3:8.1f} ms  "
+          f"dynamic / plan {t['dynamic_over_plan']:.2f}x")
   lm = None
   if fv.lm_context:
     P = max(shards)
@@ -209,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"({sharded / one:.2f}x)")
   result = dict(config=dict(batch=BATCH, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, local_len=fv.local_len,
                             block=fv.block, layout=fv.layout, dtype="float32"),
-                rows=rows, balance=balance, lm=lm)
+                rows=rows, balance=balance, plan_balance=plan_balance, timing=timing, lm=lm)
   with open(os.path.join(fv.results_dir, "ring.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result

@@ -24,9 +24,18 @@ permutes the sequence; `ring_layout_permutation` gives the permutation and its i
 - "striped": shard r holds positions r, r + P, r + 2P, ... . Causal work balanced; every hop is a near-causal tile.
 - "zigzag": the sequence cut into 2P chunks; shard r holds chunks r and 2P - 1 - r. Causal work balanced; every
   hop is the diagonal, or half of a full block.
-In every layout a shard's positions increase with its row index, so a position mask (`masks.AtPositions`) finds a
-tile's span of positions from its first and last rows: tiles and whole hops that a mask hides (future blocks under
-causal attention, blocks outside a sliding window) are skipped at run time (`lax.cond`).
+
+Static hop plans (plain causal attention: `causal=True`, no `mask`, S = T; segment ids allowed). The hop kinds are
+known per layout from r and the source shard s, so each hop picks one of a few branches with static shapes and
+masks (`lax.switch`; `HOP_PLANS`), forward and backward:
+- "contiguous": s = r the causal diagonal (`Causal()`), s < r the whole block (no mask), s > r nothing (skipped);
+- "striped": s <= r `Causal()` (diagonal included), s > r strictly causal (`Causal(kv_offset=1)`);
+- "zigzag": s = r `Causal()`; s < r every local query against the first half of the block, no mask; s > r the
+  second half of the local queries against the whole block, no mask (half the work, no mask arithmetic).
+Everything else (sliding windows, other position masks) takes the dynamic path: in every layout a shard's positions
+increase with its row index, so a position mask (`masks.AtPositions`) finds a tile's span of positions from its
+first and last rows: tiles and whole hops that a mask hides (future blocks under causal attention, blocks outside a
+sliding window) are skipped at run time (`lax.cond`).
 
 Masks: `causal`, `mask` (a position mask: `Causal`, `SlidingWindow`, `GlobalTokens`, `PrefixLM` and their `&`/`|`,
 in global positions) and `segment_ids` (packed documents; the local [B, T] shard of the ids, which travel with K/V).
@@ -34,7 +43,9 @@ in global positions) and `segment_ids` (packed documents; the local [B, T] shard
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +122,77 @@ def _merge(out, lse, out_h, lse_h):
   return out, jnp.where(total == 0.0, -jnp.inf, m + jnp.log(safe))
 
 
+class HopKind(NamedTuple):
+  """A static kind of hop: which local query rows and visiting key rows it covers ("all", or the "first" / "second"
+  half: zigzag's two chunks) and the position mask on those rows' local indices (None: every pair visible)."""
+  name: str
+  mask: masks_lib.Mask | None = None
+  q_rows: str = "all"
+  kv_rows: str = "all"
+
+
+# Per layout, the kind of a hop whose block comes from (the diagonal s = r, an earlier shard s < r, a later s > r);
+# None: the hop sees nothing and is skipped. Valid for plain causal attention with S = T (`_plan_for`).
+HOP_PLANS: dict[str, tuple[HopKind | None, HopKind | None, HopKind | None]] = {
+    "contiguous": (HopKind("diagonal", masks_lib.Causal()), HopKind("earlier block, whole"), None),
+    "striped": (HopKind("diagonal", masks_lib.Causal()), HopKind("earlier shard, causal", masks_lib.Causal()),
+                HopKind("later shard, strictly causal", masks_lib.Causal(kv_offset=1))),
+    "zigzag": (HopKind("diagonal", masks_lib.Causal()), HopKind("earlier, first half of keys", kv_rows="first"),
+               HopKind("later, second half of queries", q_rows="second")),
+}
+_ALL_ROWS = HopKind("dynamic")
+_use_plans = True
+
+
+@contextlib.contextmanager
+def hop_plans(enabled: bool):
+  """Within the block, ring attention traced here uses the static hop plans (True, the default) or always the
+  dynamic position-mask path (False; for benchmarks and tests comparing the two)."""
+  global _use_plans
+  saved, _use_plans = _use_plans, bool(enabled)
+  try:
+    yield
+  finally:
+    _use_plans = saved
+
+
+def hop_kind_index(r, s):
+  """Index into a `HOP_PLANS` entry of the hop where shard r holds the block of shard s: 0 diagonal, 1 earlier,
+  2 later (traced or NumPy ints)."""
+  return jnp.where(s == r, 0, jnp.where(s < r, 1, 2)).astype(jnp.int32)
+
+
+def _plan_for(layout, pos_mask, T, S):
+  """The static hop plan that covers this call, or None (the dynamic path)."""
+  causal = (isinstance(pos_mask, masks_lib.Causal) and isinstance(pos_mask.q_offset, int)
+            and isinstance(pos_mask.kv_offset, int) and pos_mask.q_offset == 0 and pos_mask.kv_offset == 0)
+  return HOP_PLANS[layout] if _use_plans and causal and T == S else None
+
+
+def _row_slice(length, part):
+  """The rows of `length` that `part` ("all", or the "first" / "second" half) names."""
+  return {"all": slice(0, length), "first": slice(0, length // 2), "second": slice(length // 2, length)}[part]
+
+
+def _rows_len(length, part):
+  return len(range(length)[_row_slice(length, part)])
+
+
+def _rows(x, part):
+  """x's rows (axis 1) that `part` names."""
+  return x if part == "all" else x[:, _row_slice(x.shape[1], part)]
+
+
+def _add_rows(x, part, y):
+  """x with y (holding the rows `part` names only) added to those rows."""
+  return x + y if part == "all" else x.at[:, _row_slice(x.shape[1], part)].add(y)
+
+
+def _set_rows(x, part, y):
+  """x with the rows `part` names replaced by y."""
+  return y if part == "all" else x.at[:, _row_slice(x.shape[1], part)].set(y)
+
+
 class _Ring:
   """What every hop of one call shares: sizes, this shard's positions, the hop masks and the ring permutation."""
 
@@ -122,7 +204,15 @@ class _Ring:
     self.axis_name, self.layout, self.bq, self.bk = axis_name, layout, bq, bk
     self.seg, self.pos_mask = seg, pos_mask
     self.q_pos = shard_positions(layout, self.T, self.P, self.r)
-    self.nq, self.nk = -(-self.T // bq), -(-self.S // bk)
+    self.plan = _plan_for(layout, pos_mask, self.T, self.S)
+
+  def blocks(self, kind):
+    """Tile sides (bq, bk) of a hop of `kind`: the call's, capped at the rows the hop covers."""
+    return min(self.bq, _rows_len(self.T, kind.q_rows)), min(self.bk, _rows_len(self.S, kind.kv_rows))
+
+  def source(self, h):
+    """The shard whose K/V block this shard holds at hop h."""
+    return (self.r - h) % self.P
 
   def send(self, x):
     """Passes x (a pytree) to the next shard on the ring."""
@@ -130,7 +220,7 @@ class _Ring:
 
   def mask(self, h, kv_seg):
     """(mask of hop h, a traced bool that is False only if the hop sees nothing, or None)."""
-    kv_pos = shard_positions(self.layout, self.S, self.P, (self.r - h) % self.P)
+    kv_pos = shard_positions(self.layout, self.S, self.P, self.source(h))
     mask = test = None
     if self.pos_mask is not None:
       mask = masks_lib.AtPositions(self.pos_mask, self.q_pos, kv_pos)
@@ -141,20 +231,47 @@ class _Ring:
     return mask, test
 
   def hop(self, h, kv_seg, run, carry):
-    """`run(mask, carry)` for hop h, skipped (carry unchanged) when the mask shows the hop sees nothing."""
+    """`run(kind, mask, carry)` for hop h: with a static plan, the branch of the hop's kind (`lax.switch`);
+    otherwise the dynamic path."""
+    if self.plan is None:
+      return self.dynamic_hop(h, kv_seg, run, carry)
+    kinds = sorted(set(self.plan), key=self.plan.index)  # distinct branches (striped's first two are alike)
+    branch_of = np.array([kinds.index(kind) for kind in self.plan], np.int32)
+    branches = [functools.partial(self.plan_branch, kind, kv_seg, run) for kind in kinds]
+    index = jnp.asarray(branch_of)[hop_kind_index(self.r, self.source(h))]
+    return branches[0](carry) if len(branches) == 1 else lax.switch(index, branches, carry)
+
+  def plan_branch(self, kind, kv_seg, run, carry):
+    """`run` for a hop of static `kind` (None: skipped), with the segment ids of the rows it covers."""
+    if kind is None:
+      return carry
+    mask = kind.mask
+    if self.seg is not None:
+      segments = masks_lib.SegmentIds(_rows(self.seg, kind.q_rows), _rows(kv_seg, kind.kv_rows))
+      mask = segments if mask is None else mask & segments
+    return run(kind, mask, carry)
+
+  def dynamic_hop(self, h, kv_seg, run, carry):
+    """`run` on all rows with the hop's position mask, skipped (carry unchanged) when it shows the hop sees
+    nothing."""
     mask, test = self.mask(h, kv_seg)
     if test is None:
-      return run(mask, carry)
-    return lax.cond(test, lambda c: run(mask, c), lambda c: c, carry)
+      return run(_ALL_ROWS, mask, carry)
+    return lax.cond(test, lambda c: run(_ALL_ROWS, mask, c), lambda c: c, carry)
 
 
 def _ring_forward(q, k, v, seg, pos_mask, axis_name, layout, scale, bq, bk):
   ring = _Ring(q, k, seg, pos_mask, axis_name, layout, bq, bk)
 
   def compute(h, k, v, kv_seg, carry):
-    def run(mask, carry):
-      out_h, lse_blocks, _ = _forward(q, k, v, mask, None, scale, bq, bk, out_dtype=jnp.float32)
-      return _merge(*carry, out_h, _lse_rows(lse_blocks, ring.B, ring.K, bq, ring.T))
+    def run(kind, mask, carry):
+      bq_h, bk_h = ring.blocks(kind)
+      q_h, k_h, v_h = _rows(q, kind.q_rows), _rows(k, kind.kv_rows), _rows(v, kind.kv_rows)
+      out_h, lse_blocks, _ = _forward(q_h, k_h, v_h, mask, None, scale, bq_h, bk_h, out_dtype=jnp.float32)
+      out, lse = carry
+      merged = _merge(_rows(out, kind.q_rows), _rows(lse, kind.q_rows), out_h,
+                      _lse_rows(lse_blocks, ring.B, ring.K, bq_h, q_h.shape[1]))
+      return _set_rows(out, kind.q_rows, merged[0]), _set_rows(lse, kind.q_rows, merged[1])
     return ring.hop(h, kv_seg, run, carry)
 
   def body(h, loop_carry):
@@ -171,15 +288,26 @@ def _ring_forward(q, k, v, seg, pos_mask, axis_name, layout, scale, bq, bk):
 
 def _ring_backward(q, k, v, seg, pos_mask, out, lse, d_out, axis_name, layout, scale, bq, bk):
   ring = _Ring(q, k, seg, pos_mask, axis_name, layout, bq, bk)
-  q_rows = _as_rows(q * jnp.asarray(scale, q.dtype), ring.K, ring.nq, bq)
-  out_rows = _as_rows(out, ring.K, ring.nq, bq)
-  lse_blocks = _lse_blocks(lse, ring.K, ring.nq, bq)
+  query_side = {}  # per query rows a hop covers: its blocked (scaled q, out, lse), computed once outside the loop
+  for kind in (_ALL_ROWS,) if ring.plan is None else [kind for kind in ring.plan if kind is not None]:
+    if kind.q_rows not in query_side:
+      bq_h = ring.blocks(kind)[0]
+      nq_h = -(-_rows_len(ring.T, kind.q_rows) // bq_h)
+      query_side[kind.q_rows] = (_as_rows(_rows(q, kind.q_rows) * jnp.asarray(scale, q.dtype), ring.K, nq_h, bq_h),
+                                 _as_rows(_rows(out, kind.q_rows), ring.K, nq_h, bq_h),
+                                 _lse_blocks(_rows(lse, kind.q_rows), ring.K, nq_h, bq_h))
 
   def compute(h, k, v, kv_seg, grads):
-    def run(mask, grads):
-      blocks = (q_rows, _as_cols(k, ring.K, ring.nk, bk), _as_rows(v, ring.K, ring.nk, bk), out_rows)
-      hop_grads = _backward(q, k, v, mask, None, scale, bq, bk, blocks, lse_blocks, d_out, grad_dtype=jnp.float32)
-      return tuple(g + g_h for g, g_h in zip(grads, hop_grads))
+    def run(kind, mask, grads):
+      bq_h, bk_h = ring.blocks(kind)
+      q_h, k_h, v_h = _rows(q, kind.q_rows), _rows(k, kind.kv_rows), _rows(v, kind.kv_rows)
+      q_rows, out_rows, lse_blocks = query_side[kind.q_rows]
+      nk_h = -(-k_h.shape[1] // bk_h)
+      blocks = (q_rows, _as_cols(k_h, ring.K, nk_h, bk_h), _as_rows(v_h, ring.K, nk_h, bk_h), out_rows)
+      dq_h, dk_h, dv_h = _backward(q_h, k_h, v_h, mask, None, scale, bq_h, bk_h, blocks, lse_blocks,
+                                   _rows(d_out, kind.q_rows), grad_dtype=jnp.float32)
+      dq, dk, dv = grads
+      return (_add_rows(dq, kind.q_rows, dq_h), _add_rows(dk, kind.kv_rows, dk_h), _add_rows(dv, kind.kv_rows, dv_h))
     return ring.hop(h, kv_seg, run, grads)
 
   def body(h, loop_carry):
@@ -290,7 +418,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str =
     q: this shard's queries [B, T, N, H] (T = global length / P, in `layout` order).
     k, v: this shard's keys and values [B, S, K, H], N a multiple of K (grouped-query attention).
     axis_name: the mesh axis the sequence is sharded over (the ring).
-    causal: add `masks.Causal()` (in global positions).
+    causal: add `masks.Causal()` (in global positions). Causal without `mask` (segment ids allowed) runs the
+      layout's static hop plan (`HOP_PLANS`; `hop_plans(False)` turns it off); anything else the dynamic path.
     layout: "contiguous", "striped" or "zigzag" (default; balanced causal work): the order the shards hold the
       sequence in; permute inputs with `ring_layout_permutation` (and outputs back with its inverse).
     mask: a position mask in global positions (`masks.SlidingWindow(w - 1, 0)` for a causal window of w keys,

@@ -6,8 +6,14 @@ equations and shares no code with the ring or the blockwise kernel. Every case r
 (`ring_layout_permutation`), with grouped-query attention (K < N) and local lengths that are not multiples of the
 tiles. Bugs these catch: a wrong hop offset or source shard (positions of the visiting block), a wrong merge of
 the hops' log-sum-exps, dK/dV not travelling home with their block, a layout's positions or permutation wrong,
-hops skipped that are visible.
+hops skipped that are visible. Plain causal attention (with or without segment ids) runs the static hop plans
+(`ring.HOP_PLANS`); `_plan_only` makes the dynamic path raise, so those cases prove the plan is what ran, and a
+planted wrong hop kind must fail.
 """
+
+import contextlib
+from unittest import mock
+
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +23,7 @@ from absl.testing import parameterized
 from jax.sharding import Mesh, PartitionSpec as P
 
 from seqjax.ops.attention import all_gather_attention, masks, ring_attention, ring_layout_permutation
+from seqjax.ops.attention import ring as ring_lib
 from seqjax.ops.attention.ring import LAYOUTS
 
 B, N, K, H = 2, 4, 2, 8
@@ -125,6 +132,15 @@ def _cases(layouts, kinds):
   return [(f"{layout}_{kind}", layout, kind) for layout in layouts for kind in kinds]
 
 
+@contextlib.contextmanager
+def _plan_only():
+  """The ring's dynamic (position-mask) path raises: what runs inside is the static hop plan."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("the dynamic hop path was traced where a static hop plan should run")
+  with mock.patch.object(ring_lib._Ring, "dynamic_hop", refuse):
+    yield
+
+
 class RingAttentionTest(parameterized.TestCase):
   """Compiling a ring program takes a few seconds, so the fast set is one case per layout with every mask feature
   at once (causal & sliding window & segment ids), one non-causal case and one on 8 shards; the features one at a
@@ -134,6 +150,26 @@ class RingAttentionTest(parameterized.TestCase):
   def test_equals_oracle(self, layout, kind):
     # 4 shards of 16 rows (data 2 x seq 4); tiles 5 x 7 are ragged at the shard's end; the window hides whole hops.
     _assert_close(*_run_ring(kind, layout, shards=4, L=64, block_q=5, block_kv=7))
+
+  @parameterized.named_parameters(*_cases(LAYOUTS, ("segments",)))
+  def test_static_plan_equals_oracle(self, layout, kind):
+    """Causal & segment ids: every hop takes its layout's static kind (diagonal, earlier, later), GQA, ragged
+    tiles (zigzag's half-block hops have 8 rows: tiles 5 x 7 are ragged there too)."""
+    with _plan_only():
+      _assert_close(*_run_ring(kind, layout, shards=4, L=64, block_q=5, block_kv=7))
+
+  @parameterized.named_parameters(
+      ("striped_later_not_strict", "striped", 2, ring_lib.HopKind("wrong", masks.Causal())),
+      ("zigzag_later_first_queries", "zigzag", 2, ring_lib.HopKind("wrong", q_rows="first")),
+      ("contiguous_earlier_skipped", "contiguous", 1, None))
+  def test_wrong_hop_kind_fails(self, layout, position, wrong):
+    """Planted bug: one hop kind of the plan replaced; the oracle comparison must notice."""
+    plan = list(ring_lib.HOP_PLANS[layout])
+    plan[position] = wrong
+    with _plan_only(), mock.patch.dict(ring_lib.HOP_PLANS, {layout: tuple(plan)}):
+      got, want = _run_ring("causal", layout, shards=4, L=32, block_q=4, block_kv=4)
+    with pytest.raises(AssertionError):
+      _assert_close(got, want)
 
   def test_all_gather_strategy(self):
     """The same computation with K/V gathered once (model.context_parallel="all_gather")."""
@@ -164,9 +200,16 @@ class RingAttentionSlowTest(parameterized.TestCase):
   def test_equals_oracle_one_feature(self, layout, kind):
     _assert_close(*_run_ring(kind, layout, shards=4, L=48, block_q=8, block_kv=6, seed=1))
 
-  @parameterized.named_parameters(("striped", "striped"), ("contiguous", "contiguous"))
+  @parameterized.named_parameters(*((layout, layout) for layout in LAYOUTS))
   def test_eight_shards_causal(self, layout):
-    _assert_close(*_run_ring("causal", layout, shards=8, L=64, block_q=3, block_kv=4, seed=2))
+    with _plan_only():
+      _assert_close(*_run_ring("causal", layout, shards=8, L=64, block_q=3, block_kv=4, seed=2))
+
+  @parameterized.named_parameters(*_cases(LAYOUTS, ("segments",)))
+  def test_dynamic_path_without_plans(self, layout, kind):
+    """`hop_plans(False)`: the same causal calls through the position-mask path (what the benchmark compares)."""
+    with ring_lib.hop_plans(False):
+      _assert_close(*_run_ring(kind, layout, shards=4, L=48, block_q=8, block_kv=6, seed=1))
 
 
 class LayoutTest(parameterized.TestCase):
