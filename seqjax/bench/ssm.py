@@ -112,21 +112,27 @@ def _time_round_robin(compiled: dict, args, repeats: int, settle_between: bool =
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _measure(kernel: str, impls: dict, args, length: int, repeats: int) -> tuple[list[dict], dict, dict]:
+  """Compiles every impl's forward and forward+backward on `args`, times them round robin: (rows, times, memory),
+  the last two keyed by (impl, "fwd" | "fwdbwd")."""
+  compiled, memory = {}, {}
+  for impl, fn in impls.items():
+    for kind, f in _fwd_and_fwdbwd(fn).items():
+      compiled[(impl, kind)], memory[(impl, kind)] = _compile(f, args)
+  times = _time_round_robin(compiled, args, repeats)
+  rows = [dict(kernel=kernel, impl=impl, pass_=kind, length=length, seconds=seconds, xla_bytes=memory[(impl, kind)])
+          for (impl, kind), seconds in times.items()]
+  return rows, times, memory
+
+
 def bench_selective(lengths: Sequence[int], repeats: int, log) -> list[dict]:
   impls = {"baseline": baseline_selective_scan}
   for mode in ssm.MODES:
     impls[mode] = functools.partial(ssm.selective_scan, mode=mode)
   rows = []
   for length in lengths:
-    args = _selective_inputs(length)
-    compiled, memory = {}, {}
-    for impl, fn in impls.items():
-      for kind, f in _fwd_and_fwdbwd(fn).items():
-        compiled[(impl, kind)], memory[(impl, kind)] = _compile(f, args)
-    times = _time_round_robin(compiled, args, repeats)
-    for (impl, kind), seconds in times.items():
-      rows.append(dict(kernel="selective_scan", impl=impl, pass_=kind, length=length, seconds=seconds,
-                       xla_bytes=memory[(impl, kind)]))
+    new_rows, times, _ = _measure("selective_scan", impls, _selective_inputs(length), length, repeats)
+    rows += new_rows
     log(f"selective_scan L={length:6d}  " + "  ".join(
         f"{impl}:{times[(impl, 'fwd')] * 1e3:.1f}/{times[(impl, 'fwdbwd')] * 1e3:.1f}ms" for impl in impls)
         + "   (fwd/fwd+bwd)")
@@ -137,15 +143,8 @@ def bench_ssd(lengths: Sequence[int], repeats: int, log) -> list[dict]:
   impls = {mode: functools.partial(ssm.ssd, mode=mode) for mode in ssm.SSD_MODES}
   rows = []
   for length in lengths:
-    args = _ssd_inputs(length)
-    compiled, memory = {}, {}
-    for impl, fn in impls.items():
-      for kind, f in _fwd_and_fwdbwd(fn).items():
-        compiled[(impl, kind)], memory[(impl, kind)] = _compile(f, args)
-    times = _time_round_robin(compiled, args, repeats)
-    for (impl, kind), seconds in times.items():
-      rows.append(dict(kernel="ssd", impl=impl, pass_=kind, length=length, seconds=seconds,
-                       xla_bytes=memory[(impl, kind)]))
+    new_rows, times, _ = _measure("ssd", impls, _ssd_inputs(length), length, repeats)
+    rows += new_rows
     log(f"ssd            L={length:6d}  " + "  ".join(
         f"{impl}:{times[(impl, 'fwd')] * 1e3:.1f}/{times[(impl, 'fwdbwd')] * 1e3:.1f}ms" for impl in impls))
   return rows
@@ -182,14 +181,8 @@ def bench_s4d(lengths: Sequence[int], repeats: int, log) -> list[dict]:
       return fn
 
     impls = ("chunked", "parallel", "sequential")
-    compiled, memory = {}, {}
-    for impl in impls:
-      for kind, f in _fwd_and_fwdbwd(make(impl)).items():
-        compiled[(impl, kind)], memory[(impl, kind)] = _compile(f, args)
-    times = _time_round_robin(compiled, args, repeats)
-    for (impl, kind), seconds in times.items():
-      rows.append(dict(kernel="s4d_segments", impl=impl, pass_=kind, length=length, seconds=seconds,
-                       xla_bytes=memory[(impl, kind)]))
+    new_rows, times, memory = _measure("s4d_segments", {impl: make(impl) for impl in impls}, args, length, repeats)
+    rows += new_rows
     log(f"s4d+segments   L={length:6d}  B={S4D_BATCH} E={S4D_WIDTH} P={S4D_STATE}  " + "  ".join(
         f"{impl}:{times[(impl, 'fwd')] * 1e3:.1f}/{times[(impl, 'fwdbwd')] * 1e3:.1f}ms "
         f"({memory[(impl, 'fwdbwd')] / 2 ** 20:.0f} MiB)" for impl in impls) + "   (fwd/fwd+bwd, fwd+bwd memory)")
