@@ -131,8 +131,13 @@ class DecoderLM(nn.Module):
   cfg: ModelConfig
 
   def __call__(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    return self._forward(tokens_BT, segment_ids, positions, None, deterministic=deterministic, mode="parallel")
+               positions: jax.Array | None = None, deterministic: bool = True,
+               read_positions: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V]; with `read_positions` (int [B, K]), only those of row b's positions read_positions[b]:
+    [B, K, V], the final norm and the head applied to K positions instead of T (the synthetic tasks score a few
+    answer positions per row, and with a large vocabulary the head is most of a step's cost)."""
+    return self._forward(tokens_BT, segment_ids, positions, None, deterministic=deterministic, mode="parallel",
+                         read_positions=read_positions)
 
   def features(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -194,9 +199,11 @@ class DecoderLM(nn.Module):
     return {"position": jnp.zeros((batch_size,), jnp.int32), "layers": states}
 
   @nn.compact
-  def _forward(self, tokens_BT, segment_ids, positions, states, *, deterministic, mode, features_only=False):
+  def _forward(self, tokens_BT, segment_ids, positions, states, *, deterministic, mode, features_only=False,
+               read_positions=None):
     """The stack in one of the Block modes; returns logits, or (logits, layer states) unless mode is parallel
-    (`features_only`: the final hidden states instead of the logits)."""
+    (`features_only`: the final hidden states instead of the logits; `read_positions` [B, K]: the logits of those
+    positions only, parallel mode)."""
     cfg = self.cfg
     if mode not in _MODES:
       raise ValueError(f"DecoderLM: mode must be one of {_MODES}, got {mode!r}")
@@ -239,6 +246,11 @@ class DecoderLM(nn.Module):
           new_states.append(state)
       states = tuple(new_states)
 
+    if read_positions is not None:
+      if mode != "parallel" or read_positions.ndim != 2 or read_positions.shape[0] != x_BTD.shape[0]:
+        raise ValueError(f"DecoderLM: read_positions must be [B, K] = [{x_BTD.shape[0]}, K] integer positions in "
+                         f"the parallel forward, got shape {read_positions.shape} in mode {mode!r}")
+      x_BTD = jnp.take_along_axis(x_BTD, read_positions[:, :, None].astype(jnp.int32), axis=1)
     x_BTD = layers.make_norm(cfg.norm, dtype, "final_norm")(x_BTD) if cfg.norm_position == "pre" else x_BTD
     if features_only:
       return x_BTD

@@ -84,7 +84,7 @@ def test_split_sizes_and_lengths(task, built):
 def test_answers_recomputed_from_inputs(task, built):
   """The checker (which reads only the inputs and where answers are asked) gives exactly the stored targets, and
   nothing but answer positions is scored. Catches: a value written at the wrong place, a target off by one, a mask
-  covering non-answer positions."""
+  covering non-answer positions, an `answers_per_example` (what the trainer reads out) that is not the count."""
   builder, splits = built[task]
   module = synthetic.TASKS[task]
   per_example = {"mqar": builder.setting.num_pairs if task == "mqar" else None,
@@ -93,7 +93,7 @@ def test_answers_recomputed_from_inputs(task, built):
     for ex in examples:
       answers = module.check(builder.setting, ex)
       assert set(np.flatnonzero(ex["loss_mask"])) == set(answers), split
-      assert len(answers) == per_example
+      assert len(answers) == per_example == module.answers_per_example(builder.setting)
       for t, a in answers.items():
         assert ex["targets"][t] == a
       off = ex["loss_mask"] == 0

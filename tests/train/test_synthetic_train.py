@@ -194,3 +194,47 @@ def test_longer_evaluation_than_learned_positions_is_refused(data_dir):
   with pytest.raises(ConfigError, match=r"config\.model\.max_len: the 'test_len128' examples of 'induction_heads/"
                                         r"small' have 128 tokens, more than the learned position table"):
     LMTask(config, sharding.make_mesh(config.mesh))
+
+
+def test_answers_only_read_out_equals_the_full_head():
+  """`lm_loss_sum(model, K)` (the head applied to each row's K answer positions) against the full [B, T, V] head:
+  the same loss sum, weight and gradients, and the same evaluation sums, on rows with 0, 1 and K answers, an
+  answer at position 0 and one at the last position. Catches (each planted once): filling short rows with position
+  0 (that row's answer at 0 counted twice); narrowing the weights but not the targets fails on shapes. A row with more than K answers is refused on the host."""
+  from seqjax.config import AttentionConfig, ModelConfig  # pylint: disable=import-outside-toplevel
+  from seqjax.models.lm import DecoderLM  # pylint: disable=import-outside-toplevel
+  from seqjax.train.tasks.lm import check_answers_per_row, lm_eval_sums, lm_loss_sum  # pylint: disable=import-outside-toplevel
+
+  k, t, v = 3, 12, 97
+  model = DecoderLM(ModelConfig(vocab_size=v, d_model=32, num_layers=2, mlp_dim=64, max_len=t, mixer="attention",
+                                attention=AttentionConfig(num_heads=2, implementation="reference")))
+  rng = np.random.default_rng(0)
+  weights = np.zeros((4, t), np.float32)
+  weights[0, [0, 5]] = 1  # Fewer than K, one at position 0.
+  weights[1, [2, 7, t - 1]] = 1  # K, one at the end.
+  weights[3, [4]] = 1  # Row 2 has none.
+  batch = {"inputs": rng.integers(0, v, (4, t)).astype(np.int32), "targets": rng.integers(0, v, (4, t)).astype(np.int32),
+           "weights": weights, "segment_ids": np.ones((4, t), np.int32),
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (4, t)).copy(),
+           "target_bytes": rng.integers(1, 3, (4, t)).astype(np.int32)}
+  params = model.init(jax.random.PRNGKey(1), jnp.asarray(batch["inputs"]))["params"]
+  full, narrow = lm_loss_sum(model), lm_loss_sum(model, k)
+
+  def value_and_grad(loss_sum):
+    total, weight = loss_sum(params, batch, None, True)
+    return total, weight, jax.grad(lambda p: loss_sum(p, batch, None, True)[0])(params)
+
+  want_total, want_weight, want_grads = value_and_grad(full)
+  got_total, got_weight, got_grads = value_and_grad(narrow)
+  np.testing.assert_allclose(float(got_total), float(want_total), rtol=1e-5)
+  assert float(got_weight) == float(want_weight) == 6
+  chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-7)
+  want = jax.device_get(lm_eval_sums(model, params, batch, per_row=True))
+  got = jax.device_get(lm_eval_sums(model, params, batch, per_row=True, answers_per_row=k))
+  assert want.keys() == got.keys()
+  for key in want:
+    np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+  check_answers_per_row(weights, k)
+  weights[2, :k + 1] = 1
+  with pytest.raises(ValueError, match=r"4 weighted \(answer\) positions, more than the 3"):
+    check_answers_per_row(weights, k)

@@ -60,6 +60,11 @@ SETTINGS = {
 DEFAULT = "len256"
 
 
+def answers_per_example(setting: InductionHeadsSetting) -> int:
+  del setting
+  return 1  # The token after the first special token, asked at the last position.
+
+
 def split_lengths(setting: InductionHeadsSetting) -> dict[str, int]:
   lengths = {split: setting.seq_len for split in base.SPLITS}
   lengths.update({f"test_len{t}": t for t in setting.eval_lengths})

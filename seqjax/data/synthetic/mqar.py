@@ -61,6 +61,10 @@ SETTINGS["small"] = MqarSetting(seq_len=64, num_pairs=4, num_train=2048, num_val
 DEFAULT = "len64_pairs4"
 
 
+def answers_per_example(setting: MqarSetting) -> int:
+  return setting.num_pairs  # One query per pair.
+
+
 def split_lengths(setting: MqarSetting) -> dict[str, int]:
   return {split: setting.seq_len for split in base.SPLITS}
 

@@ -75,7 +75,8 @@ class SyntheticData:
   """Train and eval streams of a synthetic task (see the module docstring).
 
   Attributes: `name` ("TASK/SETTING"), `kind` ("lm" or "classify"), `setting`, `vocab_size`, `num_classes`
-  (classify), `seq_len` (training rows' length), `eval_len` (evaluation rows' length).
+  (classify), `answers_per_row` (lm: the most weighted positions a row has, in every split; 0 for classify),
+  `seq_len` (training rows' length), `eval_len` (evaluation rows' length).
   """
 
   name: str
@@ -83,6 +84,7 @@ class SyntheticData:
   setting: Any
   vocab_size: int
   num_classes: int
+  answers_per_row: int
   seq_len: int
   eval_len: int
   global_batch_size: int
@@ -146,7 +148,8 @@ def make_synthetic_data(*, name: str, data_dir: str | None, seq_len: int, batch_
   builder = load_builder(full_name, None if data_dir is None else os.path.expanduser(os.fspath(data_dir)))
   return SyntheticData(
       name=full_name, kind=module.KIND, setting=setting, vocab_size=vocab_size_of(module, setting),
-      num_classes=getattr(module, "NUM_CLASSES", 0), seq_len=seq_len, eval_len=max(seq_len, lengths[eval_split]),
+      num_classes=getattr(module, "NUM_CLASSES", 0),
+      answers_per_row=module.answers_per_example(setting) if module.KIND == "lm" else 0, seq_len=seq_len, eval_len=max(seq_len, lengths[eval_split]),
       global_batch_size=batch_size, local_batch_size=batch_size // process_count, process_index=int(process_index),
       seed=int(seed), train_source=builder.as_data_source(split=train_split),
       eval_source=builder.as_data_source(split=eval_split))

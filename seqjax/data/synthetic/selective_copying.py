@@ -57,6 +57,10 @@ SETTINGS["small"] = SelectiveCopyingSetting(seq_len=64, num_tokens=8, num_train=
 DEFAULT = "len256"
 
 
+def answers_per_example(setting: SelectiveCopyingSetting) -> int:
+  return setting.num_tokens  # One per marker.
+
+
 def split_lengths(setting: SelectiveCopyingSetting) -> dict[str, int]:
   return {split: setting.seq_len for split in base.SPLITS}
 

@@ -2,7 +2,10 @@
 documents from the grain pipeline (`seqjax.data.pipeline.make_lm_data`), or over the examples of a synthetic task
 (`config.data.name = "mqar/len64_pairs4"`, ...: `seqjax.data.synthetic.pipeline`), whose weights are 1 only on
 answer positions — so the loss and accuracy are the answers' (evaluation adds answer_accuracy and
-sequence_accuracy, the fraction of examples with every answer right).
+sequence_accuracy, the fraction of examples with every answer right). A synthetic task has at most K answers per
+row (`SyntheticData.answers_per_row`: MQAR's pairs, selective copying's tokens, 1 for induction heads), so its loss
+and evaluation apply the head to those K positions only (`answers_only`), not all T: the same numbers, and with
+MQAR's 8,192-word vocabulary most of a step's cost saved.
 
 Batches are [B, T] arrays: inputs, targets, segment_ids, positions, weights (1 on real targets), target_bytes
 (UTF-8 bytes each target stands for). The loss is the weighted token cross-entropy; evaluation reports loss,
@@ -86,29 +89,54 @@ def performer_draws(model: nn.Module, batch: DeviceBatch, every: int) -> dict[st
                                               batch[FEATURE_STEP_KEY][0], every)
 
 
+ANSWER_KEYS = ("targets", "weights", "target_bytes")
+
+
+def answers_only(batch: DeviceBatch, k: int) -> DeviceBatch:
+  """The batch with targets, weights and target_bytes [B, T] narrowed to each row's first `k` weighted positions
+  [B, k], which it carries as `read_positions` (int32 [B, k]) for `token_losses`. A row with fewer than k answers
+  is filled with positions of weight 0 (it never counts an answer twice); one with more would lose answers, which
+  `check_answers_per_row` rules out on the host before the batch gets here."""
+  w_BT = batch["weights"]
+  # A stable sort of "not an answer" puts a row's answer positions first, in order, then its other positions.
+  read_BK = jnp.argsort((w_BT <= 0).astype(jnp.int32), axis=1, stable=True)[:, :k].astype(jnp.int32)
+  narrowed = {key: jnp.take_along_axis(batch[key], read_BK, axis=1) for key in ANSWER_KEYS if key in batch}
+  return {**batch, **narrowed, "read_positions": read_BK}
+
+
+def check_answers_per_row(weights_BT: np.ndarray, k: int) -> None:
+  """ValueError if a row of a host batch has more than k weighted positions (`answers_only` would drop some)."""
+  most = int(np.max(np.sum(np.asarray(weights_BT) > 0, axis=1), initial=0))
+  if most > k:
+    raise ValueError(f"a batch row has {most} weighted (answer) positions, more than the {k} the task declares "
+                     f"per row (answers_per_example of its synthetic module); fix the generator or that function")
+
+
 def token_losses(model: nn.Module, params: Any, batch: DeviceBatch, *, rng: jax.Array | None = None,
                  deterministic: bool = True, mutable: list[str] | None = None,
                  collections: dict[str, Any] | None = None):
   """Per-token cross-entropy [B, T] (float32) and the logits [B, T, V] of a model applied to batch["inputs"]; with
   `mutable` collections (e.g. ["moe"]), ((losses, logits), the sown collections). `collections`: variables besides
-  the params (e.g. the Performer's feature draws, `performer_draws`)."""
+  the params (e.g. the Performer's feature draws, `performer_draws`). A batch from `answers_only` gives [B, K]
+  losses and [B, K, V] logits at its `read_positions`."""
   rngs = None if deterministic else {"dropout": rng}
   out = model.apply({"params": params, **(collections or {})}, batch["inputs"], segment_ids=batch.get("segment_ids"),
                     positions=batch.get("positions"), deterministic=deterministic, rngs=rngs,
-                    mutable=mutable or False)
+                    mutable=mutable or False, read_positions=batch.get("read_positions"))
   logits_BTV, sown = out if mutable else (out, None)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]), logits_BTV
   return (losses, sown) if mutable else losses
 
 
-def lm_loss_sum(model: nn.Module) -> LossFn:
+def lm_loss_sum(model: nn.Module, answers_per_row: int = 0) -> LossFn:
   """`loss_sum(params, batch, rng, deterministic) -> (sum, weight)`: the weighted token cross-entropy of `model`
   (what `seqjax.train.step.make_train_step` takes). With mixture-of-experts blocks (config.model.moe) the sum also
   holds weight * (load_balance_weight * sum over MoE layers of the Switch loss + z_loss_weight * sum of the
   z-losses), and a third value, {"moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction"} (their
   means over the MoE layers) times the weight, which the step logs (docs/moe.md). With Performer layers and
   model.linear.redraw_every > 0, a batch carrying its step (`FEATURE_STEP_KEY`, added by `LMTask.device_batch`)
-  uses the features of draw step // redraw_every (`performer_draws`)."""
+  uses the features of draw step // redraw_every (`performer_draws`). `answers_per_row` > 0: each row has at most
+  that many weighted positions, and only they are read out (`answers_only`); the same loss and gradients."""
 
   cfg = getattr(model, "cfg", None)
   moe = getattr(cfg, "moe", None)
@@ -116,6 +144,8 @@ def lm_loss_sum(model: nn.Module) -> LossFn:
 
   def loss_sum(params, batch, rng, deterministic):
     batch = in_context_parallel_layout(model, batch)
+    if answers_per_row:
+      batch = answers_only(batch, answers_per_row)
     draws = performer_draws(model, batch, redraw_every)
     if moe is None or not moe.num_experts:
       losses_BT, _ = token_losses(model, params, batch, rng=rng, deterministic=deterministic, collections=draws)
@@ -134,11 +164,14 @@ def lm_loss_sum(model: nn.Module) -> LossFn:
   return loss_sum
 
 
-def lm_eval_sums(model: nn.Module, params: Any, batch: DeviceBatch, *, per_row: bool = False
-                 ) -> dict[str, jax.Array]:
+def lm_eval_sums(model: nn.Module, params: Any, batch: DeviceBatch, *, per_row: bool = False,
+                 answers_per_row: int = 0) -> dict[str, jax.Array]:
   """Sums over the batch: loss, weight, target bytes and correct next-token predictions; with `per_row` also
-  `rows` (rows with a weighted target) and `rows_correct` (those whose weighted targets are all predicted)."""
+  `rows` (rows with a weighted target) and `rows_correct` (those whose weighted targets are all predicted).
+  `answers_per_row` > 0: only the weighted positions are read out (`answers_only`), the same sums."""
   batch = in_context_parallel_layout(model, batch)
+  if answers_per_row:
+    batch = answers_only(batch, answers_per_row)
   losses_BT, logits_BTV = token_losses(model, params, batch)
   w_BT = batch["weights"].astype(jnp.float32)
   correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
@@ -189,7 +222,8 @@ class LMTask(Task):
     super().__init__(config_lib.with_vocab_size(config, self.data.vocab_size), mesh)
     self.model = DecoderLM(self.config.model)
     self._init = token_init(self.model, self.config.data.seq_len)
-    self._loss_sum = lm_loss_sum(self.model)
+    self.answers_per_row = self.data.answers_per_row if self.synthetic else 0
+    self._loss_sum = lm_loss_sum(self.model, self.answers_per_row)
     self._redraw_every = performer_redraw_every(self.config.model)
 
   @staticmethod
@@ -237,6 +271,8 @@ class LMTask(Task):
     """The device batch; with Performer feature redraws (model.linear.redraw_every > 0) it also carries the
     update's step (`FEATURE_STEP_KEY`, int32 [B]), from which the loss sets the draw: step // redraw_every. A
     function of the step only, so a resumed or rolled-back run redraws the same features at the same steps."""
+    if self.answers_per_row:
+      check_answers_per_row(batch["weights"], self.answers_per_row)
     if not self._redraw_every:
       return super().device_batch(batch, step)
     rows = batch["inputs"].shape[0]
@@ -246,10 +282,13 @@ class LMTask(Task):
     return self._loss_sum(params, batch, rng, deterministic)
 
   def eval_sums(self, params, batch):
-    return lm_eval_sums(self.model, params, batch, per_row=self.synthetic)
+    return lm_eval_sums(self.model, params, batch, per_row=self.synthetic, answers_per_row=self.answers_per_row)
 
   def evaluate(self, params: Any, eval_step: EvalStep, max_batches: int | None) -> Evaluation:
-    totals = sum_eval_batches(self.data.eval_batches(max_batches=max_batches), params, eval_step, self.mesh)
+    batches = self.data.eval_batches(max_batches=max_batches)
+    if self.answers_per_row:
+      batches = _checked(batches, self.answers_per_row)
+    totals = sum_eval_batches(batches, params, eval_step, self.mesh)
     if self.synthetic:
       metrics = answer_metrics(totals)
       return Evaluation(metrics, f"validation loss {metrics['loss']:.4f}, answer accuracy "
@@ -294,6 +333,12 @@ class LMTask(Task):
   @property
   def throughput(self) -> tuple[str, float]:
     return "tokens_per_sec", float(self.config.train.batch_size * self.config.data.seq_len)
+
+
+def _checked(batches, k: int):
+  for batch in batches:
+    check_answers_per_row(batch["weights"], k)
+    yield batch
 
 
 def resume_iterator(data: Any, position: Any | None) -> DataStream:
