@@ -67,3 +67,18 @@ def test_flop_estimate_scales_with_tokens(bench):
   assert bench.train_flops_per_step(m, 32, 256) == pytest.approx(32 * one)
   matmul_params = 4 * (4 * 256 * 256 + 2 * 256 * 1024) + 259 * 256
   assert one > 6 * matmul_params * 256  # plus the attention matmuls
+
+
+def test_seqjax_side_runs_zero_steps(bench):
+  """`--warmup=0` asks each side for zero untimed steps. Catches: the loss read from the last step's metrics when
+  there was none (UnboundLocalError before)."""
+  from seqjax.config import default_config_dict, from_config_dict  # pylint: disable=import-outside-toplevel
+  cfg = default_config_dict().to_dict()
+  cfg["model"].update(d_model=32, num_layers=1, mlp_dim=64, max_len=16, vocab_size=40)
+  cfg["sample"]["num_tokens"] = 8
+  cfg["data"]["seq_len"], cfg["train"]["batch_size"] = 16, 8
+  runner = bench.SeqjaxRunner(from_config_dict(cfg))
+  first = runner.loss
+  assert runner.run(0) == {"times": [], "cpu_times": [], "loss": first}
+  out = runner.run(2)
+  assert len(out["times"]) == len(out["cpu_times"]) == 2 and out["loss"] == runner.loss
