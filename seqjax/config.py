@@ -426,8 +426,29 @@ class TrainConfig:
   on_nan: Literal["stop", "skip", "rollback"] = "stop"
   max_rollbacks: int = 3  # on_nan="rollback": stop with the report after this many rollbacks without a new save.
   allow_config_change: bool = False  # Resume a workdir whose saved config differs from this one (docs/reliability.md).
+  # Early stop: "METRIC>=VALUE" or "METRIC<=VALUE" (e.g. "answer_accuracy>=0.99"): after an evaluation that meets
+  # it, save and finish (final_metrics.json has stopped_early=1). "": train all num_steps.
+  stop_when: str = ""
+
+  def stop_rule(self) -> tuple[str, str, float] | None:
+    """(metric, ">=" or "<=", value) of `stop_when`, None when it is empty; ConfigError if it does not parse."""
+    if not self.stop_when:
+      return None
+    for op in (">=", "<="):
+      name, found, value = self.stop_when.partition(op)
+      if found:
+        name = name.strip()
+        try:
+          number = float(value)
+        except ValueError:
+          number = math.nan
+        if name.isidentifier() and math.isfinite(number):
+          return name, op, number
+    _fail("train.stop_when", f"must read METRIC>=VALUE or METRIC<=VALUE (e.g. \"answer_accuracy>=0.99\", "
+          f"\"loss<=1.5\"), got {self.stop_when!r}")
 
   def _check(self, prefix: str) -> None:
+    self.stop_rule()
     for name in ("num_steps", "batch_size", "grad_accum_steps", "eval_every", "checkpoint_every",
                  "keep_checkpoints", "log_every"):
       if getattr(self, name) <= 0:

@@ -63,7 +63,10 @@ def test_mqar_cells_set_width_and_setting(rp, tmp_path):
   cells = {(a, b) for c in commands for a in c if a.startswith("--config.model.d_model=")
            for b in c if b.startswith("--config.model.mlp_dim=")}
   assert cells == {(f"--config.model.d_model={w}", f"--config.model.mlp_dim={2 * w}") for w in (64, 128, 256)}
-  assert all("--config.data.name=mqar/len256_pairs16" in c and "--config.data.seq_len=256" in c for c in commands)
+  assert all("--config.data.name=mqar/len256_pairs16_v512" in c and "--config.data.seq_len=256" in c
+             and "--config.train.stop_when=answer_accuracy>=0.99" in c for c in commands)
+  paper = _commands(rp, "mqar", "paper", tmp_path, settings=("len256_pairs16",))
+  assert all("--config.data.name=mqar/len256_pairs16" in c for c in paper)  # The paper's vocabulary of 8,192.
 
 
 def test_bad_study_scale_or_setting_is_refused(rp):

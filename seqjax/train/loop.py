@@ -148,6 +148,15 @@ def train(config: Config, workdir: str, *, wrap_jitted: WrapJitted | None = None
     return _train(config, workdir, preemption, wrap_jitted or _no_wrap)
 
 
+def _meets(rule: tuple[str, str, float], metrics: dict[str, float]) -> bool:
+  """Whether an evaluation meets train.stop_when; ConfigError if it does not report the metric."""
+  name, op, value = rule
+  if name not in metrics:
+    raise ConfigError(f"config.train.stop_when names {name!r}, which this task's evaluation does not report; it "
+                      f"reports: {', '.join(sorted(metrics))}")
+  return metrics[name] >= value if op == ">=" else metrics[name] <= value
+
+
 def _train(config: Config, workdir: str, preemption: Preemption, wrap_jitted: WrapJitted) -> dict[str, Any]:
   began = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
@@ -174,6 +183,8 @@ def _train(config: Config, workdir: str, preemption: Preemption, wrap_jitted: Wr
   eval_step = sharding.eval_in_mesh_context(jax.jit(wrap_jitted("eval_step", task.eval_sums)), job.mesh,
                                             config.model.context_parallel_layout)
   eval_batches = tc.eval_batches or None
+  stop_rule = tc.stop_rule()
+  stopped_early = False
   lr_at = learning_rate_schedule(config.optim, tc.num_steps)
   rate_name, units_per_step = task.throughput
   writer = MetricWriter(workdir)
@@ -261,13 +272,17 @@ def _train(config: Config, workdir: str, preemption: Preemption, wrap_jitted: Wr
             if evaluation.examples:
               append_jsonl(os.path.join(workdir, "examples.jsonl"), {"step": step, "examples": evaluation.examples})
             progress.write(f"step {step}: {evaluation.summary}")
-          if due_save:
+            stopped_early = stop_rule is not None and _meets(stop_rule, last_eval)
+            if stopped_early:
+              log.info("step %d: the evaluation meets train.stop_when=%r; saving and stopping early", step,
+                       tc.stop_when)
+          if due_save or stopped_early:
             job.checkpointer.save(step, state, stream.get_state(), faults.save_items(step))
             last_save_time = time.monotonic()
             on_nonfinite.saved(step)
           if due_eval or due_save:
             timer.reset()
-          if preemption.requested:
+          if preemption.requested or stopped_early:
             break
         except Rollback as rb:
           job.checkpointer.wait()
@@ -297,6 +312,8 @@ def _train(config: Config, workdir: str, preemption: Preemption, wrap_jitted: Wr
   final = {"step": final_step, "skipped_steps": int(jax.device_get(state.skipped_steps)), **last_eval,
            **(task.step_inputs(final_step - 1) if final_step else {}), "seconds": time.perf_counter() - began,
            "state_sha256": state_fingerprint(state)}
+  if stopped_early:
+    final["stopped_early"] = 1.0
   write_json(os.path.join(workdir, "final_metrics.json"), final)
   plot_curves(workdir)
   return final
