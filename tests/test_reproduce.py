@@ -62,7 +62,7 @@ def test_mqar_cells_set_width_and_setting(rp, tmp_path):
   assert len(commands) == 15
   cells = {(a, b) for c in commands for a in c if a.startswith("--config.model.d_model=")
            for b in c if b.startswith("--config.model.mlp_dim=")}
-  assert cells == {(f"--config.model.d_model={w}", f"--config.model.mlp_dim={2 * w}") for w in (64, 128, 256)}
+  assert cells == {(f"--config.model.d_model={w}", f"--config.model.mlp_dim={2 * w}") for w in (32, 64, 128)}
   assert all("--config.data.name=mqar/len256_pairs16_v512" in c and "--config.data.seq_len=256" in c
              and "--config.train.stop_when=answer_accuracy>=0.99" in c for c in commands)
   paper = _commands(rp, "mqar", "paper", tmp_path, settings=("len256_pairs16",))
@@ -115,7 +115,7 @@ def test_mqar_report_pivots_mixers_by_width(rp, tmp_path):
   for part in study.parts:
     for run in rp.part_runs(study, part, str(tmp_path)):
       mixer = dict(run.values)["model.mixer"]
-      if mixer in ("attention", "mamba") and part.name.endswith(("64", "128")):
+      if mixer in ("attention", "mamba") and part.name.endswith(("32", "64")):
         _finish(run, {"answer_accuracy": {"attention": 0.995, "mamba": 0.5}[mixer]})
   table, _, png = rp.write_report(study, str(tmp_path))
   text = open(table, encoding="utf-8").read()
