@@ -62,6 +62,7 @@ RESUMABLE_FIELDS = frozenset({
     "train.num_steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.checkpoint_every_secs", "train.keep_checkpoints", "train.log_every", "train.async_checkpointing",
     "train.on_nan", "train.max_rollbacks", "train.allow_config_change", "train.grad_accum_steps",
+    "train.stop_when",
     "data.data_dir", "data.eval_split", "data.eval_splits", "mesh.*", "sample.*", "cpu_kernels",
     "model.attention.implementation",
 })

@@ -242,13 +242,16 @@ def test_answers_only_read_out_equals_the_full_head():
 
 def test_stop_when_finishes_at_the_first_evaluation_that_meets_it(data_dir, tmp_path):
   """train.stop_when: a threshold every evaluation meets stops after the first one (step 6 of 12), with its
-  checkpoint saved and stopped_early in final_metrics.json; one no evaluation meets trains all 12 steps; a metric the
+  checkpoint saved and stopped_early in final_metrics.json, and resuming it without the rule trains on to step 12;
+  one no evaluation meets trains all 12 steps; a metric the
   task does not report, or a rule that does not parse, is a ConfigError naming the field. Catches: stopping before
   the save (no checkpoint at 6), a comparison the wrong way round (the first run would go on)."""
   stop = loop.train(_smoke("mqar", data_dir, train={"stop_when": "answer_accuracy >= 0"}), str(tmp_path / "a"))
   assert stop["step"] == 6 and stop["stopped_early"] == 1.0
   assert os.path.isdir(tmp_path / "a" / "checkpoints" / "6")
   assert [r["step"] for r in _records(str(tmp_path / "a"), "eval")] == [6]
+  on = loop.train(_smoke("mqar", data_dir, train={"stop_when": ""}), str(tmp_path / "a"))  # Allowed on resume.
+  assert on["step"] == 12 and "stopped_early" not in on
   full = loop.train(_smoke("mqar", data_dir, train={"stop_when": "loss<=-1"}), str(tmp_path / "b"))
   assert full["step"] == 12 and "stopped_early" not in full
   with pytest.raises(ConfigError, match=r"train.stop_when names 'bleu'.*answer_accuracy"):
