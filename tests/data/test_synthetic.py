@@ -3,6 +3,7 @@ split sizes and lengths as configured, the paper's parameters, and the sampling 
 """
 
 import collections
+import dataclasses
 import json
 import itertools
 
@@ -219,9 +220,15 @@ def test_listops_checker_by_hand():
 def test_published_settings():
   """The settings are the papers': MQAR (64, 4), (128, 8), (256, 16) at V = 8192 with Zoology's 100k / 3k split
   sizes; selective copying V = 16 with 16 tokens; induction heads V = 16 evaluated up to 16x; ListOps LRA's."""
-  published = lambda module: [s for name, s in module.SETTINGS.items() if name != "small"]  # noqa: E731
+  published = lambda module: [s for name, s in module.SETTINGS.items()  # noqa: E731
+                               if name != "small" and not name.endswith("_v512")]
   assert {(s.seq_len, s.num_pairs, s.vocab_size) for s in published(mqar)} == {
       (64, 4, 8192), (128, 8, 8192), (256, 16, 8192)}
+  # The CPU-scale reproduction's settings: the same lengths and pairs with 512 tokens, nothing else changed.
+  reduced = {name: s for name, s in mqar.SETTINGS.items() if name.endswith("_v512")}
+  assert reduced == {
+      f"{n}_v512": dataclasses.replace(s, vocab_size=512) for n, s in mqar.SETTINGS.items()
+      if n != "small" and not n.endswith("_v512")}
   assert all(s.num_train == 100_000 and s.num_test == 3_000 for s in published(mqar))
   assert all(s.vocab_size == 16 and s.num_tokens == 16 for s in published(selective_copying))
   for s in published(induction_heads):
