@@ -60,7 +60,7 @@ def test_task_puts_the_step_in_the_batch_and_logs_the_draw():
   from seqjax.train import sharding  # pylint: disable=import-outside-toplevel
   from seqjax.train.tasks.lm import LMTask  # pylint: disable=import-outside-toplevel
 
-  task = SimpleNamespace(_redraw_every=EVERY, mesh=sharding.make_mesh(tiny_config().mesh))
+  task = SimpleNamespace(_redraw_every=EVERY, answers_per_row=0, mesh=sharding.make_mesh(tiny_config().mesh))
   device = LMTask.device_batch(task, synthetic_batch(), 5)
   np.testing.assert_array_equal(np.asarray(device[FEATURE_STEP_KEY]), np.full((8,), 5, np.int32))
   np.testing.assert_array_equal(np.asarray(device["inputs"]), synthetic_batch()["inputs"])
