@@ -360,6 +360,7 @@ def plot(study: Study, records: list[dict], path: str) -> None:
       ax.set(xscale="log", xlabel="model width", ylabel="answer accuracy", title=setting, ylim=(0, 1.02))
       widths = sorted({int(r["width"]) for r in records})
       ax.set_xticks(widths, [str(w) for w in widths])
+      ax.minorticks_off()  # The log axis's minor labels would overlap the widths'.
       ax.grid(alpha=0.3)
       ax.legend(fontsize=8)
   elif study.eval_splits:
