@@ -55,11 +55,11 @@ class MqarSetting(base.Setting):
       raise ValueError(f"power_a must be in (0, 1], got {self.power_a}")
 
 
-SETTINGS = {f"len{t}_pairs{p}": MqarSetting(seq_len=t, num_pairs=p) for t, p in ((64, 4), (128, 8), (256, 16))}
+PUBLISHED = ((64, 4), (128, 8), (256, 16))  # Zoology's (length, pairs) settings.
+SETTINGS = {f"len{t}_pairs{p}": MqarSetting(seq_len=t, num_pairs=p) for t, p in PUBLISHED}
 # The same with a 512-token vocabulary (keys in [1, 256), values in [256, 512)): what a CPU can train in minutes
 # (experiments/reproduce.py mqar --scale=cpu); with 8,192 tokens each key is seen too rarely in a short run.
-SETTINGS.update({f"len{t}_pairs{p}_v512": MqarSetting(seq_len=t, num_pairs=p, vocab_size=512)
-                 for t, p in ((64, 4), (128, 8), (256, 16))})
+SETTINGS.update({f"len{t}_pairs{p}_v512": MqarSetting(seq_len=t, num_pairs=p, vocab_size=512) for t, p in PUBLISHED})
 # "small": the first setting with few examples, for tests and smoke runs.
 SETTINGS["small"] = MqarSetting(seq_len=64, num_pairs=4, num_train=2048, num_validation=256, num_test=256)
 DEFAULT = "len64_pairs4"

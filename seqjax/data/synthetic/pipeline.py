@@ -149,7 +149,8 @@ def make_synthetic_data(*, name: str, data_dir: str | None, seq_len: int, batch_
   return SyntheticData(
       name=full_name, kind=module.KIND, setting=setting, vocab_size=vocab_size_of(module, setting),
       num_classes=getattr(module, "NUM_CLASSES", 0),
-      answers_per_row=module.answers_per_example(setting) if module.KIND == "lm" else 0, seq_len=seq_len, eval_len=max(seq_len, lengths[eval_split]),
+      answers_per_row=module.answers_per_example(setting) if module.KIND == "lm" else 0,
+      seq_len=seq_len, eval_len=max(seq_len, lengths[eval_split]),
       global_batch_size=batch_size, local_batch_size=batch_size // process_count, process_index=int(process_index),
       seed=int(seed), train_source=builder.as_data_source(split=train_split),
       eval_source=builder.as_data_source(split=eval_split))
