@@ -20,7 +20,9 @@ Modes (all equal to tolerance, forward and gradients — see tests/ops/ssm/test_
                 the forward pass, recomputes one chunk's states at a time in reverse order and runs the adjoint
                 recurrence there with every gradient reduction fused into the loop, so peak memory is
                 O(T E + T E P / C) — linear in T E — for forward+backward (autodiff of a scan would keep
-                [T, B, E, P] residuals and is ~3x slower here).
+                [T, B, E, P] residuals and is ~2x slower here). The reductions that contract E's neighbours
+                (the cotangents of delta and A) are multiply-sums, A's kept per batch row until the scan ends:
+                as per-step dot_generals they transposed [B, E, P] every step and took half the backward.
                 Unlike Mamba-2's scalar decay (see `ssd.py`), the decay here differs per (channel, state) pair,
                 so the intra-chunk pairwise form would be a [C, C, E, P] tensor per chunk and exp(-A cumsum)
                 factorisations overflow float32; on CPU the short in-chunk recurrence is the fastest exact form.
@@ -224,18 +226,19 @@ def _chunked_scan_bwd(residuals, cotangents):
 
   def adjoint_step(carry, inputs):
     """Reverse step t: r is a_{t+1} dh_{t+1}; dh_t = C_t dy_t + r."""
-    r_BEP, dA_EP = carry
+    r_BEP, dA_BEP = carry
     x_BE, d_BE, B_BP, C_BP, keep_B, hprev_BEP, dy_BE = inputs
     a_BEP, b_BEP = _step_operands(x_BE, d_BE, A_EP, B_BP, keep_B)
     h_BEP = a_BEP * hprev_BEP + b_BEP
     dh_BEP = dy_BE[..., None] * C_BP[:, None, :] + r_BEP
     dlog_BEP = dh_BEP * hprev_BEP * a_BEP  # cotangent of log(a) = delta * A
     du_BE = jnp.einsum("bep,bp->be", dh_BEP, B_BP)  # cotangent of u = delta * x
-    dd_BE = jnp.einsum("bep,ep->be", dlog_BEP, A_EP) + du_BE * x_BE
-    dA_EP = dA_EP + jnp.einsum("bep,be->ep", dlog_BEP, d_BE)
+    # Both reductions over E's neighbours as fused multiply-sums: as dot_generals they transpose [B, E, P] per step.
+    dd_BE = jnp.sum(dlog_BEP * A_EP, axis=-1) + du_BE * x_BE
+    dA_BEP = dA_BEP + dlog_BEP * d_BE[..., None]  # summed over B once, after the scan
     dB_BP = jnp.einsum("bep,be->bp", dh_BEP, d_BE * x_BE)
     dC_BP = jnp.einsum("bep,be->bp", h_BEP, dy_BE)
-    return (a_BEP * dh_BEP, dA_EP), (du_BE * d_BE, dd_BE, dB_BP, dC_BP)
+    return (a_BEP * dh_BEP, dA_BEP), (du_BE * d_BE, dd_BE, dB_BP, dC_BP)
 
   def chunk_bwd(carry, inputs):
     """Carries the cotangent of this chunk's final state back to the cotangent of its initial state."""
@@ -244,10 +247,10 @@ def _chunked_scan_bwd(residuals, cotangents):
     return lax.scan(adjoint_step, carry, (x_CBE, d_CBE, B_CBP, C_CBP, keep_CB, hprev_CBEP, dy_CBE),
                     reverse=True)
 
-  (g0_BEP, dA_EP), (dx, dd, dB, dC) = lax.scan(
-      chunk_bwd, (dhT_BEP, vary_like(jnp.zeros_like(A_EP), x_MCBE, dy_MCBE, hin_MBEP)),
+  (g0_BEP, dA_BEP), (dx, dd, dB, dC) = lax.scan(
+      chunk_bwd, (dhT_BEP, vary_like(jnp.zeros_like(dhT_BEP), x_MCBE, dy_MCBE, hin_MBEP)),
       (x_MCBE, d_MCBE, B_KCBP, C_KCBP, keep_MCB, hin_MBEP, dy_MCBE), reverse=True)
-  return dx, dd, dA_EP, dB, dC, jnp.zeros_like(keep_MCB), g0_BEP
+  return dx, dd, jnp.sum(dA_BEP, axis=0), dB, dC, jnp.zeros_like(keep_MCB), g0_BEP
 
 
 _chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
