@@ -3,7 +3,7 @@ r"""The published synthetic-task results of issue 16, each reproduced by one com
   python experiments/reproduce.py selective_copying      # Mamba's Table 1: S4D vs Mamba vs Mamba-2
   python experiments/reproduce.py induction_heads        # Mamba's Table 2: length extrapolation to 16x
   python experiments/reproduce.py listops                # LRA's ListOps: Transformer vs Mamba vs S4D
-  python experiments/reproduce.py mqar [--settings=len64_pairs4]   # Zoology's Figure 2: accuracy vs width
+  python experiments/reproduce.py mqar [--settings=len64_pairs4] [--widths=64,128]   # Zoology's Figure 2
       [--scale=cpu|paper] [--results_dir=results] [--print_commands] [--report_only]
 
 Each study is one or more `seqjax.sweep` grids of `configs/synthetic.py` (one `seqjax.main` process per run, in
@@ -154,17 +154,22 @@ def listops(scale: str) -> Study:
       paper_values=(("attention", 0.3637), ("s4d", 0.596)))
 
 
-def mqar(scale: str, settings: tuple[str, ...] = MQAR_SETTINGS) -> Study:
+MQAR_WIDTHS = {"cpu": (32, 64, 128), "paper": (64, 128, 256), "smoke": (32, 64, 128)}
+
+
+def mqar(scale: str, settings: tuple[str, ...] = MQAR_SETTINGS, widths: tuple[int, ...] | None = None) -> Study:
   mixers = "attention,mamba,mamba2,s4d,lstm"
   parts = []
   for setting in settings:
     t = int(setting.split("_")[0].removeprefix("len"))
-    for width in (32, 64, 128) if scale == "cpu" else (64, 128, 256):
+    for width in widths or MQAR_WIDTHS[scale]:
       if scale == "smoke":
         run, grid, best = SMOKE[2:], f"model.mixer={mixers}", None
       elif scale == "cpu":
-        # Constant rate after the warmup, no weight decay; a run ends once 99% of the answers are right.
-        run = _train(2000, 64, 3e-3, 50, evals=8, eval_batches=8) + (
+        # 4,096 tokens a step at every setting: the pairs (and so the queries) grow with the length, so every
+        # step also sees the same 256 answers. Constant rate after the warmup, no weight decay; a run ends once
+        # 99% of the answers are right.
+        run = _train(2000, 64 * 64 // t, 3e-3, 50, evals=8, eval_batches=8 * t // 64) + (
             "optim.weight_decay=0.0", "optim.end_lr_fraction=1.0") + STOP
         grid, best = f"model.mixer={mixers}", None
       else:
@@ -178,8 +183,9 @@ def mqar(scale: str, settings: tuple[str, ...] = MQAR_SETTINGS) -> Study:
     reductions = SMOKE_NOTE + "; every setting reads mqar/small"
   elif scale == "cpu":
     reductions = ("a vocabulary of 512 (Zoology 8,192: each key would be seen too rarely in a short run), at most "
-                  "2,000 steps of batch 64 (128,000 examples, 1.3 epochs; Zoology: 64 epochs of 100,000), stopped "
-                  "at the first evaluation (every 250 steps, 512 examples) with 99% of the answers right, one "
+                  "2,000 steps of 4,096 tokens (batch 64 at length 64, 32 at 128, 16 at 256: 256 answers a step "
+                  "at every setting; Zoology: 64 epochs of 100,000 examples), stopped at the first evaluation "
+                  "(every 250 steps, 512 examples) with 99% of the answers right, one "
                   "learning rate (3e-3, constant after 50 warmup steps, no weight decay; Zoology sweeps 4 per "
                   "cell), widths 32, 64 and 128 (Zoology 64-256; a step of width 256 costs too much here), 2 "
                   "layers, MLP width 2x the model width, RoPE in attention and no positions elsewhere")
@@ -197,7 +203,8 @@ STUDIES = {"selective_copying": selective_copying, "induction_heads": induction_
            "mqar": mqar}
 
 
-def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_SETTINGS) -> Study:
+def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_SETTINGS,
+               widths: tuple[int, ...] | None = None) -> Study:
   if name not in STUDIES:
     raise sweep_lib.SweepError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
   if scale not in SCALES:
@@ -207,7 +214,10 @@ def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_S
   unknown = [s for s in settings if s not in MQAR_SETTINGS]
   if unknown or not settings:
     raise sweep_lib.SweepError(f"--settings={','.join(settings)!r}: choose among {', '.join(MQAR_SETTINGS)}")
-  return mqar(scale, settings)
+  if widths is not None and (not widths or any(w < 8 or w % 8 for w in widths)):
+    raise sweep_lib.SweepError(f"--widths={','.join(map(str, widths))!r}: give model widths, multiples of 8 "
+                               f"(the {scale} scale's: {','.join(map(str, MQAR_WIDTHS[scale]))})")
+  return mqar(scale, settings, widths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,12 +420,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--scale", default="cpu", choices=SCALES)
   parser.add_argument("--results_dir", default="results")
   parser.add_argument("--settings", default=",".join(MQAR_SETTINGS), help="mqar only: the (length, pairs) settings")
+  parser.add_argument("--widths", default="", help="mqar only: the model widths (default: the scale's, e.g. "
+                      "32,64,128 at cpu); one column of the figure can be run alone")
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("--report_only", action="store_true", help="rewrite table, JSON and plot from the runs")
   args = parser.parse_args(argv)
   try:
-    study = make_study(args.study, args.scale, tuple(s for s in args.settings.split(",") if s))
+    try:
+      widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else None
+    except ValueError as e:
+      raise sweep_lib.SweepError(f"--widths={args.widths!r}: give comma-separated integers, e.g. 64,128") from e
+    study = make_study(args.study, args.scale, tuple(s for s in args.settings.split(",") if s), widths)
     return reproduce(study, args.results_dir, print_commands=args.print_commands, report_only=args.report_only,
                      parallel=args.parallel)
   except sweep_lib.SweepError as e:

@@ -65,6 +65,10 @@ def test_mqar_cells_set_width_and_setting(rp, tmp_path):
   assert cells == {(f"--config.model.d_model={w}", f"--config.model.mlp_dim={2 * w}") for w in (32, 64, 128)}
   assert all("--config.data.name=mqar/len256_pairs16_v512" in c and "--config.data.seq_len=256" in c
              and "--config.train.stop_when=answer_accuracy>=0.99" in c for c in commands)
+  # 4,096 tokens a step at every setting, and 512 examples an evaluation.
+  assert all("--config.train.batch_size=16" in c and "--config.train.eval_batches=32" in c for c in commands)
+  short = _commands(rp, "mqar", "cpu", tmp_path, settings=("len64_pairs4",))
+  assert all("--config.train.batch_size=64" in c and "--config.train.eval_batches=8" in c for c in short)
   paper = _commands(rp, "mqar", "paper", tmp_path, settings=("len256_pairs16",))
   assert all("--config.data.name=mqar/len256_pairs16" in c for c in paper)  # The paper's vocabulary of 8,192.
 
@@ -77,6 +81,16 @@ def test_bad_study_scale_or_setting_is_refused(rp):
   with pytest.raises(rp.sweep_lib.SweepError, match="len64_pairs8.*len64_pairs4"):
     rp.make_study("mqar", settings=("len64_pairs8",))
   assert rp.main(["mqar", "--settings=len1_pairs1", "--print_commands"]) == 2
+  with pytest.raises(rp.sweep_lib.SweepError, match="--widths='12'.*multiples of 8.*32,64,128"):
+    rp.make_study("mqar", widths=(12,))
+  assert rp.main(["mqar", "--widths=64,wide", "--print_commands"]) == 2
+
+
+def test_mqar_widths_pick_columns(rp, tmp_path, capsys):
+  assert rp.main(["mqar", "--settings=len128_pairs8", "--widths=64", "--print_commands",
+                  f"--results_dir={tmp_path}"]) == 0
+  commands = capsys.readouterr().out.splitlines()
+  assert len(commands) == 5 and all("--config.model.d_model=64" in c and "width64" in c for c in commands)
 
 
 def _finish(run, metrics, splits=None):
