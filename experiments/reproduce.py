@@ -3,13 +3,15 @@ r"""The published synthetic-task results of issue 16, each reproduced by one com
   python experiments/reproduce.py selective_copying      # Mamba's Table 1: S4D vs Mamba vs Mamba-2
   python experiments/reproduce.py induction_heads        # Mamba's Table 2: length extrapolation to 16x
   python experiments/reproduce.py listops                # LRA's ListOps: Transformer vs Mamba vs S4D
-  python experiments/reproduce.py mqar [--settings=len64_pairs4] [--widths=64,128]   # Zoology's Figure 2
-      [--scale=cpu|paper] [--results_dir=results] [--print_commands] [--report_only]
+  python experiments/reproduce.py mqar [--settings=all] [--widths=64,128]   # Zoology's Figure 2: (64, 4) by default
+      [--scale=cpu|paper] [--results_dir=results] [--parallel=2] [--print_commands] [--report_only]
 
 Each study is one or more `seqjax.sweep` grids of `configs/synthetic.py` (one `seqjax.main` process per run, in
 RESULTS_DIR/STUDY/<part>/<point>/), resumable like any sweep: a finished run is skipped, an interrupted one resumes
-from its checkpoints, so rerunning the command continues a killed study. The induction-heads study then evaluates
-every trained run on all its longer splits in one `--mode=eval` run (`data.eval_splits`), also skipped once done.
+from its checkpoints, so rerunning the command continues a killed study. The runs of all grids share one queue,
+`--parallel` at a time (default 2: this machine's cores), costliest first (`Part.cost`). The induction-heads study
+then evaluates every trained run on all its longer splits in one `--mode=eval` run (`data.eval_splits`), also
+skipped once done.
 At the end RESULTS_DIR/STUDY/ holds `table.md` (the results, what was reduced against the paper, the published
 figures), `results.json` (every run's numbers and command) and `STUDY.png`. `--report_only` rewrites them from the
 runs present; `--print_commands` prints every training command and runs nothing.
@@ -37,6 +39,7 @@ if ROOT not in sys.path:
 from seqjax import sweep as sweep_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 CONFIG = "configs/synthetic.py"
+DEFAULT_PARALLEL = 2  # Runs at a time: this machine's 2 cores (each run's steps are small enough to share them).
 SCALES = ("cpu", "paper", "smoke")
 MQAR_SETTINGS = ("len64_pairs4", "len128_pairs8", "len256_pairs16")
 
@@ -51,6 +54,14 @@ class Part:
   fixed: tuple[str, ...]
   labels: tuple[tuple[str, str], ...] = ()  # Shown in the table (e.g. the MQAR setting and width).
   best_over: str | None = None
+  # The relative cost of each run's steps by model.mixer (unlisted: 1), times `scale`: the study's runs start
+  # costliest first, so that with --parallel the long runs do not end the study on one busy core.
+  mixer_cost: tuple[tuple[str, float], ...] = ()
+  scale: float = 1.0
+
+  def cost(self, run: sweep_lib.Run) -> float:
+    mixer = dict(run.values).get("model.mixer", "")
+    return self.scale * dict(self.mixer_cost).get(mixer, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +166,13 @@ def listops(scale: str) -> Study:
 
 
 MQAR_WIDTHS = {"cpu": (32, 64, 128), "paper": (64, 128, 256), "smoke": (32, 64, 128)}
+MQAR_DEFAULT_SETTINGS = ("len64_pairs4",)  # Under an hour here; --settings=all for the whole figure (~4 h).
+# A train step's time at width 128 relative to attention's (this CPU, 4,096 tokens a step; docs/research.md).
+MQAR_STEP_COST = (("attention", 1.0), ("mamba", 4.8), ("mamba2", 3.5), ("s4d", 2.2), ("lstm", 1.2))
 
 
-def mqar(scale: str, settings: tuple[str, ...] = MQAR_SETTINGS, widths: tuple[int, ...] | None = None) -> Study:
+def mqar(scale: str, settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS, widths: tuple[int, ...] | None = None
+         ) -> Study:
   mixers = "attention,mamba,mamba2,s4d,lstm"
   parts = []
   for setting in settings:
@@ -178,7 +193,7 @@ def mqar(scale: str, settings: tuple[str, ...] = MQAR_SETTINGS, widths: tuple[in
       name = {"smoke": "mqar/small", "cpu": f"mqar/{setting}_v512", "paper": f"mqar/{setting}"}[scale]
       fixed = _data(name, t) + ("model.positions=rope", f"model.d_model={width}", f"model.mlp_dim={2 * width}") + run
       parts.append(Part(f"{setting}/width{width}", f"{CONFIG}:mqar", grid, fixed,
-                        (("setting", setting), ("width", str(width))), best))
+                        (("setting", setting), ("width", str(width))), best, MQAR_STEP_COST, float(width)))
   if scale == "smoke":
     reductions = SMOKE_NOTE + "; every setting reads mqar/small"
   elif scale == "cpu":
@@ -203,7 +218,7 @@ STUDIES = {"selective_copying": selective_copying, "induction_heads": induction_
            "mqar": mqar}
 
 
-def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_SETTINGS,
+def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS,
                widths: tuple[int, ...] | None = None) -> Study:
   if name not in STUDIES:
     raise sweep_lib.SweepError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
@@ -211,9 +226,12 @@ def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_S
     raise sweep_lib.SweepError(f"--scale={scale!r}: use one of {', '.join(SCALES)}")
   if name != "mqar":
     return STUDIES[name](scale)
+  if settings == ("all",):
+    settings = MQAR_SETTINGS
   unknown = [s for s in settings if s not in MQAR_SETTINGS]
   if unknown or not settings:
-    raise sweep_lib.SweepError(f"--settings={','.join(settings)!r}: choose among {', '.join(MQAR_SETTINGS)}")
+    raise sweep_lib.SweepError(f"--settings={','.join(settings)!r}: choose among {', '.join(MQAR_SETTINGS)}, "
+                               "or all")
   if widths is not None and (not widths or any(w < 8 or w % 8 for w in widths)):
     raise sweep_lib.SweepError(f"--widths={','.join(map(str, widths))!r}: give model widths, multiples of 8 "
                                f"(the {scale} scale's: {','.join(map(str, MQAR_WIDTHS[scale]))})")
@@ -250,23 +268,31 @@ def evaluate(study: Study, run: sweep_lib.Run, echo=print) -> bool:
 
 
 def reproduce(study: Study, results_dir: str, *, print_commands: bool = False, report_only: bool = False,
-              parallel: int = 1, echo=print) -> int:
-  """Runs every part's sweep (and the evaluations), then writes the study's table, JSON and plot. Exit status."""
+              parallel: int = DEFAULT_PARALLEL, launch=None, echo=print) -> int:
+  """Runs every part's runs (and the evaluations), then writes each part's sweep files and the study's table, JSON
+  and plot. Exit status. The runs of all parts share one queue, costliest first (`Part.cost`), `parallel` at a
+  time; `launch` is `seqjax.sweep.execute`'s (tests pass a fake)."""
   status = 0
+  planned = [(part, part_runs(study, part, results_dir)) for part in study.parts]
   if print_commands:
-    for part in study.parts:
-      for run in part_runs(study, part, results_dir):
+    for _, runs in planned:
+      for run in runs:
         echo(shlex.join(run.command))
         if study.eval_splits:
           echo(shlex.join(eval_command(study, run)))
     return 0
   if not report_only:
-    for part in study.parts:
-      workdir = os.path.join(results_dir, study.name, part.name)
-      status |= sweep_lib.sweep(part.config, workdir, part.grid, fixed=part.fixed, parallel=parallel,
-                                metric=study.metric, best_over=part.best_over, echo=echo)
+    # Named by part too: the same grid point recurs in every part (the log and the status must tell them apart).
+    queue = [(part.cost(run), dataclasses.replace(run, name=f"{part.name}/{run.name}"))
+             for part, runs in planned for run in runs]
+    queue.sort(key=lambda item: -item[0])  # Stable: runs of equal cost keep the study's order.
+    done = sweep_lib.execute([run for _, run in queue], parallel, launch or sweep_lib.start_run, echo)
+    status = int(any(s.startswith("failed") for s in done.values()))
+    for part, runs in planned:
+      sweep_lib.report(os.path.join(os.path.abspath(results_dir), study.name, part.name), runs,
+                       [k for k, _ in sweep_lib.parse_grid(part.grid)], study.metric, part.best_over)
       if study.eval_splits:
-        for run in part_runs(study, part, results_dir):
+        for run in runs:
           if run.finished and not evaluate(study, run, echo):
             status = 1
   paths = write_report(study, results_dir)
@@ -419,10 +445,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("study", choices=sorted(STUDIES))
   parser.add_argument("--scale", default="cpu", choices=SCALES)
   parser.add_argument("--results_dir", default="results")
-  parser.add_argument("--settings", default=",".join(MQAR_SETTINGS), help="mqar only: the (length, pairs) settings")
+  parser.add_argument("--settings", default=",".join(MQAR_DEFAULT_SETTINGS),
+                      help=f"mqar only: the (length, pairs) settings among {', '.join(MQAR_SETTINGS)}, or all")
   parser.add_argument("--widths", default="", help="mqar only: the model widths (default: the scale's, e.g. "
                       "32,64,128 at cpu); one column of the figure can be run alone")
-  parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+  parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="runs at a time")
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("--report_only", action="store_true", help="rewrite table, JSON and plot from the runs")
   args = parser.parse_args(argv)

@@ -181,14 +181,14 @@ def plan(config: str, workdir: str, grid: list[tuple[str, list[str]]], fixed: Se
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _launch(run: Run) -> subprocess.Popen:
+def start_run(run: Run) -> subprocess.Popen:
   """Starts a run's process, its output appended to WORKDIR/RUN/sweep_run.log (the child holds the file open)."""
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "sweep_run.log"), "a", encoding="utf-8") as log:
     return subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT)
 
 
-def execute(runs: Sequence[Run], parallel: int = 1, launch: Callable[[Run], Any] = _launch,
+def execute(runs: Sequence[Run], parallel: int = 1, launch: Callable[[Run], Any] = start_run,
             echo: Callable[[str], None] = print) -> dict[str, str]:
   """Runs the unfinished runs, `parallel` at a time; {run name: "finished" | "skipped" | "failed (exit N)"}.
 
@@ -331,7 +331,7 @@ def report(workdir: str, runs: Sequence[Run], keys: Sequence[str], metric: str |
 
 def sweep(config: str, workdir: str, grid_text: str, *, fixed: Sequence[str] = (), parallel: int = 1,
           metric: str | None = None, best_over: str | None = None, print_commands: bool = False,
-          launch: Callable[[Run], Any] = _launch, echo: Callable[[str], None] = print) -> int:
+          launch: Callable[[Run], Any] = start_run, echo: Callable[[str], None] = print) -> int:
   """The whole sweep (importable; tests pass a fake `launch`). Returns the exit status (0 ok, 1 a run failed)."""
   grid = parse_grid(grid_text)
   keys = [k for k, _ in grid]

@@ -34,9 +34,10 @@ def _commands(rp, name, scale, tmp_path, **kw):
     ("selective_copying", "paper", 3), ("induction_heads", "paper", 6), ("listops", "paper", 3),
     ("mqar", "paper", 225), ("mqar", "smoke", 45)])
 def test_each_study_plans_its_grid(rp, tmp_path, name, scale, count):
-  """The issue's grids (MQAR: 3 settings x 3 widths x 5 mixers, x 5 learning rates at paper scale); every command's
-  config is validated by the sweep's planner (it raises otherwise); the cpu scale names what it reduced."""
-  commands = _commands(rp, name, scale, tmp_path)
+  """The issue's grids (MQAR with --settings=all: 3 settings x 3 widths x 5 mixers, x 5 learning rates at paper
+  scale); every command's config is validated by the sweep's planner (it raises otherwise); the cpu scale names
+  what it reduced."""
+  commands = _commands(rp, name, scale, tmp_path, **({"settings": ("all",)} if name == "mqar" else {}))
   assert len(commands) == count
   assert all(c[1:3] == ["-m", "seqjax.main"] for c in commands)
   study = rp.make_study(name, scale)
@@ -84,6 +85,54 @@ def test_bad_study_scale_or_setting_is_refused(rp):
   with pytest.raises(rp.sweep_lib.SweepError, match="--widths='12'.*multiples of 8.*32,64,128"):
     rp.make_study("mqar", widths=(12,))
   assert rp.main(["mqar", "--widths=64,wide", "--print_commands"]) == 2
+
+
+def test_mqar_runs_zoologys_first_setting_unless_told(rp, tmp_path, capsys):
+  """The default command is the (64, 4) figure (15 runs, under an hour here); --settings=all is the whole one."""
+  assert rp.main(["mqar", "--print_commands", f"--results_dir={tmp_path}"]) == 0
+  commands = capsys.readouterr().out.splitlines()
+  assert len(commands) == 15 and all("--config.data.name=mqar/len64_pairs4_v512" in c for c in commands)
+  assert rp.main(["mqar", "--settings=all", "--print_commands", f"--results_dir={tmp_path}"]) == 0
+  assert len(capsys.readouterr().out.splitlines()) == 45
+
+
+class _FakeRun:
+  """A launched run that ends at once (a Popen's poll / wait): finished, or failed where `fail` says so."""
+
+  def __init__(self, run, started, fail=()):
+    started.append("/".join(run.workdir.split(os.sep)[-2:]))  # width/run
+    self.run, self.code = run, int(started[-1] in fail)
+
+  def poll(self):
+    if not self.code:
+      _finish(self.run, {"answer_accuracy": 0.5})
+    return self.code
+
+  wait = poll
+
+
+def test_study_runs_share_one_queue_costliest_first(rp, tmp_path):
+  """Every part's runs go through one queue, widest and slowest mixer first (a 2-core machine does not end the
+  study on one long run), and each part still gets its sweep files and the study its table."""
+  study = rp.make_study("mqar", settings=("len64_pairs4",))
+  started = []
+  assert rp.reproduce(study, str(tmp_path), parallel=2, launch=lambda run: _FakeRun(run, started),
+                      echo=lambda line: None) == 0
+  assert len(started) == len(set(started)) == 15
+  assert started[:3] == ["width128/model.mixer=mamba", "width128/model.mixer=mamba2", "width64/model.mixer=mamba"]
+  assert started[-1] == "width32/model.mixer=attention"
+  for part in study.parts:
+    assert (tmp_path / "mqar" / part.name / "sweep.csv").exists()
+  assert "15/15 runs finished" in (tmp_path / "mqar" / "table.md").read_text()
+
+
+def test_a_failed_run_fails_the_study_though_its_point_finished_at_other_widths(rp, tmp_path):
+  study = rp.make_study("mqar", settings=("len64_pairs4",))
+  lines, started = [], []
+  assert rp.reproduce(study, str(tmp_path), parallel=2, echo=lines.append,
+                      launch=lambda run: _FakeRun(run, started, fail=("width128/model.mixer=mamba",))) == 1
+  assert any(line.startswith("[sweep] len64_pairs4/width128/model.mixer=mamba: failed") for line in lines)
+  assert "14/15 runs finished" in (tmp_path / "mqar" / "table.md").read_text()
 
 
 def test_mqar_widths_pick_columns(rp, tmp_path, capsys):
