@@ -303,6 +303,11 @@ def test_batch_format_padding_and_eval_rows(small_dir):
   np.testing.assert_array_equal(b["positions"][0, :64], np.arange(64))
   ih = _data(small_dir, name="induction_heads/small", seq_len=32, eval_split="test_len128")
   assert next(ih.eval_batches())["inputs"].shape == (8, 128) and next(ih.train_iterator())["inputs"].shape == (8, 32)
+  # Rows that no example can leave short carry no segment_ids (the mixers' unsegmented forms); padded ones do.
+  assert "segment_ids" not in next(ih.eval_batches()) and "segment_ids" not in next(ih.train_iterator())
+  exact = _data(small_dir, seq_len=64)
+  assert "segment_ids" not in next(exact.train_iterator()) and "segment_ids" not in next(exact.eval_batches())
+  assert data.train_segments and data.eval_segments and not (exact.train_segments or exact.eval_segments)
   lo = _data(small_dir, name="listops/small", seq_len=64)
   row = next(lo.train_iterator())
   assert row["label"].shape == (8,) and row["weights"].tolist() == [1.0] * 8

@@ -10,6 +10,9 @@ A synthetic task is a module of `seqjax.data.synthetic` (NumPy only; the TFDS bu
     def generate(setting, split, rng, count) -> list[dict]   # `count` examples of `split` from `rng`
     def check(setting, example) -> answers      # recomputes the answers from the inputs alone (the tests' oracle)
     def answers_per_example(setting) -> int     # "lm" only: the most loss_mask positions an example has
+    EXACT_LENGTHS: bool                         # optional (default False): every example of a split is exactly
+                                                # split_lengths(setting)[split] tokens long, so rows of that
+                                                # length are never padded and carry no segment_ids
 
 Examples of an "lm" task are {"inputs", "targets", "loss_mask"} (int32 [T] each): the model reads `inputs`, and at
 every position t with loss_mask[t] = 1 it must predict targets[t]; elsewhere targets is 0 and nothing is scored.

@@ -26,6 +26,7 @@ from seqjax.data.synthetic import base
 
 NAME = "induction_heads"
 KIND = "lm"
+EXACT_LENGTHS = True  # Every example fills its split's length (base.py).
 
 
 @dataclasses.dataclass(frozen=True)

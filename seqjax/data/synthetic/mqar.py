@@ -30,6 +30,7 @@ from seqjax.data.synthetic import base
 
 NAME = "mqar"
 KIND = "lm"
+EXACT_LENGTHS = True  # Every example fills its split's length (base.py).
 
 
 @dataclasses.dataclass(frozen=True)

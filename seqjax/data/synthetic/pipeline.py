@@ -11,6 +11,10 @@ Batch format of an "lm" task (numpy, [B_local, T]; T = data.seq_len, or a longer
   padding), positions int32 (0, 1, ...), weights float32 (the example's loss_mask: 1 on answer positions only),
   target_bytes int32 (0: no bits per byte for these tokens)
 
+— without segment_ids where no row can hold padding (a task whose examples all fill the row: EXACT_LENGTHS in its
+module, read at its own length), so the mixers take their unsegmented forms (S4D its FFT convolution, 2x faster
+than the resettable chunked form at MQAR's shapes); the rows that pad the last evaluation batch have weight 0.
+
 — the keys of the packed LM batches (`seqjax.data.pipeline`), so the LM task trains on either. Of a "classify" task:
 inputs, segment_ids, positions [B_local, T], label int32 [B_local] and weights float32 [B_local] (0 on the rows that
 pad the last evaluation batch).
@@ -40,11 +44,14 @@ class _ToRow(grain.transforms.Map):
 
   kind: str
   length: int
+  segments: bool = True  # False: every example fills the row (no padding), so no segment_ids.
 
   def map(self, ex: Mapping[str, Any]) -> Batch:
     n = len(ex["inputs"])
     pad = lambda x: np.pad(np.asarray(x, np.int32), (0, self.length - n))  # noqa: E731
-    row = {"inputs": pad(ex["inputs"]), "segment_ids": pad(np.ones(n)), "positions": pad(np.arange(n))}
+    row = {"inputs": pad(ex["inputs"]), "positions": pad(np.arange(n))}
+    if self.segments:
+      row["segment_ids"] = pad(np.ones(n))
     if self.kind == "lm":
       row.update(targets=pad(ex["targets"]), weights=pad(ex["loss_mask"]).astype(np.float32),
                  target_bytes=np.zeros(self.length, np.int32))
@@ -76,7 +83,8 @@ class SyntheticData:
 
   Attributes: `name` ("TASK/SETTING"), `kind` ("lm" or "classify"), `setting`, `vocab_size`, `num_classes`
   (classify), `answers_per_row` (lm: the most weighted positions a row has, in every split; 0 for classify),
-  `seq_len` (training rows' length), `eval_len` (evaluation rows' length).
+  `seq_len` (training rows' length), `eval_len` (evaluation rows' length), `train_segments` / `eval_segments`
+  (whether those rows carry segment_ids: False where no row can be padded).
   """
 
   name: str
@@ -87,6 +95,8 @@ class SyntheticData:
   answers_per_row: int
   seq_len: int
   eval_len: int
+  train_segments: bool
+  eval_segments: bool
   global_batch_size: int
   local_batch_size: int
   process_index: int
@@ -101,13 +111,14 @@ class SyntheticData:
   def train_iterator(self) -> grain.DatasetIterator:
     """Rows of the training split, reshuffled every epoch from `seed`, forever; `get_state` is JSON-able."""
     ds = grain.MapDataset.source(self.train_source).shuffle(seed=self.seed).repeat()
-    ds = ds.map(_ToRow(self.kind, self.seq_len)).batch(self.global_batch_size, drop_remainder=True)
+    ds = ds.map(_ToRow(self.kind, self.seq_len, self.train_segments))
+    ds = ds.batch(self.global_batch_size, drop_remainder=True)
     return iter(ds.map(self._rows()).to_iter_dataset())
 
   def eval_batches(self, max_batches: int | None = None) -> Iterator[Batch]:
     """The evaluation split in file order (a fixed sample: examples are drawn i.i.d.), the last batch padded with
     rows of weight 0."""
-    ds = grain.MapDataset.source(self.eval_source).map(_ToRow(self.kind, self.eval_len))
+    ds = grain.MapDataset.source(self.eval_source).map(_ToRow(self.kind, self.eval_len, self.eval_segments))
     ds = ds.batch(self.global_batch_size, drop_remainder=False).map(self._rows())
     for i in range(len(ds) if max_batches is None else min(max_batches, len(ds))):
       yield ds[i]
@@ -145,12 +156,15 @@ def make_synthetic_data(*, name: str, data_dir: str | None, seq_len: int, batch_
     raise ValueError(f"batch_size={batch_size} exceeds the {setting.count(train_split)} examples of {name}'s "
                      f"{train_split!r} split")
   full_name = f"{module.NAME}/{setting_name}"
+  eval_len = max(seq_len, lengths[eval_split])
+  exact = getattr(module, "EXACT_LENGTHS", False)
   builder = load_builder(full_name, None if data_dir is None else os.path.expanduser(os.fspath(data_dir)))
   return SyntheticData(
       name=full_name, kind=module.KIND, setting=setting, vocab_size=vocab_size_of(module, setting),
       num_classes=getattr(module, "NUM_CLASSES", 0),
       answers_per_row=module.answers_per_example(setting) if module.KIND == "lm" else 0,
-      seq_len=seq_len, eval_len=max(seq_len, lengths[eval_split]),
+      seq_len=seq_len, eval_len=eval_len, train_segments=not (exact and seq_len == lengths[train_split]),
+      eval_segments=not (exact and eval_len == lengths[eval_split]),
       global_batch_size=batch_size, local_batch_size=batch_size // process_count, process_index=int(process_index),
       seed=int(seed), train_source=builder.as_data_source(split=train_split),
       eval_source=builder.as_data_source(split=eval_split))

@@ -25,6 +25,7 @@ from seqjax.data.synthetic import base
 
 NAME = "selective_copying"
 KIND = "lm"
+EXACT_LENGTHS = True  # Every example fills its split's length (base.py).
 
 
 @dataclasses.dataclass(frozen=True)

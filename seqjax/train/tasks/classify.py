@@ -49,7 +49,7 @@ class ClassifyTask(Task):
 
   def _losses(self, params, batch, rng, deterministic):
     rngs = None if deterministic else {"dropout": rng}
-    logits_BC = self.model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
+    logits_BC = self.model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
                                  positions=batch["positions"], deterministic=deterministic, rngs=rngs)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["label"]), logits_BC
 
@@ -75,8 +75,9 @@ class ClassifyTask(Task):
   def generate(self, params: Any) -> list[str]:
     """"EXPRESSION -> predicted P (label L)" for the first sample.num_samples validation examples."""
     batch = next(self.data.eval_batches(max_batches=1))
-    device = sharding.put_batch({k: batch[k] for k in ("inputs", "segment_ids", "positions")}, self.mesh)
-    logits_BC = jax.jit(self.model.apply)({"params": params}, device["inputs"], segment_ids=device["segment_ids"],
+    device = sharding.put_batch({k: batch[k] for k in ("inputs", "segment_ids", "positions") if k in batch},
+                                self.mesh)
+    logits_BC = jax.jit(self.model.apply)({"params": params}, device["inputs"], segment_ids=device.get("segment_ids"),
                                           positions=device["positions"])
     predicted_B = np.asarray(jax.device_get(jnp.argmax(logits_BC, -1)))
     rows = range(min(self.config.sample.num_samples, int(batch["weights"].sum())))

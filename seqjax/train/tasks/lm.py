@@ -314,8 +314,9 @@ class LMTask(Task):
     """A synthetic task's answers on the first sample.num_samples validation examples: each example's answers,
     the model's predictions at the same positions (argmax given the inputs), and how many are right."""
     batch = next(self.data.eval_batches(max_batches=1))
-    device = sharding.put_batch({k: batch[k] for k in ("inputs", "segment_ids")}, self.mesh)
-    logits_BTV = jax.jit(self.model.apply)({"params": params}, device["inputs"], segment_ids=device["segment_ids"])
+    device = sharding.put_batch({k: batch[k] for k in ("inputs", "segment_ids") if k in batch}, self.mesh)
+    logits_BTV = jax.jit(self.model.apply)({"params": params}, device["inputs"],
+                                           segment_ids=device.get("segment_ids"))
     predicted_BT = np.asarray(jax.device_get(jnp.argmax(logits_BTV, -1)))
     out = []
     for b in range(min(self.config.sample.num_samples, batch["inputs"].shape[0])):
