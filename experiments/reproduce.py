@@ -171,9 +171,16 @@ MQAR_DEFAULT_SETTINGS = ("len64_pairs4",)  # Under an hour here; --settings=all 
 MQAR_STEP_COST = (("attention", 1.0), ("mamba", 4.8), ("mamba2", 3.5), ("s4d", 2.2), ("lstm", 1.2))
 
 
-def mqar(scale: str, settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS, widths: tuple[int, ...] | None = None
-         ) -> Study:
-  mixers = "attention,mamba,mamba2,s4d,lstm"
+MQAR_MIXERS = ("attention", "mamba", "mamba2", "s4d", "lstm")
+MQAR_CPU_LEARNING_RATE = 3e-3
+
+
+def mqar(scale: str, settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS, widths: tuple[int, ...] | None = None,
+         mixers: tuple[str, ...] = MQAR_MIXERS, learning_rate: float | None = None) -> Study:
+  """Zoology's figure: `mixers` at `widths` (the scale's by default) and `settings`; `learning_rate` replaces the
+  cpu scale's one rate (the paper scale sweeps its own)."""
+  lr = learning_rate or MQAR_CPU_LEARNING_RATE
+  mixers = ",".join(mixers)
   parts = []
   for setting in settings:
     t = int(setting.split("_")[0].removeprefix("len"))
@@ -184,7 +191,7 @@ def mqar(scale: str, settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS, widths: 
         # 4,096 tokens a step at every setting: the pairs (and so the queries) grow with the length, so every
         # step also sees the same 256 answers. Constant rate after the warmup, no weight decay; a run ends once
         # 99% of the answers are right.
-        run = _train(2000, 64 * 64 // t, 3e-3, 50, evals=8, eval_batches=8 * t // 64) + (
+        run = _train(2000, 64 * 64 // t, lr, 50, evals=8, eval_batches=8 * t // 64) + (
             "optim.weight_decay=0.0", "optim.end_lr_fraction=1.0") + STOP
         grid, best = f"model.mixer={mixers}", None
       else:
@@ -201,7 +208,7 @@ def mqar(scale: str, settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS, widths: 
                   "2,000 steps of 4,096 tokens (batch 64 at length 64, 32 at 128, 16 at 256: 256 answers a step "
                   "at every setting; Zoology: 64 epochs of 100,000 examples), stopped at the first evaluation "
                   "(every 250 steps, 512 examples) with 99% of the answers right, one "
-                  "learning rate (3e-3, constant after 50 warmup steps, no weight decay; Zoology sweeps 4 per "
+                  f"learning rate ({lr:g}, constant after 50 warmup steps, no weight decay; Zoology sweeps 4 per "
                   "cell), widths 32, 64 and 128 (Zoology 64-256; a step of width 256 costs too much here), 2 "
                   "layers, MLP width 2x the model width, RoPE in attention and no positions elsewhere")
   else:
@@ -219,7 +226,8 @@ STUDIES = {"selective_copying": selective_copying, "induction_heads": induction_
 
 
 def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS,
-               widths: tuple[int, ...] | None = None) -> Study:
+               widths: tuple[int, ...] | None = None, mixers: tuple[str, ...] = MQAR_MIXERS,
+               learning_rate: float | None = None) -> Study:
   if name not in STUDIES:
     raise sweep_lib.SweepError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
   if scale not in SCALES:
@@ -235,7 +243,11 @@ def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_D
   if widths is not None and (not widths or any(w < 8 or w % 8 for w in widths)):
     raise sweep_lib.SweepError(f"--widths={','.join(map(str, widths))!r}: give model widths, multiples of 8 "
                                f"(the {scale} scale's: {','.join(map(str, MQAR_WIDTHS[scale]))})")
-  return mqar(scale, settings, widths)
+  if not mixers or any(m not in MQAR_MIXERS for m in mixers):
+    raise sweep_lib.SweepError(f"--mixers={','.join(mixers)!r}: choose among {', '.join(MQAR_MIXERS)}")
+  if learning_rate is not None and not learning_rate > 0:
+    raise sweep_lib.SweepError(f"--learning_rate={learning_rate}: give a positive rate, e.g. 0.01")
+  return mqar(scale, settings, widths, mixers, learning_rate)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
                       help=f"mqar only: the (length, pairs) settings among {', '.join(MQAR_SETTINGS)}, or all")
   parser.add_argument("--widths", default="", help="mqar only: the model widths (default: the scale's, e.g. "
                       "32,64,128 at cpu); one column of the figure can be run alone")
+  parser.add_argument("--mixers", default=",".join(MQAR_MIXERS), help="mqar only: the rows of the figure")
+  parser.add_argument("--learning_rate", type=float, default=None,
+                      help=f"mqar only: the cpu scale's one learning rate (default {MQAR_CPU_LEARNING_RATE:g})")
   parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="runs at a time")
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("--report_only", action="store_true", help="rewrite table, JSON and plot from the runs")
@@ -458,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
       widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else None
     except ValueError as e:
       raise sweep_lib.SweepError(f"--widths={args.widths!r}: give comma-separated integers, e.g. 64,128") from e
-    study = make_study(args.study, args.scale, tuple(s for s in args.settings.split(",") if s), widths)
+    study = make_study(args.study, args.scale, tuple(s for s in args.settings.split(",") if s), widths,
+                       tuple(m for m in args.mixers.split(",") if m), args.learning_rate)
     return reproduce(study, args.results_dir, print_commands=args.print_commands, report_only=args.report_only,
                      parallel=args.parallel)
   except sweep_lib.SweepError as e:

@@ -135,6 +135,21 @@ def test_a_failed_run_fails_the_study_though_its_point_finished_at_other_widths(
   assert "14/15 runs finished" in (tmp_path / "mqar" / "table.md").read_text()
 
 
+def test_mqar_mixers_and_learning_rate_pick_rows_and_rate(rp, tmp_path, capsys):
+  """One row of the figure at another rate (docs/research.md: attention at 1e-2), the rate named in the table."""
+  assert rp.main(["mqar", "--settings=all", "--mixers=attention", "--learning_rate=0.01", "--print_commands",
+                  f"--results_dir={tmp_path}"]) == 0
+  commands = capsys.readouterr().out.splitlines()
+  assert len(commands) == 9 and all("--config.model.mixer=attention" in c for c in commands)
+  assert all("--config.optim.learning_rate=0.01 " in c for c in commands)
+  assert "one learning rate (0.01," in rp.make_study("mqar", learning_rate=0.01).reductions
+  default = [" ".join(c) for c in _commands(rp, "mqar", "cpu", tmp_path)]
+  assert all("--config.optim.learning_rate=0.003" in c for c in default)
+  with pytest.raises(rp.sweep_lib.SweepError, match="--mixers='gru'.*attention, mamba"):
+    rp.make_study("mqar", mixers=("gru",))
+  assert rp.main(["mqar", "--learning_rate=-1", "--print_commands"]) == 2
+
+
 def test_mqar_widths_pick_columns(rp, tmp_path, capsys):
   assert rp.main(["mqar", "--settings=len128_pairs8", "--widths=64", "--print_commands",
                   f"--results_dir={tmp_path}"]) == 0
