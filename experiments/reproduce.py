@@ -199,7 +199,9 @@ def mqar(scale: str, settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS, widths: 
         grid, best = f"model.mixer={mixers};optim.learning_rate=1e-4,3e-4,1e-3,3e-3,1e-2", "optim.learning_rate"
       name = {"smoke": "mqar/small", "cpu": f"mqar/{setting}_v512", "paper": f"mqar/{setting}"}[scale]
       fixed = _data(name, t) + ("model.positions=rope", f"model.d_model={width}", f"model.mlp_dim={2 * width}") + run
-      parts.append(Part(f"{setting}/width{width}", f"{CONFIG}:mqar", grid, fixed,
+      # Another rate gets other run directories (a finished run of the default rate must not be taken for it).
+      rate = f"_lr{learning_rate:g}" if learning_rate else ""
+      parts.append(Part(f"{setting}/width{width}{rate}", f"{CONFIG}:mqar", grid, fixed,
                         (("setting", setting), ("width", str(width))), best, MQAR_STEP_COST, float(width)))
   if scale == "smoke":
     reductions = SMOKE_NOTE + "; every setting reads mqar/small"

@@ -141,7 +141,7 @@ def test_mqar_mixers_and_learning_rate_pick_rows_and_rate(rp, tmp_path, capsys):
                   f"--results_dir={tmp_path}"]) == 0
   commands = capsys.readouterr().out.splitlines()
   assert len(commands) == 9 and all("--config.model.mixer=attention" in c for c in commands)
-  assert all("--config.optim.learning_rate=0.01 " in c for c in commands)
+  assert all("--config.optim.learning_rate=0.01 " in c and "_lr0.01/model.mixer=attention" in c for c in commands)
   assert "one learning rate (0.01," in rp.make_study("mqar", learning_rate=0.01).reductions
   default = [" ".join(c) for c in _commands(rp, "mqar", "cpu", tmp_path)]
   assert all("--config.optim.learning_rate=0.003" in c for c in default)
