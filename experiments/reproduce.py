@@ -249,6 +249,9 @@ def make_study(name: str, scale: str = "cpu", settings: tuple[str, ...] = MQAR_D
     raise sweep_lib.SweepError(f"--mixers={','.join(mixers)!r}: choose among {', '.join(MQAR_MIXERS)}")
   if learning_rate is not None and not learning_rate > 0:
     raise sweep_lib.SweepError(f"--learning_rate={learning_rate}: give a positive rate, e.g. 0.01")
+  if learning_rate is not None and scale != "cpu":
+    raise sweep_lib.SweepError(f"--learning_rate sets the cpu scale's one rate; --scale={scale} has its own "
+                               "(paper: a sweep of five); drop the flag or use --scale=cpu")
   return mqar(scale, settings, widths, mixers, learning_rate)
 
 

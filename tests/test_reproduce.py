@@ -148,6 +148,8 @@ def test_mqar_mixers_and_learning_rate_pick_rows_and_rate(rp, tmp_path, capsys):
   with pytest.raises(rp.sweep_lib.SweepError, match="--mixers='gru'.*attention, mamba"):
     rp.make_study("mqar", mixers=("gru",))
   assert rp.main(["mqar", "--learning_rate=-1", "--print_commands"]) == 2
+  with pytest.raises(rp.sweep_lib.SweepError, match="--learning_rate sets the cpu scale's one rate"):
+    rp.make_study("mqar", "paper", learning_rate=0.01)
 
 
 def test_mqar_widths_pick_columns(rp, tmp_path, capsys):
