@@ -288,7 +288,7 @@ def network_available(hosts: tuple[tuple[str, int], ...] | None = None,
 
 
 @contextlib.contextmanager
-def _build_lock(data_dir: str | None, name: str):
+def build_lock(data_dir: str | None, name: str):
   """An exclusive file lock so concurrent processes on one machine build a dataset only once."""
   root = pathlib.Path(data_dir if data_dir is not None else tfds.core.constants.DATA_DIR)
   root = root.expanduser()
@@ -337,7 +337,7 @@ def load_builder(name: str, data_dir: str | None) -> Any:
     if not os.environ.get(SKIP_NETWORK_CHECK_ENV) and not network_available():
       raise DataUnavailableError(_offline_message(name, data_dir, builder))
   local = bool(getattr(type(builder), "BUILT_LOCALLY", False))
-  with _build_lock(data_dir, name):
+  with build_lock(data_dir, name):
     if _is_prepared(builder):  # another process built it while we waited for the lock
       return tfds.builder(name, data_dir=data_dir, file_format="array_record")
     logging.info("Preparing TFDS dataset %s in %s", name, builder.data_dir)
