@@ -181,11 +181,30 @@ def plan(config: str, workdir: str, grid: list[tuple[str, list[str]]], fixed: Se
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# glibc's malloc serves every allocation over 32 MB with a fresh mmap and unmaps it on free, and XLA:CPU allocates
+# a step's temporaries anew on every execution: each step then page-faults its large buffers in again (on this
+# machine ~35 ms per 67 MB, the memset of a [64, 64, 256, 16] scan buffer). One arena that never maps or trims
+# keeps the pages: MQAR train steps at width 128 measured 15-27% faster (attention 131 -> 106 ms, Mamba 543 ->
+# 436, S4D 115 -> 83), runs side by side 12-15%. Only the host's memory is concerned (no effect on accelerators'
+# buffers). A GLIBC_TUNABLES already in the environment is kept as it is.
+MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:"
+                   "glibc.malloc.top_pad=268435456")
+
+
+def run_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+  """The environment of a run's process: `env` (default: this process's) with `MALLOC_TUNABLES` unless it sets
+  GLIBC_TUNABLES itself."""
+  env = dict(os.environ if env is None else env)
+  env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+  return env
+
+
 def start_run(run: Run) -> subprocess.Popen:
-  """Starts a run's process, its output appended to WORKDIR/RUN/sweep_run.log (the child holds the file open)."""
+  """Starts a run's process (environment: `run_environment()`), its output appended to WORKDIR/RUN/sweep_run.log
+  (the child holds the file open)."""
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "sweep_run.log"), "a", encoding="utf-8") as log:
-    return subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=run_environment())
 
 
 def execute(runs: Sequence[Run], parallel: int = 1, launch: Callable[[Run], Any] = start_run,

@@ -188,3 +188,18 @@ def test_real_sweep_resumes_after_a_kill(tmp_path):
     assert "resumed from the checkpoint at step 6" in f.read()
   with open(tmp_path / "sweep.csv", encoding="utf-8") as f:
     assert [r["status"] for r in csv.DictReader(f)] == ["finished", "finished"]
+
+
+def test_runs_start_with_the_malloc_tunables_unless_set(tmp_path, monkeypatch):
+  """A run's process gets `MALLOC_TUNABLES` in GLIBC_TUNABLES (XLA:CPU's per-step buffers keep their pages), and
+  a GLIBC_TUNABLES the user set is passed through untouched. Catches: the launcher dropping the environment, or
+  overriding the user's."""
+  probe = (sys.executable, "-c", "import os; print(os.environ.get('GLIBC_TUNABLES'), os.environ.get('PROBE'))")
+  monkeypatch.setenv("PROBE", "kept")
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  runs = [sweep.Run((), name, str(tmp_path / name), probe) for name in ("default", "user")]
+  assert sweep.start_run(runs[0]).wait() == 0
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+  assert sweep.start_run(runs[1]).wait() == 0
+  logs = [(tmp_path / name / "sweep_run.log").read_text().split() for name in ("default", "user")]
+  assert logs == [[sweep.MALLOC_TUNABLES, "kept"], ["glibc.malloc.arena_max=2", "kept"]]
