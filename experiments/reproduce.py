@@ -17,7 +17,7 @@ figures), `results.json` (every run's numbers and command) and `STUDY.png`. `--r
 runs present; `--print_commands` prints every training command and runs nothing.
 
 `--scale=cpu` (the default) is what fits well under an hour per study on a 2-core CPU: shorter sequences, fewer
-steps and examples, one learning rate; every reduction is listed in the table's header. `--scale=paper` sets the
+steps and examples, one learning rate (two for attention at MQAR); every reduction is listed in the table's header. `--scale=paper` sets the
 papers' lengths, widths, step counts and learning-rate grids (days of CPU time; meant for a cluster with
 `--print_commands`). `--scale=smoke` runs the same plumbing on the tasks' `small` settings for 4 steps (tests).
 """
@@ -168,51 +168,74 @@ def listops(scale: str) -> Study:
 MQAR_WIDTHS = {"cpu": (32, 64, 128), "paper": (64, 128, 256), "smoke": (32, 64, 128)}
 MQAR_DEFAULT_SETTINGS = ("len64_pairs4",)  # Under an hour here; --settings=all for the whole figure (~4 h).
 # A train step's time at width 128 relative to attention's (this CPU, 4,096 tokens a step; docs/research.md).
-MQAR_STEP_COST = (("attention", 1.0), ("mamba", 4.8), ("mamba2", 3.5), ("s4d", 2.2), ("lstm", 1.2))
+MQAR_STEP_COST = (("attention", 1.0), ("mamba", 4.1), ("mamba2", 3.5), ("s4d", 0.8), ("lstm", 1.2))
 
 
 MQAR_MIXERS = ("attention", "mamba", "mamba2", "s4d", "lstm")
 MQAR_CPU_LEARNING_RATE = 3e-3
+# The cpu scale's learning rates by mixer (others: MQAR_CPU_LEARNING_RATE alone), each cell taking the best, as
+# Zoology picks each cell's rate from a sweep. Attention needs both (docs/research.md): 3e-3 leaves (128, 8) and
+# (256, 16) unlearned in 2,000 steps where 1e-2 solves them, and 1e-2 is too high at (64, 4) and at width 128.
+MQAR_CPU_RATE_SWEEP = (("attention", (3e-3, 1e-2)),)
+
+
+def _rate_groups(mixers: tuple[str, ...], learning_rate: float | None) -> list[tuple[tuple[float, ...], list[str]]]:
+  """The mixers grouped by their cpu-scale rates, the one-rate group first: [(rates, mixers)]."""
+  sweeps = {} if learning_rate else dict(MQAR_CPU_RATE_SWEEP)
+  groups: dict[tuple[float, ...], list[str]] = {}
+  for mixer in mixers:
+    groups.setdefault(sweeps.get(mixer, (learning_rate or MQAR_CPU_LEARNING_RATE,)), []).append(mixer)
+  return sorted(groups.items(), key=lambda item: len(item[0]))
 
 
 def mqar(scale: str, settings: tuple[str, ...] = MQAR_DEFAULT_SETTINGS, widths: tuple[int, ...] | None = None,
          mixers: tuple[str, ...] = MQAR_MIXERS, learning_rate: float | None = None) -> Study:
-  """Zoology's figure: `mixers` at `widths` (the scale's by default) and `settings`; `learning_rate` replaces the
-  cpu scale's one rate (the paper scale sweeps its own)."""
+  """Zoology's figure: `mixers` at `widths` (the scale's by default) and `settings`. At the cpu scale each mixer
+  trains at its rates (`MQAR_CPU_RATE_SWEEP`, best per cell) or `learning_rate` alone if given; the paper scale
+  sweeps five for every mixer."""
   lr = learning_rate or MQAR_CPU_LEARNING_RATE
-  mixers = ",".join(mixers)
   parts = []
   for setting in settings:
     t = int(setting.split("_")[0].removeprefix("len"))
+    name = {"smoke": "mqar/small", "cpu": f"mqar/{setting}_v512", "paper": f"mqar/{setting}"}[scale]
     for width in widths or MQAR_WIDTHS[scale]:
-      if scale == "smoke":
-        run, grid, best = SMOKE[2:], f"model.mixer={mixers}", None
-      elif scale == "cpu":
+      cell = f"{setting}/width{width}" + (f"_lr{learning_rate:g}" if learning_rate else "")
+      # Another rate gets other run directories (a finished run of the default rate must not be taken for it).
+      fixed = _data(name, t) + ("model.positions=rope", f"model.d_model={width}", f"model.mlp_dim={2 * width}")
+      labels = (("setting", setting), ("width", str(width)))
+      if scale == "cpu":
         # 4,096 tokens a step at every setting: the pairs (and so the queries) grow with the length, so every
         # step also sees the same 256 answers. Constant rate after the warmup, no weight decay; a run ends once
         # 99% of the answers are right.
-        run = _train(2000, 64 * 64 // t, lr, 50, evals=8, eval_batches=8 * t // 64) + (
-            "optim.weight_decay=0.0", "optim.end_lr_fraction=1.0") + STOP
-        grid, best = f"model.mixer={mixers}", None
+        for rates, group in _rate_groups(mixers, learning_rate):
+          run = _train(2000, 64 * 64 // t, rates[0], 50, evals=8, eval_batches=8 * t // 64) + (
+              "optim.weight_decay=0.0", "optim.end_lr_fraction=1.0") + STOP
+          grid, best, part = f"model.mixer={','.join(group)}", None, cell
+          if len(rates) > 1:  # The rate is a grid key (each run's directory names it), the best kept per cell.
+            grid += ";optim.learning_rate=" + ",".join(f"{r:g}" for r in rates)
+            best, part = "optim.learning_rate", f"{cell}/rates"
+          parts.append(Part(part, f"{CONFIG}:mqar", grid, fixed + run, labels, best, MQAR_STEP_COST, float(width)))
+        continue
+      if scale == "smoke":
+        run, grid, best = SMOKE[2:], f"model.mixer={','.join(mixers)}", None
       else:
         run = _train(6_250, 64, 1e-3, 100)  # 4 epochs of 100,000 examples (Zoology trains 64).
-        grid, best = f"model.mixer={mixers};optim.learning_rate=1e-4,3e-4,1e-3,3e-3,1e-2", "optim.learning_rate"
-      name = {"smoke": "mqar/small", "cpu": f"mqar/{setting}_v512", "paper": f"mqar/{setting}"}[scale]
-      fixed = _data(name, t) + ("model.positions=rope", f"model.d_model={width}", f"model.mlp_dim={2 * width}") + run
-      # Another rate gets other run directories (a finished run of the default rate must not be taken for it).
-      rate = f"_lr{learning_rate:g}" if learning_rate else ""
-      parts.append(Part(f"{setting}/width{width}{rate}", f"{CONFIG}:mqar", grid, fixed,
-                        (("setting", setting), ("width", str(width))), best, MQAR_STEP_COST, float(width)))
+        grid = f"model.mixer={','.join(mixers)};optim.learning_rate=1e-4,3e-4,1e-3,3e-3,1e-2"
+        best = "optim.learning_rate"
+      parts.append(Part(cell, f"{CONFIG}:mqar", grid, fixed + run, labels, best, MQAR_STEP_COST, float(width)))
   if scale == "smoke":
     reductions = SMOKE_NOTE + "; every setting reads mqar/small"
   elif scale == "cpu":
+    swept = "; ".join(f"{m}: the better of {' and '.join(f'{r:g}' for r in rates)} per cell"
+                      for m, rates in MQAR_CPU_RATE_SWEEP if m in mixers)
+    rates = f"one learning rate ({lr:g}" if learning_rate or not swept else f"learning rate {lr:g} ({swept}"
     reductions = ("a vocabulary of 512 (Zoology 8,192: each key would be seen too rarely in a short run), at most "
                   "2,000 steps of 4,096 tokens (batch 64 at length 64, 32 at 128, 16 at 256: 256 answers a step "
                   "at every setting; Zoology: 64 epochs of 100,000 examples), stopped at the first evaluation "
-                  "(every 250 steps, 512 examples) with 99% of the answers right, one "
-                  f"learning rate ({lr:g}, constant after 50 warmup steps, no weight decay; Zoology sweeps 4 per "
-                  "cell), widths 32, 64 and 128 (Zoology 64-256; a step of width 256 costs too much here), 2 "
-                  "layers, MLP width 2x the model width, RoPE in attention and no positions elsewhere")
+                  f"(every 250 steps, 512 examples) with 99% of the answers right, {rates}, constant after 50 "
+                  "warmup steps, no weight decay; Zoology sweeps 4 per cell), widths 32, 64 and 128 (Zoology "
+                  "64-256; a step of width 256 costs too much here), 2 layers, MLP width 2x the model width, RoPE "
+                  "in attention and no positions elsewhere")
   else:
     reductions = "4 epochs (Zoology 64), the learning rate picked per cell among 5"
   return Study(
@@ -359,8 +382,14 @@ def _model(r: dict) -> str:
   return f"{r['mixer']} ({r['positions']} positions)" if r["mixer"] == "attention" else r["mixer"]
 
 
+def _cell(record: dict, metric: str) -> str:
+  """A figure's cell: the metric, and the learning rate where the cell took the best of several."""
+  rate = record.get("optim.learning_rate")
+  return _pct(record.get(metric)) + (f" ({rate})" if rate and metric in record else "")
+
+
 def table(study: Study, records: list[dict]) -> str:
-  done = [r for r in records if r["status"] == "finished"]
+  done = [r for r in records if r["status"] in ("finished", "not best")]
   lines = [f"# {study.title}", "", f"Scale reductions against the paper: {study.reductions}.", "",
            f"Published: {study.published}", "",
            f"{len(done)}/{len(records)} runs finished" + ("" if len(done) == len(records) else
@@ -378,7 +407,7 @@ def table(study: Study, records: list[dict]) -> str:
       for mixer in dict.fromkeys(r["mixer"] for r in records):
         cells = [next((r for r in records if r["setting"] == setting and r["width"] == w and r["mixer"] == mixer
                        and r["status"] == "finished"), {}) for w in widths]
-        lines.append(f"| {mixer} | " + " | ".join(_pct(c.get(study.metric)) for c in cells) + " |")
+        lines.append(f"| {mixer} | " + " | ".join(_cell(c, study.metric) for c in cells) + " |")
       lines.append("")
   else:
     extra = "sequence accuracy" if study.metric == "answer_accuracy" else "loss"
@@ -468,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                       "32,64,128 at cpu); one column of the figure can be run alone")
   parser.add_argument("--mixers", default=",".join(MQAR_MIXERS), help="mqar only: the rows of the figure")
   parser.add_argument("--learning_rate", type=float, default=None,
-                      help=f"mqar only: the cpu scale's one learning rate (default {MQAR_CPU_LEARNING_RATE:g})")
+                      help=f"mqar only: one learning rate for every mixer at the cpu scale (default: "
+                      f"{MQAR_CPU_LEARNING_RATE:g}, and attention the better of "
+                      f"{' and '.join(f'{r:g}' for r in dict(MQAR_CPU_RATE_SWEEP)['attention'])} per cell)")
   parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="runs at a time")
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("--report_only", action="store_true", help="rewrite table, JSON and plot from the runs")

@@ -30,12 +30,12 @@ def _commands(rp, name, scale, tmp_path, **kw):
 
 
 @pytest.mark.parametrize("name, scale, count", [
-    ("selective_copying", "cpu", 3), ("induction_heads", "cpu", 6), ("listops", "cpu", 3), ("mqar", "cpu", 45),
+    ("selective_copying", "cpu", 3), ("induction_heads", "cpu", 6), ("listops", "cpu", 3), ("mqar", "cpu", 54),
     ("selective_copying", "paper", 3), ("induction_heads", "paper", 6), ("listops", "paper", 3),
     ("mqar", "paper", 225), ("mqar", "smoke", 45)])
 def test_each_study_plans_its_grid(rp, tmp_path, name, scale, count):
-  """The issue's grids (MQAR with --settings=all: 3 settings x 3 widths x 5 mixers, x 5 learning rates at paper
-  scale); every command's config is validated by the sweep's planner (it raises otherwise); the cpu scale names
+  """The issue's grids (MQAR with --settings=all: 3 settings x 3 widths x 5 mixers, attention at 2 learning rates
+  at cpu scale and every mixer at 5 at paper scale); every command's config is validated by the sweep's planner (it raises otherwise); the cpu scale names
   what it reduced."""
   commands = _commands(rp, name, scale, tmp_path, **({"settings": ("all",)} if name == "mqar" else {}))
   assert len(commands) == count
@@ -60,7 +60,7 @@ def test_induction_heads_trains_at_one_length_and_evaluates_to_16x(rp, tmp_path)
 
 def test_mqar_cells_set_width_and_setting(rp, tmp_path):
   commands = _commands(rp, "mqar", "cpu", tmp_path, settings=("len256_pairs16",))
-  assert len(commands) == 15
+  assert len(commands) == 18
   cells = {(a, b) for c in commands for a in c if a.startswith("--config.model.d_model=")
            for b in c if b.startswith("--config.model.mlp_dim=")}
   assert cells == {(f"--config.model.d_model={w}", f"--config.model.mlp_dim={2 * w}") for w in (32, 64, 128)}
@@ -88,19 +88,20 @@ def test_bad_study_scale_or_setting_is_refused(rp):
 
 
 def test_mqar_runs_zoologys_first_setting_unless_told(rp, tmp_path, capsys):
-  """The default command is the (64, 4) figure (15 runs, under an hour here); --settings=all is the whole one."""
+  """The default command is the (64, 4) figure (18 runs, under an hour here); --settings=all is the whole one."""
   assert rp.main(["mqar", "--print_commands", f"--results_dir={tmp_path}"]) == 0
   commands = capsys.readouterr().out.splitlines()
-  assert len(commands) == 15 and all("--config.data.name=mqar/len64_pairs4_v512" in c for c in commands)
+  assert len(commands) == 18 and all("--config.data.name=mqar/len64_pairs4_v512" in c for c in commands)
   assert rp.main(["mqar", "--settings=all", "--print_commands", f"--results_dir={tmp_path}"]) == 0
-  assert len(capsys.readouterr().out.splitlines()) == 45
+  assert len(capsys.readouterr().out.splitlines()) == 54
 
 
 class _FakeRun:
   """A launched run that ends at once (a Popen's poll / wait): finished, or failed where `fail` says so."""
 
   def __init__(self, run, started, fail=()):
-    started.append("/".join(run.workdir.split(os.sep)[-2:]))  # width/run
+    parts = run.workdir.split(os.sep)
+    started.append("/".join(parts[max(i for i, p in enumerate(parts) if p.startswith("width")):]))  # width.../run
     self.run, self.code = run, int(started[-1] in fail)
 
   def poll(self):
@@ -118,12 +119,12 @@ def test_study_runs_share_one_queue_costliest_first(rp, tmp_path):
   started = []
   assert rp.reproduce(study, str(tmp_path), parallel=2, launch=lambda run: _FakeRun(run, started),
                       echo=lambda line: None) == 0
-  assert len(started) == len(set(started)) == 15
+  assert len(started) == len(set(started)) == 18
   assert started[:3] == ["width128/model.mixer=mamba", "width128/model.mixer=mamba2", "width64/model.mixer=mamba"]
-  assert started[-1] == "width32/model.mixer=attention"
+  assert started[-1] == "width32/model.mixer=s4d"
   for part in study.parts:
     assert (tmp_path / "mqar" / part.name / "sweep.csv").exists()
-  assert "15/15 runs finished" in (tmp_path / "mqar" / "table.md").read_text()
+  assert "18/18 runs finished" in (tmp_path / "mqar" / "table.md").read_text()
 
 
 def test_a_failed_run_fails_the_study_though_its_point_finished_at_other_widths(rp, tmp_path):
@@ -132,7 +133,7 @@ def test_a_failed_run_fails_the_study_though_its_point_finished_at_other_widths(
   assert rp.reproduce(study, str(tmp_path), parallel=2, echo=lines.append,
                       launch=lambda run: _FakeRun(run, started, fail=("width128/model.mixer=mamba",))) == 1
   assert any(line.startswith("[sweep] len64_pairs4/width128/model.mixer=mamba: failed") for line in lines)
-  assert "14/15 runs finished" in (tmp_path / "mqar" / "table.md").read_text()
+  assert "17/18 runs finished" in (tmp_path / "mqar" / "table.md").read_text()
 
 
 def test_mqar_mixers_and_learning_rate_pick_rows_and_rate(rp, tmp_path, capsys):
@@ -144,7 +145,12 @@ def test_mqar_mixers_and_learning_rate_pick_rows_and_rate(rp, tmp_path, capsys):
   assert all("--config.optim.learning_rate=0.01 " in c and "_lr0.01/model.mixer=attention" in c for c in commands)
   assert "one learning rate (0.01," in rp.make_study("mqar", learning_rate=0.01).reductions
   default = [" ".join(c) for c in _commands(rp, "mqar", "cpu", tmp_path)]
-  assert all("--config.optim.learning_rate=0.003" in c for c in default)
+  # By default attention trains at both of its rates (each cell keeps the better), the other mixers at 3e-3.
+  rates = sorted((c.split("--config.model.mixer=")[1].split()[0], c.split("--config.optim.learning_rate=")[-1].split()[0])
+                 for c in default if "width64" in c)
+  assert rates == [("attention", "0.003"), ("attention", "0.01"), ("lstm", "0.003"), ("mamba", "0.003"),
+                   ("mamba2", "0.003"), ("s4d", "0.003")]
+  assert "attention: the better of 0.003 and 0.01 per cell" in rp.make_study("mqar").reductions
   with pytest.raises(rp.sweep_lib.SweepError, match="--mixers='gru'.*attention, mamba"):
     rp.make_study("mqar", mixers=("gru",))
   assert rp.main(["mqar", "--learning_rate=-1", "--print_commands"]) == 2
@@ -156,7 +162,7 @@ def test_mqar_widths_pick_columns(rp, tmp_path, capsys):
   assert rp.main(["mqar", "--settings=len128_pairs8", "--widths=64", "--print_commands",
                   f"--results_dir={tmp_path}"]) == 0
   commands = capsys.readouterr().out.splitlines()
-  assert len(commands) == 5 and all("--config.model.d_model=64" in c and "width64" in c for c in commands)
+  assert len(commands) == 6 and all("--config.model.d_model=64" in c and "width64" in c for c in commands)
 
 
 def _finish(run, metrics, splits=None):
@@ -191,16 +197,22 @@ def test_report_tables_every_length_and_marks_runs_not_done(rp, tmp_path):
 
 
 def test_mqar_report_pivots_mixers_by_width(rp, tmp_path):
+  """One row per mixer, one column per width; attention's cells take the better of its rates and name it.
+  Catches: both rates' runs shown, the worse one kept."""
   study = rp.make_study("mqar", settings=("len64_pairs4",))
   for part in study.parts:
+    width = dict(part.labels)["width"]
     for run in rp.part_runs(study, part, str(tmp_path)):
-      mixer = dict(run.values)["model.mixer"]
-      if mixer in ("attention", "mamba") and part.name.endswith(("32", "64")):
-        _finish(run, {"answer_accuracy": {"attention": 0.995, "mamba": 0.5}[mixer]})
+      values = dict(run.values)
+      if width in ("32", "64") and values["model.mixer"] == "mamba":
+        _finish(run, {"answer_accuracy": 0.5})
+      if width in ("32", "64") and values["model.mixer"] == "attention":
+        _finish(run, {"answer_accuracy": {"0.003": 0.995, "0.01": 0.4}[values["optim.learning_rate"]]
+                      if width == "64" else {"0.003": 0.2, "0.01": 0.45}[values["optim.learning_rate"]]})
   table, _, png = rp.write_report(study, str(tmp_path))
   text = open(table, encoding="utf-8").read()
-  assert "| attention | 99.5% | 99.5% | — |" in text and "| mamba | 50.0% | 50.0% | — |" in text
-  assert "| lstm | — | — | — |" in text and "4/15 runs finished" in text
+  assert "| attention | 45.0% (0.01) | 99.5% (0.003) | — |" in text and "| mamba | 50.0% | 50.0% | — |" in text
+  assert "| lstm | — | — | — |" in text and "6/18 runs finished" in text
   assert Image.open(png).size == (450, 400)
 
 
