@@ -16,8 +16,9 @@ At the end RESULTS_DIR/STUDY/ holds `table.md` (the results, what was reduced ag
 figures), `results.json` (every run's numbers and command) and `STUDY.png`. `--report_only` rewrites them from the
 runs present; `--print_commands` prints every training command and runs nothing.
 
-`--scale=cpu` (the default) is what fits well under an hour per study on a 2-core CPU: shorter sequences, fewer
-steps and examples, one learning rate (two for attention at MQAR); every reduction is listed in the table's header. `--scale=paper` sets the
+`--scale=cpu` (the default) is what fits well under an hour per study on a 2-core CPU (MQAR's default figure: 34
+min): shorter sequences, fewer steps and examples, one learning rate (two for attention at MQAR); every reduction is
+listed in the table's header. `--scale=paper` sets the
 papers' lengths, widths, step counts and learning-rate grids (days of CPU time; meant for a cluster with
 `--print_commands`). `--scale=smoke` runs the same plumbing on the tasks' `small` settings for 4 steps (tests).
 """
@@ -166,7 +167,7 @@ def listops(scale: str) -> Study:
 
 
 MQAR_WIDTHS = {"cpu": (32, 64, 128), "paper": (64, 128, 256), "smoke": (32, 64, 128)}
-MQAR_DEFAULT_SETTINGS = ("len64_pairs4",)  # Under an hour here; --settings=all for the whole figure (~4 h).
+MQAR_DEFAULT_SETTINGS = ("len64_pairs4",)  # 34 min here; --settings=all for the whole figure (hours).
 # A train step's time at width 128 relative to attention's (this CPU, 4,096 tokens a step; docs/research.md).
 MQAR_STEP_COST = (("attention", 1.0), ("mamba", 4.1), ("mamba2", 3.5), ("s4d", 0.8), ("lstm", 1.2))
 
