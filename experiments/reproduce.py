@@ -101,9 +101,9 @@ def selective_copying(scale: str) -> Study:
     fixed, reductions = _data("selective_copying/small", 64) + ("model.positions=none",) + SMOKE, SMOKE_NOTE
   elif scale == "cpu":
     fixed = (_data("selective_copying/len128", 128) + ("model.positions=none",)
-             + _train(2000, 16, 3e-3, 50, evals=8) + STOP)
-    reductions = ("length 128 (paper 4,096; 16 tokens to copy and V = 16 as in the paper), at most 2,000 steps of "
-                  "batch 16 (32,000 examples; paper 400,000 steps), stopped at the first evaluation (every 250 "
+             + _train(4000, 16, 3e-3, 50, evals=16) + STOP)
+    reductions = ("length 128 (paper 4,096; 16 tokens to copy and V = 16 as in the paper), at most 4,000 steps of "
+                  "batch 16 (64,000 examples; paper 400,000 steps), stopped at the first evaluation (every 250 "
                   "steps) with 99% of the answers right, 2 layers of width 64, one learning rate (3e-3), accuracy on "
                   "256 validation examples")
   else:
