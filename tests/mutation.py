@@ -147,7 +147,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "weights=real_BT.astype(np.float32)",
            ("tests/train/test_synthetic_train.py::test_lm_loss_is_taken_on_answer_positions_only",)),
     Mutant("synthetic_epochs_repeat_one_order", "every training epoch of a synthetic split has the same order",
-           "seqjax/data/synthetic/pipeline.py", "default_rng([self.seed, epoch])", "default_rng([self.seed, 0])",
+           "seqjax/data/synthetic/pipeline.py", "default_rng([seed, epoch])", "default_rng([seed, 0])",
            ("tests/data/test_synthetic.py::test_training_epoch_is_a_permutation_of_the_split_read_from_columns",)),
     Mutant("sweep_overrides_users_malloc_tunables", "a run's GLIBC_TUNABLES replaces the one the user set",
            "seqjax/sweep.py", 'env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)',

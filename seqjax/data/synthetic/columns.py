@@ -36,14 +36,15 @@ def _load(path: str) -> dict[str, np.ndarray]:
           for name in sorted(os.listdir(path)) if name.endswith(".npy")}
 
 
-def _valid(path: str, num_examples: int) -> bool:
+def _valid(path: str, num_examples: int) -> dict[str, np.ndarray] | None:
+  """The columns at `path` if they are complete and have `num_examples` rows, else None (to be rewritten)."""
   if not os.path.isfile(os.path.join(path, "length.npy")):
-    return False
+    return None
   try:
     columns = _load(path)
   except (OSError, ValueError):  # a truncated or foreign file: rebuilt
-    return False
-  return len(columns) > 1 and all(c.shape[0] == num_examples for c in columns.values())
+    return None
+  return columns if len(columns) > 1 and all(c.shape[0] == num_examples for c in columns.values()) else None
 
 
 def _write(source: Any, max_len: int, path: str) -> None:
@@ -80,8 +81,11 @@ def split_columns(builder: Any, source: Any, split: str, max_len: int, lock) -> 
   length; `lock()` is a context manager serialising writers across processes."""
   path = _directory(builder, split)
   num_examples = len(source)
-  if not _valid(path, num_examples):
+  columns = _valid(path, num_examples)
+  if columns is None:
     with lock():
-      if not _valid(path, num_examples):  # another process may have written them while we waited
+      columns = _valid(path, num_examples)  # another process may have written them while we waited
+      if columns is None:
         _write(source, max_len, path)
-  return _load(path)
+        columns = _load(path)
+  return columns

@@ -73,7 +73,12 @@ def _rows(columns: Mapping[str, np.ndarray], idx: np.ndarray, kind: str, length:
   return row
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@functools.lru_cache(maxsize=4)  # an iterator's current epoch and the next (a batch may straddle the boundary)
+def _epoch_order(seed: int, num_examples: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+@dataclasses.dataclass(frozen=True)
 class _TrainBatch:
   """Global batch k -> this process's rows: batch j of epoch e (k = e * batches_per_epoch + j) holds the examples
   order(e)[j B : (j + 1) B], order(e) a permutation of the split drawn from (seed, e). The last partial batch of
@@ -92,9 +97,8 @@ class _TrainBatch:
   def num_examples(self) -> int:
     return self.columns["length"].shape[0]
 
-  @functools.lru_cache(maxsize=2)  # the current epoch's order, and the next one's near an epoch boundary
   def order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+    return _epoch_order(self.seed, self.num_examples, epoch)
 
   def __call__(self, k: int) -> Batch:
     epoch, j = divmod(int(k), self.num_examples // self.global_rows)
